@@ -1,0 +1,77 @@
+"""The `forkwatch` command. Argument parsing only: each subcommand hands its arguments to the part that owns it,
+imported lazily so that `forkwatch sql` never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="forkwatch",
+        description="Inspect the per-token entropy, divergence and fork records of GRPO runs.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("runs", help="list the runs in a log directory", description="List the runs in LOG_DIR.")
+    s.add_argument("log_dir", metavar="LOG_DIR")
+    s.set_defaults(target="forkwatch.store.commands:runs")
+
+    s = sub.add_parser(
+        "sql",
+        help="run one read-only SQL statement over a log directory",
+        description="Run one read-only SQL statement over the views runs, steps, completions, tokens, forks, vocab "
+        "and token_text, in a sandbox that can read only LOG_DIR.",
+    )
+    s.add_argument("log_dir", metavar="LOG_DIR")
+    s.add_argument("query", metavar="SQL")
+    s.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds before the query is interrupted")
+    s.add_argument("--max-rows", type=int, default=1000, help="rows printed at most (table format)")
+    s.set_defaults(target="forkwatch.store.commands:sql")
+
+    s = sub.add_parser(
+        "check",
+        help="health verdict per run; exit 1 when a run collapsed or exploded",
+        description="Apply the health rules (collapse, explosion, saturation, entropy-reward law) to each run and "
+        "print the verdict with its evidence. Exits 1 when any checked run collapsed or exploded.",
+    )
+    s.add_argument("log_dir", metavar="LOG_DIR")
+    s.add_argument("--run", help="check only this run (id or name)")
+    s.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    s.set_defaults(target="forkwatch.store.commands:check")
+
+    s = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard for LOG_DIR.")
+    s.add_argument("log_dir", metavar="LOG_DIR")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8501)
+    s.set_defaults(target="forkwatch.dashboard.launch:main")
+
+    s = sub.add_parser(
+        "demo",
+        help="train a tiny model offline with GRPO + forkwatch, then open the dashboard",
+        description="Build a tiny model and tokenizer in code, teach it a small arithmetic task, train it with "
+        "GRPO + forkwatch in several runs (one that collapses, healthy ones, ICT, high-entropy, random), then serve "
+        "the dashboard. Runs on the CPU, no network.",
+    )
+    s.add_argument("--out", default="demo_runs", help="output folder (log dir and cached warm-up model)")
+    s.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
+    s.add_argument("--quick", action="store_true", help="a tiny version for tests (seconds)")
+    s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8501)
+    s.set_defaults(target="forkwatch.demo.run:main")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    module_name, func_name = args.target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

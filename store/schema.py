@@ -1,0 +1,107 @@
+"""Versioned Arrow schemas of forkwatch's tables: the contract between the plugin (writer) and every reader.
+
+Types are chosen for size: int32 ids, float32 statistics, dictionary-encoded strings; `run_id` and `step` are on
+every row (run-length encoding makes them nearly free). Bump SCHEMA_VERSION when a field changes meaning or type,
+and add the old version to READABLE_VERSIONS only if readers still handle it.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+READABLE_VERSIONS = (1,)
+
+_RUN_ID = pa.field("run_id", pa.dictionary(pa.int32(), pa.string()), nullable=False)
+_STEP = pa.field("step", pa.int32(), nullable=False)
+_F32 = pa.float32()
+
+STEPS = pa.schema(
+    [
+        _RUN_ID,
+        _STEP,
+        pa.field("time", pa.timestamp("ms", tz="UTC")),
+        # Token statistics over ALL completion tokens of the step (every rank), not only the recorded sample.
+        pa.field("n_tokens", pa.int64()),
+        pa.field("n_completions", pa.int32()),
+        *[
+            pa.field(f"{stat}_{agg}", _F32)
+            for stat in ("entropy", "renyi2", "group_js")
+            for agg in ("mean", "p10", "p50", "p90", "p99")
+        ],
+        pa.field("fork_fraction", _F32),
+        pa.field("selected_fraction", _F32),  # mean gradient weight over response tokens (1.0 without selection)
+        pa.field("select_method", pa.dictionary(pa.int32(), pa.string())),
+        pa.field("select_threshold", _F32),  # the cut-off the selector used, when it has one
+        pa.field("select_warmup", pa.bool_()),  # ICT: dense warm-up still on
+        pa.field("reward_mean", _F32),
+        pa.field("reward_std", _F32),
+        pa.field("completion_length_mean", _F32),
+        pa.field("truncated_fraction", _F32),
+        pa.field("forkwatch_seconds", _F32),  # wall time forkwatch itself spent in this step
+        pa.field("dropped_records", pa.int64()),  # cumulative records dropped so far (queue full, disk errors)
+    ]
+)
+
+COMPLETIONS = pa.schema(
+    [
+        _RUN_ID,
+        _STEP,
+        pa.field("rank", pa.int16()),
+        pa.field("completion_id", pa.int64(), nullable=False),  # unique within a run; joins tokens and forks
+        pa.field("group_id", pa.int64()),  # the prompt group (G rollouts of one prompt share it)
+        pa.field("prompt", pa.string()),
+        pa.field("completion", pa.string()),
+        pa.field("rewards", pa.map_(pa.string(), _F32)),  # each reward function's value, by function name
+        pa.field("reward", _F32),  # the weighted total
+        pa.field("advantage", _F32),
+        pa.field("length", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+        pa.field("entropy_mean", _F32),
+    ]
+)
+
+TOKENS = pa.schema(
+    [
+        _RUN_ID,
+        _STEP,
+        pa.field("completion_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),  # 0-based index in the completion
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("logprob", _F32),
+        pa.field("entropy", _F32),
+        pa.field("renyi2", _F32),
+        pa.field("group_js", _F32),  # null when not computed
+        pa.field("covariance", _F32),
+        pa.field("selected", _F32),  # gradient weight the token had; 1.0 when nothing selects
+        pa.field("is_fork", pa.bool_()),
+    ]
+)
+
+FORKS = pa.schema(
+    [
+        _RUN_ID,
+        _STEP,
+        pa.field("completion_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("sampled_rank", pa.int16()),  # rank of the sampled token among the alternatives (0 = most likely)
+        pa.field("alt_token_ids", pa.list_(pa.int32())),  # top-k alternatives, most likely first
+        pa.field("alt_probs", pa.list_(_F32)),
+    ]
+)
+
+VOCAB = pa.schema(
+    [
+        _RUN_ID,
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("text", pa.string()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "steps": STEPS,
+    "completions": COMPLETIONS,
+    "tokens": TOKENS,
+    "forks": FORKS,
+    "vocab": VOCAB,
+}
