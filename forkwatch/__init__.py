@@ -18,15 +18,15 @@ _PUBLIC = {
     "attach": "forkwatch.plugin.attach",
     "ForkwatchCallback": "forkwatch.plugin.callback",
     "ForkwatchConfig": "forkwatch.plugin.config",
-    "register_selector": "forkwatch.plugin.selectors",
+    "register_selector": "forkwatch.plugin.registry",
 }
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["__version__", "attach", "ForkwatchCallback", "ForkwatchConfig", "register_selector"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from forkwatch.plugin.attach import attach
     from forkwatch.plugin.callback import ForkwatchCallback
     from forkwatch.plugin.config import ForkwatchConfig
-    from forkwatch.plugin.selectors import register_selector
+    from forkwatch.plugin.registry import register_selector
 
 
 def __getattr__(name: str):

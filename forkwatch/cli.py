@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("log_dir", metavar="LOG_DIR")
     s.add_argument("--run", help="check only this run (id or name)")
     s.add_argument("--json", action="store_true", help="print the verdicts as JSON")
-    s.set_defaults(target="forkwatch.store.commands:check")
+    s.set_defaults(target="forkwatch.store.check:main")
 
     s = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard for LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")

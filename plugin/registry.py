@@ -1,0 +1,107 @@
+"""The selector registry: one signature for every token-selection method, one snake_case name each.
+
+A selector sees one micro-batch of the loss pass (`SelectionInput`) and returns per-token gradient weights plus
+metrics (`Selection`). Methods that change the per-token loss itself (KL-Cov, GPPO) also return `loss_delta`, which
+the glue adds to TRL's per-token policy loss before TRL's own normalisation. Register your own with
+`@register_selector("name")`; it is then usable as `attach(trainer, select="name")`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SelectionInput:
+    """One micro-batch of the loss pass. B completions, T completion positions."""
+
+    mask: torch.Tensor  # (B, T) float, 1.0 on response tokens that count in the loss
+    entropy: torch.Tensor  # (B, T) nats, detached
+    logprob: torch.Tensor  # (B, T) log p(y_t), current policy, WITH gradient: detach it for scores
+    old_logprob: torch.Tensor  # (B, T) detached; equals logprob.detach() when TRL skips the old-logprob pass
+    advantages: torch.Tensor  # (B,)
+    group_ids: torch.Tensor  # (B,) long, the prompt group of each completion
+    group_js: torch.Tensor | None  # (B, T) ICT's score, present when the selector asked for it
+    step: int  # optimizer step (trainer.state.global_step) the micro-batch belongs to
+    generator: torch.Generator  # forkwatch's own seeded generator: never touch the global RNG
+    epsilon_low: float  # TRL's clip range, for methods that look at clipping
+    epsilon_high: float
+    loss_type: str  # TRL's loss_type
+
+
+@dataclass
+class Selection:
+    weights: torch.Tensor  # (B, T) float, detached; multiplies the per-token policy loss, 0 drops the token
+    loss_delta: torch.Tensor | None = None  # (B, T), with gradient: added to the per-token policy loss
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. {"threshold": 0.67, "warmup": 0.0}
+
+
+SelectorFn = Callable[..., Selection]
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    name: str
+    fn: SelectorFn
+    needs_group_js: bool = False
+    changes_loss: bool = False  # returns loss_delta (refused with loss types it was not defined for)
+
+
+_REGISTRY: dict[str, SelectorSpec] = {}
+
+
+def register_selector(name: str, *, needs_group_js: bool = False, changes_loss: bool = False):
+    """Decorator: `fn(inp: SelectionInput, *, option=default, ...) -> Selection` becomes selectable as `name`."""
+
+    def deco(fn: SelectorFn) -> SelectorFn:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"a selector named {name!r} is already registered")
+        _REGISTRY[name] = SelectorSpec(name, fn, needs_group_js=needs_group_js, changes_loss=changes_loss)
+        return fn
+
+    return deco
+
+
+def selector_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class BoundSelector:
+    """A selector with its options fixed (validated once, at attach time)."""
+
+    spec: SelectorSpec
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_group_js(self) -> bool:
+        return self.spec.needs_group_js
+
+    def __call__(self, inp: SelectionInput) -> Selection:
+        return self.spec.fn(inp, **self.options)
+
+
+def get_selector(name: str, **options: Any) -> BoundSelector:
+    """Look a selector up by name and bind its options; unknown names or options raise a ValueError naming the fix."""
+    if name not in _REGISTRY:
+        from forkwatch.plugin import selectors  # noqa: F401  (registers the built-in methods)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown selector {name!r}; valid names: {', '.join(selector_names())}")
+    spec = _REGISTRY[name]
+    params = inspect.signature(spec.fn).parameters
+    accepted = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = set(options) - accepted
+    if unknown:
+        raise ValueError(
+            f"selector {name!r} does not take {sorted(unknown)}; its options are {sorted(accepted) or 'none'}"
+        )
+    return BoundSelector(spec, dict(options))
