@@ -1,0 +1,162 @@
+"""Health rules on synthetic step series with a known fate (tests/synthetic.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from forkwatch.store.health import HealthRules, LiveMonitor, evaluate, fit_entropy_law
+from synthetic import LAW_A, LAW_B, step_series
+
+
+def test_clean_collapse_is_flagged_with_evidence():
+    report = evaluate(step_series("collapse", 60))
+    assert report.verdict == "collapse"
+    flag = next(f for f in report.flags if f.rule == "collapse.mean")
+    early = report.early_entropy
+    assert flag.threshold == pytest.approx(0.2 * early, rel=1e-5)
+    assert all(v < flag.threshold for v in flag.values)
+    assert len(flag.steps) == len(flag.values) >= HealthRules().sustain_steps
+    assert flag.fired_at == flag.steps[HealthRules().sustain_steps - 1]
+    assert "collapse_fraction" in flag.message
+
+
+def test_collapse_tail_rule_fires_when_the_p90_vanishes():
+    report = evaluate(step_series("collapse", 60))
+    tail = next(f for f in report.flags if f.rule == "collapse.tail")
+    assert all(v < 0.05 for v in tail.values)
+
+
+def test_clean_explosion_is_flagged_with_supporting_evidence():
+    report = evaluate(step_series("explosion", 60))
+    assert report.verdict == "explosion"
+    flag = next(f for f in report.flags if f.rule == "explosion.mean")
+    assert all(v > flag.threshold for v in flag.values)
+    s = flag.supporting
+    assert s["completion_length_mean_at_flag"] > s["completion_length_mean_early"]
+    assert s["truncated_fraction_at_flag"] > s["truncated_fraction_early"]
+    assert s["reward_mean_at_flag"] < s["reward_mean_early"]
+
+
+def test_explosion_towards_log_vocab_needs_the_vocab_size():
+    series = step_series("healthy", 40)
+    series["entropy_mean"] = np.full(40, 3.0, dtype=np.float32)  # flat: not "above its early level"
+    assert evaluate(series).verdict == "healthy"
+    report = evaluate(series, vocab_size=100)  # 0.5 × ln 100 = 2.3 < 3.0
+    assert report.verdict == "explosion"
+    assert report.flags[0].rule == "explosion.log_vocab"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_healthy_noisy_run_raises_no_alarm(seed):
+    report = evaluate(step_series("healthy", 200, seed=seed))
+    assert report.verdict == "healthy", [f.message for f in report.flags]
+    assert report.flags == []
+
+
+def test_run_too_short_for_a_verdict():
+    report = evaluate(step_series("collapse", 5))
+    assert report.verdict == "insufficient_data"
+    assert report.flags == []
+    assert report.law.ceiling is None and "fewer than" in report.law.reason
+
+
+def test_nan_and_inf_are_ignored_and_reported():
+    series = step_series("collapse", 60)
+    series["entropy_mean"][[3, 30]] = np.nan
+    series["entropy_mean"][31] = np.inf
+    series["reward_mean"][10] = -np.inf
+    report = evaluate(series)
+    assert report.verdict == "collapse"
+    assert report.ignored == {"entropy_mean": [3, 30, 31], "reward_mean": [10]}
+    assert report.law.n_points == 56
+    json.dumps(report.to_dict(), allow_nan=False)  # evidence stays printable
+
+
+def test_all_nan_series_does_not_crash():
+    series = {"step": np.arange(20), "entropy_mean": np.full(20, np.nan)}
+    report = evaluate(series)
+    assert report.verdict == "insufficient_data"
+    assert report.ignored["entropy_mean"] == list(range(20))
+
+
+def test_repeated_steps_keep_the_last_value():
+    series = {"step": np.array([0, 1, 1, 2]), "entropy_mean": np.array([1.0, 9.0, 1.0, 1.0])}
+    assert evaluate(series, HealthRules(min_steps=1, sustain_steps=1)).flags == []
+
+
+def test_law_fit_recovers_a_b_and_ceiling():
+    series = step_series("collapse", 60)
+    fit = fit_entropy_law(series["entropy_mean"], series["reward_mean"])
+    assert fit.ok
+    assert fit.a == pytest.approx(LAW_A, rel=0.05)
+    assert fit.b == pytest.approx(LAW_B, rel=0.05)
+    assert fit.ceiling == pytest.approx(fit.b - fit.a)
+    assert fit.r2 > 0.95 and fit.n_points == 60
+
+
+def test_law_fit_refuses_too_few_points():
+    fit = fit_entropy_law([1.0, 0.8, 0.5], [0.1, 0.3, 0.5], min_points=8)
+    assert fit.ceiling is None and fit.n_points == 3 and "fewer than 8" in fit.reason
+
+
+def test_law_fit_refuses_a_poor_fit():
+    series = step_series("healthy", 100)
+    fit = fit_entropy_law(series["entropy_mean"], series["reward_mean"])
+    assert fit.ceiling is None and fit.reason is not None
+    assert fit.r2 is not None and fit.r2 < 0.6 or "a =" in fit.reason
+
+
+def test_law_fit_refuses_when_reward_falls_with_entropy():
+    h = np.linspace(1.0, 0.1, 20)
+    fit = fit_entropy_law(h, np.exp(h), min_points=5)  # a = -1: reward falls as entropy falls
+    assert fit.ceiling is None and "a =" in fit.reason
+
+
+def test_law_fit_on_the_first_fraction_only():
+    series = step_series("collapse", 100)
+    fit = fit_entropy_law(series["entropy_mean"], series["reward_mean"], fraction=0.15)
+    assert fit.n_points == 15 and fit.ceiling == pytest.approx(LAW_B - LAW_A, abs=0.05)
+
+
+def test_saturation_when_reward_reaches_the_ceiling_while_entropy_falls():
+    series = step_series("collapse", 60)
+    rules = HealthRules(collapse_fraction=0.001, tail_floor=0.0)  # silence collapse: look at saturation alone
+    report = evaluate(series, rules)
+    assert report.verdict == "saturation"
+    flag = report.flags[0]
+    assert flag.rule == "saturation"
+    assert all(v >= flag.threshold for v in flag.values)
+
+
+def test_rules_validate_their_thresholds():
+    with pytest.raises(ValueError, match="collapse_fraction"):
+        HealthRules(collapse_fraction=1.5)
+    assert "collapse_fraction" in HealthRules.help()
+
+
+def test_live_monitor_reports_each_episode_once_at_the_step_it_fires():
+    series = step_series("collapse", 60)
+    monitor = LiveMonitor()
+    seen = []
+    for i in range(60):
+        row = {k: v[i].item() for k, v in series.items()}
+        seen += [(f.rule, f.fired_at, i) for f in monitor.update(row)]
+    assert all(fired == i for _, fired, i in seen), "a flag is returned at the step it fires"
+    # Collapse episodes do not depend on the law fit, which moves as points arrive: live and batch agree on them.
+    batch = evaluate(series)
+    expected = [(f.rule, f.fired_at) for f in batch.flags if f.kind == "collapse"]
+    assert [(r, s) for r, s, _ in seen if r.startswith("collapse")] == expected
+    assert len({(r, s) for r, s, _ in seen}) == len(seen), "no episode is reported twice"
+    assert monitor.scalars()["forkwatch/alarm/collapse"] == 1.0
+    assert monitor.scalars()["forkwatch/alarm/explosion"] == 0.0
+
+
+def test_live_monitor_tolerates_missing_and_non_numeric_values():
+    monitor = LiveMonitor(HealthRules(min_steps=1, sustain_steps=1))
+    assert monitor.update({"step": 0, "select_method": "ict"}) == []
+    assert monitor.update({"step": 1, "entropy_mean": math.nan}) == []
+    assert monitor.update({"step": 2, "entropy_mean": 1.0, "reward_mean": None}) == []
+    assert monitor.report.verdict == "healthy"
