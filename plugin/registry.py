@@ -32,6 +32,9 @@ class SelectionInput:
     epsilon_low: float  # TRL's clip range, for methods that look at clipping
     epsilon_high: float
     loss_type: str  # TRL's loss_type
+    # Concatenates a 1-D tensor of any length over all ranks (e.g. accelerate's pad_across_processes + gather);
+    # None = single process. Selectors whose cut-off is a batch quantile use it so the quantile is global.
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -50,18 +53,32 @@ class SelectorSpec:
     fn: SelectorFn
     needs_group_js: bool = False
     changes_loss: bool = False  # returns loss_delta (refused with loss types it was not defined for)
+    # Called by get_selector with every option resolved (defaults filled in); raises ValueError naming the fix.
+    check_options: Callable[..., None] | None = None
 
 
 _REGISTRY: dict[str, SelectorSpec] = {}
 
 
-def register_selector(name: str, *, needs_group_js: bool = False, changes_loss: bool = False):
-    """Decorator: `fn(inp: SelectionInput, *, option=default, ...) -> Selection` becomes selectable as `name`."""
+def register_selector(
+    name: str,
+    *,
+    needs_group_js: bool = False,
+    changes_loss: bool = False,
+    check_options: Callable[..., None] | None = None,
+):
+    """Decorator: `fn(inp: SelectionInput, *, option=default, ...) -> Selection` becomes selectable as `name`.
+
+    `check_options(**options)` (optional) receives every keyword-only option of `fn`, defaults filled in, when the
+    selector is bound, so that a bad value is refused at attach time rather than in the middle of training.
+    """
 
     def deco(fn: SelectorFn) -> SelectorFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"a selector named {name!r} is already registered")
-        _REGISTRY[name] = SelectorSpec(name, fn, needs_group_js=needs_group_js, changes_loss=changes_loss)
+        _REGISTRY[name] = SelectorSpec(
+            name, fn, needs_group_js=needs_group_js, changes_loss=changes_loss, check_options=check_options
+        )
         return fn
 
     return deco
@@ -86,6 +103,10 @@ class BoundSelector:
     def needs_group_js(self) -> bool:
         return self.spec.needs_group_js
 
+    @property
+    def changes_loss(self) -> bool:
+        return self.spec.changes_loss
+
     def __call__(self, inp: SelectionInput) -> Selection:
         return self.spec.fn(inp, **self.options)
 
@@ -104,4 +125,7 @@ def get_selector(name: str, **options: Any) -> BoundSelector:
         raise ValueError(
             f"selector {name!r} does not take {sorted(unknown)}; its options are {sorted(accepted) or 'none'}"
         )
+    if spec.check_options is not None:
+        resolved = {p: params[p].default for p in accepted if params[p].default is not inspect.Parameter.empty}
+        spec.check_options(**{**resolved, **options})
     return BoundSelector(spec, dict(options))
