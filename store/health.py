@@ -10,6 +10,7 @@ them are reported in `HealthReport.ignored`, never raised.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -17,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Flag", "HealthReport", "HealthRules", "LawFit", "LiveMonitor", "evaluate", "fit_entropy_law"]
+__all__ = [
+    "Flag", "HealthReport", "HealthRules", "LawFit", "LiveMonitor", "evaluate", "fit_entropy_law",
+    "vocab_size_from_meta",
+]
 
 VERDICTS = ("healthy", "collapse", "explosion", "saturation", "insufficient_data")
 ALARM_KINDS = ("collapse", "explosion")  # the verdicts that fail `forkwatch check` and may stop training
@@ -371,6 +375,21 @@ def _verdict(flags: list[Flag]) -> str:
     if alarms:  # the most recent alarm says where the run is now (collapse wins a tie)
         return max(alarms, key=lambda f: (f.fired_at, f.kind == "collapse")).kind
     return "saturation" if flags else "healthy"
+
+
+def vocab_size_from_meta(meta: Mapping[str, Any] | str | None) -> int | None:
+    """The vocabulary size recorded in run.json (`vocab_size` at the top or under `model`), when there is one."""
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    if not isinstance(meta, Mapping):
+        return None
+    for where in (meta, meta.get("model"), meta.get("config")):
+        if isinstance(where, Mapping) and isinstance(where.get("vocab_size"), int) and where["vocab_size"] > 1:
+            return int(where["vocab_size"])
+    return None
 
 
 class LiveMonitor:

@@ -95,7 +95,7 @@ def _token_step(step: int, mean_ent: float, n_groups: int, group_size: int, leng
     ent[forks_at] *= 6
     ent = ent.astype(np.float32)
     token_id = rng.integers(0, len(VOCAB), n_comp * length).astype(np.int32)
-    token_id[forks_at] = rng.choice([45, 46, 47, 37], size=int(forks_at.sum()))  # forks land on a few words
+    token_id[forks_at] = rng.choice([41, 42, 43, 37], size=int(forks_at.sum()))  # forks land on a few words
     tokens = {
         "step": np.full(pos.size, step, dtype=np.int32),
         "completion_id": np.repeat(cids, length),
