@@ -12,6 +12,31 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 READABLE_VERSIONS = (1,)
 
+# Every Parquet part carries its schema version in the file's key-value metadata under this key, so a reader can
+# refuse (or adapt to) a part written by another forkwatch before it misreads a column.
+VERSION_KEY = b"forkwatch.schema_version"
+
+
+class SchemaVersionError(ValueError):
+    """A part or run.json was written by a schema version this forkwatch cannot read."""
+
+
+def check_version(found: int | str | None, where: str) -> int:
+    """Return `found` as an int when readable, else raise SchemaVersionError naming it and the readable versions."""
+    try:
+        version = int(found)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SchemaVersionError(
+            f"{where}: no valid forkwatch schema version (found {found!r}); this forkwatch reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        ) from None
+    if version not in READABLE_VERSIONS:
+        raise SchemaVersionError(
+            f"{where}: written by forkwatch schema version {version}; this forkwatch reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade forkwatch to read newer runs)"
+        )
+    return version
+
 _RUN_ID = pa.field("run_id", pa.dictionary(pa.int32(), pa.string()), nullable=False)
 _STEP = pa.field("step", pa.int32(), nullable=False)
 _F32 = pa.float32()
@@ -93,10 +118,43 @@ FORKS = pa.schema(
 VOCAB = pa.schema(
     [
         _RUN_ID,
+        # Added (additive, still version 1): the step at which the entries were recorded, so every row carries a
+        # step like the other tables. Vocab parts are never superseded on resume (earlier tokens need the text).
+        pa.field("step", pa.int32()),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("text", pa.string()),
     ]
 )
+
+# `runs` is not written as Parquet: it is read from each LOG_DIR/<run_id>/run.json (written by rank 0) and the
+# per-rank rank-NNN.json files. These are the columns the `runs` view exposes; the full run.json is in `meta`.
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("name", pa.string()),
+        pa.field("status", pa.string()),  # running | finished | failed | stopped
+        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("updated_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("schema_version", pa.int32()),
+        pa.field("forkwatch_version", pa.string()),
+        pa.field("trl_version", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("world_size", pa.int32()),
+        pa.field("last_step", pa.int32()),
+        pa.field("resumed_from_step", pa.int32()),
+        pa.field("dropped", pa.int64()),  # records dropped by all ranks' writers (queue full, disk errors)
+        pa.field("meta", pa.string()),  # the whole run.json as JSON text
+    ]
+)
+
+# Float columns whose mantissa the writer may round (see writer.RunWriter's `stat_mantissa_bits`).
+ROUNDED_STATS: dict[str, tuple[str, ...]] = {
+    "tokens": ("logprob", "entropy", "renyi2", "group_js", "covariance"),
+}
+
+# Tables written in hive folders `step=NNNNNN/` so that one step is read without opening the other steps' files.
+# The small tables are written in parts covering many steps instead, to avoid thousands of tiny files.
+PARTITIONED_BY_STEP = frozenset({"tokens", "forks"})
 
 TABLES: dict[str, pa.Schema] = {
     "steps": STEPS,

@@ -1,0 +1,180 @@
+"""The named queries the CLI and the dashboard run, in one place (STYLE.md 6).
+
+Each takes a connection from `connect` (or a sandboxed one's `.con`) and its inputs as arguments, binds them as
+parameters (never formats user input into SQL) and returns a pandas DataFrame. Connections are not thread-safe:
+callers that share one across threads should pass `con.cursor()`.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+
+
+def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """One row per run: run_id, name, status, steps (distinct steps recorded), tokens (token rows), last_step,
+    dropped, created_at."""
+    return con.execute(
+        """
+        WITH s AS (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS max_step FROM steps GROUP BY run_id),
+             t AS (SELECT run_id, count(*) AS tokens FROM tokens GROUP BY run_id)
+        SELECT r.run_id, r.name, coalesce(s.steps, 0) AS steps, coalesce(t.tokens, 0) AS tokens, r.status,
+               coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.created_at
+        FROM runs r LEFT JOIN s USING (run_id) LEFT JOIN t USING (run_id)
+        ORDER BY r.created_at NULLS LAST, r.run_id
+        """
+    ).df()
+
+
+def step_series(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """Every column of the steps table for one run, one row per step (the last row written wins on a duplicate)."""
+    return con.execute(
+        "SELECT * FROM steps WHERE run_id = ? QUALIFY row_number() OVER (PARTITION BY step ORDER BY time DESC) = 1 "
+        "ORDER BY step",
+        [run_id],
+    ).df()
+
+
+def token_step_aggregates(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """Per-step aggregates computed from the recorded token rows of one run (entropy mean/p90, forks, tokens)."""
+    return con.execute(
+        """
+        SELECT step, count(*) AS n_tokens, avg(entropy) AS entropy_mean,
+               quantile_cont(entropy, 0.9) AS entropy_p90, avg(renyi2) AS renyi2_mean,
+               avg(group_js) AS group_js_mean, avg(is_fork::INTEGER) AS fork_fraction,
+               avg(selected) AS selected_mean
+        FROM tokens WHERE run_id = ? GROUP BY step ORDER BY step
+        """,
+        [run_id],
+    ).df()
+
+
+def completions_at_step(con: duckdb.DuckDBPyConnection, run_id: str, step: int) -> pd.DataFrame:
+    """The completions recorded at one step of one run, by group then completion id."""
+    return con.execute(
+        "SELECT * FROM completions WHERE run_id = ? AND step = ? ORDER BY group_id, completion_id",
+        [run_id, step],
+    ).df()
+
+
+def completion_tokens(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """Every token of one completion at one step, with its text, in position order."""
+    return con.execute(
+        "SELECT * FROM token_text WHERE run_id = ? AND step = ? AND completion_id = ? ORDER BY position",
+        [run_id, step, completion_id],
+    ).df()
+
+
+def completion_forks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """The fork positions of one completion with their top-k alternatives (ids and decoded text)."""
+    return con.execute(
+        """
+        SELECT f.position, any_value(f.sampled_rank) AS sampled_rank, any_value(f.alt_token_ids) AS alt_token_ids,
+               any_value(f.alt_probs) AS alt_probs, list(coalesce(v.text, '') ORDER BY a.k) AS alt_texts
+        FROM forks f,
+             LATERAL (SELECT unnest(f.alt_token_ids) AS tid, generate_subscripts(f.alt_token_ids, 1) AS k) a
+             LEFT JOIN vocab v ON v.run_id = f.run_id AND v.token_id = a.tid
+        WHERE f.run_id = ? AND f.step = ? AND f.completion_id = ?
+        GROUP BY f.position ORDER BY f.position
+        """,
+        [run_id, step, completion_id],
+    ).df()
+
+
+# --- dashboard queries ---
+# (This section belongs to the dashboard; its named queries are appended below.)
+
+
+# The named queries behind `forkwatch check` and the dashboard's pages. Every value comes in as a parameter. Each
+# reads the small tables whole, or one run's one step (or one completion) of the large ones, so a page stays
+# well under a second on a 20M-token run (benchmarks/dashboard_bench.py).
+
+
+def run_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """One row per run: identity, status, metadata and what its steps table holds (steps, tokens, method)."""
+    return con.execute(
+        """
+        WITH s AS (
+            SELECT CAST(run_id AS VARCHAR) AS run_id, count(DISTINCT step) AS n_steps, min(step) AS first_step,
+                   max(step) AS max_step, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+                   CAST(arg_max(select_method, step) AS VARCHAR) AS select_method
+            FROM steps GROUP BY ALL
+        )
+        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.meta,
+               coalesce(s.n_steps, 0) AS n_steps, s.first_step, s.max_step, coalesce(s.n_tokens, 0) AS n_tokens,
+               s.select_method
+        FROM runs r LEFT JOIN s USING (run_id)
+        ORDER BY r.run_id
+        """
+    ).df()
+
+
+def token_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The steps of a run that have completion records (the Forks page's step choices)."""
+    return con.execute(
+        "SELECT step, count(*) AS n_completions FROM completions WHERE run_id = $run GROUP BY step ORDER BY step",
+        {"run": run_id},
+    ).df()
+
+
+def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, limit: int = 20) -> pd.DataFrame:
+    """The token texts that are forks most often in a run: count and share of all its forks."""
+    return con.execute(
+        """
+        WITH c AS (
+            SELECT token_id, count(*) AS n_forks FROM tokens WHERE run_id = $run AND is_fork GROUP BY token_id
+        ),
+        by_text AS (
+            SELECT coalesce(v.text, '#' || c.token_id) AS text, sum(c.n_forks) AS n_forks
+            FROM c LEFT JOIN (SELECT token_id, text FROM vocab WHERE run_id = $run) v USING (token_id)
+            GROUP BY ALL
+        )
+        SELECT text, n_forks, n_forks / sum(n_forks) OVER () AS share
+        FROM by_text ORDER BY n_forks DESC, text LIMIT $limit
+        """,
+        {"run": run_id, "limit": limit},
+    ).df()
+
+
+def fork_tokens_by_step(con: duckdb.DuckDBPyConnection, run_id: str, texts: list[str]) -> pd.DataFrame:
+    """For each step, the share of that step's forks that each of the given token texts takes."""
+    return con.execute(
+        """
+        WITH v AS (SELECT token_id, text FROM vocab WHERE run_id = $run),
+        c AS (
+            SELECT step, token_id, count(*) AS n FROM tokens WHERE run_id = $run AND is_fork GROUP BY ALL
+        ),
+        total AS (SELECT step, sum(n) AS n_step FROM c GROUP BY step)
+        SELECT c.step, coalesce(v.text, '#' || c.token_id) AS text, sum(c.n) AS n_forks,
+               sum(c.n) / any_value(total.n_step) AS share
+        FROM c JOIN total USING (step) LEFT JOIN v USING (token_id)
+        WHERE list_contains($texts, coalesce(v.text, '#' || c.token_id))
+        GROUP BY ALL ORDER BY c.step, n_forks DESC
+        """,
+        {"run": run_id, "texts": list(texts)},
+    ).df()
+
+
+def find_prompts(con: duckdb.DuckDBPyConnection, run_id: str, text: str, limit: int = 50) -> pd.DataFrame:
+    """Distinct prompts of a run containing `text` (case-insensitive), with the steps they appear in."""
+    return con.execute(
+        """
+        SELECT prompt, count(DISTINCT step) AS n_steps, min(step) AS first_step, max(step) AS last_step
+        FROM completions WHERE run_id = $run AND contains(lower(prompt), lower($text))
+        GROUP BY prompt ORDER BY n_steps DESC, prompt LIMIT $limit
+        """,
+        {"run": run_id, "text": text, "limit": limit},
+    ).df()
+
+
+def prompt_history(con: duckdb.DuckDBPyConnection, run_id: str, prompt: str) -> pd.DataFrame:
+    """One prompt followed across steps: its completions' reward, entropy and length per step."""
+    return con.execute(
+        """
+        SELECT step, count(*) AS n_completions, avg(reward) AS reward_mean, avg(entropy_mean) AS entropy_mean,
+               avg(length) AS length_mean, avg(CAST(truncated AS DOUBLE)) AS truncated_fraction,
+               min(completion_id) AS first_completion_id
+        FROM completions WHERE run_id = $run AND prompt = $prompt GROUP BY step ORDER BY step
+        """,
+        {"run": run_id, "prompt": prompt},
+    ).df()

@@ -1,0 +1,259 @@
+"""DuckDB views over a log directory: runs, steps, completions, tokens, forks, vocab and token_text.
+
+Views are built over an explicit list of validated part files rather than a glob, for three reasons:
+- a truncated or corrupt part (a crash, a full disk, a copy in progress) would make DuckDB fail the whole glob; here
+  each part's footer is read once (cheap, cached by path, size and mtime) and a bad part is skipped with a warning
+  naming the file;
+- a part written by an unreadable schema version is skipped with a warning naming the version found and the
+  versions supported (reading it directly with `read_part` raises instead);
+- the list is a snapshot: a reader sees whole parts only, however fast a writer appends. `refresh_views` (or a new
+  `connect`) picks up parts written since.
+Every view exists even when its table has no part yet (empty, with the schema's columns), so a page or query on a
+fresh run returns no rows instead of failing. tokens and forks are read with hive partitioning on their
+`step=NNNNNN` folders, typed INTEGER, so a filter on `step` opens only that step's files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import layout
+from .schema import PARTITIONED_BY_STEP, RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
+
+logger = logging.getLogger(__name__)
+
+VIEWS = ("runs", *TABLES, "token_text")
+
+# path -> (size, mtime_ns, column names or None when the part is unusable)
+_footer_cache: dict[str, tuple[int, int, frozenset[str] | None]] = {}
+_FOOTER_CACHE_MAX = 200_000
+
+
+@dataclass
+class Snapshot:
+    """What a set of views was built from: the readable parts per table and the parts skipped, with why."""
+
+    log_dir: Path
+    parts: dict[str, list[Path]] = field(default_factory=dict)
+    columns: dict[str, set[str]] = field(default_factory=dict)  # columns present in at least one part
+    uniform: dict[str, bool] = field(default_factory=dict)  # every part has the same columns
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_part(path: str | os.PathLike[str]) -> pa.Table:
+    """Read one part, refusing (SchemaVersionError) a part written by a schema version this forkwatch can't read."""
+    meta = pq.read_metadata(path).metadata or {}
+    check_version(meta.get(VERSION_KEY, b"").decode() or None, str(path))
+    return pq.read_table(path)
+
+
+def _part_columns(path: Path, root: Path) -> frozenset[str] | None:
+    """Column names of a usable part, or None (after a warning naming the file) when it must be skipped."""
+    try:
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(root):  # a symlink pointing out of the log directory
+            raise ValueError(f"points outside the log directory (to {real})")
+        st = real.stat()
+        cached = _footer_cache.get(str(real))
+        if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
+            return cached[2]
+        try:
+            meta = pq.read_metadata(real)  # the footer only: magic bytes, schema, row groups
+            check_version((meta.metadata or {}).get(VERSION_KEY, b"").decode() or None, str(path))
+            cols: frozenset[str] | None = frozenset(meta.schema.to_arrow_schema().names)
+        except SchemaVersionError as e:
+            logger.warning("forkwatch: skipping part: %s", e)
+            cols = None
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or garbled files
+            logger.warning("forkwatch: skipping unreadable part %s: %s", path, e)
+            cols = None
+        if len(_footer_cache) >= _FOOTER_CACHE_MAX:
+            _footer_cache.clear()
+        _footer_cache[str(real)] = (st.st_size, st.st_mtime_ns, cols)
+        return cols
+    except (OSError, ValueError) as e:
+        logger.warning("forkwatch: skipping part %s: %s", path, e)
+        return None
+
+
+def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
+    """Find and validate the parts and run.json files under log_dir."""
+    root = Path(os.path.realpath(log_dir))
+    snap = Snapshot(root)
+    for table in TABLES:
+        snap.parts[table], snap.columns[table] = [], set()
+    col_sets: dict[str, set[frozenset[str]]] = {t: set() for t in TABLES}
+    for run_dir in layout.run_dirs(root):
+        for table in TABLES:
+            for part in layout.table_parts(run_dir, table, table in PARTITIONED_BY_STEP):
+                cols = _part_columns(part, root)
+                if cols is None:
+                    snap.skipped.append((part, "unreadable"))
+                    continue
+                snap.parts[table].append(Path(os.path.realpath(part)))
+                snap.columns[table] |= cols
+                col_sets[table].add(cols)
+        snap.runs.append(_run_record(run_dir))
+    snap.uniform = {t: len(s) <= 1 for t, s in col_sets.items()}
+    return snap
+
+
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    path = run_dir / layout.RUN_JSON
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            logger.warning("forkwatch: unreadable %s: %s", path, e)
+            meta = {}
+    if "schema_version" in meta:
+        try:
+            check_version(meta["schema_version"], str(path))
+        except SchemaVersionError as e:
+            logger.warning("forkwatch: %s", e)
+    dropped = _dropped_total(meta.get("dropped"))
+    for f in run_dir.iterdir():
+        if layout.RANK_JSON.match(f.name):
+            try:
+                dropped += _dropped_total(json.loads(f.read_text()).get("dropped"))
+            except (OSError, ValueError, AttributeError) as e:
+                logger.warning("forkwatch: unreadable %s: %s", f, e)
+
+    def _int(key: str) -> int | None:
+        v = meta.get(key)
+        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    def _str(key: str) -> str | None:
+        v = meta.get(key)
+        return None if v is None else str(v)
+
+    return {
+        "run_id": run_dir.name,
+        "name": _str("name") or run_dir.name,
+        "status": _str("status") or "unknown",
+        "created_at": _str("created_at"),
+        "updated_at": _str("updated_at"),
+        "schema_version": _int("schema_version"),
+        "forkwatch_version": _str("forkwatch_version"),
+        "trl_version": _str("trl_version"),
+        "model": _str("model"),
+        "world_size": _int("world_size"),
+        "last_step": _int("last_step"),
+        "resumed_from_step": _int("resumed_from_step"),
+        "dropped": dropped,
+        "meta": json.dumps(meta, default=str),
+    }
+
+
+def _dropped_total(d: Any) -> int:
+    if isinstance(d, dict):
+        return sum(int(v) for v in d.values() if isinstance(v, int | float))
+    return 0
+
+
+def duckdb_type(t: pa.DataType) -> str:
+    """The DuckDB type a column of Arrow type `t` reads as (for the empty views and missing columns)."""
+    if pa.types.is_dictionary(t):
+        return duckdb_type(t.value_type)
+    if pa.types.is_map(t):
+        return f"MAP({duckdb_type(t.key_type)}, {duckdb_type(t.item_type)})"
+    if pa.types.is_list(t):
+        return f"{duckdb_type(t.value_type)}[]"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    simple = {
+        pa.bool_(): "BOOLEAN",
+        pa.int8(): "TINYINT",
+        pa.int16(): "SMALLINT",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.string(): "VARCHAR",
+        pa.large_string(): "VARCHAR",
+    }
+    if t in simple:
+        return simple[t]
+    raise TypeError(f"no DuckDB type for Arrow type {t}")
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _table_view_sql(table: str, snap: Snapshot) -> str:
+    schema = TABLES[table]
+    parts = snap.parts[table]
+    if not parts:
+        cols = ", ".join(f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema)
+        return f"SELECT {cols} WHERE false"
+    present = snap.columns[table]
+    # Columns a part of an older schema version lacks read as NULL (union_by_name); when all parts agree, the
+    # cheaper plain read is used, which only opens the first footer at bind time.
+    cols = ", ".join(
+        f.name if f.name in present else f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema
+    )
+    files = ", ".join(_sql_str(str(p)) for p in parts)
+    opts = ["binary_as_string=true"]
+    if table in PARTITIONED_BY_STEP:
+        opts += ["hive_partitioning=true", "hive_types={'step': INTEGER}"]
+    else:
+        opts.append("hive_partitioning=false")
+    if not snap.uniform[table]:
+        opts.append("union_by_name=true")
+    return f"SELECT {cols} FROM read_parquet([{files}], {', '.join(opts)})"
+
+
+def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]) -> Snapshot:
+    """(Re)create every view on `con` from the parts now under log_dir; returns what they were built from."""
+    snap = scan(log_dir)
+    for table in TABLES:
+        body = _table_view_sql(table, snap)
+        if table == "vocab":  # ranks and resumed attempts each write the vocabulary they saw: one row per token
+            body = f"SELECT DISTINCT ON (run_id, token_id) * FROM ({body})"
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {body}")
+    runs = pa.Table.from_pylist(snap.runs, schema=_runs_load_schema())
+    con.execute("DROP TABLE IF EXISTS _forkwatch_runs")
+    con.from_arrow(runs).create("_forkwatch_runs")
+    casts = ", ".join(
+        f"CAST({f.name} AS {duckdb_type(f.type)}) AS {f.name}" if pa.types.is_timestamp(f.type) else f.name
+        for f in RUNS
+    )
+    con.execute(f"CREATE OR REPLACE VIEW runs AS SELECT {casts} FROM _forkwatch_runs ORDER BY run_id")
+    con.execute(
+        "CREATE OR REPLACE VIEW token_text AS "
+        "SELECT t.*, v.text FROM tokens t LEFT JOIN vocab v ON v.run_id = t.run_id AND v.token_id = t.token_id"
+    )
+    return snap
+
+
+def _runs_load_schema() -> pa.Schema:
+    # Timestamps arrive as ISO strings in run.json; DuckDB parses them in the view.
+    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_timestamp(f.type) else f for f in RUNS])
+
+
+def connect(log_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views runs, steps, completions, tokens, forks, vocab, token_text.
+
+    The views are a snapshot of the parts present now; call `refresh_views(con, log_dir)` to see newer ones."""
+    con = duckdb.connect(":memory:")
+    create_views(con, log_dir)
+    return con
+
+
+def refresh_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]) -> Snapshot:
+    """Rebuild the views of a `connect` connection to include parts written since (not for sandboxed ones)."""
+    return create_views(con, log_dir)
