@@ -1,0 +1,197 @@
+"""`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab), one `steps` row per optimizer step, and the
+`forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks (STYLE.md 2)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import uuid
+from typing import Any
+
+from forkwatch.plugin.config import ForkwatchConfig
+from forkwatch.plugin.records import completion_columns, fork_columns, step_row, token_columns
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_FILE = "forkwatch.json"  # written into each checkpoint folder: the run id a resume continues
+_LOGGED = ("entropy", "renyi2", "group_js")
+
+
+class ForkwatchCallback(TrainerCallback):
+    def __init__(self, config: ForkwatchConfig) -> None:
+        self.config = config
+        # runtime state, bound by `attach`
+        self.trainer = None
+        self.monitor = None
+        self.uninstall = None
+        self.writer = None
+        self.run_id: str | None = None
+        self.resume_step: int | None = None
+        self._resume_run_id: str | None = None
+        self._scalars: list[dict[str, float]] = []
+        self._health = None
+        self._alarms: list[Any] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def prepare_resume(self, checkpoint: str | None) -> None:
+        """Called by the `train` wrapper with the checkpoint TRL resumes from (None: a fresh start)."""
+        self.resume_step, self._resume_run_id = None, None
+        if not checkpoint:
+            return
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            self.resume_step = int(json.load(f)["global_step"])
+        path = os.path.join(checkpoint, CHECKPOINT_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self._resume_run_id = json.load(f).get("run_id")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from forkwatch.store import RunWriter
+
+        tr, cfg = self.trainer, self.config
+        acc = tr.accelerator
+        run_id = cfg.run_name or self._resume_run_id
+        if run_id is None:
+            run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+            if acc.num_processes > 1:  # every rank writes into the run rank 0 named
+                from accelerate.utils import broadcast_object_list
+
+                run_id = broadcast_object_list([run_id], from_process=0)[0]
+        self.run_id = run_id
+        self.writer = RunWriter(
+            cfg.log_dir, run_id, rank=acc.process_index, world_size=acc.num_processes, meta=self._meta(),
+            resume_step=self.resume_step, max_queue_rows=cfg.queue_rows, stat_mantissa_bits=cfg.stat_mantissa_bits,
+        )
+        if state.is_world_process_zero and self.resume_step is None:
+            with self.monitor.faults.guard("vocab"):
+                self._write_vocab()
+        self._health = None
+        with self.monitor.faults.guard("health"):
+            from forkwatch.store.health import HealthRules, LiveMonitor
+
+            self._health = LiveMonitor(HealthRules(**(cfg.health_rules or {})), vocab_size=self._vocab_size())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        summary: dict[str, Any] = {}
+        with self.monitor.faults.guard("step_end"):
+            acc = self.monitor.take_step(step)
+            summary = acc.collect()
+            summary["dropped"] = sum(self.writer.dropped.values())
+            self._write_records(step, acc)
+        parts = [summary]
+        if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
+            from accelerate.utils import gather_object
+
+            parts = gather_object([summary])
+        if not state.is_world_process_zero:
+            return
+        with self.monitor.faults.guard("step_row"):
+            parts = [p for p in parts if p]
+            if not parts:
+                return
+            dropped = sum(p.get("dropped", 0) for p in parts)
+            row = step_row(step, parts, select_method=self.config.select, dropped=dropped)
+            select_metrics = row.pop("_select_metrics")
+            row["time"] = dt.datetime.now(dt.timezone.utc)
+            self.writer.put("steps", {k: [v] for k, v in row.items()})
+            scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time", "select_method")
+                       and v is not None and not isinstance(v, str)}
+            scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
+            scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
+            self._scalars.append(scalars)
+            if self._health is not None:
+                self._alarms.extend(self._health.update(row))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or logs is None:
+            return
+        with self.monitor.faults.guard("log"):
+            for key in sorted({k for s in self._scalars for k in s}):
+                vals = [s[key] for s in self._scalars if key in s and not math.isnan(s[key])]
+                if vals:
+                    logs[f"forkwatch/{key}"] = sum(vals) / len(vals)
+            self._scalars.clear()
+            # --- live health alarms (forkwatch.store.health.LiveMonitor, fed one steps row per step) ---
+            if self._health is not None:
+                logs.update(self._health.scalars())  # already named forkwatch/alarm/<kind>
+            for flag in self._alarms:
+                logger.warning("forkwatch alarm at step %s: %s", state.global_step, flag)
+                if self.config.on_alarm == "stop" and flag.rule.split(".")[0] in ("collapse", "explosion"):
+                    control.should_training_stop = True
+                    self.writer.update_meta(stopped_by_alarm=str(flag))
+            self._alarms.clear()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.writer is None:
+            return
+        with self.monitor.faults.guard("save"):
+            self.writer.flush(timeout=60)
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if state.is_world_process_zero and os.path.isdir(ckpt):
+                with open(os.path.join(ckpt, CHECKPOINT_FILE), "w") as f:
+                    json.dump({"run_id": self.run_id, "step": state.global_step}, f)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close("finished")
+
+    def close(self, status: str) -> None:
+        """Flush and close the writer, recording faults and status in run.json. Safe to call twice."""
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        faults = dict(self.monitor.faults.counts)
+        if faults:
+            logger.warning("forkwatch: hook errors during this run (training was not affected): %s", faults)
+        writer.update_meta(faults=faults, group_js_split_groups=self.monitor.split_groups)
+        writer.close(status)
+
+    # ------------------------------------------------------------------ helpers
+    def _write_records(self, step: int, acc) -> None:
+        w, rank = self.writer, self.monitor.rank
+        if acc.completions:
+            rows = [{**r, "entropy_mean": float(r["entropy_mean"])} for r in acc.completions]
+            w.put("completions", completion_columns(step, rank, rows))
+        if acc.tokens:
+            w.put("tokens", token_columns(step, acc.tokens))
+        if acc.forks:
+            w.put("forks", fork_columns(step, acc.forks))
+
+    def _vocab_size(self) -> int | None:
+        from forkwatch.plugin.hooks import target_model
+
+        return getattr(target_model(self.trainer).config.get_text_config(), "vocab_size", None)
+
+    def _write_vocab(self) -> None:
+        proc = self.trainer.processing_class
+        tok = getattr(proc, "tokenizer", proc)
+        n = len(tok)
+        texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+        self.writer.put("vocab", {"token_id": list(range(n)), "text": texts})
+
+    def _meta(self) -> dict[str, Any]:
+        import torch
+        import transformers
+        import trl
+        from forkwatch.plugin.hooks import target_model
+
+        model = target_model(self.trainer)
+        args = self.trainer.args
+        return {
+            "config": self.config.to_dict(),
+            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "model_type": getattr(model.config, "model_type", None),
+            "architectures": getattr(model.config, "architectures", None),
+            "vocab_size": self._vocab_size(),
+            "trl_version": trl.__version__,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "group_js": self.monitor.group_js_on,
+            "trainer": {k: getattr(args, k, None) for k in (
+                "loss_type", "beta", "num_generations", "num_iterations", "gradient_accumulation_steps",
+                "steps_per_generation", "per_device_train_batch_size", "temperature", "max_completion_length",
+                "learning_rate", "seed")},
+        }

@@ -1,0 +1,136 @@
+"""`ForkwatchConfig`: every user option of `forkwatch.attach`, validated once at attach time."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ForkwatchConfig:
+    # --- where the run is written ---
+    log_dir: str = field(default="runs", metadata={"help": "Folder holding one sub-folder per run."})
+    run_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Run id (folder name). None: a timestamp plus a short random id; a run resumed from a checkpoint "
+            "written with forkwatch attached keeps the id stored in that checkpoint."
+        },
+    )
+
+    # --- token selection (loss hooks) ---
+    select: str | None = field(
+        default=None,
+        metadata={"help": "Selector name from the registry (e.g. 'ict', 'high_entropy'); None only watches."},
+    )
+    fraction: float | None = field(
+        default=None, metadata={"help": "Fraction of tokens the selector keeps; None uses the method's default."}
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Dense optimizer steps before selection starts; None: the method's default."}
+    )
+    select_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Further keyword options passed to the selector."}
+    )
+
+    # --- what is computed ---
+    group_js: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "help": "Compute ICT's group Jensen-Shannon score (one extra no-grad backbone pass over each generation "
+            "batch). 'auto': only when the selector needs it."
+        },
+    )
+    group_js_chunk: int = field(
+        default=64,
+        metadata={"help": "Positions per chunk in the group_js pass: at most G x chunk x vocab floats at once."},
+    )
+    fork_fraction: float = field(
+        default=0.2, metadata={"help": "Fork positions: the top fraction of the micro-batch's tokens by entropy."}
+    )
+    fork_top_k: int = field(default=5, metadata={"help": "Alternatives (token id, probability) stored per fork."})
+
+    # --- how much is recorded (step aggregates always cover every token) ---
+    record_every_steps: int = field(
+        default=1, metadata={"help": "Record completions and tokens at steps 1, 1+k, 1+2k, ..."}
+    )
+    record_completions_per_step: int | None = field(
+        default=32,
+        metadata={
+            "help": "Completions recorded per recorded step over all ranks, drawn with forkwatch's own generator; "
+            "None records every completion. 32 keeps a 512 x 2k-token, 1,000-step run near 1 GB."
+        },
+    )
+    record_tokens: bool = field(default=True, metadata={"help": "Write per-token rows (and forks) of recorded completions."})
+    record_forks: bool = field(default=True, metadata={"help": "Write top-k alternatives at fork positions."})
+    seed: int = field(default=0, metadata={"help": "Seed of forkwatch's own generator (sampling, random selectors)."})
+    queue_rows: int = field(
+        default=4_000_000, metadata={"help": "Rows the writer queue holds; a full queue drops records, never blocks."}
+    )
+    stat_mantissa_bits: int | None = field(
+        default=10,
+        metadata={
+            "help": "Token statistics are stored rounded to this many float32 mantissa bits (relative error "
+            "<= 2**-(bits+1)); None stores exact float32."
+        },
+    )
+
+    # --- health alarms ---
+    health_rules: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Options for forkwatch.store.health rules (thresholds by rule name); None: the defaults."},
+    )
+    on_alarm: Literal["log", "stop"] = field(
+        default="log", metadata={"help": "'log' warns when a health rule fires; 'stop' also ends training."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value and the fix."""
+        if not isinstance(self.log_dir, str) or not self.log_dir:
+            raise ValueError(f"log_dir={self.log_dir!r}: pass a folder path, e.g. log_dir='runs'")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ValueError(f"run_name={self.run_name!r}: use a plain folder name without '/', or None")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction!r}: pass a number in (0, 1], e.g. 0.2, or None")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r}: pass an integer >= 0, or None")
+        if not isinstance(self.select_options, dict):
+            raise ValueError(f"select_options={self.select_options!r}: pass a dict of keyword options")
+        if self.select is None and (self.fraction is not None or self.warmup_steps is not None or self.select_options):
+            raise ValueError("fraction / warmup_steps / select_options need a selector: pass select='<name>'")
+        if self.group_js not in (True, False, "auto"):
+            raise ValueError(f"group_js={self.group_js!r}: pass True, False or 'auto'")
+        if self.group_js_chunk < 1:
+            raise ValueError(f"group_js_chunk={self.group_js_chunk!r}: pass an integer >= 1")
+        if not 0.0 <= self.fork_fraction <= 1.0:
+            raise ValueError(f"fork_fraction={self.fork_fraction!r}: pass a number in [0, 1], e.g. 0.2")
+        if self.fork_top_k < 1:
+            raise ValueError(f"fork_top_k={self.fork_top_k!r}: pass an integer >= 1, e.g. 5")
+        if self.record_every_steps < 1:
+            raise ValueError(f"record_every_steps={self.record_every_steps!r}: pass an integer >= 1")
+        if self.record_completions_per_step is not None and self.record_completions_per_step < 0:
+            raise ValueError(
+                f"record_completions_per_step={self.record_completions_per_step!r}: pass an integer >= 0, "
+                "or None to record every completion"
+            )
+        if self.queue_rows < 1:
+            raise ValueError(f"queue_rows={self.queue_rows!r}: pass an integer >= 1")
+        if self.stat_mantissa_bits is not None and not 1 <= self.stat_mantissa_bits <= 23:
+            raise ValueError(f"stat_mantissa_bits={self.stat_mantissa_bits!r}: pass 1..23, or None for exact float32")
+        if self.on_alarm not in ("log", "stop"):
+            raise ValueError(f"on_alarm={self.on_alarm!r}: pass 'log' or 'stop'")
+
+    def selector_options(self) -> dict[str, Any]:
+        """Options for `get_selector`: fraction / warmup_steps only when set, so the method's defaults apply."""
+        options = dict(self.select_options)
+        if self.fraction is not None:
+            options["fraction"] = self.fraction
+        if self.warmup_steps is not None:
+            options["warmup_steps"] = self.warmup_steps
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

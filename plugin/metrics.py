@@ -1,0 +1,124 @@
+"""Pure torch math on per-token quantities (see METHODS.md). Natural log; B completions, T positions, V vocab, H hidden.
+
+No function here builds (B, T, V) logits: full distributions are projected from hidden states a chunk at a time
+through `project`, a callable (N, H) -> (N, V) temperature-scaled logits that the TRL glue builds from the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+Projector = Callable[[torch.Tensor], torch.Tensor]
+PERCENTILES = (0.10, 0.50, 0.90, 0.99)
+
+
+@torch.no_grad()
+def covariance(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Clip-Cov score c_t = (A - mean A)(log p_t - mean log p), means over the response tokens of the batch.
+
+    logprob (B, T), advantages (B,) or (B, T), mask (B, T) -> (B, T) float32, 0 off the mask.
+    arXiv:2505.22617.
+    """
+    m = mask.float()
+    n = m.sum().clamp(min=1.0)
+    adv = advantages.float()
+    adv = adv.unsqueeze(1).expand_as(m) if adv.dim() == 1 else adv
+    lp = logprob.detach().float()
+    mean_a = (adv * m).sum() / n
+    mean_lp = (lp * m).sum() / n
+    return (adv - mean_a) * (lp - mean_lp) * m
+
+
+@torch.no_grad()
+def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B, T) bool: the top `fraction` of masked tokens by entropy (at least one when fraction > 0 and any token)."""
+    valid = mask.bool()
+    values = entropy.detach()[valid].float()  # (N,)
+    if fraction <= 0.0 or values.numel() == 0:
+        return torch.zeros_like(valid)
+    k = max(1, int(np.ceil(fraction * values.numel())))
+    threshold = torch.topk(values, k).values[-1]
+    return (entropy.detach().float() >= threshold) & valid
+
+
+@torch.no_grad()
+def topk_alternatives(
+    hidden: torch.Tensor, sampled: torch.Tensor, project: Projector, k: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k next tokens at N positions and the sampled token's rank in the whole vocabulary (0 = most likely).
+
+    hidden (N, H), sampled (N,) long -> ids (N, k) int64, probs (N, k) float32, rank (N,) int64.
+    """
+    ids, probs, ranks = [], [], []
+    for start in range(0, hidden.size(0), chunk):
+        logp = torch.log_softmax(project(hidden[start : start + chunk]).float(), dim=-1)  # (n, V)
+        top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
+        sampled_logp = logp.gather(-1, sampled[start : start + chunk].unsqueeze(-1))  # (n, 1)
+        ranks.append((logp > sampled_logp).sum(-1))
+        ids.append(top.indices)
+        probs.append(top.values.exp())
+    if not ids:
+        empty = hidden.new_zeros((0, k))
+        return empty.long(), empty.float(), hidden.new_zeros((0,)).long()
+    return torch.cat(ids), torch.cat(probs), torch.cat(ranks)
+
+
+@torch.no_grad()
+def group_js(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    groups: torch.Tensor,
+    project: Projector,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """ICT's score u_{i,t} = JS(p_{i,t} || P̄_t), P̄_t the mean of p_{j,t} over the rollouts j of i's group active at t.
+
+    hidden (B, T, H): the state that predicts completion token t of each row; mask (B, T): 1 while a rollout is
+    active; groups (B,) long. -> (B, T) float32 in [0, ln 2], 0 where fewer than two rollouts are active or off the
+    mask. P̄ includes the rollout itself (METHODS.md). Holds at most G x chunk x V probabilities at once (plus one
+    chunk x V mixture). arXiv:2606.19771.
+    """
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    active_all = mask.bool()
+    for g in torch.unique(groups).tolist():
+        rows = (groups == g).nonzero(as_tuple=True)[0]  # (G,)
+        if rows.numel() < 2:
+            continue
+        length = int(active_all[rows].sum(-1).max())
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            active = active_all[rows, start:end]  # (G, c)
+            n_active = active.sum(0)  # (c,)
+            if int(n_active.max()) < 2:
+                continue
+            h = hidden[rows, start:end]  # (G, c, H)
+            p = torch.softmax(project(h.reshape(-1, h.size(-1))).float(), dim=-1).view(*active.shape, -1)  # (G, c, V)
+            w = active.float() / n_active.clamp(min=1).float()  # (G, c)
+            p_bar = (p * w.unsqueeze(-1)).sum(0)  # (c, V)
+            h_bar = -torch.xlogy(p_bar, p_bar).sum(-1)  # (c,)
+            for i in range(rows.numel()):
+                m = 0.5 * (p[i] + p_bar)  # (c, V)
+                # JS(p||q) = H(M) - (H(p) + H(q)) / 2, with M = (p + q) / 2
+                js = -torch.xlogy(m, m).sum(-1) - 0.5 * (-torch.xlogy(p[i], p[i]).sum(-1) + h_bar)
+                keep = active[i] & (n_active >= 2)
+                out[rows[i], start:end] = torch.where(keep, js.clamp(0.0, float(np.log(2.0))), 0.0)
+    return out
+
+
+def percentiles(values: np.ndarray, qs: Sequence[float] = PERCENTILES) -> list[float]:
+    """Linear-interpolated quantiles of a 1-D array; NaN for an empty one."""
+    if values.size == 0:
+        return [float("nan")] * len(qs)
+    return [float(v) for v in np.quantile(values.astype(np.float64), qs)]
+
+
+def summarize(values: np.ndarray, prefix: str) -> dict[str, float]:
+    """{prefix_mean, prefix_p10, prefix_p50, prefix_p90, prefix_p99} over all values (token-weighted)."""
+    mean = float(values.astype(np.float64).mean()) if values.size else float("nan")
+    out = {f"{prefix}_mean": mean}
+    for q, v in zip(PERCENTILES, percentiles(values), strict=True):
+        out[f"{prefix}_p{round(q * 100)}"] = v
+    return out

@@ -1,0 +1,309 @@
+"""The runtime state behind the hooks: what one rank captured from TRL's generation and loss passes.
+
+hooks.py calls these methods from TRL's seams; the callback drains `take_step(step)` once per optimizer step.
+Completion ids: `gen_key * 2**20 + global_row`, gen_key = global_step * GA + micro-step (one per generation call, so
+unique within a run and across a resume); global_row = rank * B + row, the order TRL gathers rewards in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from forkwatch.plugin import metrics
+from forkwatch.plugin.records import ForkBatch, StepAccumulator, TokenBatch
+
+logger = logging.getLogger(__name__)
+ROW_BITS = 2**20  # rows per generation batch (all ranks) that completion ids can tell apart
+
+
+class Faults:
+    """Exceptions caught at hook boundaries: counted per hook, logged once each (STYLE.md 8)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    @contextmanager
+    def guard(self, where: str):
+        try:
+            yield
+        except Exception:
+            self.counts[where] += 1
+            if self.counts[where] == 1:
+                logger.exception("forkwatch: error in %s hook (training continues; later errors only counted)", where)
+
+
+@dataclass
+class MicroBatch:
+    inputs: dict[str, Any]
+    logps: list[torch.Tensor] = field(default_factory=list)
+    entropies: list[torch.Tensor] = field(default_factory=list)
+    log_sum_sq: list[torch.Tensor] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    selection: Any = None
+
+
+class Monitor:
+    def __init__(self, trainer, config, *, selector=None, project: Callable | None = None, backbone=None) -> None:
+        self.trainer = trainer
+        self.config = config
+        self.selector = selector
+        self.project = project  # (N, H) -> (N, V) temperature-scaled logits
+        self.backbone = backbone
+        acc = trainer.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        # forkwatch's own randomness: sampling of recorded completions, and the selectors' generator
+        self.sample_gen = torch.Generator().manual_seed(config.seed * 7919 + self.rank)
+        self.select_gen = torch.Generator(device=acc.device).manual_seed(config.seed + self.rank)
+        self.group_js_on = config.group_js is True or (
+            config.group_js == "auto" and selector is not None and selector.needs_group_js
+        )
+        self.faults = Faults()
+        self.steps: dict[int, StepAccumulator] = {}
+        self.rows: dict[int, dict[str, Any]] = {}  # completion id -> info, current generation batch
+        self.recorded: set[int] = set()
+        self.last_rewards: torch.Tensor | None = None
+        self.split_groups = 0  # groups whose rollouts were not all on this rank (group_js over local siblings)
+        self._mb: MicroBatch | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _step(self) -> int:
+        return self.trainer.state.global_step + 1  # the step number TRL logs after this optimizer step
+
+    def _acc(self) -> StepAccumulator:
+        return self.steps.setdefault(self._step(), StepAccumulator())
+
+    def _recording(self, step: int) -> bool:
+        return (step - 1) % self.config.record_every_steps == 0
+
+    def take_step(self, step: int) -> StepAccumulator:
+        """The accumulator of `step` (empty when nothing was captured); older leftovers are merged in."""
+        acc = self.steps.pop(step, StepAccumulator())
+        for old in [s for s in self.steps if s < step]:
+            stale = self.steps.pop(old)
+            for name in ("entropy", "renyi2", "group_js", "n_forks", "selected_sum", "rewards", "lengths",
+                         "truncated", "tokens", "forks", "completions"):
+                getattr(acc, name).extend(getattr(stale, name))
+            acc.seconds += stale.seconds
+        return acc
+
+    # ------------------------------------------------------------------ generation batch
+    @torch.no_grad()
+    def on_generation(self, out: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        tr = self.trainer
+        ids, cmask = out["completion_ids"], out["completion_mask"]
+        mask = cmask if "tool_mask" not in out else cmask * out["tool_mask"]
+        b, t = ids.shape
+        device = ids.device
+        ga = tr.args.gradient_accumulation_steps
+        gen_key = tr.state.global_step * ga + tr._step % ga
+        global_row = self.rank * b + torch.arange(b, device=device)
+        cid = gen_key * ROW_BITS + global_row
+        gid = gen_key * ROW_BITS + global_row // tr.num_generations
+        out["forkwatch_row_id"] = cid
+        out["forkwatch_group_id"] = gid
+        if self.group_js_on:
+            out["forkwatch_group_js"] = self._group_js(out, mask, gid)
+
+        # per-completion facts, on the CPU (small)
+        eos = torch.tensor(sorted(getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id]))
+        ids_cpu = ids.cpu()
+        # TRL cuts a completion after its first EOS; no EOS means it hit max_completion_length (truncated)
+        is_eos = torch.isin(ids_cpu, eos)
+        has_eos = is_eos.any(1)
+        length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full((b,), t))
+        rewards = None
+        if self.last_rewards is not None and self.last_rewards.size(0) >= (self.rank + 1) * b:
+            rewards = self.last_rewards[self.rank * b : (self.rank + 1) * b].float().cpu()  # (b, F)
+        weights = tr.reward_weights.float().cpu()
+        total = (rewards * weights).nansum(1) if rewards is not None else torch.full((b,), math.nan)
+        advantages = out["advantages"].float().cpu()
+        n = self.config.record_completions_per_step
+        k = b if n is None else min(b, math.ceil(n * tr.args.steps_per_generation / (ga * self.world)))
+        chosen = set(torch.randperm(b, generator=self.sample_gen)[:k].tolist())
+        tok = getattr(tr.processing_class, "tokenizer", tr.processing_class)
+        pids, pmask = out["prompt_ids"].cpu(), out["prompt_mask"].cpu()
+        self.rows = {}
+        cid_l, gid_l = cid.tolist(), gid.tolist()
+        for i in range(b):
+            info: dict[str, Any] = {
+                "completion_id": cid_l[i],
+                "group_id": gid_l[i],
+                "reward": float(total[i]),
+                "advantage": float(advantages[i]),
+                "length": int(length[i]),
+                "truncated": not bool(has_eos[i]),
+                "rewards": None if rewards is None else {
+                    name: float(rewards[i, j]) for j, name in enumerate(tr.reward_func_names)
+                },
+                "sampled": i in chosen,
+            }
+            if info["sampled"]:
+                info["prompt"] = tok.decode(pids[i][pmask[i].bool()], skip_special_tokens=True)
+                info["completion"] = tok.decode(ids_cpu[i, : int(length[i])], skip_special_tokens=True)
+            self.rows[cid_l[i]] = info
+        self.recorded &= set(self.rows)  # forget ids of earlier generation batches
+        self._acc().seconds += time.perf_counter() - t0
+
+    def _group_js(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+        """One extra no-grad backbone pass over the generation batch, then chunked JS within each group."""
+        tr = self.trainer
+        pids, cids = out["prompt_ids"], out["completion_ids"]
+        p, t = pids.size(1), cids.size(1)
+        input_ids = torch.cat([pids, cids], 1)
+        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        bs = tr.args.per_device_train_batch_size
+        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
+        hidden = []
+        # fork_rng: a dropout layer in this extra pass must not move the global RNG TRL's shuffle draws from
+        with torch.random.fork_rng(devices=devices), tr.accelerator.autocast():
+            for s in range(0, input_ids.size(0), bs):
+                h = self.backbone(input_ids=input_ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
+                hidden.append(h.last_hidden_state[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting token t
+        groups = torch.unique(gid, return_inverse=True)[1]
+        counts = torch.bincount(groups)
+        self.split_groups += int((counts < tr.num_generations).sum())
+        return metrics.group_js(torch.cat(hidden), mask, groups, self.project, chunk=self.config.group_js_chunk)
+
+    # ------------------------------------------------------------------ loss pass
+    def begin_micro_batch(self, inputs: dict[str, Any]) -> None:
+        self._mb = None
+        if self.trainer.model.training and torch.is_grad_enabled() and "forkwatch_row_id" in inputs:
+            self._mb = MicroBatch(inputs)
+
+    def on_model_forward(self, kwargs: dict[str, Any], output: Any) -> None:
+        if self._mb is not None and kwargs.get("fused_lm_head") and torch.is_grad_enabled():
+            self._mb.logps.append(output.log_probs)
+            self._mb.entropies.append(output.entropy)
+            self._mb.log_sum_sq.append(output.log_sum_sq_probs)
+
+    def on_backbone_forward(self, output: Any) -> None:
+        if self._mb is not None and torch.is_grad_enabled():
+            hs = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            self._mb.hidden.append(hs.detach())
+
+    def select(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`get_high_entropy_mask` replacement: the selector's (B, T) weights for this micro-batch."""
+        from forkwatch.plugin.registry import SelectionInput
+
+        tr, mb = self.trainer, self._mb
+        inputs = mb.inputs
+        t = mask.size(1)
+        logprob = torch.cat(mb.logps)[:, -t:]
+        old = inputs.get("old_per_token_logps")
+        acc = tr.accelerator
+        inp = SelectionInput(
+            mask=mask.float(),
+            entropy=entropies.detach(),
+            logprob=logprob,
+            old_logprob=logprob.detach() if old is None else old,
+            advantages=inputs["advantages"],
+            group_ids=inputs["forkwatch_group_id"],
+            group_js=inputs.get("forkwatch_group_js"),
+            step=tr.state.global_step,
+            generator=self.select_gen,
+            epsilon_low=tr.epsilon_low,
+            epsilon_high=tr.epsilon_high,
+            loss_type=tr.loss_type,
+            gather=None if self.world == 1 else (lambda x: _gather_1d(acc, x)),
+        )
+        mb.selection = self.selector(inp)
+        sink = self._acc().select_metrics
+        for k, v in mb.selection.metrics.items():
+            sink.setdefault(k, []).append(float(v))
+        return mb.selection.weights.detach()
+
+    @torch.no_grad()
+    def end_micro_batch(self) -> torch.Tensor | None:
+        """Record the micro-batch; returns the selector's loss_delta aggregated like TRL (or None)."""
+        mb, self._mb = self._mb, None
+        if mb is None or not mb.logps:
+            return None
+        t0 = time.perf_counter()
+        cfg, inputs = self.config, mb.inputs
+        cids = inputs["completion_ids"]
+        t = cids.size(1)
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        valid = mask.bool()
+        lp = torch.cat(mb.logps)[:, -t:].detach().float()
+        ent = torch.cat(mb.entropies)[:, -t:].detach().float()
+        renyi2 = -torch.cat(mb.log_sum_sq)[:, -t:].float()
+        gjs = inputs.get("forkwatch_group_js")
+        sel = mb.selection
+        weights = sel.weights.detach().float() if sel is not None else torch.ones_like(ent)
+        forks = metrics.fork_mask(ent, mask, cfg.fork_fraction)
+        step = self._step()
+        acc = self._acc()
+        acc.entropy.append(ent[valid])
+        acc.renyi2.append(renyi2[valid])
+        if gjs is not None:
+            acc.group_js.append(gjs[valid])
+        acc.n_forks.append(forks.sum())
+        acc.selected_sum.append((weights * mask).sum())
+        row_ids = inputs["forkwatch_row_id"].tolist()
+        infos = [self.rows.get(c) for c in row_ids]
+        for info in infos:
+            if info is not None:
+                acc.rewards.append(info["reward"])
+                acc.lengths.append(info["length"])
+                acc.truncated.append(info["truncated"])
+        if self._recording(step):
+            pick = [i for i, info in enumerate(infos) if info and info["sampled"] and info["completion_id"] not in self.recorded]
+            if pick:
+                self._record(acc, pick, infos, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask)
+        extra = None
+        if sel is not None and sel.loss_delta is not None:
+            from forkwatch.plugin.policy_loss import aggregate_like_trl
+
+            with torch.enable_grad():
+                extra = aggregate_like_trl(sel.loss_delta, mask, self.trainer, inputs)
+        acc.seconds += time.perf_counter() - t0
+        return extra
+
+    def _record(self, acc, pick, infos, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask) -> None:
+        cfg = self.config
+        device = lp.device
+        idx = torch.tensor(pick, device=device)
+        m = mask[idx].bool()  # (n, T)
+        ent_mean = (ent[idx] * m).sum(1) / m.sum(1).clamp(min=1)
+        for j, i in enumerate(pick):
+            self.recorded.add(infos[i]["completion_id"])
+            acc.completions.append({**infos[i], "entropy_mean": ent_mean[j]})
+        if not cfg.record_tokens:
+            return
+        t = lp.size(1)
+        rid = inputs["forkwatch_row_id"][idx].unsqueeze(1).expand(-1, t)[m]
+        pos = torch.arange(t, device=device).expand(len(pick), -1)[m]
+        cov = metrics.covariance(lp, inputs["advantages"], mask)
+        fk = forks[idx] & m
+        acc.tokens.append(TokenBatch(
+            completion_id=rid, position=pos, token_id=inputs["completion_ids"][idx][m],
+            logprob=lp[idx][m], entropy=ent[idx][m], renyi2=renyi2[idx][m],
+            group_js=None if gjs is None else gjs[idx][m], covariance=cov[idx][m],
+            selected=weights[idx][m], is_fork=fk[m],
+        ))
+        if cfg.record_forks and mb.hidden and self.project is not None and bool(fk.any()):
+            p = inputs["prompt_ids"].size(1)
+            hidden = torch.cat(mb.hidden)[idx][:, p - 1 : p - 1 + t]  # (n, T, H)
+            ids, probs, rank = metrics.topk_alternatives(hidden[fk], inputs["completion_ids"][idx][fk], self.project,
+                                                         cfg.fork_top_k)
+            acc.forks.append(ForkBatch(
+                completion_id=inputs["forkwatch_row_id"][idx].unsqueeze(1).expand(-1, t)[fk],
+                position=torch.arange(t, device=device).expand(len(pick), -1)[fk],
+                sampled_rank=rank, alt_ids=ids, alt_probs=probs,
+            ))
+
+
+def _gather_1d(accelerator, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length over ranks (NaN pads, then dropped)."""
+    padded = accelerator.pad_across_processes(x.float(), dim=0, pad_index=float("nan"))
+    out = accelerator.gather(padded)
+    return out[~torch.isnan(out)]
