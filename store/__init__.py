@@ -6,6 +6,7 @@ Never imports torch, transformers or trl: the CLI's `sql`/`runs` and the dashboa
 
 from __future__ import annotations
 
+from .sandbox import SandboxedConnection, SandboxError, open_sandboxed
 from .schema import READABLE_VERSIONS, SCHEMA_VERSION, TABLES, SchemaVersionError
 from .views import VIEWS, connect, read_part, refresh_views
 from .writer import DEFAULT_STAT_MANTISSA_BITS, RunWriter, stat_relative_tolerance
@@ -17,8 +18,11 @@ __all__ = [
     "TABLES",
     "VIEWS",
     "RunWriter",
+    "SandboxError",
+    "SandboxedConnection",
     "SchemaVersionError",
     "connect",
+    "open_sandboxed",
     "read_part",
     "refresh_views",
     "stat_relative_tolerance",
