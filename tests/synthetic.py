@@ -163,7 +163,7 @@ def write_run(
     series = step_series(kind, n_steps, seed=seed)
     n_comp = n_groups * group_size
     w = RunWriter(log_dir, run_id, meta={"select": method, "model": "tiny", "vocab_size": len(VOCAB)})
-    w.put("vocab", {"token_id": np.arange(len(VOCAB), dtype=np.int32), "text": VOCAB})
+    w.put("vocab", {"step": 0, "token_id": np.arange(len(VOCAB), dtype=np.int32), "text": VOCAB})
     w.put("steps", _steps_columns(series, n_comp * length, n_comp, method))
     for step in range(n_steps if token_steps is None else min(token_steps, n_steps)):
         completions, tokens, forks = _token_step(

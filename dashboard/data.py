@@ -1,0 +1,183 @@
+"""The pages' only way to the store: one cached connection per log directory, bounded caches over named queries,
+and the selected run/step kept in the URL.
+
+Every cached function takes all its inputs as arguments (the log directory included), so a cache never answers
+for another directory or run. The connection's views are a snapshot of the parts on disk: it is rebuilt every
+`TTL_S` seconds (and on "Reload"), so a run still being written shows its new steps without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pandas as pd
+import streamlit as st
+from forkwatch.store import connect, queries
+from forkwatch.store.health import HealthReport, HealthRules, LawFit, evaluate, fit_entropy_law, vocab_size_from_meta
+from forkwatch.store.sandbox import SandboxedConnection, SandboxError, open_sandboxed
+
+LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
+TTL_S = 15  # seconds a snapshot (and a query result) is reused: new steps of a live run appear within this
+BADGES = {
+    "healthy": "🟢 healthy",
+    "saturation": "🟡 saturation",
+    "collapse": "🔴 collapse",
+    "explosion": "🔴 explosion",
+    "insufficient_data": "⚪ too few steps",
+}
+
+
+def log_dir() -> str | None:
+    return os.environ.get(LOG_DIR_ENV) or None
+
+
+@st.cache_resource(ttl=TTL_S, max_entries=4, show_spinner=False)
+def _connection(log_dir: str) -> duckdb.DuckDBPyConnection:
+    return connect(log_dir)
+
+
+def _run(query: Callable[..., pd.DataFrame], log_dir: str, *args: Any) -> pd.DataFrame:
+    # A DuckDB connection is not thread-safe and Streamlit serves each session in its own thread: one cursor per call.
+    cur = _connection(log_dir).cursor()
+    try:
+        return query(cur, *args)
+    finally:
+        cur.close()
+
+
+def reload() -> None:
+    """Forget every snapshot and cached result (the sidebar's Reload button)."""
+    _connection.clear()
+    st.cache_data.clear()
+
+
+@st.cache_data(ttl=TTL_S, max_entries=8, show_spinner=False)
+def runs(log_dir: str) -> pd.DataFrame:
+    return _run(queries.run_overview, log_dir)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def steps(log_dir: str, run_id: str) -> pd.DataFrame:
+    return _run(queries.step_series, log_dir, run_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def health(log_dir: str, run_id: str, meta: str | None) -> HealthReport:
+    return evaluate(steps(log_dir, run_id), HealthRules(), vocab_size=vocab_size_from_meta(meta))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def law(log_dir: str, run_id: str, fraction: float) -> LawFit:
+    s = steps(log_dir, run_id)
+    r = HealthRules()
+    return fit_entropy_law(
+        s["entropy_mean"], s["reward_mean"], min_points=r.law_min_points, min_r2=r.law_min_r2, fraction=fraction
+    )
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def token_steps(log_dir: str, run_id: str) -> pd.DataFrame:
+    return _run(queries.token_steps, log_dir, run_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def completions(log_dir: str, run_id: str, step: int) -> pd.DataFrame:
+    return _run(queries.completions_at_step, log_dir, run_id, step)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def completion_tokens(log_dir: str, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """One completion's tokens with, at forks, the top-k alternatives (alt_texts, alt_probs)."""
+    tokens = _run(queries.completion_tokens, log_dir, run_id, step, completion_id)
+    forks = _run(queries.completion_forks, log_dir, run_id, step, completion_id)
+    return tokens.merge(forks[["position", "sampled_rank", "alt_texts", "alt_probs"]], on="position", how="left")
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def top_fork_tokens(log_dir: str, run_id: str, limit: int) -> pd.DataFrame:
+    return _run(queries.top_fork_tokens, log_dir, run_id, limit)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def fork_tokens_by_step(log_dir: str, run_id: str, texts: tuple[str, ...]) -> pd.DataFrame:
+    return _run(queries.fork_tokens_by_step, log_dir, run_id, list(texts))
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def find_prompts(log_dir: str, run_id: str, text: str) -> pd.DataFrame:
+    return _run(queries.find_prompts, log_dir, run_id, text)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def prompt_history(log_dir: str, run_id: str, prompt: str) -> pd.DataFrame:
+    return _run(queries.prompt_history, log_dir, run_id, prompt)
+
+
+# --- the selection, in the URL so a view can be shared (and in the session, since page switches drop the URL's) ---
+
+
+def selected_runs(available: list[str]) -> list[str]:
+    """The runs chosen in the URL (`?run=a&run=b`), else earlier in this session, else the first run."""
+    chosen = [r for r in st.query_params.get_all("run") if r in available]
+    if not chosen:
+        chosen = [r for r in st.session_state.get("fw_runs", []) if r in available]
+    if not chosen and available:
+        chosen = available[:1]
+    return chosen
+
+
+def set_runs(run_ids: list[str]) -> None:
+    st.session_state["fw_runs"] = list(run_ids)
+    st.query_params["run"] = list(run_ids)
+
+
+def selected_step(available: list[int]) -> int | None:
+    """The step in the URL (`?step=12`) when the run has it, else the last one chosen, else the run's last step."""
+    for raw in (st.query_params.get("step"), st.session_state.get("fw_step")):
+        try:
+            if raw is not None and int(raw) in available:
+                return int(raw)
+        except ValueError:
+            pass
+    return available[-1] if available else None
+
+
+def set_step(step: int | None) -> None:
+    st.session_state["fw_step"] = step
+    if step is None:
+        st.query_params.pop("step", None)
+    else:
+        st.query_params["step"] = str(step)
+
+
+# --- the SQL page: text a person typed, run only through the sandbox ---
+
+SQL_TIMEOUT_S = 10.0
+SQL_MAX_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    frame: pd.DataFrame
+    truncated: bool
+    error: str | None = None
+
+
+@st.cache_resource(ttl=TTL_S, max_entries=2, show_spinner=False)
+def _sandbox(log_dir: str) -> SandboxedConnection:
+    return open_sandboxed(log_dir, timeout_s=SQL_TIMEOUT_S, max_rows=SQL_MAX_ROWS)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner="Running the query…")
+def run_sql(log_dir: str, sql: str) -> SqlResult:
+    """The result, or the sandbox's one-line message when it refused or failed the statement (cached too, so a
+    rerun such as a download click does not run it again)."""
+    try:
+        df = _sandbox(log_dir).query(sql)
+    except SandboxError as e:
+        return SqlResult(pd.DataFrame(), False, str(e))
+    return SqlResult(df, bool(df.attrs.get("truncated")))

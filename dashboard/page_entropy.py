@@ -1,0 +1,40 @@
+"""Entropy: mean entropy with its p10–p90 band, Rényi-2 and group JS, reward and completion length aligned below,
+the steps where a health rule fired marked with their evidence; several runs overlaid."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from forkwatch.dashboard import charts, common, data
+
+
+def render() -> None:
+    st.title("Entropy")
+    log_dir, runs = common.require_runs()
+    picked = common.pick_runs(runs, key="entropy_runs", multi=True)
+    if not picked:
+        st.info("Choose at least one run.")
+        return
+    shown = common.run_notes(runs, picked)
+    if not shown:
+        return
+    meta = dict(zip(runs["run_id"], runs["meta"], strict=True))
+    series = {r: data.steps(log_dir, r) for r in shown}
+    reports = {r: data.health(log_dir, r, meta[r]) for r in shown}
+    st.plotly_chart(
+        charts.entropy_figure(series, {r: rep.flags for r, rep in reports.items()}), key="entropy_chart",
+        width="stretch",
+    )  # fmt: skip
+    flags = [
+        {"run": r, "rule": f.rule, "fired at step": f.fired_at, "steps": f"{f.steps[0]}–{f.steps[-1]}",
+         "threshold": f.threshold, "message": f.message}
+        for r, rep in reports.items() for f in rep.flags
+    ]  # fmt: skip
+    if flags:
+        st.subheader("Health flags")
+        st.dataframe(pd.DataFrame(flags), hide_index=True, width="stretch", key="entropy_flags")
+    else:
+        st.success("No health rule fired on " + ", ".join(f"`{r}`" for r in shown) + ".")
+
+
+render()

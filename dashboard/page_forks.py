@@ -1,0 +1,99 @@
+"""Forks: where the model is still deciding. One completion's tokens coloured by a statistic, gradient tokens
+marked, exact values and top-k alternatives on hover; the token texts that fork most often and how that changes
+over steps; the same prompt followed across steps."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from forkwatch.dashboard import charts, common, data
+from forkwatch.dashboard.tokens import STATS, legend_html, token_html
+
+
+def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, pd.Series] | None:
+    """Step and completion, either browsing steps or searching a prompt; both kept in the URL."""
+    mode = st.radio("Find a completion by", ["step", "prompt"], horizontal=True, key="forks_mode")
+    prompt = None
+    if mode == "prompt":
+        text = st.text_input("Prompt contains", key="forks_prompt_query", placeholder="a few words of the prompt")
+        if not text:
+            st.info("Type part of a prompt to find it.")
+            return None
+        matches = data.find_prompts(log_dir, run, text)
+        if matches.empty:
+            st.warning(f"No prompt of run `{run}` contains {text!r}.")
+            return None
+        prompt = st.selectbox("Prompt", matches["prompt"].tolist(), key="forks_prompt")
+        steps = data.prompt_history(log_dir, run, prompt)["step"].tolist()
+    step = data.selected_step(steps)
+    if len(steps) > 1:
+        step = st.select_slider("Step", options=steps, value=step, key=f"forks_step_{run}_{mode}")
+    else:
+        st.caption(f"step {step} (the only step with records)")
+    data.set_step(step)
+    comps = data.completions(log_dir, run, step)
+    if prompt is not None:
+        comps = comps[comps["prompt"] == prompt]
+    if comps.empty:
+        st.warning(f"No completion recorded at step {step}.")
+        return None
+    rows = {int(r.completion_id): r for r in comps.itertuples(index=False)}
+    ids = list(rows)
+    wanted = st.query_params.get("completion")
+    index = ids.index(int(wanted)) if wanted is not None and wanted.isdigit() and int(wanted) in ids else 0
+    cid = st.selectbox(
+        "Completion", ids, index=index, key=f"forks_completion_{run}_{step}",
+        format_func=lambda c: f"#{c} · group {rows[c].group_id} · reward {rows[c].reward:.3g} · "
+        f"advantage {rows[c].advantage:+.3g} · {str(rows[c].prompt)[:60]!r}",
+    )  # fmt: skip
+    st.query_params["completion"] = str(cid)
+    return step, pd.Series(rows[cid]._asdict())
+
+
+def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> None:
+    stat = st.radio("Colour tokens by", STATS, horizontal=True, key="forks_stat")
+    tokens = data.completion_tokens(log_dir, run, step, int(completion["completion_id"]))
+    st.markdown(f"**Prompt:** {completion['prompt']!r}")
+    if tokens.empty:
+        st.warning("No token records for this completion (the run records tokens for a sample of completions).")
+        return
+    st.html(legend_html(stat, tokens))
+    st.html(token_html(tokens, stat))
+
+
+def _fork_tokens(log_dir: str, run: str) -> None:
+    st.subheader("Tokens that fork most often")
+    n = st.slider("How many token texts", 5, 30, 10, key="forks_top_n")
+    top = data.top_fork_tokens(log_dir, run, n)
+    if top.empty:
+        st.info("No fork recorded in this run yet.")
+        return
+    left, right = st.columns([2, 3])
+    with left:
+        st.plotly_chart(charts.fork_share_figure(top), key="forks_top_chart", width="stretch")
+    with right:
+        trend = data.fork_tokens_by_step(log_dir, run, tuple(top["text"].head(6)))
+        st.caption("share of each step's forks taken by the 6 most frequent fork texts")
+        st.plotly_chart(charts.fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
+
+
+def render() -> None:
+    st.title("Forks")
+    log_dir, runs = common.require_runs()
+    [run] = common.pick_runs(runs, key="forks_run", multi=False)
+    tsteps = data.token_steps(log_dir, run)
+    if tsteps.empty:
+        common.run_notes(runs, [run])
+        st.info(f"Run `{run}` has no completion or token records yet: there is nothing to show at token level.")
+        return
+    chosen = _choose_completion(log_dir, run, tsteps["step"].tolist())
+    if chosen is not None:
+        step, completion = chosen
+        _token_view(log_dir, run, step, completion)
+        st.subheader("This prompt across steps")
+        history = data.prompt_history(log_dir, run, completion["prompt"])
+        st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
+    _fork_tokens(log_dir, run)
+
+
+render()

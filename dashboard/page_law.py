@@ -1,0 +1,39 @@
+"""Law: mean reward against mean entropy with the fitted R = −a·exp(H) + b, its ceiling b − a and R², or the
+reason no fit is shown (arXiv:2505.22617)."""
+
+from __future__ import annotations
+
+import streamlit as st
+from forkwatch.dashboard import charts, common, data
+
+
+def render() -> None:
+    st.title("Entropy–reward law")
+    log_dir, runs = common.require_runs()
+    picked = common.pick_runs(runs, key="law_runs", multi=True)
+    if not picked:
+        st.info("Choose at least one run.")
+        return
+    shown = common.run_notes(runs, picked)
+    if not shown:
+        return
+    fraction = st.slider(
+        "Fit on the first fraction of steps", 0.05, 1.0, 1.0, 0.05, key="law_fraction",
+        help="The paper found the first ~15 % of steps enough to predict the ceiling.",
+    )  # fmt: skip
+    points = {r: data.steps(log_dir, r) for r in shown}
+    fits = {r: data.law(log_dir, r, fraction) for r in shown}
+    cols = st.columns(len(shown))
+    for col, r in zip(cols, shown, strict=True):
+        fit = fits[r]
+        with col:
+            st.markdown(f"**{r}**")
+            if fit.ok:
+                st.metric("ceiling b − a", f"{fit.ceiling:.4g}")
+                st.caption(f"a = {fit.a:.4g} · b = {fit.b:.4g} · R² = {fit.r2:.3f} · {fit.n_points} points")
+            else:
+                st.warning(f"No fit shown: {fit.reason}.")
+    st.plotly_chart(charts.law_figure(points, fits), key="law_chart", width="stretch")
+
+
+render()

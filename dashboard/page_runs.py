@@ -1,0 +1,54 @@
+"""Runs: every run with its health badge, steps, tokens, selection method and status; choose one or several."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from forkwatch.dashboard import common, data
+from forkwatch.dashboard.charts import flag_hover
+
+
+def render() -> None:
+    st.title("Runs")
+    log_dir, runs = common.require_runs()
+    reports = {r.run_id: data.health(log_dir, r.run_id, r.meta) for r in runs.itertuples(index=False)}
+    table = pd.DataFrame(
+        {
+            "health": [common.badge(reports[r].verdict) for r in runs["run_id"]],
+            "run": runs["run_id"],
+            "name": runs["name"],
+            "status": runs["status"],
+            "steps": runs["n_steps"],
+            "last step": runs["max_step"],
+            "tokens": runs["n_tokens"],
+            "selection": runs["select_method"].fillna("—"),
+            "model": runs["model"].fillna("—"),
+            "updated": runs["updated_at"],
+        }
+    )
+    st.dataframe(table, hide_index=True, width="stretch", key="runs_table")
+    picked = common.pick_runs(runs, key="runs_pick", multi=True)
+    if not picked:
+        st.info("Choose one or more runs above: the other pages show the runs chosen here.")
+        return
+    for run_id in picked:
+        report = reports[run_id]
+        with st.expander(f"{run_id}: {common.badge(report.verdict)}", expanded=report.verdict != "healthy"):
+            if report.verdict == "insufficient_data":
+                st.write(f"{report.n_steps} step(s) with a finite mean entropy: too few for a verdict yet.")
+            for f in report.flags:
+                st.markdown(flag_hover(run_id, f).replace("<br>", "  \n"))
+            law = report.law
+            if law.ok:
+                st.write(
+                    f"Entropy–reward law: a = {law.a:.4g}, b = {law.b:.4g}, ceiling {law.ceiling:.4g}, "
+                    f"R² {law.r2:.3f}, {law.n_points} points."
+                )
+            else:
+                st.write(f"Entropy–reward law: no ceiling ({law.reason}).")
+            for note in report.notes:
+                st.caption(note)
+    common.run_notes(runs, picked)
+
+
+render()

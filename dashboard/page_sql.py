@@ -1,0 +1,61 @@
+"""SQL: one read-only statement over the views, run through the sandboxed connection; results as a table with a
+CSV download; example queries one click away; errors shown as messages."""
+
+from __future__ import annotations
+
+import streamlit as st
+from forkwatch.dashboard import common, data
+
+EXAMPLES = {
+    "Runs": "SELECT run_id, name, status, last_step, dropped FROM runs",
+    "Entropy per step": "SELECT run_id, step, entropy_mean, entropy_p90, renyi2_mean, group_js_mean, reward_mean\n"
+    "FROM steps ORDER BY run_id, step",
+    "Most frequent fork tokens": "SELECT run_id, text, count(*) AS forks\nFROM token_text WHERE is_fork\n"
+    "GROUP BY ALL ORDER BY forks DESC LIMIT 20",
+    "Highest-entropy tokens of a step": "SELECT run_id, step, completion_id, position, text, entropy\n"
+    "FROM token_text WHERE step = 0 ORDER BY entropy DESC LIMIT 20",
+    "Reward by prompt": "SELECT run_id, prompt, count(*) AS n, avg(reward) AS reward\nFROM completions "
+    "GROUP BY ALL ORDER BY n DESC LIMIT 20",
+}
+
+
+def _use_example(sql: str) -> None:
+    st.session_state["sql_text"] = sql
+    st.session_state["sql_ran"] = sql
+
+
+def _run_text() -> None:
+    st.session_state["sql_ran"] = st.session_state.get("sql_text", "")
+
+
+def render() -> None:
+    st.title("SQL")
+    log_dir, _ = common.require_runs()
+    st.caption(
+        "One read-only SELECT over the views runs, steps, completions, tokens, forks, vocab and token_text; "
+        f"at most {data.SQL_MAX_ROWS:,} rows, {data.SQL_TIMEOUT_S:g} s."
+    )
+    cols = st.columns(len(EXAMPLES))
+    for i, (col, (label, sql)) in enumerate(zip(cols, EXAMPLES.items(), strict=True)):
+        col.button(label, key=f"sql_example_{i}", on_click=_use_example, args=(sql,), width="stretch")
+    st.text_area("SQL", key="sql_text", height=150, placeholder="SELECT step, entropy_mean FROM steps")
+    st.button("Run", key="sql_run", type="primary", on_click=_run_text)
+    sql = st.session_state.get("sql_ran", "").strip()
+    if not sql:
+        st.info("Write a query or pick an example.")
+        return
+    result = data.run_sql(log_dir, sql)
+    if result.error is not None:
+        st.error(result.error)
+        return
+    df = result.frame
+    note = f" (cut at {data.SQL_MAX_ROWS:,})" if result.truncated else ""
+    st.caption(f"{len(df):,} row(s){note}")
+    st.dataframe(df, hide_index=True, width="stretch", key="sql_result")
+    st.download_button(
+        "Download CSV", df.to_csv(index=False).encode(), file_name="forkwatch_query.csv", mime="text/csv",
+        key="sql_download",
+    )  # fmt: skip
+
+
+render()
