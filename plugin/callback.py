@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import os
 import uuid
 from typing import Any
@@ -31,7 +30,6 @@ class ForkwatchCallback(TrainerCallback):
         self.run_id: str | None = None
         self.resume_step: int | None = None
         self._resume_run_id: str | None = None
-        self._scalars: list[dict[str, float]] = []
         self._health = None
         self._alarms: list[Any] = []
 
@@ -102,22 +100,21 @@ class ForkwatchCallback(TrainerCallback):
                        and v is not None and not isinstance(v, str)}
             scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
             scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
-            self._scalars.append(scalars)
             if self._health is not None:
                 self._alarms.extend(self._health.update(row))
+                scalars.update({k.removeprefix("forkwatch/"): v for k, v in self._health.scalars().items()})
+            # TRL's own metric buffer: its `log` averages it over the logging window and hands it to log_history
+            # and to every report_to integration, exactly like TRL's `entropy`.
+            metrics = self.trainer._metrics["train"]
+            for k, v in scalars.items():
+                metrics[f"forkwatch/{k}"].append(v)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or logs is None:
             return
         with self.monitor.faults.guard("log"):
-            for key in sorted({k for s in self._scalars for k in s}):
-                vals = [s[key] for s in self._scalars if key in s and not math.isnan(s[key])]
-                if vals:
-                    logs[f"forkwatch/{key}"] = sum(vals) / len(vals)
-            self._scalars.clear()
-            # --- live health alarms (forkwatch.store.health.LiveMonitor, fed one steps row per step) ---
-            if self._health is not None:
-                logs.update(self._health.scalars())  # already named forkwatch/alarm/<kind>
+            # --- live health alarms: forkwatch.store.health.LiveMonitor is fed one steps row per step in
+            # on_step_end (its forkwatch/alarm/<kind> scalars travel with the others); here we act on new flags ---
             for flag in self._alarms:
                 logger.warning("forkwatch alarm at step %s: %s", state.global_step, flag)
                 if self.config.on_alarm == "stop" and flag.rule.split(".")[0] in ("collapse", "explosion"):

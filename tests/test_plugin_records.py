@@ -1,0 +1,148 @@
+"""Real GRPOTrainer steps with forkwatch attached: the recorded numbers are TRL's numbers, on the right rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from forkwatch.store import connect
+
+import forkwatch
+
+EXACT = dict(stat_mantissa_bits=None, record_completions_per_step=None)  # every completion, exact float32
+
+
+def train(make_trainer, tmp_path, *, fw: dict | None = None, **grpo):
+    trainer = make_trainer(**grpo)
+    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", **(fw or {}))
+    trainer.train()
+    return trainer, cb, connect(str(tmp_path / "runs"))
+
+
+def rows(con, sql: str) -> list[dict]:
+    res = con.sql(sql)
+    return [dict(zip(res.columns, r, strict=True)) for r in res.fetchall()]
+
+
+def test_step_mean_entropy_equals_trls_logged_entropy(make_trainer, tmp_path):
+    trainer, cb, con = train(make_trainer, tmp_path, max_steps=3)
+    logged = {h["step"]: h for h in trainer.state.log_history if "entropy" in h}
+    steps = rows(con, "SELECT step, entropy_mean, n_tokens FROM steps ORDER BY step")
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for s in steps:
+        assert s["entropy_mean"] == pytest.approx(logged[s["step"]]["entropy"], abs=1e-5)
+        assert logged[s["step"]]["forkwatch/entropy_mean"] == pytest.approx(s["entropy_mean"], abs=1e-6)
+    assert not cb.monitor.faults.counts
+
+
+def test_per_token_entropy_renyi2_and_group_js_equal_float64_full_logits(make_trainer, tmp_path, tokenizer):
+    # lr=0: the weights after training are the ones every loss pass saw
+    trainer, cb, con = train(make_trainer, tmp_path, fw=dict(group_js=True, **EXACT), max_steps=1,
+                             learning_rate=0.0, temperature=0.7)
+    model = trainer.model.double().eval()
+    comps = rows(con, "SELECT completion_id, group_id, prompt FROM completions")
+    toks = rows(con, "SELECT * FROM tokens ORDER BY completion_id, position")
+    assert len(comps) == 8 and toks
+    probs: dict[int, torch.Tensor] = {}
+    for c in comps:
+        mine = [t for t in toks if t["completion_id"] == c["completion_id"]]
+        p_ids = tokenizer(c["prompt"])["input_ids"]
+        ids = torch.tensor([p_ids + [t["token_id"] for t in mine]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(p_ids) - 1 : -1].double() / 0.7  # (T, V)
+        p = torch.softmax(logits, -1)
+        probs[c["completion_id"]] = p
+        ent = -(p * p.log()).sum(-1)
+        h2 = -(p * p).sum(-1).log()
+        lp = p.log().gather(1, ids[0, len(p_ids) :, None]).squeeze(1)
+        np.testing.assert_allclose([t["entropy"] for t in mine], ent.numpy(), atol=1e-4)
+        np.testing.assert_allclose([t["renyi2"] for t in mine], h2.numpy(), atol=1e-4)
+        np.testing.assert_allclose([t["logprob"] for t in mine], lp.numpy(), atol=1e-4)
+        assert all(r <= e + 1e-6 for r, e in zip(h2, ent, strict=True))
+    # group_js from the full distributions of the group's rollouts
+    for c in comps:
+        sibs = [d["completion_id"] for d in comps if d["group_id"] == c["group_id"]]
+        mine = [t for t in toks if t["completion_id"] == c["completion_id"]]
+        for t in mine:
+            pos = t["position"]
+            act = [probs[s][pos] for s in sibs if probs[s].size(0) > pos]
+            if len(act) < 2:
+                assert t["group_js"] == 0.0
+                continue
+            pbar = torch.stack(act).mean(0)
+            pi = probs[c["completion_id"]][pos]
+            m = 0.5 * (pi + pbar)
+            js = 0.5 * (pi * (pi / m).log()).sum() + 0.5 * (pbar * (pbar / m).log()).sum()
+            assert t["group_js"] == pytest.approx(float(js), abs=1e-4)
+            assert 0.0 <= t["group_js"] <= math.log(2)
+
+
+def test_recorded_tokens_rewards_and_advantages_are_those_the_loss_saw(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=2, steps_per_generation=2)  # shuffled, split generation batch
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", **EXACT)
+    seen: dict[int, dict] = {}
+    fw_loss = trainer._compute_loss
+
+    def spy(model, inputs):  # outermost: sees exactly what TRL's loss receives
+        step = trainer.state.global_step + 1
+        for i, cid in enumerate(inputs["forkwatch_row_id"].tolist()):
+            n = int(inputs["completion_mask"][i].sum())
+            seen[cid] = dict(step=step, ids=inputs["completion_ids"][i, :n].tolist(),
+                             adv=float(inputs["advantages"][i]))
+        return fw_loss(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    con = connect(str(tmp_path / "runs"))
+    comps = rows(con, "SELECT * FROM completions")
+    assert len(comps) == len(seen) == 16
+    tok = trainer.processing_class
+    by_group: dict[int, list] = {}
+    for c in comps:
+        s = seen[c["completion_id"]]
+        ids = [r[0] for r in con.sql(
+            f"SELECT token_id FROM tokens WHERE completion_id = {c['completion_id']} ORDER BY position").fetchall()]
+        assert ids == s["ids"] and c["step"] == s["step"]
+        assert c["completion"] == tok.decode(s["ids"], skip_special_tokens=True)
+        assert c["advantage"] == pytest.approx(s["adv"], abs=1e-6)
+        text = c["completion"]
+        expect = {"digit_reward": sum(ch.isdigit() for ch in text) / max(len(text), 1), "length_reward": -0.1 * len(text)}
+        got = dict(c["rewards"]) if not isinstance(c["rewards"], dict) else c["rewards"]
+        assert got == pytest.approx(expect, abs=1e-6)
+        assert c["reward"] == pytest.approx(sum(expect.values()), abs=1e-5)
+        by_group.setdefault(c["group_id"], []).append(c)
+    for group in by_group.values():  # advantages are the group-normalised rewards of these very rows
+        r = np.array([c["reward"] for c in group])
+        adv = (r - r.mean()) / (r.std(ddof=1) + 1e-4)
+        np.testing.assert_allclose(sorted(c["advantage"] for c in group), sorted(adv), atol=1e-4)
+
+
+def test_forks_store_topk_alternatives_at_the_top_entropy_fraction(make_trainer, tmp_path):
+    _, _, con = train(make_trainer, tmp_path, fw=dict(fork_top_k=3, **EXACT), max_steps=1)
+    n_tok, n_fork = con.sql("SELECT count(*), sum(is_fork::INT) FROM tokens").fetchall()[0]
+    assert n_fork == math.ceil(0.2 * n_tok)
+    forks = rows(con, "SELECT * FROM forks")
+    assert len(forks) == n_fork
+    for f in forks:
+        assert len(f["alt_token_ids"]) == 3 and list(f["alt_probs"]) == sorted(f["alt_probs"], reverse=True)
+        assert f["sampled_rank"] >= 0
+
+
+def test_volume_options_sample_completions_and_steps(make_trainer, tmp_path):
+    _, _, con = train(make_trainer, tmp_path, fw=dict(record_completions_per_step=2, record_every_steps=2),
+                      max_steps=3)
+    per_step = dict(con.sql("SELECT step, count(*) FROM completions GROUP BY step").fetchall())
+    assert per_step == {1: 2, 3: 2}
+    assert con.sql("SELECT count(*) FROM steps").fetchall()[0][0] == 3  # aggregates still cover every step
+    assert con.sql("SELECT min(n_completions) FROM steps").fetchall()[0][0] == 8
+
+
+def test_trainer_logs_carry_forkwatch_scalars(make_trainer, tmp_path):
+    trainer, _, _ = train(make_trainer, tmp_path, max_steps=1)
+    logged = next(h for h in trainer.state.log_history if "entropy" in h)
+    for key in ("entropy_p90", "renyi2_mean", "fork_fraction", "selected_fraction", "reward_mean",
+                "forkwatch_seconds", "dropped_records"):
+        assert f"forkwatch/{key}" in logged
+    assert logged["forkwatch/selected_fraction"] == 1.0
