@@ -115,7 +115,7 @@ class SandboxedConnection:
     def query(self, sql: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> pd.DataFrame:
         """Run one SELECT and return a DataFrame; `df.attrs['truncated']` says whether rows were cut at max_rows."""
         table = self.query_arrow(sql, max_rows=max_rows, timeout_s=timeout_s)
-        df = table.to_pandas()
+        df = table.to_pandas(maps_as_pydicts="lossy")  # MAP columns (rewards) as dicts, not tuple lists
         df.attrs["truncated"] = table.schema.metadata.get(b"truncated") == b"1"
         return df
 
