@@ -93,7 +93,13 @@ def make_trainer(tmp_path) -> Callable[..., object]:
             from peft import LoraConfig
 
             peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        output_dir = grpo_overrides.pop("output_dir", None) or str(tmp_path / f"out{next(counter)}")
+        k = next(counter)
+        output_dir = grpo_overrides.pop("output_dir", None) or str(tmp_path / f"out{k}")
+        if grpo_overrides.get("beta", 0.0) != 0.0 and not peft:
+            # TRL builds the reference model from a path: save the tiny model and pass its folder
+            path = tmp_path / f"model{k}"
+            model.save_pretrained(path)
+            model = str(path)
         args = tiny_grpo_config(output_dir, **grpo_overrides)
         return GRPOTrainer(
             model=model,
