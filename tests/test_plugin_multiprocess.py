@@ -1,0 +1,54 @@
+"""Two processes (torchrun, gloo on the CPU) write one run that reads back as one.
+
+`accelerate launch --num_processes 2 --cpu` falls back to a single process on a machine without MPI, so the test
+launches with torchrun, which accelerate picks up from the environment (RANK, WORLD_SIZE) the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from forkwatch.store import connect
+
+SCRIPT = '''
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import conftest, forkwatch
+make = conftest.make_trainer.__wrapped__(Path({tmp!r}))
+# per-device batch 2 < num_generations 4: every prompt group is split over the two ranks
+trainer = make(max_steps=2, per_device_train_batch_size=2, num_generations=4, output_dir={out!r})
+forkwatch.attach(trainer, log_dir={runs!r}, group_js=True, record_completions_per_step=None)
+trainer.train()
+'''
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_write_one_run(tmp_path):
+    tests = str(Path(__file__).parent)
+    script = tmp_path / "run.py"
+    runs = tmp_path / "runs"
+    script.write_text(SCRIPT.format(tests=tests, tmp=str(tmp_path), out=str(tmp_path / "out"), runs=str(runs)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        capture_output=True, text=True, timeout=110, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [d for d in runs.iterdir() if d.is_dir()]
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["world_size"] == 2 and meta["status"] == "finished"
+    assert meta["group_js_split_groups"] > 0  # documented: group_js over the locally present siblings
+    con = connect(str(runs))
+    assert con.sql("SELECT count(DISTINCT run_id) FROM tokens").fetchall()[0][0] == 1
+    steps = con.sql("SELECT step, n_completions FROM steps ORDER BY step").fetchall()
+    assert steps == [(1, 4), (2, 4)]  # one row per step, aggregated over both ranks
+    ranks = con.sql("SELECT DISTINCT rank FROM completions ORDER BY rank").fetchall()
+    assert ranks == [(0,), (1,)]
+    n_ids = con.sql("SELECT count(DISTINCT completion_id), count(*) FROM completions").fetchall()[0]
+    assert n_ids[0] == n_ids[1] == 8  # completion ids are unique across ranks
