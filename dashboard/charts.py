@@ -20,11 +20,15 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def flag_lines(f: Flag) -> list[str]:
+    """A flag's evidence as short lines of text: the message, the steps and threshold, the supporting values."""
+    lines = [f.message, f"evidence: steps {f.steps[0]}–{f.steps[-1]}, threshold {f.threshold:.4g}"]
+    return lines + [f"{k} = {v:.4g}" for k, v in f.supporting.items()]
+
+
 def flag_hover(run_id: str, f: Flag) -> str:
-    lines = [f"<b>{run_id}: {f.rule}</b> fired at step {f.fired_at}", *textwrap.wrap(f.message, 70)]
-    lines.append(f"evidence: steps {f.steps[0]}–{f.steps[-1]}, threshold {f.threshold:.4g}")
-    lines += [f"{k} = {v:.4g}" for k, v in f.supporting.items()]
-    return "<br>".join(lines)
+    head = f"<b>{run_id}: {f.rule}</b> fired at step {f.fired_at}"
+    return "<br>".join([head, *(w for line in flag_lines(f) for w in textwrap.wrap(line, 70))])
 
 
 def entropy_figure(series: dict[str, pd.DataFrame], flags: dict[str, list[Flag]]) -> go.Figure:
@@ -80,7 +84,7 @@ def _mark_flags(fig: go.Figure, run_id: str, df: pd.DataFrame, flags: list[Flag]
         go.Scatter(
             x=[f.fired_at for f in flags],
             y=[float(at.get(f.fired_at, np.nan)) for f in flags],
-            mode="markers+text", text=[f.rule for f in flags], textposition="top center",
+            mode="markers", text=[f.rule for f in flags],
             marker={"symbol": "x", "size": 13, "color": [FLAG_COLORS.get(f.kind, "#333") for f in flags]},
             hovertext=[flag_hover(run_id, f) for f in flags], hoverinfo="text",
             name=f"{run_id} health flags", legendgroup=run_id,

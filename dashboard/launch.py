@@ -28,6 +28,7 @@ def command(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -
         "--server.port", str(port),
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "viewer",  # no "Deploy" button: this app serves local logs
         "--", str(Path(log_dir).resolve()),
     ]  # fmt: skip
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from forkwatch.dashboard import common, data
-from forkwatch.dashboard.charts import flag_hover
+from forkwatch.dashboard.charts import flag_lines
 
 
 def render() -> None:
@@ -37,7 +37,7 @@ def render() -> None:
             if report.verdict == "insufficient_data":
                 st.write(f"{report.n_steps} step(s) with a finite mean entropy: too few for a verdict yet.")
             for f in report.flags:
-                st.markdown(flag_hover(run_id, f).replace("<br>", "  \n"))
+                st.markdown(f"**{f.rule}** fired at step {f.fired_at}  \n" + "  \n".join(flag_lines(f)))
             law = report.law
             if law.ok:
                 st.write(

@@ -1,0 +1,157 @@
+"""The dashboard in a real browser: `forkwatch dashboard` serves synthetic runs, headless Chromium (Debian's
+`chromium` package, driven by Playwright) opens each page, waits until the charts and the token view have been drawn,
+saves a screenshot per page to test-artifacts/, and checks the drawn elements. Ctrl-C then stops the server cleanly.
+
+Skipped, with the reason, when /usr/bin/chromium or the playwright package is missing (`apt-get install chromium`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from synthetic import write_sample_runs
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.timeout(240),
+]
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dashboard exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"the dashboard did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("browser_runs")
+    write_sample_runs(log_dir, n_steps=40, token_steps=4)
+    port = _free_port()
+    env = os.environ | {"STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forkwatch.cli", "dashboard", str(log_dir), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(45_000)
+        yield pg
+        browser.close()
+
+
+def _open(page, url: str, title: str) -> None:
+    page.goto(url)
+    page.get_by_role("heading", name=title).first.wait_for()
+    assert page.get_by_text("Page not found").count() == 0
+    # Streamlit shows a "running" status widget while the script runs: wait until it is gone.
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+
+
+def _shot(page, name: str) -> Path:
+    path = ARTIFACTS / f"dashboard_{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_runs_page_draws_the_table(server, page):
+    url, _ = server
+    _open(page, f"{url}/?run=collapse&run=explosion", "Runs")  # the default page lives at the root
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+    assert page.locator('[data-testid="stExpander"]').count() == 2
+    assert page.get_by_text("collapse.mean", exact=False).count() >= 1
+    _shot(page, "runs")
+
+
+def test_entropy_page_draws_the_chart_with_flags(server, page):
+    url, _ = server
+    _open(page, f"{url}/entropy?run=collapse&run=healthy&run=explosion", "Entropy")
+    chart = page.locator('[data-testid="stPlotlyChart"] .main-svg').first
+    chart.wait_for()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 15")
+    assert page.locator(".js-plotly-plot .shapelayer path").count() >= 2  # the flag markers
+    _shot(page, "entropy")
+
+
+def test_forks_page_draws_the_token_view(server, page):
+    url, _ = server
+    _open(page, f"{url}/forks?run=collapse&step=2", "Forks")
+    page.locator(".fw-token").first.wait_for()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3")
+    tokens = page.locator(".fw-token")
+    assert tokens.count() == 24  # synthetic completions are 24 tokens long
+    assert page.locator(".fw-fork").count() >= 1 and page.locator(".fw-grad").count() >= 1
+    title = page.locator(".fw-fork").first.get_attribute("title")
+    assert "entropy" in title and "alternatives (top-k):" in title
+    _shot(page, "forks")
+
+
+def test_law_page_draws_the_fit(server, page):
+    url, _ = server
+    _open(page, f"{url}/law?run=collapse&run=healthy", "Entropy–reward law")
+    page.locator('[data-testid="stMetric"]').first.wait_for()
+    page.locator('[data-testid="stPlotlyChart"] .main-svg').first.wait_for()
+    assert page.get_by_text("No fit shown", exact=False).count() == 1
+    _shot(page, "law")
+
+
+def test_sql_page_runs_an_example(server, page):
+    url, _ = server
+    _open(page, f"{url}/sql", "SQL")
+    page.get_by_role("button", name="Entropy per step").click()
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+    page.get_by_text("row(s)", exact=False).first.wait_for()
+    assert page.get_by_role("button", name="Download CSV").count() == 1
+    _shot(page, "sql")
+
+
+def test_ctrl_c_stops_the_dashboard_cleanly(server, page):
+    _, proc = server
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 0
