@@ -199,7 +199,10 @@ def ict(
     completions (Sparse-GRPO):  L = (1/B) Σ_i (1/k_i) Σ_{t kept} L_{i,t}, realised as weights n_i/k_i under
     loss_type grpo (see `renormalise_kept` for the others). `scope="group"` / `"batch"` take the cut-off over all
     tokens of the prompt group / the micro-batch instead (at least one per unit; a completion may then keep
-    none and contributes 0). `normalize="all"` keeps TRL's normaliser (weights 0/1).
+    none and contributes 0). `normalize="all"` keeps TRL's normaliser (weights 0/1). Metric `threshold`: the
+    lowest kept score, averaged over completions (or groups). Rollouts of one prompt split across ranks: the
+    glue's group_js averages over the siblings on this rank and counts such groups; scope="group" then takes the
+    cut-off over the local part of the group.
     """
     mask = inp.mask
     if inp.step < warmup_steps:
@@ -292,8 +295,7 @@ def clip_cov(inp: SelectionInput, *, fraction: float = 2e-4, cov_low: float = 1.
         chosen = candidates[perm[:k].to(candidates.device)]
         weights[chosen[:, 0], chosen[:, 1]] = 0
     return Selection(weights, None, {"selected_fraction": selected_fraction(weights, mask),
-                                     "affected_tokens": float(len(chosen)), "candidate_tokens": float(len(candidates)),
-                                     "threshold": cov_low})
+                                     "affected_tokens": float(len(chosen)), "candidate_tokens": float(len(candidates))})
 
 
 def _check_kl_cov(*, fraction: float, beta: float) -> None:

@@ -86,16 +86,6 @@ def fixed_batch(trainer, *, off_policy: bool = True):
     return inputs
 
 
-@pytest.fixture
-def saved_model(tmp_path):
-    """A tiny model loaded from a local folder: with beta > 0 TRL builds the reference model from the model's path."""
-    from forkwatch.demo.tiny import char_tokenizer, tiny_model
-    from transformers import AutoModelForCausalLM
-
-    tiny_model(len(char_tokenizer())).save_pretrained(tmp_path / "tiny")
-    return lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
-
-
 def surrogate_by_hand(lp, old, adv, eps_low, eps_high):
     """-min(r·A, clip(r)·A), written out independently of policy_loss.py."""
     r = torch.exp(lp - old)
@@ -147,8 +137,8 @@ def test_dropped_tokens_contribute_exactly_zero_gradient(make_trainer, name):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
-def test_ict_through_trl_matches_sparse_grpo_by_hand(make_trainer, saved_model, loss_type):
-    trainer = make_trainer(model=saved_model(), beta=0.04, loss_type=loss_type)
+def test_ict_through_trl_matches_sparse_grpo_by_hand(make_trainer, loss_type):
+    trainer = make_trainer(beta=0.04, loss_type=loss_type)
     seam = Seam(trainer, get_selector("ict", warmup_steps=0, fraction=0.25))
     inputs = fixed_batch(trainer)
     loss = trainer._compute_loss(trainer.model, inputs)
@@ -202,8 +192,8 @@ def test_kl_cov_through_trl_matches_its_loss_by_hand(make_trainer):
     assert_same_grads(loss, reference, list(trainer.model.parameters()))
 
 
-def test_gppo_through_trl_matches_its_loss_by_hand(make_trainer, saved_model):
-    trainer = make_trainer(model=saved_model(), beta=0.04, loss_type="dr_grpo")
+def test_gppo_through_trl_matches_its_loss_by_hand(make_trainer):
+    trainer = make_trainer(beta=0.04, loss_type="dr_grpo")
     seam = Seam(trainer, get_selector("gppo"))
     inputs = fixed_batch(trainer)
     loss = trainer._compute_loss(trainer.model, inputs)
