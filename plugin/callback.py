@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -75,11 +76,13 @@ class ForkwatchCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         summary: dict[str, Any] = {}
+        t0 = time.perf_counter()
         with self.monitor.faults.guard("step_end"):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
             summary["dropped"] = sum(self.writer.dropped.values())
             self._write_records(step, acc)
+            summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         parts = [summary]
         if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
             from accelerate.utils import gather_object

@@ -121,6 +121,8 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         undo.append(lambda: setattr(trainer, "top_entropy_quantile", previous_quantile))
 
     def model_hook(module, args, kwargs, output):
+        if monitor._mb is None:  # generation and no-grad passes: return before any bookkeeping
+            return
         with guard("model_forward"):
             monitor.on_model_forward(kwargs, output)
 

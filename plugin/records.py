@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from forkwatch.plugin.metrics import summarize
 
@@ -167,9 +168,16 @@ def fork_columns(step: int, batches: list[ForkBatch]) -> dict[str, Any]:
         "completion_id": _np(torch.cat([b.completion_id for b in batches])).astype(np.int64),
         "position": _np(torch.cat([b.position for b in batches])).astype(np.int32),
         "sampled_rank": np.minimum(_np(torch.cat([b.sampled_rank for b in batches])), 32767).astype(np.int16),
-        "alt_token_ids": list(ids),
-        "alt_probs": list(probs),
+        "alt_token_ids": _lists(ids, pa.int32()),
+        "alt_probs": _lists(probs, pa.float32()),
     }
+
+
+def _lists(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    """(N, k) -> N lists of k, without a Python object per row."""
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=type_))
 
 
 def completion_columns(step: int, rank: int, rows: list[dict[str, Any]]) -> dict[str, list]:
