@@ -74,9 +74,14 @@ _PARQUET_OPTIONS: dict[str, Any] = dict(
     compression="zstd",
     compression_level=3,
     write_statistics=True,
-    # run_id and the method names repeat on every row: dictionary + RLE makes them nearly free.
-    use_dictionary=["run_id", "select_method", "prompt", "rewards.key_value.key"],
+    # run_id, step and the method names repeat on every row: dictionary + RLE makes them nearly free.
+    use_dictionary=["run_id", "step", "select_method", "prompt", "rewards.key_value.key"],
 )
+# Positions count up and completion ids repeat: deltas make both almost free (0.23 -> 0.03 B/row for position).
+_DELTA = {"position": "DELTA_BINARY_PACKED", "completion_id": "DELTA_BINARY_PACKED"}
+# Floats (and the Zipf-distributed token ids) compress far better split into byte streams: the high bytes (sign,
+# exponent) repeat, the rounded-off low mantissa bytes are zeros. Integer BYTE_STREAM_SPLIT needs pyarrow >= 17.
+_BSS_INTS = ("token_id",) if int(pa.__version__.split(".")[0]) >= 17 else ()
 
 
 def _utcnow() -> str:
@@ -441,12 +446,17 @@ class RunWriter:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             schema = t.schema.with_metadata({**(t.schema.metadata or {}), VERSION_KEY: str(SCHEMA_VERSION).encode()})
-            floats = [f.name for f in t.schema if pa.types.is_floating(f.type)]
+            encodings = {
+                **{
+                    f.name: "BYTE_STREAM_SPLIT" for f in t.schema if pa.types.is_floating(f.type) or f.name in _BSS_INTS
+                },
+                **{k: v for k, v in _DELTA.items() if k in t.column_names},
+            }
             pq.write_table(
                 t.replace_schema_metadata(schema.metadata),
                 tmp,
                 row_group_size=self.row_group_rows,
-                use_byte_stream_split=floats or False,
+                column_encoding=encodings,
                 **_PARQUET_OPTIONS,
             )
             if tmp_then is not None:
