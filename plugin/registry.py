@@ -84,7 +84,13 @@ def register_selector(
     return deco
 
 
+def _load_builtins() -> None:
+    from forkwatch.plugin import selectors  # noqa: F401  (registers the built-in methods)
+
+
 def selector_names() -> list[str]:
+    """Every registered name, the built-in methods included (sorted)."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -114,7 +120,7 @@ class BoundSelector:
 def get_selector(name: str, **options: Any) -> BoundSelector:
     """Look a selector up by name and bind its options; unknown names or options raise a ValueError naming the fix."""
     if name not in _REGISTRY:
-        from forkwatch.plugin import selectors  # noqa: F401  (registers the built-in methods)
+        _load_builtins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown selector {name!r}; valid names: {', '.join(selector_names())}")
     spec = _REGISTRY[name]

@@ -350,3 +350,12 @@ def test_a_user_selector_is_usable_by_name():
     assert sel.weights.tolist() == [[2.0, 0, 0], [2.0, 0, 0]]
     with pytest.raises(ValueError, match="valid names"):
         get_selector("no_such_selector")
+
+
+def test_selector_names_lists_the_builtins_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    code = "from forkwatch.plugin.registry import selector_names; print(','.join(selector_names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert set(ALL) <= set(out.split(","))
