@@ -152,7 +152,7 @@ class RunWriter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 self._supersede_after(resume_step)
-        except OSError as e:  # the writer reports and drops from now on (_write fails too); training goes on
+        except Exception as e:  # (a boundary) unwritable dir, unreadable old part: report; later writes drop too
             self._warn_once("setup", f"forkwatch: cannot prepare {self.run_dir}: {e}; records will be dropped")
         self._init_meta(dict(meta or {}), resume_step)
 
@@ -170,7 +170,12 @@ class RunWriter:
         """Queue one batch of rows of `table` (every schema column but run_id). Returns False when it was dropped.
 
         The writer takes ownership of the arrays: do not modify them afterwards."""
-        n = _n_rows(columns)
+        try:
+            n = _n_rows(columns)
+        except Exception:  # not a mapping of columns: a caller bug, still never an exception into training
+            n = 0
+            self._drop(table, n, "bad", f"forkwatch: put({table!r}, ...) needs a dict of columns; batch dropped")
+            return False
         if self._closed or table not in TABLES:
             what = "a closed writer" if self._closed else f"unknown table {table!r}"
             self._drop(table, n, "put", f"forkwatch: put to {what}; records dropped")

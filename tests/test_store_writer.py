@@ -175,3 +175,23 @@ def test_each_rank_writes_its_own_parts(tmp_path):
 def test_run_id_must_be_a_plain_folder_name(tmp_path, bad):
     with pytest.raises(ValueError, match="run_id"):
         RunWriter(tmp_path, bad)
+
+
+def test_put_of_a_non_mapping_is_dropped_not_raised(tmp_path):
+    w = RunWriter(tmp_path, "r")
+    assert w.put("tokens", None) is False  # type: ignore[arg-type]
+    w.close()
+
+
+def test_resume_over_a_corrupt_part_does_not_raise(tmp_path, caplog):
+    w = RunWriter(tmp_path, "r")
+    for step in range(3):
+        w.put("steps", {"step": [step], "n_tokens": [1]})
+    w.close()
+    (part,) = (tmp_path / "r" / "steps").glob("part-*.parquet")
+    part.write_bytes(b"PAR1 garbage")
+    with caplog.at_level(logging.WARNING, logger="forkwatch.store.writer"):
+        w2 = RunWriter(tmp_path, "r", resume_step=1)  # must split that part, cannot read it: reports, goes on
+    assert any("cannot prepare" in r.getMessage() for r in caplog.records)
+    assert w2.put("steps", {"step": [2], "n_tokens": [1]})
+    w2.close()
