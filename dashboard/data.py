@@ -93,18 +93,22 @@ def completions(log_dir: str, run_id: str, step: int) -> pd.DataFrame:
 def completion_tokens(log_dir: str, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
     """One completion's tokens with, at forks, the top-k alternatives (alt_texts, alt_probs)."""
     tokens = _run(queries.completion_tokens, log_dir, run_id, step, completion_id)
-    forks = _run(queries.completion_forks, log_dir, run_id, step, completion_id)
+    forks = _run(queries.fork_alternatives, log_dir, run_id, step, completion_id)
     return tokens.merge(forks[["position", "sampled_rank", "alt_texts", "alt_probs"]], on="position", how="left")
 
 
-@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
-def top_fork_tokens(log_dir: str, run_id: str, limit: int) -> pd.DataFrame:
-    return _run(queries.top_fork_tokens, log_dir, run_id, limit)
+def sample_steps(steps: list[int]) -> tuple[int, ...]:
+    return tuple(queries.sample_steps(steps))
 
 
 @st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
-def fork_tokens_by_step(log_dir: str, run_id: str, texts: tuple[str, ...]) -> pd.DataFrame:
-    return _run(queries.fork_tokens_by_step, log_dir, run_id, list(texts))
+def top_fork_tokens(log_dir: str, run_id: str, steps: tuple[int, ...], limit: int) -> pd.DataFrame:
+    return _run(queries.top_fork_tokens, log_dir, run_id, list(steps), limit)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def fork_tokens_by_step(log_dir: str, run_id: str, steps: tuple[int, ...], texts: tuple[str, ...]) -> pd.DataFrame:
+    return _run(queries.fork_tokens_by_step, log_dir, run_id, list(steps), list(texts))
 
 
 @st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)

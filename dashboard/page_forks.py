@@ -61,10 +61,13 @@ def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> Non
     st.html(token_html(tokens, stat))
 
 
-def _fork_tokens(log_dir: str, run: str) -> None:
+def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:
     st.subheader("Tokens that fork most often")
     n = st.slider("How many token texts", 5, 30, 10, key="forks_top_n")
-    top = data.top_fork_tokens(log_dir, run, n)
+    sample = data.sample_steps(steps)
+    if len(sample) < len(steps):
+        st.caption(f"counted over {len(sample)} of the run's {len(steps)} recorded steps, evenly spaced")
+    top = data.top_fork_tokens(log_dir, run, sample, n)
     if top.empty:
         st.info("No fork recorded in this run yet.")
         return
@@ -72,7 +75,7 @@ def _fork_tokens(log_dir: str, run: str) -> None:
     with left:
         st.plotly_chart(charts.fork_share_figure(top), key="forks_top_chart", width="stretch")
     with right:
-        trend = data.fork_tokens_by_step(log_dir, run, tuple(top["text"].head(6)))
+        trend = data.fork_tokens_by_step(log_dir, run, sample, tuple(top["text"].head(6)))
         st.caption("share of each step's forks taken by the 6 most frequent fork texts")
         st.plotly_chart(charts.fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
 
@@ -86,14 +89,15 @@ def render() -> None:
         common.run_notes(runs, [run])
         st.info(f"Run `{run}` has no completion or token records yet: there is nothing to show at token level.")
         return
-    chosen = _choose_completion(log_dir, run, tsteps["step"].tolist())
+    steps = tsteps["step"].tolist()
+    chosen = _choose_completion(log_dir, run, steps)
     if chosen is not None:
         step, completion = chosen
         _token_view(log_dir, run, step, completion)
         st.subheader("This prompt across steps")
         history = data.prompt_history(log_dir, run, completion["prompt"])
         st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
-    _fork_tokens(log_dir, run)
+    _fork_tokens(log_dir, run, steps)
 
 
 render()

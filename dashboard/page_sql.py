@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 from forkwatch.dashboard import common, data
-
-EXAMPLES = {
-    "Runs": "SELECT run_id, name, status, last_step, dropped FROM runs",
-    "Entropy per step": "SELECT run_id, step, entropy_mean, entropy_p90, renyi2_mean, group_js_mean, reward_mean\n"
-    "FROM steps ORDER BY run_id, step",
-    "Most frequent fork tokens": "SELECT run_id, text, count(*) AS forks\nFROM token_text WHERE is_fork\n"
-    "GROUP BY ALL ORDER BY forks DESC LIMIT 20",
-    "Highest-entropy tokens of a step": "SELECT run_id, step, completion_id, position, text, entropy\n"
-    "FROM token_text WHERE step = 0 ORDER BY entropy DESC LIMIT 20",
-    "Reward by prompt": "SELECT run_id, prompt, count(*) AS n, avg(reward) AS reward\nFROM completions "
-    "GROUP BY ALL ORDER BY n DESC LIMIT 20",
-}
+from forkwatch.dashboard.sql_examples import EXAMPLES
 
 
 def _use_example(sql: str) -> None:

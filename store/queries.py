@@ -117,41 +117,83 @@ def token_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
     ).df()
 
 
-def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, limit: int = 20) -> pd.DataFrame:
-    """The token texts that are forks most often in a run: count and share of all its forks."""
+def fork_alternatives(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """The fork positions of one completion with their top-k alternatives (ids, probabilities, decoded texts).
+
+    Same result as `completion_forks`, but the step's forks are filtered before the alternatives are unnested, so
+    only that step's files are read (30 ms instead of 0.7 s on a 20M-token run)."""
     return con.execute(
         """
-        WITH c AS (
-            SELECT token_id, count(*) AS n_forks FROM tokens WHERE run_id = $run AND is_fork GROUP BY token_id
+        WITH f AS (
+            SELECT position, sampled_rank, alt_token_ids, alt_probs
+            FROM forks WHERE run_id = $run AND step = $step AND completion_id = $cid
         ),
-        by_text AS (
-            SELECT coalesce(v.text, '#' || c.token_id) AS text, sum(c.n_forks) AS n_forks
-            FROM c LEFT JOIN (SELECT token_id, text FROM vocab WHERE run_id = $run) v USING (token_id)
-            GROUP BY ALL
+        a AS (SELECT position, unnest(alt_token_ids) AS alt_id, generate_subscripts(alt_token_ids, 1) AS k FROM f),
+        v AS (SELECT token_id, text FROM vocab WHERE run_id = $run AND token_id IN (SELECT alt_id FROM a)),
+        texts AS (
+            SELECT a.position, list(coalesce(v.text, '#' || a.alt_id) ORDER BY a.k) AS alt_texts
+            FROM a LEFT JOIN v ON v.token_id = a.alt_id GROUP BY a.position
         )
-        SELECT text, n_forks, n_forks / sum(n_forks) OVER () AS share
-        FROM by_text ORDER BY n_forks DESC, text LIMIT $limit
+        SELECT f.position, f.sampled_rank, f.alt_token_ids, f.alt_probs, texts.alt_texts
+        FROM f LEFT JOIN texts USING (position) ORDER BY f.position
         """,
-        {"run": run_id, "limit": limit},
+        {"run": run_id, "step": step, "cid": completion_id},
     ).df()
 
 
-def fork_tokens_by_step(con: duckdb.DuckDBPyConnection, run_id: str, texts: list[str]) -> pd.DataFrame:
-    """For each step, the share of that step's forks that each of the given token texts takes."""
+FORK_SAMPLE_STEPS = 40  # steps the dashboard reads for its fork-text figures: bounds their cost however long the run
+
+
+def sample_steps(steps: list[int], k: int = FORK_SAMPLE_STEPS) -> list[int]:
+    """At most k of the given steps, evenly spaced, always the first and the last (what the fork-text queries read
+    on a long run)."""
+    if len(steps) <= k:
+        return list(steps)
+    return [steps[i] for i in sorted({round(i * (len(steps) - 1) / (k - 1)) for i in range(k)})]
+
+
+def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, steps: list[int], limit: int = 20) -> pd.DataFrame:
+    """The token texts that are forks most often at the given steps of a run: count and share of those forks.
+
+    The caller passes a sample of steps (the step folders not listed are not opened), which bounds the cost on a
+    long run; pass every recorded step for the exact whole-run figure."""
     return con.execute(
         """
-        WITH v AS (SELECT token_id, text FROM vocab WHERE run_id = $run),
-        c AS (
-            SELECT step, token_id, count(*) AS n FROM tokens WHERE run_id = $run AND is_fork GROUP BY ALL
+        WITH c AS (
+            SELECT token_id, count(*) AS n_forks FROM tokens
+            WHERE run_id = $run AND list_contains($steps, step) AND is_fork GROUP BY token_id
         ),
-        total AS (SELECT step, sum(n) AS n_step FROM c GROUP BY step)
-        SELECT c.step, coalesce(v.text, '#' || c.token_id) AS text, sum(c.n) AS n_forks,
+        v AS (SELECT token_id, text FROM vocab WHERE run_id = $run AND token_id IN (SELECT token_id FROM c)),
+        by_text AS (
+            SELECT coalesce(v.text, '#' || c.token_id) AS text, sum(c.n_forks) AS n_forks
+            FROM c LEFT JOIN v USING (token_id) GROUP BY ALL
+        )
+        SELECT text, CAST(n_forks AS BIGINT) AS n_forks, n_forks / sum(n_forks) OVER () AS share
+        FROM by_text ORDER BY n_forks DESC, text LIMIT $limit
+        """,
+        {"run": run_id, "steps": list(steps), "limit": limit},
+    ).df()
+
+
+def fork_tokens_by_step(
+    con: duckdb.DuckDBPyConnection, run_id: str, steps: list[int], texts: list[str]
+) -> pd.DataFrame:
+    """For each of the given steps, the share of that step's forks that each of the given token texts takes."""
+    return con.execute(
+        """
+        WITH c AS (
+            SELECT step, token_id, count(*) AS n FROM tokens
+            WHERE run_id = $run AND list_contains($steps, step) AND is_fork GROUP BY ALL
+        ),
+        total AS (SELECT step, sum(n) AS n_step FROM c GROUP BY step),
+        v AS (SELECT token_id, text FROM vocab WHERE run_id = $run AND list_contains($texts, text))
+        SELECT c.step, coalesce(v.text, '#' || c.token_id) AS text, CAST(sum(c.n) AS BIGINT) AS n_forks,
                sum(c.n) / any_value(total.n_step) AS share
         FROM c JOIN total USING (step) LEFT JOIN v USING (token_id)
         WHERE list_contains($texts, coalesce(v.text, '#' || c.token_id))
         GROUP BY ALL ORDER BY c.step, n_forks DESC
         """,
-        {"run": run_id, "texts": list(texts)},
+        {"run": run_id, "steps": list(steps), "texts": list(texts)},
     ).df()
 
 
