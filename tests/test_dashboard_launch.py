@@ -1,0 +1,31 @@
+"""`forkwatch dashboard`: the streamlit command it runs (local-only by default) and its refusal of a missing dir.
+Serving and Ctrl-C are exercised for real in test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+
+from forkwatch.dashboard import launch
+
+
+def test_command_binds_localhost_by_default_and_passes_the_log_dir(tmp_path):
+    cmd = launch.command(tmp_path)
+    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"]
+    assert cmd[4].endswith("app.py")
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8501"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[-2:] == ["--", str(tmp_path.resolve())]
+
+
+def test_command_takes_host_and_port(tmp_path):
+    cmd = launch.command(tmp_path, host="0.0.0.0", port=9000)
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--server.port") + 1] == "9000"
+
+
+def test_missing_log_dir_exits_2_without_starting_streamlit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
+    assert launch.main(Namespace(log_dir=str(tmp_path / "nope"), host="127.0.0.1", port=8501)) == 2
+    assert "does not exist" in capsys.readouterr().err
