@@ -79,7 +79,8 @@ def page(server):
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Streamlit scrolls inside its own container, so a full-page shot is only as tall as the viewport.
+        pg = browser.new_page(viewport={"width": 1400, "height": 2400})
         pg.set_default_timeout(45_000)
         yield pg
         browser.close()
