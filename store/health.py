@@ -398,7 +398,7 @@ class LiveMonitor:
     `update(row)` takes one step's values (a mapping with `step`, `entropy_mean`, and optionally the other columns
     `evaluate` reads) and returns the flags that became active at this step, each once: a rule is reported again only
     after its condition has cleared. Re-evaluating the whole series keeps one implementation; it costs O(steps) per
-    step, well under a millisecond for thousands of steps.
+    step: about 1.5 ms per update at 5,000 steps on one core.
     """
 
     def __init__(self, rules: HealthRules | None = None, *, vocab_size: int | None = None) -> None:
