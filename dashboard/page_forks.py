@@ -84,9 +84,9 @@ def render() -> None:
     st.title("Forks")
     log_dir, runs = common.require_runs()
     [run] = common.pick_runs(runs, key="forks_run", multi=False)
+    common.run_notes(runs, [run])
     tsteps = data.token_steps(log_dir, run)
     if tsteps.empty:
-        common.run_notes(runs, [run])
         st.info(f"Run `{run}` has no completion or token records yet: there is nothing to show at token level.")
         return
     steps = tsteps["step"].tolist()

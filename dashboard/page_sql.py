@@ -19,7 +19,13 @@ def _run_text() -> None:
 
 def render() -> None:
     st.title("SQL")
-    log_dir, _ = common.require_runs()
+    log_dir, runs = common.require_runs()
+    live = runs.loc[runs["status"] == "running", "run_id"].tolist()
+    if live:
+        st.info(
+            "Still being written: " + ", ".join(f"`{r}`" for r in live) + f". Queries see the parts on disk, "
+            f"re-read every {data.TTL_S} s (or on Reload)."
+        )
     st.caption(
         "One read-only SELECT over the views runs, steps, completions, tokens, forks, vocab and token_text; "
         f"at most {data.SQL_MAX_ROWS:,} rows, {data.SQL_TIMEOUT_S:g} s."

@@ -127,6 +127,15 @@ def test_forks_page_finds_a_prompt_and_follows_it(monkeypatch, log_dir):
 def test_forks_page_says_when_a_run_has_no_token_records(monkeypatch, log_dir):
     at = app(monkeypatch, log_dir, "page_forks.py", run="fresh")
     assert "no completion or token records yet" in texts(at.info)
+    assert "`fresh` has no steps yet" in texts(at.warning)
+
+
+def test_forks_and_sql_pages_say_when_a_run_is_still_being_written(monkeypatch, log_dir):
+    at = app(monkeypatch, log_dir, "page_forks.py", run="live")
+    assert "`live` is still being written" in texts(at.info)
+    assert any("fw-tokens" in h.proto.body for h in at.get("html"))  # what is on disk is shown
+    at = app(monkeypatch, log_dir, "page_sql.py")
+    assert "Still being written: `fresh`, `live`" in texts(at.info)
 
 
 def test_law_page_shows_the_fit_or_the_reason(monkeypatch, log_dir):
