@@ -53,13 +53,13 @@ class StepTimer:
 
 
 def build(config: str, device: str, tmp: Path, fw: dict | None):
+    import conftest
     from datasets import Dataset
+    from forkwatch.demo.tiny import char_tokenizer, qwen_0_5b_shape, tiny_model
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    import conftest
     import forkwatch
-    from forkwatch.demo.tiny import char_tokenizer, qwen_0_5b_shape, tiny_model
 
     model_kw, grpo = CONFIGS[config]
     tok = char_tokenizer()
@@ -97,8 +97,10 @@ def main() -> None:
     trainers = {name: build(opts.config, opts.device, tmp / name, fw) for name, fw in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     peak: dict[str, float] = {}
-    for _ in range(opts.rounds):
-        for name, (trainer, timer) in trainers.items():
+    names = list(trainers)
+    for r in range(opts.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order: no variant always first
+            trainer, timer = trainers[name]
             trainer.args.max_steps = opts.steps
             timer.times.clear()
             if opts.device == "cuda":
