@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.forkwatch-installed
 # The tested torch. On a machine with no torch yet this avoids pulling the newest CUDA build by default.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo lint setup clean
+.PHONY: test demo lint setup browser clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+# The dashboard's browser test drives Debian's chromium (no browser download). Installed when missing and we may
+# (root with apt-get, as in CI); otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-noto-color-emoji \
+		>/dev/null; } || echo "chromium not installed: the browser test will be skipped"
+
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

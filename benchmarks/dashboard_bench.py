@@ -23,7 +23,8 @@ from pathlib import Path
 
 from forkwatch.dashboard.sql_examples import EXAMPLES
 from forkwatch.store import RunWriter, connect, queries
-from forkwatch.store.health import HealthRules, evaluate, fit_entropy_law
+from forkwatch.store.health import HealthRules, evaluate
+from forkwatch.store.law import fit_entropy_law
 from forkwatch.store.sandbox import open_sandboxed
 from forkwatch.store.synthetic import VOCAB_SIZE, step_batches, vocab_columns
 

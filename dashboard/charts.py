@@ -7,7 +7,8 @@ import textwrap
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from forkwatch.store.health import Flag, LawFit
+from forkwatch.store.health import Flag
+from forkwatch.store.law import LawFit
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 

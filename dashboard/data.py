@@ -17,7 +17,8 @@ import duckdb
 import pandas as pd
 import streamlit as st
 from forkwatch.store import connect, queries
-from forkwatch.store.health import HealthReport, HealthRules, LawFit, evaluate, fit_entropy_law, vocab_size_from_meta
+from forkwatch.store.health import HealthReport, HealthRules, evaluate, vocab_size_from_meta
+from forkwatch.store.law import LawFit, fit_entropy_law
 from forkwatch.store.sandbox import SandboxedConnection, SandboxError, open_sandboxed
 
 LOG_DIR_ENV = "FORKWATCH_LOG_DIR"

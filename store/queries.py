@@ -65,22 +65,6 @@ def completion_tokens(con: duckdb.DuckDBPyConnection, run_id: str, step: int, co
     ).df()
 
 
-def completion_forks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
-    """The fork positions of one completion with their top-k alternatives (ids and decoded text)."""
-    return con.execute(
-        """
-        SELECT f.position, any_value(f.sampled_rank) AS sampled_rank, any_value(f.alt_token_ids) AS alt_token_ids,
-               any_value(f.alt_probs) AS alt_probs, list(coalesce(v.text, '') ORDER BY a.k) AS alt_texts
-        FROM forks f,
-             LATERAL (SELECT unnest(f.alt_token_ids) AS tid, generate_subscripts(f.alt_token_ids, 1) AS k) a
-             LEFT JOIN vocab v ON v.run_id = f.run_id AND v.token_id = a.tid
-        WHERE f.run_id = ? AND f.step = ? AND f.completion_id = ?
-        GROUP BY f.position ORDER BY f.position
-        """,
-        [run_id, step, completion_id],
-    ).df()
-
-
 # --- dashboard queries ---
 # (This section belongs to the dashboard; its named queries are appended below.)
 
@@ -120,8 +104,8 @@ def token_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
 def fork_alternatives(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
     """The fork positions of one completion with their top-k alternatives (ids, probabilities, decoded texts).
 
-    Same result as `completion_forks`, but the step's forks are filtered before the alternatives are unnested, so
-    only that step's files are read (30 ms instead of 0.7 s on a 20M-token run)."""
+    The step's forks are filtered before the alternatives are unnested, so only that step's files are read (30 ms
+    on a 20M-token run; unnesting first, through a lateral join, read every step: 0.7 s)."""
     return con.execute(
         """
         WITH f AS (

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from forkwatch.store.health import HealthRules, LiveMonitor, evaluate, fit_entropy_law
+from forkwatch.store.health import HealthRules, LiveMonitor, evaluate
+from forkwatch.store.law import fit_entropy_law
 from synthetic import LAW_A, LAW_B, step_series
 
 
