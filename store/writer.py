@@ -444,7 +444,8 @@ class RunWriter:
         self._seq += 1
         step_range = None
         if step_dir is None and "step" in t.column_names and t.num_rows:
-            step_range = (pa.compute.min(t["step"]).as_py(), pa.compute.max(t["step"]).as_py())
+            lo, hi = pa.compute.min(t["step"]).as_py(), pa.compute.max(t["step"]).as_py()
+            step_range = None if lo is None else (lo, hi)  # vocab rows may carry no step
         folder = self.run_dir / table / step_dir if step_dir else self.run_dir / table
         name = layout.part_name(self.rank, self.attempt, self._seq, step_range)
         tmp = folder / f".{name}.tmp"

@@ -146,3 +146,11 @@ def test_trainer_logs_carry_forkwatch_scalars(make_trainer, tmp_path):
                 "forkwatch_seconds", "dropped_records"):
         assert f"forkwatch/{key}" in logged
     assert logged["forkwatch/selected_fraction"] == 1.0
+
+
+def test_vocab_and_token_text_name_every_recorded_token(make_trainer, tmp_path, tokenizer):
+    _, cb, con = train(make_trainer, tmp_path, fw=EXACT, max_steps=1)
+    assert con.sql("SELECT count(*) FROM vocab").fetchall()[0][0] == len(tokenizer)
+    texts = rows(con, "SELECT token_id, text FROM token_text")
+    assert texts and all(t["text"] == tokenizer.decode([t["token_id"]]) for t in texts)
+    assert not cb.monitor.faults.counts
