@@ -88,7 +88,7 @@ class Monitor:
         acc = self.steps.pop(step, StepAccumulator())
         for old in [s for s in self.steps if s < step]:
             stale = self.steps.pop(old)
-            for name in ("entropy", "renyi2", "group_js", "n_forks", "selected_sum", "rewards", "lengths",
+            for name in ("entropy", "renyi2", "group_js", "n_forks", "n_selected", "rewards", "lengths",
                          "truncated", "tokens", "forks", "completions"):
                 getattr(acc, name).extend(getattr(stale, name))
             acc.seconds += stale.seconds
@@ -247,7 +247,7 @@ class Monitor:
         if gjs is not None:
             acc.group_js.append(gjs[valid])
         acc.n_forks.append(forks.sum())
-        acc.selected_sum.append((weights * mask).sum())
+        acc.n_selected.append(((weights != 0) & valid).sum())  # tokens that get any gradient
         row_ids = inputs["forkwatch_row_id"].tolist()
         infos = [self.rows.get(c) for c in row_ids]
         for info in infos:

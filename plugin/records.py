@@ -55,7 +55,7 @@ class StepAccumulator:
     renyi2: list[torch.Tensor] = field(default_factory=list)
     group_js: list[torch.Tensor] = field(default_factory=list)
     n_forks: list[torch.Tensor] = field(default_factory=list)
-    selected_sum: list[torch.Tensor] = field(default_factory=list)
+    n_selected: list[torch.Tensor] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # one per completion trained on this step
     lengths: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
@@ -73,7 +73,7 @@ class StepAccumulator:
             "renyi2": cat(self.renyi2),
             "group_js": cat(self.group_js),
             "n_forks": float(sum(float(x) for x in self.n_forks)),
-            "selected_sum": float(sum(float(x) for x in self.selected_sum)),
+            "n_selected": float(sum(float(x) for x in self.n_selected)),
             "rewards": list(self.rewards),
             "lengths": list(self.lengths),
             "truncated": list(self.truncated),
@@ -113,7 +113,7 @@ def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | Non
         **summarize(ren, "renyi2"),
         **summarize(gjs, "group_js"),
         "fork_fraction": sum(p["n_forks"] for p in parts) / n if n else math.nan,
-        "selected_fraction": sum(p["selected_sum"] for p in parts) / n if n else math.nan,
+        "selected_fraction": sum(p["n_selected"] for p in parts) / n if n else math.nan,
         "select_method": select_method,
         "select_threshold": metric("threshold"),
         "select_warmup": None if metric("warmup") is None else bool(metric("warmup") > 0.5),

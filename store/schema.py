@@ -55,7 +55,7 @@ STEPS = pa.schema(
             for agg in ("mean", "p10", "p50", "p90", "p99")
         ],
         pa.field("fork_fraction", _F32),
-        pa.field("selected_fraction", _F32),  # mean gradient weight over response tokens (1.0 without selection)
+        pa.field("selected_fraction", _F32),  # response tokens with non-zero gradient weight (1.0 without selection)
         pa.field("select_method", pa.dictionary(pa.int32(), pa.string())),
         pa.field("select_threshold", _F32),  # the cut-off the selector used, when it has one
         pa.field("select_warmup", pa.bool_()),  # ICT: dense warm-up still on

@@ -51,6 +51,11 @@ def test_every_method_trains_and_records_each_selection(make_trainer, tmp_path, 
         assert any(lo == 0 for _, lo, _, _ in selected)
     logged = [h for h in trainer.state.log_history if "forkwatch/select/selected_fraction" in h]
     assert logged
+    # The steps table counts the tokens that got any gradient (every token is recorded here), not the mean weight,
+    # which kept-token renormalisation pushes back towards 1.
+    fractions = con.sql("SELECT step, selected_fraction FROM steps ORDER BY step").fetchall()
+    for (step, fraction), (tstep, _, _, kept) in zip(fractions, selected, strict=True):
+        assert step == tstep and fraction == pytest.approx(kept, abs=1e-6)
 
 
 CONFIGS = {
