@@ -33,6 +33,7 @@ class ForkwatchCallback(TrainerCallback):
         self._resume_run_id: str | None = None
         self._health = None
         self._alarms: list[Any] = []
+        self._stopped_by_alarm = False
 
     # ------------------------------------------------------------------ lifecycle
     def prepare_resume(self, checkpoint: str | None) -> None:
@@ -122,6 +123,7 @@ class ForkwatchCallback(TrainerCallback):
                 logger.warning("forkwatch alarm at step %s: %s", state.global_step, flag)
                 if self.config.on_alarm == "stop" and flag.rule.split(".")[0] in ("collapse", "explosion"):
                     control.should_training_stop = True
+                    self._stopped_by_alarm = True
                     self.writer.update_meta(stopped_by_alarm=str(flag))
             self._alarms.clear()
 
@@ -136,7 +138,7 @@ class ForkwatchCallback(TrainerCallback):
                     json.dump({"run_id": self.run_id, "step": state.global_step}, f)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.close("finished")
+        self.close("stopped" if self._stopped_by_alarm else "finished")
 
     def close(self, status: str) -> None:
         """Flush and close the writer, recording faults and status in run.json. Safe to call twice."""
