@@ -1,5 +1,12 @@
 """`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab), one `steps` row per optimizer step, and the
-`forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks (STYLE.md 2)."""
+`forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks (STYLE.md 2).
+
+What runs where at the end of a step (plugin/worker.py): the `steps` row and every scalar it holds are computed on
+the training thread and logged for the step they describe. The record columns (tokens, forks, completions with their
+decoded text) and the live health rules run on a worker thread. The health rules of step N are collected at the end
+of step N+1, so an alarm raised by step N is acted on (warning, on_alarm="stop") at the log of step N+1, and the
+`forkwatch/alarm/<kind>` scalars logged with step N+1 describe the series up to step N.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Any
 
 from forkwatch.plugin.config import ForkwatchConfig
 from forkwatch.plugin.records import completion_columns, fork_columns, step_row, token_columns
+from forkwatch.plugin.worker import Job, StepWorker
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -33,6 +41,9 @@ class ForkwatchCallback(TrainerCallback):
         self._resume_run_id: str | None = None
         self._health = None
         self._alarms: list[Any] = []
+        self._worker: StepWorker | None = None
+        self._health_job: Job | None = None  # the previous step's health update, collected at the next step end
+        self._alarm_scalars: dict[str, float] = {}
         self._stopped_by_alarm = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -68,7 +79,9 @@ class ForkwatchCallback(TrainerCallback):
         if state.is_world_process_zero and self.resume_step is None:
             with self.monitor.faults.guard("vocab"):
                 self._write_vocab()
-        self._health = None
+        self._health, self._health_job, self._alarm_scalars = None, None, {}
+        if self._worker is None:
+            self._worker = StepWorker(self.monitor.faults.guard)
         with self.monitor.faults.guard("health"):
             from forkwatch.store.health import HealthRules, LiveMonitor
 
@@ -82,7 +95,8 @@ class ForkwatchCallback(TrainerCallback):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
             summary["dropped"] = sum(self.writer.dropped.values())
-            self._write_records(step, acc)
+            if acc.completions or acc.tokens or acc.forks:
+                self._worker.submit("records", lambda: self._write_records(step, acc))
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         parts = [summary]
         if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
@@ -105,13 +119,24 @@ class ForkwatchCallback(TrainerCallback):
             scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
             scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
             if self._health is not None:
-                self._alarms.extend(self._health.update(row))
-                scalars.update({k.removeprefix("forkwatch/"): v for k, v in self._health.scalars().items()})
+                self._collect_health()
+                scalars.update(self._alarm_scalars)
+                health = self._health
+                self._health_job = self._worker.submit("health", lambda: (health.update(row), health.scalars()))
             # TRL's own metric buffer: its `log` averages it over the logging window and hands it to log_history
             # and to every report_to integration, exactly like TRL's `entropy`.
             metrics = self.trainer._metrics["train"]
             for k, v in scalars.items():
                 metrics[f"forkwatch/{k}"].append(v)
+
+    def _collect_health(self, timeout: float | None = 60.0) -> None:
+        """Wait for the previous step's health update (normally done while this step trained); keep its flags."""
+        job, self._health_job = self._health_job, None
+        result = job.result(timeout) if job is not None else None
+        if result is not None:
+            flags, scalars = result
+            self._alarms.extend(flags)
+            self._alarm_scalars = {k.removeprefix("forkwatch/"): v for k, v in scalars.items()}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or logs is None:
@@ -131,6 +156,7 @@ class ForkwatchCallback(TrainerCallback):
         if self.writer is None:
             return
         with self.monitor.faults.guard("save"):
+            self._worker.wait(timeout=60)  # the records of steps up to this checkpoint reach the writer first
             self.writer.flush(timeout=60)
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if state.is_world_process_zero and os.path.isdir(ckpt):
@@ -138,12 +164,20 @@ class ForkwatchCallback(TrainerCallback):
                     json.dump({"run_id": self.run_id, "step": state.global_step}, f)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._health_job is not None:
+            self._collect_health()  # the last step's alarms: warned about, though no log of this run follows
+            for flag in self._alarms:
+                logger.warning("forkwatch alarm at step %s: %s", state.global_step, flag)
+            self._alarms.clear()
         self.close("stopped" if self._stopped_by_alarm else "finished")
 
     def close(self, status: str) -> None:
         """Flush and close the writer, recording faults and status in run.json. Safe to call twice."""
         if self.writer is None:
             return
+        if self._worker is not None:  # its queued records go to the writer before the writer closes
+            self._worker.close()
+            self._worker = None
         writer, self.writer = self.writer, None
         faults = dict(self.monitor.faults.counts)
         if faults:
@@ -153,10 +187,13 @@ class ForkwatchCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ helpers
     def _write_records(self, step: int, acc) -> None:
+        """Worker thread: the step's record columns (and completion text) to the writer."""
         w, rank = self.writer, self.monitor.rank
+        if w is None:
+            return
         if acc.completions:
-            rows = [{**r, "entropy_mean": float(r["entropy_mean"])} for r in acc.completions]
-            w.put("completions", completion_columns(step, rank, rows))
+            proc = self.trainer.processing_class
+            w.put("completions", completion_columns(step, rank, acc.completions, getattr(proc, "tokenizer", proc)))
         if acc.tokens:
             w.put("tokens", token_columns(step, acc.tokens))
         if acc.forks:

@@ -127,12 +127,14 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
             monitor.on_model_forward(kwargs, output)
 
     def backbone_hook(module, args, output):
+        if monitor._mb is None:  # fires once per generated token: return before entering the guard
+            return
         with guard("backbone_forward"):
             monitor.on_backbone_forward(output)
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
     handles = [policy.register_forward_hook(model_hook, with_kwargs=True)]
-    if monitor.backbone is not None:
+    if monitor.backbone is not None and monitor.config.record_tokens and monitor.config.record_forks:
         handles.append(monitor.backbone.register_forward_hook(backbone_hook))
     undo.extend(h.remove for h in handles)
 

@@ -109,16 +109,27 @@ def group_js(
 
 
 def percentiles(values: np.ndarray, qs: Sequence[float] = PERCENTILES) -> list[float]:
-    """Linear-interpolated quantiles of a 1-D array; NaN for an empty one."""
+    """Linear-interpolated quantiles of a 1-D array (numpy's default method); NaN for an empty one.
+
+    One sort and a vectorised lerp: `np.quantile` costs ~50 us of dispatch per call, which on a small step was a
+    visible share of forkwatch's per-step time.
+    """
     if values.size == 0:
         return [float("nan")] * len(qs)
-    return [float(v) for v in np.quantile(values.astype(np.float64), qs)]
+    a = np.sort(values.astype(np.float64, copy=False))
+    h = (a.size - 1) * np.asarray(qs, dtype=np.float64)
+    lo = np.floor(h).astype(np.int64)
+    hi = np.minimum(lo + 1, a.size - 1)
+    t, below, above = h - lo, a[lo], a[hi]
+    diff = above - below
+    # numpy's _lerp: from the nearer end, so that t = 1 gives `above` exactly
+    return np.where(t >= 0.5, above - diff * (1 - t), below + diff * t).tolist()
 
 
 def summarize(values: np.ndarray, prefix: str) -> dict[str, float]:
     """{prefix_mean, prefix_p10, prefix_p50, prefix_p90, prefix_p99} over all values (token-weighted)."""
-    mean = float(values.astype(np.float64).mean()) if values.size else float("nan")
-    out = {f"{prefix}_mean": mean}
-    for q, v in zip(PERCENTILES, percentiles(values), strict=True):
-        out[f"{prefix}_p{round(q * 100)}"] = v
+    v = values.astype(np.float64, copy=False)
+    out = {f"{prefix}_mean": float(v.mean()) if v.size else float("nan")}
+    for q, x in zip(PERCENTILES, percentiles(v), strict=True):
+        out[f"{prefix}_p{round(q * 100)}"] = x
     return out

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from forkwatch.plugin import metrics
-from forkwatch.plugin.records import ForkBatch, StepAccumulator, TokenBatch
+from forkwatch.plugin.records import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 
 logger = logging.getLogger(__name__)
 ROW_BITS = 2**20  # rows per generation batch (all ranks) that completion ids can tell apart
@@ -67,8 +67,8 @@ class Monitor:
         )
         self.faults = Faults()
         self.steps: dict[int, StepAccumulator] = {}
-        self.rows: dict[int, dict[str, Any]] = {}  # completion id -> info, current generation batch
-        self.recorded: set[int] = set()
+        self.gen: GenBatch | None = None  # the current generation batch
+        self._eos: torch.Tensor | None = None
         self.last_rewards: torch.Tensor | None = None
         self.split_groups = 0  # groups whose rollouts were not all on this rank (group_js over local siblings)
         self._mb: MicroBatch | None = None
@@ -86,12 +86,8 @@ class Monitor:
     def take_step(self, step: int) -> StepAccumulator:
         """The accumulator of `step` (empty when nothing was captured); older leftovers are merged in."""
         acc = self.steps.pop(step, StepAccumulator())
-        for old in [s for s in self.steps if s < step]:
-            stale = self.steps.pop(old)
-            for name in ("entropy", "renyi2", "group_js", "n_forks", "n_selected", "rewards", "lengths",
-                         "truncated", "tokens", "forks", "completions"):
-                getattr(acc, name).extend(getattr(stale, name))
-            acc.seconds += stale.seconds
+        for old in sorted(s for s in self.steps if s < step):
+            acc.merge(self.steps.pop(old))
         return acc
 
     # ------------------------------------------------------------------ generation batch
@@ -113,44 +109,32 @@ class Monitor:
         if self.group_js_on:
             out["forkwatch_group_js"] = self._group_js(out, mask, gid)
 
-        # per-completion facts, on the CPU (small)
-        eos = torch.tensor(sorted(getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id]))
-        ids_cpu = ids.cpu()
+        # Per-completion facts stay on the device as (b,) tensors: no per-row Python and no text decoding here
+        # (the sampled rows are decoded on the callback's worker thread when their step is written).
+        if self._eos is None or self._eos.device != device:
+            eos = sorted(getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id])
+            self._eos = torch.tensor(eos, device=device)
         # TRL cuts a completion after its first EOS; no EOS means it hit max_completion_length (truncated)
-        is_eos = torch.isin(ids_cpu, eos)
+        is_eos = torch.isin(ids, self._eos)
         has_eos = is_eos.any(1)
-        length = torch.where(has_eos, is_eos.int().argmax(1) + 1, torch.full((b,), t))
+        length = torch.where(has_eos, is_eos.int().argmax(1) + 1, t)
         rewards = None
         if self.last_rewards is not None and self.last_rewards.size(0) >= (self.rank + 1) * b:
-            rewards = self.last_rewards[self.rank * b : (self.rank + 1) * b].float().cpu()  # (b, F)
-        weights = tr.reward_weights.float().cpu()
-        total = (rewards * weights).nansum(1) if rewards is not None else torch.full((b,), math.nan)
-        advantages = out["advantages"].float().cpu()
+            rewards = self.last_rewards[self.rank * b : (self.rank + 1) * b].float().to(device)  # (b, F)
+        if rewards is not None:
+            total = (rewards * tr.reward_weights.float().to(device)).nansum(1)
+        else:
+            total = torch.full((b,), math.nan, device=device)
         n = self.config.record_completions_per_step
         k = b if n is None else min(b, math.ceil(n * tr.args.steps_per_generation / (ga * self.world)))
-        chosen = set(torch.randperm(b, generator=self.sample_gen)[:k].tolist())
-        tok = getattr(tr.processing_class, "tokenizer", tr.processing_class)
-        pids, pmask = out["prompt_ids"].cpu(), out["prompt_mask"].cpu()
-        self.rows = {}
-        cid_l, gid_l = cid.tolist(), gid.tolist()
-        for i in range(b):
-            info: dict[str, Any] = {
-                "completion_id": cid_l[i],
-                "group_id": gid_l[i],
-                "reward": float(total[i]),
-                "advantage": float(advantages[i]),
-                "length": int(length[i]),
-                "truncated": not bool(has_eos[i]),
-                "rewards": None if rewards is None else {
-                    name: float(rewards[i, j]) for j, name in enumerate(tr.reward_func_names)
-                },
-                "sampled": i in chosen,
-            }
-            if info["sampled"]:
-                info["prompt"] = tok.decode(pids[i][pmask[i].bool()], skip_special_tokens=True)
-                info["completion"] = tok.decode(ids_cpu[i, : int(length[i])], skip_special_tokens=True)
-            self.rows[cid_l[i]] = info
-        self.recorded &= set(self.rows)  # forget ids of earlier generation batches
+        sampled = torch.zeros(b, dtype=torch.bool)
+        sampled[torch.randperm(b, generator=self.sample_gen)[:k]] = True
+        self.gen = GenBatch(
+            key=gen_key, offset=self.rank * b, completion_id=cid, group_id=gid, reward=total, rewards=rewards,
+            advantage=out["advantages"].float(), length=length, truncated=~has_eos, sampled=sampled.to(device),
+            recorded=torch.zeros(b, dtype=torch.bool, device=device), prompt_ids=out["prompt_ids"],
+            prompt_mask=out["prompt_mask"], completion_ids=ids,
+        )
         self._acc().seconds += time.perf_counter() - t0
 
     def _group_js(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
@@ -248,17 +232,22 @@ class Monitor:
             acc.group_js.append(gjs[valid])
         acc.n_forks.append(forks.sum())
         acc.n_selected.append(((weights != 0) & valid).sum())  # tokens that get any gradient
-        row_ids = inputs["forkwatch_row_id"].tolist()
-        infos = [self.rows.get(c) for c in row_ids]
-        for info in infos:
-            if info is not None:
-                acc.rewards.append(info["reward"])
-                acc.lengths.append(info["length"])
-                acc.truncated.append(info["truncated"])
-        if self._recording(step):
-            pick = [i for i, info in enumerate(infos) if info and info["sampled"] and info["completion_id"] not in self.recorded]
-            if pick:
-                self._record(acc, pick, infos, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask)
+        gen = self.gen
+        if gen is not None:
+            row_ids = inputs["forkwatch_row_id"]
+            b = gen.completion_id.numel()
+            local = row_ids % ROW_BITS - gen.offset
+            ok = (row_ids // ROW_BITS == gen.key) & (local >= 0) & (local < b)
+            local = local.clamp(0, b - 1)
+            rows = local[ok]
+            acc.rewards.append(gen.reward[rows])
+            acc.lengths.append(gen.length[rows])
+            acc.truncated.append(gen.truncated[rows])
+            if self._recording(step):
+                pick = (ok & gen.sampled[local] & ~gen.recorded[local]).nonzero().squeeze(1)  # micro-batch rows
+                if pick.numel():
+                    gen.recorded[local[pick]] = True
+                    self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask)
         extra = None
         if sel is not None and sel.loss_delta is not None:
             from forkwatch.plugin.policy_loss import aggregate_like_trl
@@ -268,20 +257,24 @@ class Monitor:
         acc.seconds += time.perf_counter() - t0
         return extra
 
-    def _record(self, acc, pick, infos, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask) -> None:
-        cfg = self.config
+    def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask) -> None:
+        """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks."""
+        cfg, gen = self.config, self.gen
         device = lp.device
-        idx = torch.tensor(pick, device=device)
+        n = int(idx.numel())
         m = mask[idx].bool()  # (n, T)
-        ent_mean = (ent[idx] * m).sum(1) / m.sum(1).clamp(min=1)
-        for j, i in enumerate(pick):
-            self.recorded.add(infos[i]["completion_id"])
-            acc.completions.append({**infos[i], "entropy_mean": ent_mean[j]})
+        fields = ("completion_id", "group_id", "reward", "rewards", "advantage", "length", "truncated", "prompt_ids",
+                  "prompt_mask", "completion_ids")
+        acc.completions.append(CompletionBatch(
+            rows={f: None if getattr(gen, f) is None else getattr(gen, f)[gen_rows] for f in fields},
+            entropy_mean=(ent[idx] * m).sum(1) / m.sum(1).clamp(min=1),
+            reward_names=tuple(self.trainer.reward_func_names),
+        ))
         if not cfg.record_tokens:
             return
         t = lp.size(1)
         rid = inputs["forkwatch_row_id"][idx].unsqueeze(1).expand(-1, t)[m]
-        pos = torch.arange(t, device=device).expand(len(pick), -1)[m]
+        pos = torch.arange(t, device=device).expand(n, -1)[m]
         cov = metrics.covariance(lp, inputs["advantages"], mask)
         fk = forks[idx] & m
         acc.tokens.append(TokenBatch(
@@ -297,7 +290,7 @@ class Monitor:
                                                          cfg.fork_top_k)
             acc.forks.append(ForkBatch(
                 completion_id=inputs["forkwatch_row_id"][idx].unsqueeze(1).expand(-1, t)[fk],
-                position=torch.arange(t, device=device).expand(len(pick), -1)[fk],
+                position=torch.arange(t, device=device).expand(n, -1)[fk],
                 sampled_rank=rank, alt_ids=ids, alt_probs=probs,
             ))
 

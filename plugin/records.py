@@ -1,7 +1,9 @@
 """Captured tensors -> store columns (numpy), and the per-step accumulator of statistics over ALL tokens.
 
-Tensors stay on the training device while a step runs; `StepAccumulator.collect` moves them to the CPU once per step
-(one synchronisation, after TRL's own), so the hot path only queues device tensors.
+Tensors stay on the training device while a step runs; `StepAccumulator.collect` moves the aggregates to the CPU once
+per step (after TRL's own synchronisation), so the hot path only queues device tensors. The record columns
+(`token_columns`, `fork_columns`, `completion_columns`, which also decodes the text) run on the callback's worker
+thread, not on the training thread.
 """
 
 from __future__ import annotations
@@ -48,6 +50,36 @@ class ForkBatch:
 
 
 @dataclass
+class GenBatch:
+    """Per-completion facts of the current generation batch (b rows, device tensors); rows of the loss micro-batches
+    are found by completion id: row = id % 2**20 - offset, valid while id // 2**20 == key."""
+
+    key: int
+    offset: int
+    completion_id: torch.Tensor  # (b,) int64
+    group_id: torch.Tensor  # (b,) int64
+    reward: torch.Tensor  # (b,) float32, weighted sum over reward functions (NaN when unknown)
+    rewards: torch.Tensor | None  # (b, F) float32 per reward function
+    advantage: torch.Tensor  # (b,) float32
+    length: torch.Tensor  # (b,) int64, tokens up to and including the first EOS
+    truncated: torch.Tensor  # (b,) bool, no EOS within max_completion_length
+    sampled: torch.Tensor  # (b,) bool, drawn for recording
+    recorded: torch.Tensor  # (b,) bool, already recorded (a row comes back with num_iterations > 1)
+    prompt_ids: torch.Tensor  # (b, P)
+    prompt_mask: torch.Tensor  # (b, P)
+    completion_ids: torch.Tensor  # (b, T)
+
+
+@dataclass
+class CompletionBatch:
+    """Recorded completions of one micro-batch (n rows): GenBatch rows plus the loss pass's mean entropy."""
+
+    rows: dict[str, torch.Tensor | None]  # GenBatch field -> (n, ...) tensor
+    entropy_mean: torch.Tensor  # (n,)
+    reward_names: tuple[str, ...]
+
+
+@dataclass
 class StepAccumulator:
     """Everything one rank saw in the loss passes of one optimizer step."""
 
@@ -56,27 +88,39 @@ class StepAccumulator:
     group_js: list[torch.Tensor] = field(default_factory=list)
     n_forks: list[torch.Tensor] = field(default_factory=list)
     n_selected: list[torch.Tensor] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)  # one per completion trained on this step
-    lengths: list[int] = field(default_factory=list)
-    truncated: list[bool] = field(default_factory=list)
+    rewards: list[torch.Tensor] = field(default_factory=list)  # one value per completion trained on this step
+    lengths: list[torch.Tensor] = field(default_factory=list)
+    truncated: list[torch.Tensor] = field(default_factory=list)
     select_metrics: dict[str, list[float]] = field(default_factory=dict)
     tokens: list[TokenBatch] = field(default_factory=list)
     forks: list[ForkBatch] = field(default_factory=list)
-    completions: list[dict[str, Any]] = field(default_factory=list)  # completion rows, already columns per row
+    completions: list[CompletionBatch] = field(default_factory=list)
     seconds: float = 0.0
+
+    LISTS = ("entropy", "renyi2", "group_js", "n_forks", "n_selected", "rewards", "lengths", "truncated", "tokens",
+             "forks", "completions")
+
+    def merge(self, other: StepAccumulator) -> None:
+        """Append `other`'s captures (a step whose on_step_end never came) to this one."""
+        for name in self.LISTS:
+            getattr(self, name).extend(getattr(other, name))
+        for k, v in other.select_metrics.items():
+            self.select_metrics.setdefault(k, []).extend(v)
+        self.seconds += other.seconds
 
     def collect(self) -> dict[str, Any]:
         """Picklable summary for the cross-rank gather: per-token values as numpy, counts as numbers."""
-        cat = lambda xs: _np(torch.cat(xs).float()) if xs else np.zeros(0, np.float32)  # noqa: E731
+        cat = lambda xs: _np(torch.cat(xs).double()) if xs else np.zeros(0, np.float64)  # noqa: E731
+        count = lambda xs: float(torch.stack(xs).sum()) if xs else 0.0  # noqa: E731  (one sync, not one per item)
         return {
             "entropy": cat(self.entropy),
             "renyi2": cat(self.renyi2),
             "group_js": cat(self.group_js),
-            "n_forks": float(sum(float(x) for x in self.n_forks)),
-            "n_selected": float(sum(float(x) for x in self.n_selected)),
-            "rewards": list(self.rewards),
-            "lengths": list(self.lengths),
-            "truncated": list(self.truncated),
+            "n_forks": count(self.n_forks),
+            "n_selected": count(self.n_selected),
+            "rewards": cat(self.rewards),
+            "lengths": cat(self.lengths),
+            "truncated": cat(self.truncated),
             "select_metrics": {k: list(v) for k, v in self.select_metrics.items()},
             "seconds": self.seconds,
         }
@@ -88,9 +132,9 @@ def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | Non
     ren = np.concatenate([p["renyi2"] for p in parts])
     gjs = np.concatenate([p["group_js"] for p in parts])
     n = int(ent.size)
-    rewards = np.asarray([r for p in parts for r in p["rewards"]], dtype=np.float64)
-    lengths = np.asarray([x for p in parts for x in p["lengths"]], dtype=np.float64)
-    truncated = np.asarray([x for p in parts for x in p["truncated"]], dtype=np.float64)
+    rewards = np.concatenate([p["rewards"] for p in parts])
+    lengths = np.concatenate([p["lengths"] for p in parts])
+    truncated = np.concatenate([p["truncated"] for p in parts])
     sel_metrics: dict[str, list[float]] = {}
     for p in parts:
         for k, v in p["select_metrics"].items():
@@ -180,11 +224,28 @@ def _lists(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=type_))
 
 
-def completion_columns(step: int, rank: int, rows: list[dict[str, Any]]) -> dict[str, list]:
-    """COMPLETIONS columns (minus run_id) from per-completion dicts."""
-    keys = ("completion_id", "group_id", "prompt", "completion", "rewards", "reward", "advantage", "length",
-            "truncated", "entropy_mean")
-    cols: dict[str, list] = {"step": [step] * len(rows), "rank": [rank] * len(rows)}
-    for k in keys:
-        cols[k] = [r[k] for r in rows]
+def completion_columns(step: int, rank: int, batches: list[CompletionBatch], tokenizer) -> dict[str, Any]:
+    """COMPLETIONS columns (minus run_id); decodes prompt and completion text (worker thread: not the hot path)."""
+    rows = {k: torch.cat([b.rows[k] for b in batches]).cpu() for k in batches[0].rows if batches[0].rows[k] is not None}
+    n = int(rows["completion_id"].numel())
+    pmask = rows["prompt_mask"].bool()
+    length = rows["length"].tolist()
+    names = batches[0].reward_names
+    per_fn = rows["rewards"].tolist() if "rewards" in rows else None
+    cols: dict[str, Any] = {
+        "step": [step] * n,
+        "rank": [rank] * n,
+        "completion_id": rows["completion_id"].tolist(),
+        "group_id": rows["group_id"].tolist(),
+        "prompt": tokenizer.batch_decode([p[m].tolist() for p, m in zip(rows["prompt_ids"], pmask, strict=True)],
+                                         skip_special_tokens=True),
+        "completion": tokenizer.batch_decode([c[:k].tolist() for c, k in zip(rows["completion_ids"], length, strict=True)],
+                                             skip_special_tokens=True),
+        "rewards": [None] * n if per_fn is None else [dict(zip(names, r, strict=True)) for r in per_fn],
+        "reward": rows["reward"].tolist(),
+        "advantage": rows["advantage"].tolist(),
+        "length": length,
+        "truncated": rows["truncated"].tolist(),
+        "entropy_mean": torch.cat([b.entropy_mean for b in batches]).float().cpu().tolist(),
+    }
     return cols
