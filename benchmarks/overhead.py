@@ -1,19 +1,38 @@
-"""GRPO step time with and without forkwatch, interleaved in one process; median ratio per variant.
+"""GRPO step time with and without forkwatch: interleaved rounds in one process, median of per-step times.
 
-    .venv/bin/python benchmarks/overhead.py --config tiny --rounds 8
-    .venv/bin/python benchmarks/overhead.py --config bigvocab --rounds 5
-    .venv/bin/python benchmarks/overhead.py --device cuda --config qwen0.5b --rounds 5
+    .venv/bin/python benchmarks/overhead.py --config tiny --rounds 6
+    .venv/bin/python benchmarks/overhead.py --config bigvocab --rounds 5 --selectors --memory
+    .venv/bin/python benchmarks/overhead.py --device cuda --config qwen0.5b --rounds 5 --memory   # needs a GPU
 
-Variants: plain TRL, forkwatch default monitoring (group_js off), monitoring + group_js. Each round trains every
-variant for `--steps` steps (the first step of each round is warm-up and dropped), in turn, so drifts in machine load
-hit all variants alike. Peak memory is CUDA's max_memory_allocated per variant (not measured on the CPU).
+Method (why each piece is there):
+- ONE trainer alive at a time. Every (round, variant) builds a fresh `GRPOTrainer` on a deep copy of the same
+  initial weights, trains `--warmup + --steps` steps, and is deleted (gc) before the next one. Three 136M-parameter
+  trainers alive at once made plain TRL look 30x slower than TRL + forkwatch on the big-vocab config (memory
+  pressure and allocator state carried between trainers), so nothing is shared between variants but the weights.
+- The first `--warmup` steps of every trainer are dropped (lazy init, first allocation of the vocab-sized buffers).
+- Rounds interleave the variants and rotate their order (A B C, B C A, ...), so a drift in machine load (this box is
+  shared) falls on every variant alike; the statistic is the median over all timed steps of all rounds.
+- torch threads are fixed (`--threads`, default 1) so the other tenant of the CPU cannot change our parallelism.
+- Step time is measured from on_step_begin to on_step_end (CUDA synchronised), so forkwatch's step-end work (the
+  callback runs before the timer's on_step_end) is inside it. Trainer construction and `attach` are outside.
+- Peak memory (`--memory`): one subprocess per variant (same warm-up + steps, one round); CPU: the process's
+  `ru_maxrss` (resident set high-water mark, includes Python, torch and the model); CUDA: max_memory_allocated.
+
+Variants: plain TRL; `monitor` (forkwatch default, group_js off); `monitor+group_js`; with `--selectors`, every
+registry selector (`select=<name>`, ict with warmup_steps=0 so its scores are used from step 1), reported against
+`monitor` (the loss-hook targets) as well as against plain.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
+import json
 import logging
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +47,29 @@ CONFIGS = {
     "tiny": (dict(), dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=16)),
     "bigvocab": (
         dict(vocab_size=151_936, hidden=896, layers=2, heads=14, kv_heads=2, intermediate=1024, tie_embeddings=True),
-        dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=32),
+        dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=16),
     ),
     "qwen0.5b": ("qwen_0_5b", dict(per_device_train_batch_size=16, num_generations=8, max_completion_length=256)),
 }
-VARIANTS = {"plain": None, "monitor": dict(group_js=False), "monitor+group_js": dict(group_js=True)}
+BASE_VARIANTS: dict[str, dict | None] = {
+    "plain": None, "monitor": dict(group_js=False), "monitor+group_js": dict(group_js=True),
+}
+
+
+def selector_variants() -> dict[str, dict]:
+    from forkwatch.plugin import registry
+
+    return {f"select={n}": dict(select=n, **({"warmup_steps": 0} if n == "ict" else {}))
+            for n in registry.selector_names()}
 
 
 class StepTimer:
+    """Wall time and the training thread's CPU time of each step (the latter is what load from other processes on
+    a shared CPU does not inflate; it excludes forkwatch's worker and writer threads, which the wall time of a
+    saturated CPU includes)."""
+
     def __init__(self, device: str) -> None:
-        self.device, self.times, self._t0 = device, [], 0.0
+        self.device, self.times, self.cpu, self._t0, self._c0 = device, [], [], 0.0, 0.0
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -45,42 +77,65 @@ class StepTimer:
 
     def on_step_begin(self, *a, **k):
         self._sync()
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.thread_time()
 
     def on_step_end(self, *a, **k):
         self._sync()
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu.append(time.thread_time() - self._c0)
 
 
-def build(config: str, device: str, tmp: Path, fw: dict | None):
+def base_model(config: str, device: str):
+    from forkwatch.demo.tiny import char_tokenizer, qwen_0_5b_shape, tiny_model
+
+    model_kw, _ = CONFIGS[config]
+    if model_kw == "qwen_0_5b":
+        model = qwen_0_5b_shape()
+    else:
+        kw = dict(model_kw)
+        model = tiny_model(kw.pop("vocab_size", len(char_tokenizer())), **kw)
+    return model.to(torch.bfloat16) if device == "cuda" else model
+
+
+def run_variant(config: str, device: str, model, fw: dict | None, steps: int, tmp: Path) -> StepTimer:
+    """Train a fresh trainer on a copy of `model` for `steps` steps; its timer (forkwatch attached if fw)."""
     import conftest
     from datasets import Dataset
-    from forkwatch.demo.tiny import char_tokenizer, qwen_0_5b_shape, tiny_model
+    from forkwatch.demo.tiny import char_tokenizer
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
     import forkwatch
 
-    model_kw, grpo = CONFIGS[config]
-    tok = char_tokenizer()
-    if model_kw == "qwen_0_5b":
-        model = qwen_0_5b_shape()
-    else:
-        model = tiny_model(model_kw.pop("vocab_size", len(tok)) if model_kw else len(tok), **dict(model_kw))
-    if device == "cuda":
-        model = model.to(torch.bfloat16)
+    _, grpo = CONFIGS[config]
     args = conftest.tiny_grpo_config(
-        str(tmp / "out"), max_steps=10_000, use_cpu=device == "cpu", bf16=device == "cuda", logging_steps=10_000,
-        **grpo,
+        str(tmp / "out"), max_steps=steps, use_cpu=device == "cpu", bf16=device == "cuda", logging_steps=1, **grpo,
     )
-    trainer = GRPOTrainer(model=model, args=args, reward_funcs=[conftest.digit_reward],
-                          train_dataset=Dataset.from_dict({"prompt": conftest.PROMPTS * 64}), processing_class=tok)
+    trainer = GRPOTrainer(model=copy.deepcopy(model), args=args, reward_funcs=[conftest.digit_reward],
+                          train_dataset=Dataset.from_dict({"prompt": conftest.PROMPTS * 64}),
+                          processing_class=char_tokenizer())
     if fw is not None:
         forkwatch.attach(trainer, log_dir=str(tmp / "runs"), **fw)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logging_steps=1 (forkwatch's scalars are logged) without the noise
     timer = StepTimer(device)
-    cb = type("Timer", (TrainerCallback,), {"on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end})()
-    trainer.add_callback(cb)
-    return trainer, timer
+    trainer.add_callback(type("Timer", (TrainerCallback,), {
+        "on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end})())
+    trainer.train()
+    del trainer
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return timer
+
+
+def peak_memory(opts, name: str) -> float:
+    """GiB: ru_maxrss of a subprocess that runs only `name` (CPU), or its CUDA max_memory_allocated."""
+    cmd = [sys.executable, __file__, "--config", opts.config, "--device", opts.device, "--threads", str(opts.threads),
+           "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--only", name]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_gib"]
 
 
 def main() -> None:
@@ -88,34 +143,57 @@ def main() -> None:
     ap.add_argument("--config", choices=list(CONFIGS), default="tiny")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=4, help="steps per variant per round (the first is warm-up)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every trainer")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--selectors", action="store_true", help="add one variant per registry selector")
+    ap.add_argument("--memory", action="store_true", help="peak memory per base variant (one subprocess each)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: the --memory subprocess
     opts = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(opts.threads)
+    variants = dict(BASE_VARIANTS)
+    if opts.selectors or (opts.only or "").startswith("select="):
+        variants.update(selector_variants())
     tmp = Path(tempfile.mkdtemp(prefix="fw-bench-"))
-    trainers = {name: build(opts.config, opts.device, tmp / name, fw) for name, fw in VARIANTS.items()}
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    peak: dict[str, float] = {}
-    names = list(trainers)
+    model = base_model(opts.config, opts.device)
+    if opts.only:
+        if opts.device == "cuda":
+            model = model.cuda()
+            torch.cuda.reset_peak_memory_stats()
+        run_variant(opts.config, opts.device, model, variants[opts.only], opts.warmup + opts.steps, tmp)
+        peak = (torch.cuda.max_memory_allocated() if opts.device == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(json.dumps({"peak_gib": peak / 2**30}))
+        return
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    t_start = time.perf_counter()
     for r in range(opts.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order: no variant always first
-            trainer, timer = trainers[name]
-            trainer.args.max_steps = opts.steps
-            timer.times.clear()
-            if opts.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            trainer.train()
-            times[name].extend(timer.times[1:])
-            if opts.device == "cuda":
-                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-    base = statistics.median(times["plain"])
-    print(f"config={opts.config} device={opts.device} rounds={opts.rounds} steps/round={opts.steps - 1} timed")
-    print(f"{'variant':<18}{'median step (ms)':>18}{'ratio':>8}{'peak GiB':>10}")
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotated: no variant always first
+            timer = run_variant(opts.config, opts.device, model, variants[name], opts.warmup + opts.steps,
+                                tmp / f"r{r}-{name}")
+            times[name].extend(timer.times[opts.warmup:])
+            cpu[name].extend(timer.cpu[opts.warmup:])
+    wall = time.perf_counter() - t_start
+    peak = {name: peak_memory(opts, name) for name in BASE_VARIANTS} if opts.memory else {}
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    cmed = {name: statistics.median(ts) for name, ts in cpu.items()}
+    print(f"config={opts.config} device={opts.device} threads={opts.threads} rounds={opts.rounds} "
+          f"warmup={opts.warmup} timed steps/round={opts.steps} wall={wall:.0f}s")
+    print(f"{'variant':<20}{'wall ms':>9}{'IQR':>11}{'vs plain':>10}{'vs monitor':>12}"
+          f"{'cpu ms':>9}{'vs plain':>10}{'vs monitor':>12}{'peak GiB':>10}")
     for name, ts in times.items():
-        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        sel = name.startswith("select=")
+        rel = f"{med[name] / med['monitor']:.3f}" if sel else "-"
+        crel = f"{cmed[name] / cmed['monitor']:.3f}" if sel else "-"
         mem = f"{peak[name]:.2f}" if name in peak else "-"
-        print(f"{name:<18}{1000 * med:>18.1f}{med / base:>8.3f}{mem:>10}")
+        print(f"{name:<20}{1000 * med[name]:>9.1f}{f'{1000 * q[0]:.0f}-{1000 * q[2]:.0f}':>11}"
+              f"{med[name] / med['plain']:>10.3f}{rel:>12}{1000 * cmed[name]:>9.1f}"
+              f"{cmed[name] / cmed['plain']:>10.3f}{crel:>12}{mem:>10}")
 
 
 if __name__ == "__main__":
