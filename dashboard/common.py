@@ -68,5 +68,17 @@ def run_notes(runs: pd.DataFrame, run_ids: list[str]) -> list[str]:
     return with_steps
 
 
+def chosen_runs(key: str) -> tuple[str, pd.DataFrame, list[str]]:
+    """The multi-run preamble of a chart page: pick runs (kept in the URL), note the empty or live ones.
+
+    Returns the log dir, every run, and the chosen runs that have steps to draw (empty: the page has said why)."""
+    log_dir, runs = require_runs()
+    picked = pick_runs(runs, key=key, multi=True)
+    if not picked:
+        st.info("Choose at least one run.")
+        return log_dir, runs, []
+    return log_dir, runs, run_notes(runs, picked)
+
+
 def badge(verdict: str) -> str:
     return data.BADGES.get(verdict, verdict)

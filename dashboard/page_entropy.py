@@ -10,12 +10,7 @@ from forkwatch.dashboard import charts, common, data
 
 def render() -> None:
     st.title("Entropy")
-    log_dir, runs = common.require_runs()
-    picked = common.pick_runs(runs, key="entropy_runs", multi=True)
-    if not picked:
-        st.info("Choose at least one run.")
-        return
-    shown = common.run_notes(runs, picked)
+    log_dir, runs, shown = common.chosen_runs("entropy_runs")
     if not shown:
         return
     meta = dict(zip(runs["run_id"], runs["meta"], strict=True))

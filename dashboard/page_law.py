@@ -9,12 +9,7 @@ from forkwatch.dashboard import charts, common, data
 
 def render() -> None:
     st.title("Entropy–reward law")
-    log_dir, runs = common.require_runs()
-    picked = common.pick_runs(runs, key="law_runs", multi=True)
-    if not picked:
-        st.info("Choose at least one run.")
-        return
-    shown = common.run_notes(runs, picked)
+    log_dir, runs, shown = common.chosen_runs("law_runs")
     if not shown:
         return
     fraction = st.slider(
