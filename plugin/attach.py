@@ -81,6 +81,9 @@ def attach(trainer, **options) -> ForkwatchCallback:
         callback.prepare_resume(checkpoint or None)
         try:
             return original_train(resume_from_checkpoint, *args, **kwargs)
+        except KeyboardInterrupt:
+            callback.close("stopped")  # a person stopped it: everything flushed so far stays readable
+            raise
         except BaseException:
             callback.close("failed")
             raise

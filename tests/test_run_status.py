@@ -1,0 +1,74 @@
+"""How a run ends, as recorded in run.json: live health alarms in a real run (a randomly initialised model sits at
+maximum entropy, ≈ log V, which the explosion rule flags once enough steps are seen; `on_alarm="log"` warns and
+keeps training, "stop" ends the run), a person's Ctrl-C ("stopped") and a crash ("failed")."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+import forkwatch
+
+FAST_RULES = {"min_steps": 2, "sustain_steps": 2, "early_steps": 1}
+
+
+def _run(make_trainer, tmp_path, on_alarm: str):
+    trainer = make_trainer(max_steps=8)
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", health_rules=FAST_RULES,
+                     on_alarm=on_alarm)
+    trainer.train()
+    meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    return trainer, meta
+
+
+def test_alarm_is_logged_and_training_goes_on(make_trainer, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="forkwatch"):
+        trainer, meta = _run(make_trainer, tmp_path, "log")
+    assert trainer.state.global_step == 8
+    assert any("forkwatch alarm" in r.message and "explosion" in r.message for r in caplog.records)
+    alarms = [h["forkwatch/alarm/explosion"] for h in trainer.state.log_history if "forkwatch/alarm/explosion" in h]
+    assert alarms[0] == 0.0 and alarms[-1] == 1.0  # quiet until the rule has enough steps, then raised
+    assert "stopped_by_alarm" not in meta and meta["status"] == "finished"
+
+
+def test_on_alarm_stop_ends_training_at_the_alarm(make_trainer, tmp_path):
+    trainer, meta = _run(make_trainer, tmp_path, "stop")
+    assert trainer.state.global_step < 8
+    assert "explosion" in meta["stopped_by_alarm"] and meta["status"] == "stopped"
+
+
+def _raise_in_reward(exc: BaseException):
+    calls = []
+
+    def reward(completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second step's rewards: one step is already on disk
+            raise exc
+        return [float(len(c)) for c in completions]
+
+    return reward
+
+
+def _meta(tmp_path) -> dict:
+    return json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+
+
+def test_interrupted_run_is_marked_stopped_and_keeps_what_was_flushed(make_trainer, tmp_path):
+    from forkwatch.store import connect
+
+    trainer = make_trainer(max_steps=4, reward_funcs=_raise_in_reward(KeyboardInterrupt()))
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert _meta(tmp_path)["status"] == "stopped"
+    assert connect(str(tmp_path / "runs")).sql("SELECT list(step) FROM steps").fetchall()[0][0] == [1]
+
+
+def test_crashed_run_is_marked_failed(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=4, reward_funcs=_raise_in_reward(RuntimeError("reward server down")))
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r")
+    with pytest.raises(RuntimeError, match="reward server down"):
+        trainer.train()
+    assert _meta(tmp_path)["status"] == "failed"
