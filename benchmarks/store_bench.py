@@ -2,6 +2,11 @@
 typical queries, on a synthetic run whose values are distributed like real ones (store/synthetic.py).
 
     .venv/bin/python benchmarks/store_bench.py --rows 20000000 [--out DIR] [--keep]
+    .venv/bin/python benchmarks/store_bench.py --small-steps 10000 [--rows-per-step 100]
+
+`--small-steps N` measures instead what the writer thread costs per small training step (the tiny CPU runs: ~100
+token rows a step): N steps of tokens, forks, completions and a steps row, put as the plugin puts them, then
+`close()`; it reports the writer thread's CPU time per step (from /proc, Linux) and the wall time per step.
 
 Targets (issue #2): >= 2M token rows/s (one writer thread), <= 12 bytes per token row, per-step aggregates of one
 run <= 0.5 s, every token of one completion at one step <= 0.1 s, at 20M rows.
@@ -35,6 +40,45 @@ def _timed(fn, repeat: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def _thread_cpu_s(native_id: int) -> float:
+    """CPU time (s) a thread of this process has used, from /proc/self/task/<tid>/schedstat (Linux)."""
+    return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
+
+
+def small_steps(n_steps: int, rows_per_step: int, out: Path) -> None:
+    """Writer-thread cost per small step: N steps of ~rows_per_step token rows, as fast as the queue takes them."""
+    per_completion = 25
+    pool = list(
+        step_batches(
+            steps=16,
+            completions_per_step=max(1, rows_per_step // per_completion),
+            group_size=2,
+            min_len=per_completion,
+            max_len=per_completion,
+        )
+    )
+    w = RunWriter(out, "small", meta={"model": "synthetic"})
+    tid = w._thread.native_id
+    assert tid is not None
+    cpu0, t0 = _thread_cpu_s(tid), time.perf_counter()
+    for step in range(n_steps):
+        src = pool[step % len(pool)]
+        for table in ("completions", "tokens", "forks", "steps"):
+            w.put(table, dict(src[table], step=[step] if table == "steps" else step))
+        if step % 500 == 499:  # bound the queue without waiting on every step (the plugin never waits)
+            while w._queued_rows > 10 * rows_per_step:
+                time.sleep(0.001)
+    w.flush()  # writes everything buffered, as close() would, while the thread (and its CPU counter) still lives
+    cpu, wall = _thread_cpu_s(tid), time.perf_counter() - t0
+    w.close()
+    assert sum(w.dropped.values()) == 0, w.dropped
+    files = {t: len(list((out / "small" / t).rglob("*.parquet"))) for t in ("tokens", "forks", "steps", "completions")}
+    rows = connect(out).execute("SELECT count(*) FROM tokens").fetchone()[0]
+    print(f"{n_steps} steps, {rows:,} token rows ({rows / n_steps:.0f} a step), parts: {files}")
+    print(f"wall from first put to close(): {wall:.2f} s = {wall / n_steps * 1000:.3f} ms per step")
+    print(f"writer thread CPU: {cpu - cpu0:.2f} s = {(cpu - cpu0) / n_steps * 1000:.3f} ms per step")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2_000_000, help="token rows to write (the issue's figure: 20M)")
@@ -43,11 +87,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="log dir (default: a temp dir, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the log dir")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--small-steps", type=int, default=0, help="measure the writer's cost per small step instead")
+    p.add_argument("--rows-per-step", type=int, default=100, help="token rows per step of --small-steps")
     args = p.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="forkwatch-bench-"))
     if out.exists():
         shutil.rmtree(out)
+    if args.small_steps:
+        small_steps(args.small_steps, args.rows_per_step, out)
+        if not args.keep and args.out is None:
+            shutil.rmtree(out)
+        return
 
     # Generating data is not what we measure: build a pool of realistic steps first, then replay it with fresh
     # step numbers and completion ids (each part is compressed on its own, so repeats across parts do not help).

@@ -2,16 +2,24 @@
 
     LOG_DIR/<run_id>/run.json                      run metadata, written by rank 0 (tmp + rename)
     LOG_DIR/<run_id>/rank-001.json                 what ranks > 0 report (dropped counts, status)
-    LOG_DIR/<run_id>/tokens/step=000123/part-r000-<attempt>-000007.parquet
-    LOG_DIR/<run_id>/forks/step=000123/part-r000-<attempt>-000008.parquet
+    LOG_DIR/<run_id>/tokens/part-r000-s000100-000149-<attempt>-000007.parquet
+    LOG_DIR/<run_id>/forks/part-r000-s000100-000149-<attempt>-000008.parquet
     LOG_DIR/<run_id>/steps/part-r000-s000100-000149-<attempt>-000009.parquet
     LOG_DIR/<run_id>/completions/part-r000-s000100-000149-<attempt>-000010.parquet
     LOG_DIR/<run_id>/vocab/part-r000-<attempt>-000001.parquet
     LOG_DIR/<run_id>/superseded/<attempt>/...      parts moved aside when a run resumed from an earlier step
 
 Parts are written under a hidden temp name (`.part-...tmp`) and renamed, so a finished name is always a whole file.
-The step range in the small tables' names lets a resume find the parts holding steps after the checkpoint without
-opening them; the rank and the writer's attempt id keep names unique across ranks and restarts.
+The step range in the names lets a resume find the parts holding steps after the checkpoint without opening them;
+the rank and the writer's attempt id keep names unique across ranks and restarts. Inside a part, rows are sorted by
+step with row groups aligned to steps (store/parts.py), so a reader finds one step by row-group statistics.
+
+Layout versions (run.json `layout_version`; a run.json without it is layout 1):
+- 1: tokens/ and forks/ had one part per step in hive folders `step=NNNNNN/`, named without a step range. Still
+  read (each part also holds `step` as a column) and superseded on resume; never written any more.
+- 2 (now): every table is flat, parts named by rank and step range, one part per many small steps.
+A table folder holding any other sub-folder, or a run.json naming a layout this forkwatch does not know, raises
+LayoutError: readers skip that run's table with a warning saying so, a resuming writer reports it and moves nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+LAYOUT_VERSION = 2
+READABLE_LAYOUTS = (1, 2)
+LAYOUT_KEY = "layout_version"  # in run.json
 RUN_JSON = "run.json"
 SUPERSEDED = "superseded"
 STEP_DIR = re.compile(r"^step=(\d+)$")
@@ -28,8 +39,18 @@ PART = re.compile(
 RANK_JSON = re.compile(r"^rank-(\d+)\.json$")
 
 
-def step_dir(step: int) -> str:
-    return f"step={step:06d}"
+class LayoutError(ValueError):
+    """A run folder laid out in a way this forkwatch does not know (written by a newer or foreign tool)."""
+
+
+def check_layout(meta: dict, where: Path) -> None:
+    """Raise LayoutError when run.json's `layout_version` is not one this forkwatch reads."""
+    found = meta.get(LAYOUT_KEY, 1)
+    if found not in READABLE_LAYOUTS:
+        raise LayoutError(
+            f"{where}: store layout {found!r}; this forkwatch reads layouts "
+            f"{', '.join(map(str, READABLE_LAYOUTS))} (upgrade forkwatch to read this run)"
+        )
 
 
 def part_name(rank: int, attempt: str, seq: int, step_range: tuple[int, int] | None = None) -> str:
@@ -56,13 +77,32 @@ def run_dirs(log_dir: Path) -> list[Path]:
     return out
 
 
-def table_parts(run_dir: Path, table: str, partitioned: bool) -> list[Path]:
-    """Finished part files of one table of one run (temp files and superseded parts excluded), sorted."""
+def table_parts(run_dir: Path, table: str) -> list[Path]:
+    """Finished part files of one table of one run (temp files and superseded parts excluded), sorted.
+
+    Reads layout 2 (flat) and layout 1 (`step=NNNNNN/` folders); raises LayoutError on any other sub-folder."""
     tdir = run_dir / table
     if not tdir.is_dir():
         return []
-    if partitioned:
-        files = [f for d in tdir.iterdir() if d.is_dir() and STEP_DIR.match(d.name) for f in d.iterdir()]
-    else:
-        files = list(tdir.iterdir())
+    files = []
+    for entry in tdir.iterdir():
+        if not entry.is_dir():
+            files.append(entry)
+        elif STEP_DIR.match(entry.name):  # layout 1
+            files.extend(entry.iterdir())
+        else:
+            raise LayoutError(
+                f"{tdir}: unknown store layout (sub-folder {entry.name!r}); this forkwatch reads part files "
+                f"directly in the table folder (layout 2) or in step=NNNNNN/ folders (layout 1)"
+            )
     return sorted(f for f in files if PART.match(f.name))
+
+
+def step_range(part: Path) -> tuple[int, int] | None:
+    """The first and last step a part holds, from its name (layout 2) or its step=NNNNNN folder (layout 1);
+    None for a part not tied to steps (vocab written without steps)."""
+    m = PART.match(part.name)
+    if m is not None and m["first"] is not None:
+        return int(m["first"]), int(m["last"])
+    d = STEP_DIR.match(part.parent.name)
+    return (int(d[1]),) * 2 if d else None  # type: ignore[return-value]

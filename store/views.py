@@ -9,8 +9,11 @@ Views are built over an explicit list of validated part files rather than a glob
 - the list is a snapshot: a reader sees whole parts only, however fast a writer appends. `refresh_views` (or a new
   `connect`) picks up parts written since.
 Every view exists even when its table has no part yet (empty, with the schema's columns), so a page or query on a
-fresh run returns no rows instead of failing. tokens and forks are read with hive partitioning on their
-`step=NNNNNN` folders, typed INTEGER, so a filter on `step` opens only that step's files.
+fresh run returns no rows instead of failing. `step` is a real INTEGER column of every part (no hive partitioning):
+parts are sorted by step with row groups aligned to steps (store/parts.py), so a filter on `step` decodes only the
+row groups holding that step, skipping the others by their min/max statistics (each part's footer is read).
+A run laid out in a way this forkwatch does not know (store/layout.py, layout versions) is skipped with a warning
+saying so; its `runs` row stays.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
-from .schema import PARTITIONED_BY_STEP, RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
+from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +97,17 @@ def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
         snap.parts[table], snap.columns[table] = [], set()
     col_sets: dict[str, set[frozenset[str]]] = {t: set() for t in TABLES}
     for run_dir in layout.run_dirs(root):
+        record, meta = _run_record(run_dir)
+        snap.runs.append(record)
         for table in TABLES:
-            for part in layout.table_parts(run_dir, table, table in PARTITIONED_BY_STEP):
+            try:
+                layout.check_layout(meta, run_dir / layout.RUN_JSON)
+                found = layout.table_parts(run_dir, table)
+            except layout.LayoutError as e:
+                logger.warning("forkwatch: skipping %s of run %s: %s", table, run_dir.name, e)
+                snap.skipped.append((run_dir / table, "unknown layout"))
+                continue
+            for part in found:
                 cols = _part_columns(part, root)
                 if cols is None:
                     snap.skipped.append((part, "unreadable"))
@@ -103,12 +115,12 @@ def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
                 snap.parts[table].append(Path(os.path.realpath(part)))
                 snap.columns[table] |= cols
                 col_sets[table].add(cols)
-        snap.runs.append(_run_record(run_dir))
     snap.uniform = {t: len(s) <= 1 for t, s in col_sets.items()}
     return snap
 
 
-def _run_record(run_dir: Path) -> dict[str, Any]:
+def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The `runs` row of a run, and its run.json as read (empty when missing or unreadable)."""
     meta: dict[str, Any] = {}
     path = run_dir / layout.RUN_JSON
     if path.is_file():
@@ -155,7 +167,7 @@ def _run_record(run_dir: Path) -> dict[str, Any]:
         "resumed_from_step": _int("resumed_from_step"),
         "dropped": dropped,
         "meta": json.dumps(meta, default=str),
-    }
+    }, meta
 
 
 def _dropped_total(d: Any) -> int:
@@ -207,11 +219,8 @@ def _table_view_sql(table: str, snap: Snapshot) -> str:
         f.name if f.name in present else f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema
     )
     files = ", ".join(_sql_str(str(p)) for p in parts)
-    opts = ["binary_as_string=true"]
-    if table in PARTITIONED_BY_STEP:
-        opts += ["hive_partitioning=true", "hive_types={'step': INTEGER}"]
-    else:
-        opts.append("hive_partitioning=false")
+    # No hive partitioning: `step` is a column of every part (layout 1's step=NNNNNN folders hold it too).
+    opts = ["binary_as_string=true", "hive_partitioning=false"]
     if not snap.uniform[table]:
         opts.append("union_by_name=true")
     return f"SELECT {cols} FROM read_parquet([{files}], {', '.join(opts)})"

@@ -5,21 +5,15 @@ The training loop must never wait on the disk nor die because of it. `put` only 
 fails (unwritable folder, full disk), the records are dropped, counted per table, logged once, and the counts go into
 run.json. Exceptions are caught at the thread boundary only (STYLE.md 8).
 
-When parts are written (the trade-off between crash safety and file count):
-- tokens and forks go to `step=NNNNNN/` folders; a step's rows are written as soon as a later step arrives (so a
-  killed run loses at most the step in progress), or when `part_rows` rows of one step are buffered.
-- steps, completions and vocab are small: they are buffered and written every `flush_interval_s` seconds, when
-  `part_rows` rows are buffered, or on `flush()`/`close()`, so a long run makes a few hundred parts, not one per step.
-  A killed run keeps everything written so far: at most `flush_interval_s` seconds of small-table rows are lost.
-- `flush()` writes everything buffered. Call it at checkpoints and at the end, not every step (that would make one
-  tiny part per step).
+When parts are written (store/buffering.py has the policy): every table is buffered on the thread and written as
+one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
+every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run keeps every part written so far and
+loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
+`part_rows` rows of a table. `flush()` writes everything buffered: call it at checkpoints and at the end, not every
+step (that would make one part per step again, ~3 ms of writer time each).
 Parts are renamed into place once complete; there is no fsync (a killed process cannot lose page-cache data; a power
 loss can lose the last parts, never corrupt the view of the others, since readers skip files whose footer is bad).
-
-Statistics precision: the float32 token statistics (schema.ROUNDED_STATS) are rounded to `stat_mantissa_bits`
-mantissa bits (round half to even). The default, 10 bits, bounds the relative error by 2**-11 (4.9e-4): at least 3
-significant decimal digits. The low bits become zeros, which BYTE_STREAM_SPLIT + zstd store almost for free; this is
-what brings a token row to ~12 bytes. `stat_mantissa_bits=None` (or 23) keeps exact float32.
+Statistics rounding (`stat_mantissa_bits`): see store/columns.py.
 """
 
 from __future__ import annotations
@@ -37,51 +31,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout
-from .schema import PARTITIONED_BY_STEP, ROUNDED_STATS, SCHEMA_VERSION, TABLES, VERSION_KEY
+from . import layout, parts
+from .buffering import PartBuffers
+from .columns import DEFAULT_STAT_MANTISSA_BITS, n_rows, round_mantissa, stat_relative_tolerance, to_arrow
+from .schema import SCHEMA_VERSION, TABLES
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STAT_MANTISSA_BITS = 10
-
-
-def stat_relative_tolerance(mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS) -> float:
-    """Largest relative error the rounding of `mantissa_bits` introduces (0 when not rounding)."""
-    if mantissa_bits is None or mantissa_bits >= 23:
-        return 0.0
-    return 2.0 ** -(mantissa_bits + 1)
-
-
-def round_mantissa(values: np.ndarray, mantissa_bits: int) -> np.ndarray:
-    """Round float32 values to `mantissa_bits` explicit mantissa bits, half to even; inf and nan pass unchanged."""
-    drop = 23 - mantissa_bits
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    half = np.uint32((1 << (drop - 1)) - 1)
-    odd = (bits >> np.uint32(drop)) & np.uint32(1)
-    rounded = (bits + half + odd) & np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
-    finite = (bits & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
-    # A carry into the exponent is the correct rounding (e.g. 1.99999 -> 2.0); only the largest finite values
-    # could round to inf, and those are kept as they are.
-    overflow = (rounded & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-    return np.where(finite & ~overflow, rounded, bits).view(np.float32)
-
-
-_PARQUET_OPTIONS: dict[str, Any] = dict(
-    compression="zstd",
-    compression_level=3,
-    write_statistics=True,
-    # run_id, step and the method names repeat on every row: dictionary + RLE makes them nearly free.
-    use_dictionary=["run_id", "step", "select_method", "prompt", "rewards.key_value.key"],
-)
-# Positions count up and completion ids repeat: deltas make both almost free (0.23 -> 0.03 B/row for position).
-_DELTA = {"position": "DELTA_BINARY_PACKED", "completion_id": "DELTA_BINARY_PACKED"}
-# Floats (and the Zipf-distributed token ids) compress far better split into byte streams: the high bytes (sign,
-# exponent) repeat, the rounded-off low mantissa bytes are zeros. Integer BYTE_STREAM_SPLIT needs pyarrow >= 17.
-_BSS_INTS = ("token_id",) if int(pa.__version__.split(".")[0]) >= 17 else ()
+__all__ = ["DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
 
 
 def _utcnow() -> str:
@@ -112,7 +73,7 @@ class RunWriter:
         meta: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
         max_queue_rows: int = 4_000_000,
-        part_rows: int = 2_000_000,
+        part_rows: int = 1_000_000,
         flush_interval_s: float = 30.0,
         stat_mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS,
         row_group_rows: int = 131_072,
@@ -142,9 +103,7 @@ class RunWriter:
         self._closed = False
         self._seq = 0
         self._last_step: int | None = None
-        # Thread-side buffers: partitioned tables by step, the others as one list per table.
-        self._by_step: dict[str, dict[int, list[pa.Table]]] = {t: {} for t in PARTITIONED_BY_STEP}
-        self._batched: dict[str, list[pa.Table]] = {t: [] for t in TABLES if t not in PARTITIONED_BY_STEP}
+        self._buffers = PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
         self._meta_lock = threading.Lock()
         self._meta: dict[str, Any] = {}
 
@@ -171,7 +130,7 @@ class RunWriter:
 
         The writer takes ownership of the arrays: do not modify them afterwards."""
         try:
-            n = _n_rows(columns)
+            n = n_rows(columns)
         except Exception:  # not a mapping of columns: a caller bug, still never an exception into training
             n = 0
             self._drop(table, n, "bad", f"forkwatch: put({table!r}, ...) needs a dict of columns; batch dropped")
@@ -247,6 +206,7 @@ class RunWriter:
             "forkwatch_version": __version__,
             "world_size": self.world_size,
             "rank": self.rank,
+            layout.LAYOUT_KEY: layout.LAYOUT_VERSION,
         }
         if resume_step is not None:
             base["resumed_from_step"] = resume_step
@@ -279,23 +239,25 @@ class RunWriter:
         ranks). Nothing is deleted; a part mixing kept and superseded steps is split (kept rows rewritten)."""
         dest_root = self.run_dir / layout.SUPERSEDED / self.attempt
         moved = 0
+        try:
+            previous = json.loads((self.run_dir / layout.RUN_JSON).read_text())
+        except (OSError, ValueError):  # no run.json yet, or unreadable (reported by _init_meta)
+            previous = {}
+        if isinstance(previous, dict):
+            layout.check_layout(previous, self.run_dir)  # a layout we do not know: move nothing
 
         def mine(rank: int) -> bool:
             return rank == self.rank or (self.rank == 0 and rank >= self.world_size)
 
         for table in TABLES:
-            partitioned = table in PARTITIONED_BY_STEP
-            for part in layout.table_parts(self.run_dir, table, partitioned):
+            if table == "vocab":
+                continue  # not tied to a step: earlier tokens still need their text
+            for part in layout.table_parts(self.run_dir, table):
                 m = layout.PART.match(part.name)
-                assert m is not None
-                if not mine(int(m["rank"])):
+                span = layout.step_range(part)
+                if m is None or span is None or not mine(int(m["rank"])):
                     continue
-                if partitioned:
-                    first = last = int(layout.STEP_DIR.match(part.parent.name)[1])  # type: ignore[index]
-                elif table != "vocab" and m["first"] is not None:
-                    first, last = int(m["first"]), int(m["last"])
-                else:
-                    continue  # vocab: not tied to a step
+                first, last = span
                 if last <= step:
                     continue
                 rel = part.relative_to(self.run_dir)
@@ -303,7 +265,7 @@ class RunWriter:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if first <= step:  # keep the rows <= step in a new part, then move the original aside
                     t = pq.read_table(part)
-                    kept = t.filter(pa.compute.less_equal(t["step"], step))
+                    kept = t.filter(pc.less_equal(t["step"], step))
                     self._write_part(table, kept, tmp_then=lambda p=part, d=dest: os.replace(p, d))
                 else:
                     os.replace(part, dest)
@@ -335,6 +297,9 @@ class RunWriter:
                     with self._queued_lock:
                         self._queued_rows -= n
                     self._absorb(table, columns, n)
+                    if time.monotonic() >= deadline:  # a busy queue must not postpone the timed flush
+                        self._write_all()
+                        deadline = time.monotonic() + self.flush_interval_s
             except Exception as e:  # the thread boundary: nothing may escape into (or kill) the writer
                 if isinstance(item, tuple):
                     self._drop(item[0], item[2], "bad", f"forkwatch: bad {item[0]} batch dropped: {e!r}")
@@ -345,126 +310,34 @@ class RunWriter:
                     item.event.set()
 
     def _absorb(self, table: str, columns: Mapping[str, Any], n: int) -> None:
-        t = self._to_arrow(table, columns, n)
+        t = to_arrow(table, columns, n, run_id=self.run_id, mantissa_bits=self.stat_mantissa_bits)
         if t.num_rows == 0:
             return
-        steps = t["step"]
-        hi = pa.compute.max(steps).as_py()
-        self._last_step = hi if self._last_step is None else max(self._last_step, hi)
-        if table in PARTITIONED_BY_STEP:
-            buf = self._by_step[table]
-            lo = pa.compute.min(steps).as_py()
-            if lo == hi:
-                buf.setdefault(lo, []).append(t)
-            else:
-                for s in np.unique(steps.to_numpy()):
-                    buf.setdefault(int(s), []).append(t.filter(pa.compute.equal(steps, s)))
-            # A later step arrived: the earlier ones are complete on this rank, write them now (crash safety).
-            for s in sorted(buf):
-                rows = sum(x.num_rows for x in buf[s])
-                if s < hi or rows >= self.part_rows:
-                    self._write_step(table, s)
-        else:
-            self._batched[table].append(t)
-            if sum(x.num_rows for x in self._batched[table]) >= self.part_rows:
-                self._write_batched(table)
-
-    def _to_arrow(self, table: str, columns: Mapping[str, Any], n: int) -> pa.Table:
-        schema = TABLES[table]
-        unknown = set(columns) - set(schema.names)
-        if unknown:
-            raise ValueError(f"unknown column(s) {sorted(unknown)} for table {table}")
-        arrays = []
-        for field in schema:
-            if field.name == "run_id":
-                arrays.append(pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.run_id])))
-                continue
-            value = columns.get(field.name)
-            if value is None:
-                arrays.append(pa.nulls(n, field.type))
-                continue
-            if field.name == "step" and np.isscalar(value):
-                value = np.full(n, value, np.int32)
-            if isinstance(value, pa.ChunkedArray):
-                value = value.combine_chunks()
-            if not isinstance(value, pa.Array):
-                if isinstance(value, np.ndarray) and pa.types.is_float32(field.type):
-                    value = value.astype(np.float32, copy=False)
-                if (
-                    self.stat_mantissa_bits is not None
-                    and field.name in ROUNDED_STATS.get(table, ())
-                    and isinstance(value, np.ndarray)
-                ):
-                    value = round_mantissa(value, self.stat_mantissa_bits)
-                value = pa.array(value, type=field.type)
-            elif field.name in ROUNDED_STATS.get(table, ()) and self.stat_mantissa_bits is not None:
-                mask = value.is_null()
-                rounded = round_mantissa(
-                    value.cast(pa.float32()).to_numpy(zero_copy_only=False), self.stat_mantissa_bits
-                )
-                value = pa.array(rounded, type=pa.float32(), mask=mask.to_numpy(zero_copy_only=False))
-            if value.type != field.type:
-                value = value.cast(field.type)
-            if len(value) != n:
-                raise ValueError(f"column {field.name} has {len(value)} rows, expected {n}")
-            arrays.append(value)
-        return pa.Table.from_arrays(arrays, schema=schema)
+        hi = pc.max(t["step"]).as_py()
+        if hi is not None:
+            self._last_step = hi if self._last_step is None else max(self._last_step, hi)
+        for due in self._buffers.add(table, t):
+            self._write_part(table, due)
 
     def _write_all(self) -> bool:
         ok = True
-        for table, buf in self._by_step.items():
-            for s in sorted(buf):
-                ok &= self._write_step(table, s)
-        for table in self._batched:
-            ok &= self._write_batched(table)
+        for table, t in self._buffers.take_all().items():
+            ok &= self._write_part(table, t)
         return ok
 
-    def _write_step(self, table: str, step: int) -> bool:
-        parts = self._by_step[table].pop(step, [])
-        if not parts:
-            return True
-        t = pa.concat_tables(parts)
-        if "completion_id" in t.column_names:  # so row-group statistics narrow a lookup of one completion
-            cid = t["completion_id"].to_numpy()
-            if len(cid) > 1 and np.any(cid[1:] < cid[:-1]):
-                t = t.sort_by([("completion_id", "ascending"), ("position", "ascending")])
-        return self._write_part(table, t, step_dir=layout.step_dir(step))
-
-    def _write_batched(self, table: str) -> bool:
-        parts, self._batched[table] = self._batched[table], []
-        if not parts:
-            return True
-        t = pa.concat_tables(parts)
-        if "step" in t.column_names:
-            t = t.sort_by([("step", "ascending")])
-        return self._write_part(table, t)
-
-    def _write_part(self, table: str, t: pa.Table, *, step_dir: str | None = None, tmp_then=None) -> bool:
-        """Write `t` as one part (temp name, then rename). On failure count its rows as dropped and go on."""
+    def _write_part(self, table: str, t: pa.Table, *, tmp_then=None) -> bool:
+        """Write `t` (sorted by step) as one part: temp name, then rename. On failure count its rows as dropped."""
         self._seq += 1
         step_range = None
-        if step_dir is None and "step" in t.column_names and t.num_rows:
-            lo, hi = pa.compute.min(t["step"]).as_py(), pa.compute.max(t["step"]).as_py()
+        if "step" in t.column_names and t.num_rows:
+            lo, hi = pc.min(t["step"]).as_py(), pc.max(t["step"]).as_py()
             step_range = None if lo is None else (lo, hi)  # vocab rows may carry no step
-        folder = self.run_dir / table / step_dir if step_dir else self.run_dir / table
+        folder = self.run_dir / table
         name = layout.part_name(self.rank, self.attempt, self._seq, step_range)
         tmp = folder / f".{name}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            schema = t.schema.with_metadata({**(t.schema.metadata or {}), VERSION_KEY: str(SCHEMA_VERSION).encode()})
-            encodings = {
-                **{
-                    f.name: "BYTE_STREAM_SPLIT" for f in t.schema if pa.types.is_floating(f.type) or f.name in _BSS_INTS
-                },
-                **{k: v for k, v in _DELTA.items() if k in t.column_names},
-            }
-            pq.write_table(
-                t.replace_schema_metadata(schema.metadata),
-                tmp,
-                row_group_size=self.row_group_rows,
-                column_encoding=encodings,
-                **_PARQUET_OPTIONS,
-            )
+            parts.write_part_file(tmp, t, row_group_rows=self.row_group_rows)
             if tmp_then is not None:
                 tmp_then()
             os.replace(tmp, folder / name)
@@ -486,13 +359,3 @@ class RunWriter:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("%s (further such messages suppressed; counts go to run.json)", message)
-
-
-def _n_rows(columns: Mapping[str, Any]) -> int:
-    for name, value in columns.items():
-        if name != "step" or not np.isscalar(value):
-            try:
-                return len(value)
-            except TypeError:
-                continue
-    return 0

@@ -103,9 +103,11 @@ def test_sigkill_mid_run_leaves_every_flushed_step_readable(tmp_path):
 
 
 def _write_three_steps(log_dir):
+    """Three parts, one step each (flushed apart; unflushed small steps would share one part)."""
     w = RunWriter(log_dir, "r")
     for step in range(3):
         w.put("tokens", _tokens(step, 100))
+        w.flush()
     w.close()
     return sorted((log_dir / "r" / "tokens").rglob("part-*.parquet"))
 

@@ -8,10 +8,9 @@ import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from forkwatch.store import RunWriter, connect
-from forkwatch.store import writer as writer_mod
+from forkwatch.store import parts as parts_mod
 from forkwatch.store.synthetic import step_batches
 
 
@@ -74,7 +73,7 @@ def test_unwritable_log_dir_reports_and_drops_while_caller_runs(tmp_path, caplog
 
 
 def test_disk_failure_mid_run_is_counted_in_run_json(tmp_path, monkeypatch, caplog):
-    real_write = pq.write_table
+    real_write = parts_mod.write_part_file
     calls = {"n": 0}
 
     def failing_write(*a, **kw):
@@ -83,11 +82,12 @@ def test_disk_failure_mid_run_is_counted_in_run_json(tmp_path, monkeypatch, capl
             raise OSError(28, "No space left on device")
         return real_write(*a, **kw)
 
-    monkeypatch.setattr(writer_mod.pq, "write_table", failing_write)
+    monkeypatch.setattr(parts_mod, "write_part_file", failing_write)
     w = RunWriter(tmp_path, "r")
     with caplog.at_level(logging.WARNING, logger="forkwatch.store.writer"):
         for step in range(6):
             assert w.put("tokens", _tokens(step, 10))
+            w.flush()  # one part per step, so the disk fills up between steps
         w.close()
     assert w.dropped["tokens"] == 40  # steps 0 and 1 written, 2..5 dropped
     assert sum("No space left" in r.message for r in caplog.records) == 1
@@ -163,7 +163,7 @@ def test_each_rank_writes_its_own_parts(tmp_path):
     writers[1].put("nonsense", {"step": [0]})
     for w in writers:
         w.close()
-    names = sorted(p.name for p in (tmp_path / "r" / "tokens" / "step=000000").iterdir())
+    names = sorted(p.name for p in (tmp_path / "r" / "tokens").iterdir())
     assert [n[:9] for n in names] == ["part-r000", "part-r001"]
     con = connect(tmp_path)
     assert con.execute("SELECT completion_id, count(*) FROM tokens GROUP BY 1 ORDER BY 1").fetchall() == [
