@@ -37,13 +37,18 @@ class ForkwatchConfig:
     group_js: bool | Literal["auto"] = field(
         default="auto",
         metadata={
-            "help": "Compute ICT's group Jensen-Shannon score (one extra no-grad backbone pass over each generation "
-            "batch). 'auto': only when the selector needs it."
+            "help": "Compute ICT's group Jensen-Shannon score, from the logits of each decoding step during "
+            "generation (an extra no-grad backbone pass over the generation batch where that cannot be done, e.g. "
+            "vLLM or tool-calling loops). 'auto': only when the selector needs it."
         },
     )
     group_js_chunk: int = field(
         default=64,
-        metadata={"help": "Positions per chunk in the group_js pass: at most G x chunk x vocab floats at once."},
+        metadata={
+            "help": "Chunk of the group_js arithmetic: rows per chunk during generation (chunk x vocab temporaries "
+            "besides the batch's own B x vocab probabilities); positions per chunk in the extra pass (at most "
+            "G x chunk x vocab floats at once)."
+        },
     )
     fork_fraction: float = field(
         default=0.2, metadata={"help": "Fork positions: the top fraction of the micro-batch's tokens by entropy."}

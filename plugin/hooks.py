@@ -2,6 +2,8 @@
 
 - the fused LM head is re-added with `log_sum_sq_probs` (Rényi-2 for free; log-probs and entropies unchanged);
 - `_calculate_rewards` / `_generate_and_score_completions`: per-completion facts, row ids, group_js;
+- `_generate_single_turn` (only with group_js): arms a forward hook on the causal LM that scores group_js from each
+  decoding step's logits (gen_scores.py) while TRL generates for training;
 - `_compute_loss`: brackets each loss micro-batch; forward hooks on the model and its backbone see the fused
   outputs (with gradient) and the hidden states (for top-k at forks);
 - `get_high_entropy_mask` (only with a selector): the selection seam.
@@ -77,8 +79,12 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
 
         return _calculate_rewards
 
+    scorer = monitor.gen_scorer
+
     def generation(original):
         def _generate_and_score_completions(inputs):
+            if scorer is not None:
+                scorer.reset()
             out = original(inputs)
             if trainer.model.training:
                 with guard("generation"):
@@ -99,8 +105,27 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
 
         return _compute_loss
 
+    def single_turn(original):
+        def _generate_single_turn(*args, **kwargs):
+            if not trainer.model.training:
+                return original(*args, **kwargs)
+            # backends whose forward this hook never sees: the monitor falls back to its extra pass
+            if getattr(trainer, "use_vllm", False):
+                scorer.invalidate("vllm")
+            elif getattr(trainer, "use_transformers_continuous_batching", False):
+                scorer.invalidate("continuous_batching")
+            scorer.arm()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                scorer.disarm()
+
+        return _generate_single_turn
+
     wrap("_calculate_rewards", rewards)
     wrap("_generate_and_score_completions", generation)
+    if scorer is not None and hasattr(trainer, "_generate_single_turn"):
+        wrap("_generate_single_turn", single_turn)
     wrap("_compute_loss", compute_loss)
 
     if monitor.selector is not None:
@@ -132,8 +157,20 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         with guard("backbone_forward"):
             monitor.on_backbone_forward(output)
 
+    def generation_hook(module, args, kwargs, output):
+        if not scorer.armed:  # every forward outside TRL's generation for training
+            return
+        ok = False
+        with guard("group_js_generation"):
+            scorer.on_forward(kwargs, output)
+            ok = True
+        if not ok:
+            scorer.invalidate("error")
+
     policy = trainer.accelerator.unwrap_model(trainer.model)
     handles = [policy.register_forward_hook(model_hook, with_kwargs=True)]
+    if scorer is not None:  # on the causal LM itself: under PEFT, generate calls it, not the PeftModel
+        handles.append(target.register_forward_hook(generation_hook, with_kwargs=True))
     if monitor.backbone is not None and monitor.config.record_tokens and monitor.config.record_forks:
         handles.append(monitor.backbone.register_forward_hook(backbone_hook))
     undo.extend(h.remove for h in handles)

@@ -1,7 +1,8 @@
 """Pure torch math on per-token quantities (see METHODS.md). Natural log; B completions, T positions, V vocab, H hidden.
 
 No function here builds (B, T, V) logits: full distributions are projected from hidden states a chunk at a time
-through `project`, a callable (N, H) -> (N, V) temperature-scaled logits that the TRL glue builds from the model.
+through `project`, a callable (N, H) -> (N, V) temperature-scaled logits that the TRL glue builds from the model,
+or (`group_js_step`) taken one position at a time from the logits generation computed.
 """
 
 from __future__ import annotations
@@ -106,6 +107,35 @@ def group_js(
                 keep = active[i] & (n_active >= 2)
                 out[rows[i], start:end] = torch.where(keep, js.clamp(0.0, float(np.log(2.0))), 0.0)
     return out
+
+
+@torch.no_grad()
+def group_js_step(
+    logits: torch.Tensor, active: torch.Tensor, groups: torch.Tensor, n_groups: int, temperature: float,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """`group_js` at one position for every row at once, from that position's raw logits.
+
+    logits (B, V) untempered next-token logits; active (B,) bool; groups (B,) long in [0, n_groups). -> (B,) float32
+    in [0, ln 2], 0 for inactive rows and rows with fewer than two active siblings. Same formula and arithmetic as
+    `group_js`; holds B x V probabilities, n_groups x V means and a few chunk x V temporaries.
+    """
+    p = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    a = active.float()
+    p.mul_(a.unsqueeze(1))  # inactive rows leave P̄ (their own score is masked below)
+    n_active = torch.zeros(n_groups, device=p.device).index_add_(0, groups, a)  # (n_groups,)
+    p_bar = torch.zeros(n_groups, p.size(1), device=p.device).index_add_(0, groups, p)  # (n_groups, V)
+    p_bar.div_(n_active.clamp(min=1).unsqueeze(1))
+    h_bar = -torch.xlogy(p_bar, p_bar).sum(-1)  # (n_groups,)
+    out = torch.empty(p.size(0), device=p.device)
+    for start in range(0, p.size(0), chunk):
+        g = groups[start : start + chunk]
+        pi = p[start : start + chunk]  # (c, V)
+        m = (pi + p_bar[g]).mul_(0.5)
+        # JS(p||q) = H(M) - (H(p) + H(q)) / 2, with M = (p + q) / 2
+        out[start : start + chunk] = -torch.xlogy(m, m).sum(-1) - 0.5 * (-torch.xlogy(pi, pi).sum(-1) + h_bar[g])
+    keep = active & (n_active[groups] >= 2)
+    return torch.where(keep, out.clamp(0.0, float(np.log(2.0))), 0.0)
 
 
 def percentiles(values: np.ndarray, qs: Sequence[float] = PERCENTILES) -> list[float]:

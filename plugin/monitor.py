@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from forkwatch.plugin import metrics
+from forkwatch.plugin.gen_scores import GenScorer, extra_pass
 from forkwatch.plugin.records import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,14 @@ class Monitor:
         self._eos: torch.Tensor | None = None
         self.last_rewards: torch.Tensor | None = None
         self.split_groups = 0  # groups whose rollouts were not all on this rank (group_js over local siblings)
+        # group_js is scored during generation (gen_scores.py); the extra pass serves what that cannot, by reason
+        self.group_js_fallbacks: Counter[str] = Counter()
+        self.gen_scorer: GenScorer | None = None
+        if self.group_js_on:
+            self.gen_scorer = GenScorer(temperature=trainer.temperature, num_generations=trainer.num_generations,
+                                        rank=self.rank, chunk=config.group_js_chunk)
+            eos = getattr(trainer, "eos_token_ids", None) or [trainer.processing_class.eos_token_id]
+            self.gen_scorer.eos = torch.tensor(sorted(eos))
         self._mb: MicroBatch | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -138,24 +147,21 @@ class Monitor:
         self._acc().seconds += time.perf_counter() - t0
 
     def _group_js(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
-        """One extra no-grad backbone pass over the generation batch, then chunked JS within each group."""
+        """The scores taken during generation; else one extra no-grad backbone pass, then chunked JS per group."""
         tr = self.trainer
-        pids, cids = out["prompt_ids"], out["completion_ids"]
-        p, t = pids.size(1), cids.size(1)
-        input_ids = torch.cat([pids, cids], 1)
-        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        bs = tr.args.per_device_train_batch_size
-        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-        hidden = []
-        # fork_rng: a dropout layer in this extra pass must not move the global RNG TRL's shuffle draws from
-        with torch.random.fork_rng(devices=devices), tr.accelerator.autocast():
-            for s in range(0, input_ids.size(0), bs):
-                h = self.backbone(input_ids=input_ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
-                hidden.append(h.last_hidden_state[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting token t
         groups = torch.unique(gid, return_inverse=True)[1]
         counts = torch.bincount(groups)
         self.split_groups += int((counts < tr.num_generations).sum())
-        return metrics.group_js(torch.cat(hidden), mask, groups, self.project, chunk=self.config.group_js_chunk)
+        self._acc().seconds += self.gen_scorer.seconds
+        self.gen_scorer.seconds = 0.0
+        scores, reason = self.gen_scorer.take(out["completion_ids"], mask)
+        if scores is not None:
+            return scores
+        self.group_js_fallbacks[reason] += 1
+        if self.group_js_fallbacks[reason] == 1:
+            logger.info("forkwatch: group_js from an extra backbone pass (generation-time scores unusable: %s)",
+                        reason)
+        return extra_pass(tr, self.backbone, self.project, out, mask, groups, chunk=self.config.group_js_chunk)
 
     # ------------------------------------------------------------------ loss pass
     def begin_micro_batch(self, inputs: dict[str, Any]) -> None:

@@ -59,6 +59,21 @@ def test_group_js_is_zero_with_one_active_rollout_and_bounded_by_ln2():
     assert js[:, :3].max() > 0.1
 
 
+def test_group_js_step_scores_each_position_like_the_float64_reference():
+    g = torch.Generator().manual_seed(2)
+    b, t, v, temp = 7, 6, 41, 0.7
+    logits = torch.randn(b, t, v, generator=g) * 2
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2])  # group 2 has one rollout: always 0
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[3, 1:] = False
+    mask[4, 2:] = False  # group 1 falls to one active rollout at t = 2
+    got = torch.stack([metrics.group_js_step(logits[:, s], mask[:, s], groups, 3, temp, chunk=2) for s in range(t)], 1)
+    ref = _reference_js(logits.double() / temp, mask, groups)
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)
+    assert torch.all(got[~mask] == 0) and torch.all(got[6] == 0) and torch.all(got[5, 2:] == 0)
+
+
 def test_covariance_centres_advantage_and_logprob_over_response_tokens():
     lp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])

@@ -41,6 +41,7 @@ def test_per_token_entropy_renyi2_and_group_js_equal_float64_full_logits(make_tr
     # lr=0: the weights after training are the ones every loss pass saw
     trainer, cb, con = train(make_trainer, tmp_path, fw=dict(group_js=True, **EXACT), max_steps=1,
                              learning_rate=0.0, temperature=0.7)
+    assert not cb.monitor.group_js_fallbacks  # group_js below was scored during generation
     model = trainer.model.double().eval()
     comps = rows(con, "SELECT completion_id, group_id, prompt FROM completions")
     toks = rows(con, "SELECT * FROM tokens ORDER BY completion_id, position")

@@ -84,6 +84,7 @@ def test_configuration_records_every_step(make_trainer, tmp_path, name):
                           record_completions_per_step=None)
     trainer.train()
     assert not cb.monitor.faults.counts
+    assert not cb.monitor.group_js_fallbacks  # every configuration is scored during generation
     con = connect(str(tmp_path / "runs"))
     steps = con.sql("SELECT step, n_tokens, entropy_mean, group_js_mean FROM steps ORDER BY step").fetchall()
     assert [s[0] for s in steps] == [1, 2]
