@@ -152,8 +152,8 @@ ROUNDED_STATS: dict[str, tuple[str, ...]] = {
     "tokens": ("logprob", "entropy", "renyi2", "group_js", "covariance"),
 }
 
-# Tables written in hive folders `step=NNNNNN/` so that one step is read without opening the other steps' files.
-# The small tables are written in parts covering many steps instead, to avoid thousands of tiny files.
+# The large per-token tables. Store layout 1 wrote them in hive folders `step=NNNNNN/`, one part per step; since
+# layout 2 (store/layout.py) every table is written in step-sorted parts covering many steps. Kept for importers.
 PARTITIONED_BY_STEP = frozenset({"tokens", "forks"})
 
 TABLES: dict[str, pa.Schema] = {
