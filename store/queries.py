@@ -104,8 +104,8 @@ def token_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
 def fork_alternatives(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
     """The fork positions of one completion with their top-k alternatives (ids, probabilities, decoded texts).
 
-    The step's forks are filtered before the alternatives are unnested, so only that step's files are read (30 ms
-    on a 20M-token run; unnesting first, through a lateral join, read every step: 0.7 s)."""
+    The step's forks are filtered before the alternatives are unnested, so only that step's row groups are read
+    (30-50 ms on a 20M-token run; unnesting first, through a lateral join, read every step: 0.7 s)."""
     return con.execute(
         """
         WITH f AS (
@@ -139,7 +139,7 @@ def sample_steps(steps: list[int], k: int = FORK_SAMPLE_STEPS) -> list[int]:
 def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, steps: list[int], limit: int = 20) -> pd.DataFrame:
     """The token texts that are forks most often at the given steps of a run: count and share of those forks.
 
-    The caller passes a sample of steps (the step folders not listed are not opened), which bounds the cost on a
+    The caller passes a sample of steps (row groups of other steps are skipped by their statistics), bounding the cost on a
     long run; pass every recorded step for the exact whole-run figure."""
     return con.execute(
         """
