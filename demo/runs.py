@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    steps: int = 200
+    steps: int = 100
     # 8 prompts x 4 rollouts: with 4 x 8 the step-to-step entropy swings with how easy the few prompts happen to be
     prompts_per_step: int = 8  # x num_generations completions per optimizer step
     num_generations: int = 4
