@@ -182,7 +182,8 @@ class ForkwatchCallback(TrainerCallback):
         faults = dict(self.monitor.faults.counts)
         if faults:
             logger.warning("forkwatch: hook errors during this run (training was not affected): %s", faults)
-        writer.update_meta(faults=faults, group_js_split_groups=self.monitor.split_groups)
+        writer.update_meta(faults=faults, group_js_split_groups=self.monitor.split_groups,
+                           group_js_fallbacks=dict(self.monitor.group_js_fallbacks))
         writer.close(status)
 
     # ------------------------------------------------------------------ helpers

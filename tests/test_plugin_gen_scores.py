@@ -3,6 +3,7 @@ back to the extra pass, counted by reason."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -66,6 +67,8 @@ def test_generation_the_hook_never_sees_falls_back_to_the_extra_pass(make_traine
     seen = _capture(trainer)
     trainer.train()
     assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.counts
+    meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert meta["group_js_fallbacks"] == {"no_logits": 2}  # the count reaches run.json
     for s in seen:
         torch.testing.assert_close(s["gen"], s["ref"], atol=0, rtol=0)
     assert any(float(s["gen"].max()) > 0 for s in seen)  # siblings differ: the pass really scored them
