@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    steps: int = 80  # 100 took 6 min 1 s on the shared 2-core machine (README); the collapse is flagged at step 22
+    # The whole demo at 80 steps: 54 s on 2 quiet cores, ~5-6 min when other jobs load them (100 steps took 6 min 1 s
+    # there). The collapse is flagged at step 22.
+    steps: int = 80
     # 8 prompts x 4 rollouts: with 4 x 8 the step-to-step entropy swings with how easy the few prompts happen to be
     prompts_per_step: int = 8  # x num_generations completions per optimizer step
     num_generations: int = 4
