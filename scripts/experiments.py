@@ -7,7 +7,7 @@
 `train` uses the demo's warm-up model and GRPO settings (demo/runs.py), changing only the method and the seed, and
 after each run scores the trained policy on 512 held-out problems (heldout.json). `report` draws entropy and reward
 curves (mean over seeds of a rolling mean, with the seeds' range shaded) and prints a Markdown table. Plotting needs
-matplotlib (`pip install matplotlib`).
+matplotlib (`pip install -e ".[experiments]"`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from forkwatch.demo.run import QUICK
@@ -19,22 +18,17 @@ RUNS = [s.name for s in demo_runs(QUICK.grpo)]
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    t0 = time.perf_counter()
+    # ~25 s on 2 idle cores. The bound is a generous timeout rather than a timed assertion: CI machines are shared.
     proc = subprocess.run(
         [sys.executable, "-m", "forkwatch.cli", "demo", "--quick", "--no-dashboard", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc.stdout, seconds
-
-
-def test_quick_demo_finishes_within_a_minute(demo_out):
-    assert demo_out[2] < 60
+    return out, proc.stdout
 
 
 def test_every_run_has_a_finished_folder(demo_out):
-    out, _, _ = demo_out
+    out, _ = demo_out
     for name in RUNS:
         meta = json.loads((out / "logs" / name / "run.json").read_text())
         assert meta["status"] == "finished", name
@@ -68,6 +62,6 @@ def test_check_flags_the_high_learning_rate_run_as_collapsed_and_plain_grpo_as_h
 
 
 def test_demo_prints_the_verdicts_and_how_to_open_the_dashboard(demo_out):
-    out, stdout, _ = demo_out
+    out, stdout = demo_out
     assert "COLLAPSE" in stdout and "HEALTHY" in stdout
     assert f"forkwatch dashboard {out / 'logs'}" in stdout
