@@ -148,7 +148,9 @@ def test_sql_page_runs_an_example(server, page):
     page.get_by_role("button", name="Entropy per step").click()
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     page.get_by_text("row(s)", exact=False).first.wait_for()
-    assert page.get_by_role("button", name="Download CSV").count() == 1
+    download = page.get_by_role("button", name="Download CSV")
+    download.wait_for()  # Streamlit may draw it a moment after the table; a missing button fails on the timeout
+    assert download.count() == 1
     _shot(page, "sql")
 
 
