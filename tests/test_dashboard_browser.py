@@ -32,6 +32,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+expect = playwright_sync.expect
 
 
 def _free_port() -> int:
@@ -105,8 +106,8 @@ def test_runs_page_draws_the_table(server, page):
     url, _ = server
     _open(page, f"{url}/?run=collapse&run=explosion", "Runs")  # the default page lives at the root
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
-    assert page.locator('[data-testid="stExpander"]').count() == 2
-    assert page.get_by_text("collapse.mean", exact=False).count() >= 1
+    expect(page.locator('[data-testid="stExpander"]')).to_have_count(2)  # retries until drawn, then asserts
+    page.get_by_text("collapse.mean", exact=False).first.wait_for()
     _shot(page, "runs")
 
 
@@ -116,7 +117,7 @@ def test_entropy_page_draws_the_chart_with_flags(server, page):
     chart = page.locator('[data-testid="stPlotlyChart"] .main-svg').first
     chart.wait_for()
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 15")
-    assert page.locator(".js-plotly-plot .shapelayer path").count() >= 2  # the flag markers
+    page.locator(".js-plotly-plot .shapelayer path").nth(1).wait_for(state="attached")  # >= 2 flag markers
     _shot(page, "entropy")
 
 
@@ -126,8 +127,9 @@ def test_forks_page_draws_the_token_view(server, page):
     page.locator(".fw-token").first.wait_for()
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3")
     tokens = page.locator(".fw-token")
-    assert tokens.count() == 24  # synthetic completions are 24 tokens long
-    assert page.locator(".fw-fork").count() >= 1 and page.locator(".fw-grad").count() >= 1
+    expect(tokens).to_have_count(24)  # synthetic completions are 24 tokens long
+    page.locator(".fw-fork").first.wait_for()
+    page.locator(".fw-grad").first.wait_for()
     title = page.locator(".fw-fork").first.get_attribute("title")
     assert "entropy" in title and "alternatives (top-k):" in title
     _shot(page, "forks")
@@ -138,7 +140,7 @@ def test_law_page_draws_the_fit(server, page):
     _open(page, f"{url}/law?run=collapse&run=healthy", "Entropy–reward law")
     page.locator('[data-testid="stMetric"]').first.wait_for()
     page.locator('[data-testid="stPlotlyChart"] .main-svg').first.wait_for()
-    assert page.get_by_text("No fit shown", exact=False).count() == 1
+    expect(page.get_by_text("No fit shown", exact=False)).to_have_count(1)
     _shot(page, "law")
 
 
@@ -148,9 +150,8 @@ def test_sql_page_runs_an_example(server, page):
     page.get_by_role("button", name="Entropy per step").click()
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     page.get_by_text("row(s)", exact=False).first.wait_for()
-    download = page.get_by_role("button", name="Download CSV")
-    download.wait_for()  # Streamlit may draw it a moment after the table; a missing button fails on the timeout
-    assert download.count() == 1
+    # Streamlit may draw it a moment after the table: expect() retries, and fails when it never comes
+    expect(page.get_by_role("button", name="Download CSV")).to_have_count(1)
     _shot(page, "sql")
 
 
