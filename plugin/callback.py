@@ -145,11 +145,11 @@ class ForkwatchCallback(TrainerCallback):
             # --- live health alarms: forkwatch.store.health.LiveMonitor is fed one steps row per step in
             # on_step_end (its forkwatch/alarm/<kind> scalars travel with the others); here we act on new flags ---
             for flag in self._alarms:
-                logger.warning("forkwatch alarm at step %s: %s", state.global_step, flag)
-                if self.config.on_alarm == "stop" and flag.rule.split(".")[0] in ("collapse", "explosion"):
+                _warn(flag)
+                if self.config.on_alarm == "stop" and flag.kind in ("collapse", "explosion"):
                     control.should_training_stop = True
                     self._stopped_by_alarm = True
-                    self.writer.update_meta(stopped_by_alarm=str(flag))
+                    self.writer.update_meta(stopped_by_alarm=f"{flag.rule} at step {flag.fired_at}: {flag.message}")
             self._alarms.clear()
 
     def on_save(self, args, state, control, **kwargs):
@@ -167,7 +167,7 @@ class ForkwatchCallback(TrainerCallback):
         if self._health_job is not None:
             self._collect_health()  # the last step's alarms: warned about, though no log of this run follows
             for flag in self._alarms:
-                logger.warning("forkwatch alarm at step %s: %s", state.global_step, flag)
+                _warn(flag)
             self._alarms.clear()
         self.close("stopped" if self._stopped_by_alarm else "finished")
 
@@ -235,3 +235,8 @@ class ForkwatchCallback(TrainerCallback):
                 "steps_per_generation", "per_device_train_batch_size", "temperature", "max_completion_length",
                 "learning_rate", "seed")},
         }
+
+
+def _warn(flag) -> None:
+    """A health flag as a person reads it: the rule, the step it fired at, and the rule's own account."""
+    logger.warning("forkwatch alarm %s at step %s: %s", flag.rule, flag.fired_at, flag.message)
