@@ -22,6 +22,17 @@ torch.set_num_threads(1)
 
 PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
 
+# The TRL configurations every seam must survive (issue matrix); test modules add their own cases to it.
+TRL_MATRIX = {
+    "grad_accum_2": dict(gradient_accumulation_steps=2, per_device_train_batch_size=4),
+    "steps_per_generation_2": dict(steps_per_generation=2),
+    "num_iterations_2": dict(num_iterations=2),
+    "beta_ref_model": dict(beta=0.04),
+    "dapo": dict(loss_type="dapo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+}
+
 
 def digit_reward(completions: list[str], **kwargs) -> list[float]:
     """Fraction of digits in the completion: varies between rollouts, so advantages are non-zero."""

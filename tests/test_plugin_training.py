@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from conftest import TRL_MATRIX
 from forkwatch.plugin.registry import Selection, register_selector
 from forkwatch.store import connect
 
@@ -65,13 +66,7 @@ def test_a_full_queue_drops_records_instead_of_blocking(make_trainer, tmp_path):
 
 CONFIGS = {
     "defaults": {},
-    "grad_accum_2": dict(gradient_accumulation_steps=2, per_device_train_batch_size=4),
-    "steps_per_generation_2": dict(steps_per_generation=2),
-    "num_iterations_2": dict(num_iterations=2),
-    "beta_ref_model": dict(beta=0.04),
-    "dapo": dict(loss_type="dapo"),
-    "dr_grpo": dict(loss_type="dr_grpo"),
-    "bnpo": dict(loss_type="bnpo"),
+    **TRL_MATRIX,
     "llama_tied": dict(arch="llama", tie_embeddings=True),
     "peft_lora": dict(peft=True, beta=0.04),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TRL_MATRIX
 from forkwatch.plugin.registry import get_selector
 from forkwatch.store import connect
 from test_selectors_grad import Seam
@@ -58,16 +59,7 @@ def test_every_method_trains_and_records_each_selection(make_trainer, tmp_path, 
         assert step == tstep and fraction == pytest.approx(kept, abs=1e-6)
 
 
-CONFIGS = {
-    "grad_accum_2": dict(gradient_accumulation_steps=2, per_device_train_batch_size=4),
-    "steps_per_generation_2": dict(steps_per_generation=2),
-    "num_iterations_2": dict(num_iterations=2),
-    "beta": dict(beta=0.04),
-    "grpo": dict(loss_type="grpo"),
-    "bnpo": dict(loss_type="bnpo"),
-    "dr_grpo": dict(loss_type="dr_grpo"),
-    "dapo": dict(loss_type="dapo"),
-}
+CONFIGS = {**TRL_MATRIX, "grpo": dict(loss_type="grpo")}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
