@@ -42,6 +42,8 @@ def main(args) -> int:
     env = os.environ | {LOG_DIR_ENV: str(log_dir.resolve())}
     sys.stderr.write(f"forkwatch dashboard: serving {log_dir} on http://{host}:{port} (Ctrl-C stops)\n")
     proc = subprocess.Popen(command(log_dir, host=host, port=port), env=env)
+    # SIGTERM (a service manager, a test's terminate()) takes the Ctrl-C path, so Streamlit is never left orphaned.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -54,3 +56,9 @@ def main(args) -> int:
             proc.terminate()
             proc.wait()
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -71,8 +71,12 @@ def server(tmp_path_factory):
         yield url, proc
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # SIGTERM: forkwatch stops its Streamlit child too (SIGKILL would orphan it)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="module")

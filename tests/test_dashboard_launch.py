@@ -3,9 +3,14 @@ Serving and Ctrl-C are exercised for real in test_dashboard_browser.py."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from argparse import Namespace
 
+import pytest
 from forkwatch.dashboard import launch
 
 
@@ -29,3 +34,32 @@ def test_missing_log_dir_exits_2_without_starting_streamlit(tmp_path, capsys, mo
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
     assert launch.main(Namespace(log_dir=str(tmp_path / "nope"), host="127.0.0.1", port=8501)) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _serving(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_streamlit_too(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "forkwatch.cli", "dashboard", str(tmp_path), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _serving(url):
+            assert proc.poll() is None and time.monotonic() < deadline, "the dashboard did not come up"
+            time.sleep(0.5)
+        proc.terminate()  # SIGTERM to forkwatch only, as a service manager sends it
+        assert proc.wait(timeout=30) == 0
+        assert not _serving(url)  # the Streamlit child went with it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
