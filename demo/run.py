@@ -7,12 +7,18 @@ This is the user-facing end of the demo, so it prints progress and the URL; the 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forkwatch.demo.runs import GRPOSettings, demo_runs, train_all
-from forkwatch.demo.warmup import WarmupSettings, cached_warmup
+# Nothing here needs the Hub: say so before transformers and huggingface_hub read their settings, so that no
+# telemetry thread or download is ever attempted.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from forkwatch.demo.runs import GRPOSettings, demo_runs, train_all  # noqa: E402
+from forkwatch.demo.warmup import WarmupSettings, cached_warmup  # noqa: E402
 
 
 @dataclass(frozen=True)

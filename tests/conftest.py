@@ -18,6 +18,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the Hub: an accidental download fails fast
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
 
 PROMPTS = [f"{a}+{b}=" for a in range(4) for b in range(4)]
