@@ -20,14 +20,15 @@ PERCENTILES = (0.10, 0.50, 0.90, 0.99)
 def covariance(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Clip-Cov score c_t = (A - mean A)(log p_t - mean log p), means over the response tokens of the batch.
 
-    logprob (B, T), advantages (B,) or (B, T), mask (B, T) -> (B, T) float32, 0 off the mask.
-    arXiv:2505.22617.
+    logprob (B, T), advantages (B,) or (B, T), mask (B, T) -> (B, T), 0 off the mask; float32, or float64 when
+    logprob is float64 (the selectors rank by it in float64). arXiv:2505.22617.
     """
-    m = mask.float()
+    dtype = torch.promote_types(logprob.dtype, torch.float32)
+    m = mask.to(dtype)
     n = m.sum().clamp(min=1.0)
-    adv = advantages.float()
+    adv = advantages.to(dtype)
     adv = adv.unsqueeze(1).expand_as(m) if adv.dim() == 1 else adv
-    lp = logprob.detach().float()
+    lp = logprob.detach().to(dtype)
     mean_a = (adv * m).sum() / n
     mean_lp = (lp * m).sum() / n
     return (adv - mean_a) * (lp - mean_lp) * m

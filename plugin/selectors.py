@@ -15,6 +15,7 @@ import logging
 import math
 
 import torch
+from forkwatch.plugin import metrics
 from forkwatch.plugin.policy_loss import (
     NORMALISER_SCOPE,
     gppo_clipped,
@@ -130,16 +131,12 @@ def response_values(values: torch.Tensor, mask: torch.Tensor, inp: SelectionInpu
 
 
 def token_covariance(advantages: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """c_t = (A_t - mean A)(log p(y_t) - mean log p), means over the response tokens of the micro-batch.  (B, T)
+    """`metrics.covariance` in float64, with padding at -inf so that it never wins a top-k slot.  (B, T)
 
-    (arXiv:2505.22617, Clip-Cov / KL-Cov.) A_t is the completion's advantage; padding gets -inf.
+    (arXiv:2505.22617, Clip-Cov / KL-Cov.)
     """
-    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    adv = adv.expand_as(logprob).double()
-    lp, m = logprob.double(), mask > 0
-    count = m.sum().clamp(min=1)
-    cov = (adv - (adv * m).sum() / count) * (lp - (lp * m).sum() / count)
-    return torch.where(m, cov, torch.full_like(cov, -math.inf))
+    cov = metrics.covariance(logprob.double(), advantages.double(), mask)
+    return cov.masked_fill(~(mask > 0), -math.inf)
 
 
 def _check_fraction(fraction: float, *, upper: float = 1.0) -> None:
