@@ -51,6 +51,7 @@ CONFIGS = {
     ),
     "qwen0.5b": ("qwen_0_5b", dict(per_device_train_batch_size=16, num_generations=8, max_completion_length=256)),
 }
+WORKER_INTERVAL_S = 0.5  # ForkwatchConfig.worker_interval_s, the default every variant runs with
 BASE_VARIANTS: dict[str, dict | None] = {
     "plain": None, "monitor": dict(group_js=False), "monitor+group_js": dict(group_js=True),
 }
@@ -179,22 +180,32 @@ def main() -> None:
             cpu[name].extend(timer.cpu[opts.warmup:])
     wall = time.perf_counter() - t_start
     peak = {name: peak_memory(opts, name) for name in BASE_VARIANTS} if opts.memory else {}
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    cmed = {name: statistics.median(ts) for name, ts in cpu.items()}
     print(f"config={opts.config} device={opts.device} threads={opts.threads} rounds={opts.rounds} "
           f"warmup={opts.warmup} timed steps/round={opts.steps} wall={wall:.0f}s")
-    print(f"{'variant':<20}{'wall ms':>9}{'IQR':>11}{'vs plain':>10}{'vs monitor':>12}"
-          f"{'cpu ms':>9}{'vs plain':>10}{'vs monitor':>12}{'peak GiB':>10}")
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    span = opts.steps * statistics.median(times["monitor"])
+    if span < 10 * WORKER_INTERVAL_S:  # the steps after a trainer's last hand-off are handed over at train end, untimed
+        print(f"WARNING: the timed steps of one trainer span {span:.2f} s, under 10 of forkwatch's {WORKER_INTERVAL_S} s "
+              "hand-offs to its worker: the mean may under-count the worker's cost. Use more --steps.")
+    print(table(times, cpu, peak))
+
+
+def table(times: dict[str, list[float]], cpu: dict[str, list[float]], peak: dict[str, float]) -> str:
+    """Median (a typical step) and mean (throughput: it includes the steps that hand work to forkwatch's worker and
+    any contention the worker causes) of each variant, against plain TRL and, for selectors, against `monitor`."""
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    mean = {n: statistics.fmean(ts) for n, ts in times.items()}
+    cmean = {n: statistics.fmean(ts) for n, ts in cpu.items()}
+    lines = [f"{'variant':<20}{'median ms':>10}{'mean ms':>9}{'x plain':>9}{'(mean)':>8}{'x monitor':>11}{'(mean)':>8}"
+             f"{'cpu x plain':>13}{'peak GiB':>10}"]
+    for name in times:
         sel = name.startswith("select=")
         rel = f"{med[name] / med['monitor']:.3f}" if sel else "-"
-        crel = f"{cmed[name] / cmed['monitor']:.3f}" if sel else "-"
+        mrel = f"{mean[name] / mean['monitor']:.3f}" if sel else "-"
         mem = f"{peak[name]:.2f}" if name in peak else "-"
-        print(f"{name:<20}{1000 * med[name]:>9.1f}{f'{1000 * q[0]:.0f}-{1000 * q[2]:.0f}':>11}"
-              f"{med[name] / med['plain']:>10.3f}{rel:>12}{1000 * cmed[name]:>9.1f}"
-              f"{cmed[name] / cmed['plain']:>10.3f}{crel:>12}{mem:>10}")
-
+        lines.append(f"{name:<20}{1000 * med[name]:>10.1f}{1000 * mean[name]:>9.1f}{med[name] / med['plain']:>9.3f}"
+                     f"{mean[name] / mean['plain']:>8.3f}{rel:>11}{mrel:>8}{cmean[name] / cmean['plain']:>13.3f}"
+                     f"{mem:>10}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -2,10 +2,13 @@
 `forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks (STYLE.md 2).
 
 What runs where at the end of a step (plugin/worker.py): the `steps` row and every scalar it holds are computed on
-the training thread and logged for the step they describe. The record columns (tokens, forks, completions with their
-decoded text) and the live health rules run on a worker thread. The health rules of step N are collected at the end
-of step N+1, so an alarm raised by step N is acted on (warning, on_alarm="stop") at the log of step N+1, and the
-`forkwatch/alarm/<kind>` scalars logged with step N+1 describe the series up to step N.
+the training thread and logged for the step they describe. The rest waits in `Pending` until a hand-off, at the end
+of a step once `worker_interval_s` (default 0.5 s) has passed since the last one (so every step of a run whose steps
+take longer): then the steps rows go to the writer as one batch, and the record columns (tokens, forks, completions
+with their decoded text) and the live health rules run on the worker thread. The health flags of one hand-off are
+collected at the next, so an alarm is acted on (warning, on_alarm="stop") one hand-off after the step that raised
+it: at the next step with `worker_interval_s=0`. The `forkwatch/alarm/<kind>` scalars describe the series as of the
+last collected hand-off. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is pending.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from forkwatch.plugin.config import ForkwatchConfig
 from forkwatch.plugin.records import completion_columns, fork_columns, step_row, token_columns
-from forkwatch.plugin.worker import Job, StepWorker
+from forkwatch.plugin.worker import Job, Pending, StepWorker
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class ForkwatchCallback(TrainerCallback):
         self._worker: StepWorker | None = None
         self._health_job: Job | None = None  # the previous step's health update, collected at the next step end
         self._alarm_scalars: dict[str, float] = {}
+        self._pending = Pending(config.worker_interval_s)
         self._stopped_by_alarm = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -95,42 +99,56 @@ class ForkwatchCallback(TrainerCallback):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
             summary["dropped"] = sum(self.writer.dropped.values())
-            if acc.completions or acc.tokens or acc.forks:
-                self._worker.submit("records", lambda: self._write_records(step, acc))
+            self._pending.add(step, acc)
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         parts = [summary]
         if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
             from accelerate.utils import gather_object
 
             parts = gather_object([summary])
-        if not state.is_world_process_zero:
+        if state.is_world_process_zero:
+            with self.monitor.faults.guard("step_row"):
+                self._log_step(step, [p for p in parts if p])
+        if self._pending.due():
+            with self.monitor.faults.guard("hand_off"):
+                self._hand_off()
+
+    def _log_step(self, step: int, parts: list[dict[str, Any]]) -> None:
+        """Rank 0: the step's `steps` row (queued for the next hand-off) and its scalars in TRL's own metric buffer,
+        which `log` averages over the logging window and hands to log_history and every report_to integration,
+        exactly like TRL's `entropy`."""
+        if not parts:
             return
-        with self.monitor.faults.guard("step_row"):
-            parts = [p for p in parts if p]
-            if not parts:
-                return
-            dropped = sum(p.get("dropped", 0) for p in parts)
-            row = step_row(step, parts, select_method=self.config.select, dropped=dropped)
-            select_metrics = row.pop("_select_metrics")
-            row["time"] = dt.datetime.now(dt.timezone.utc)
-            self.writer.put("steps", {k: [v] for k, v in row.items()})
-            scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time", "select_method")
-                       and v is not None and not isinstance(v, str)}
-            scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
-            scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
-            if self._health is not None:
-                self._collect_health()
-                scalars.update(self._alarm_scalars)
-                health = self._health
-                self._health_job = self._worker.submit("health", lambda: (health.update(row), health.scalars()))
-            # TRL's own metric buffer: its `log` averages it over the logging window and hands it to log_history
-            # and to every report_to integration, exactly like TRL's `entropy`.
-            metrics = self.trainer._metrics["train"]
-            for k, v in scalars.items():
-                metrics[f"forkwatch/{k}"].append(v)
+        dropped = sum(p.get("dropped", 0) for p in parts)
+        row = step_row(step, parts, select_method=self.config.select, dropped=dropped)
+        select_metrics = row.pop("_select_metrics")
+        row["time"] = dt.datetime.now(dt.timezone.utc)
+        self._pending.add(step, row=row)
+        scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time", "select_method")
+                   and v is not None and not isinstance(v, str)}
+        scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
+        scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
+        scalars.update(self._alarm_scalars)  # the health rules as of the last hand-off
+        metrics = self.trainer._metrics["train"]
+        for k, v in scalars.items():
+            metrics[f"forkwatch/{k}"].append(v)
+
+    def _hand_off(self, health: bool = True) -> None:
+        """Give the pending steps to the worker: their steps rows to the writer (one batch), their record columns
+        and their health update as worker jobs. The previous hand-off's health flags are collected first (normally
+        done long since), so an alarm acts one hand-off after the step that raised it."""
+        records, rows = self._pending.take()
+        if rows:
+            self.writer.put("steps", {k: [r[k] for r in rows] for k in rows[0]})
+        if records:
+            self._worker.submit("records", lambda: self._write_records(records))
+        if health and rows and self._health is not None:
+            self._collect_health()
+            monitor = self._health
+            self._health_job = self._worker.submit("health", lambda: (monitor.update_many(rows), monitor.scalars()))
 
     def _collect_health(self, timeout: float | None = 60.0) -> None:
-        """Wait for the previous step's health update (normally done while this step trained); keep its flags."""
+        """Wait for the previous hand-off's health update (normally done while training went on); keep its flags."""
         job, self._health_job = self._health_job, None
         result = job.result(timeout) if job is not None else None
         if result is not None:
@@ -142,8 +160,8 @@ class ForkwatchCallback(TrainerCallback):
         if not state.is_world_process_zero or logs is None:
             return
         with self.monitor.faults.guard("log"):
-            # --- live health alarms: forkwatch.store.health.LiveMonitor is fed one steps row per step in
-            # on_step_end (its forkwatch/alarm/<kind> scalars travel with the others); here we act on new flags ---
+            # --- live health alarms: forkwatch.store.health.LiveMonitor is fed the steps rows at each hand-off
+            # (its forkwatch/alarm/<kind> scalars travel with the others); here we act on new flags ---
             for flag in self._alarms:
                 _warn(flag)
                 if self.config.on_alarm == "stop" and flag.kind in ("collapse", "explosion"):
@@ -156,6 +174,7 @@ class ForkwatchCallback(TrainerCallback):
         if self.writer is None:
             return
         with self.monitor.faults.guard("save"):
+            self._hand_off()
             self._worker.wait(timeout=60)  # the records of steps up to this checkpoint reach the writer first
             self.writer.flush(timeout=60)
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -164,8 +183,10 @@ class ForkwatchCallback(TrainerCallback):
                     json.dump({"run_id": self.run_id, "step": state.global_step}, f)
 
     def on_train_end(self, args, state, control, **kwargs):
+        with self.monitor.faults.guard("hand_off"):
+            self._hand_off()
         if self._health_job is not None:
-            self._collect_health()  # the last step's alarms: warned about, though no log of this run follows
+            self._collect_health()  # the last steps' alarms: warned about, though no log of this run follows
             for flag in self._alarms:
                 _warn(flag)
             self._alarms.clear()
@@ -175,6 +196,9 @@ class ForkwatchCallback(TrainerCallback):
         """Flush and close the writer, recording faults and status in run.json. Safe to call twice."""
         if self.writer is None:
             return
+        if self._pending and self._worker is not None:  # a crash or Ctrl-C: what is pending is written all the same
+            with self.monitor.faults.guard("hand_off"):
+                self._hand_off(health=False)
         if self._worker is not None:  # its queued records go to the writer before the writer closes
             self._worker.close()
             self._worker = None
@@ -187,18 +211,22 @@ class ForkwatchCallback(TrainerCallback):
         writer.close(status)
 
     # ------------------------------------------------------------------ helpers
-    def _write_records(self, step: int, acc) -> None:
-        """Worker thread: the step's record columns (and completion text) to the writer."""
+    def _write_records(self, records: list[tuple[int, Any]]) -> None:
+        """Worker thread: the record columns (and completion text) of the handed-over steps to the writer."""
         w, rank = self.writer, self.monitor.rank
         if w is None:
             return
-        if acc.completions:
-            proc = self.trainer.processing_class
-            w.put("completions", completion_columns(step, rank, acc.completions, getattr(proc, "tokenizer", proc)))
-        if acc.tokens:
-            w.put("tokens", token_columns(step, acc.tokens))
-        if acc.forks:
-            w.put("forks", fork_columns(step, acc.forks))
+        proc = self.trainer.processing_class
+
+        def of(field: str) -> list[tuple[int, Any]]:
+            return [(step, getattr(acc, field)) for step, acc in records if getattr(acc, field)]
+
+        if steps := of("completions"):
+            w.put("completions", completion_columns(steps, rank, getattr(proc, "tokenizer", proc)))
+        if steps := of("tokens"):
+            w.put("tokens", token_columns(steps))
+        if steps := of("forks"):
+            w.put("forks", fork_columns(steps))
 
     def _vocab_size(self) -> int | None:
         from forkwatch.plugin.hooks import target_model

@@ -69,6 +69,15 @@ class ForkwatchConfig:
     record_tokens: bool = field(default=True, metadata={"help": "Write per-token rows (and forks) of recorded completions."})
     record_forks: bool = field(default=True, metadata={"help": "Write top-k alternatives at fork positions."})
     seed: int = field(default=0, metadata={"help": "Seed of forkwatch's own generator (sampling, random selectors)."})
+    worker_interval_s: float = field(
+        default=0.5,
+        metadata={
+            "help": "Steps shorter than this are handed to forkwatch's background worker together, at most once per "
+            "this many seconds (record columns, text decoding, the live health rules: fixed costs that would "
+            "dominate small steps); longer steps are handed over at their end. Alarms act at the next hand-off. "
+            "0 hands over every step."
+        },
+    )
     queue_rows: int = field(
         default=4_000_000, metadata={"help": "Rows the writer queue holds; a full queue drops records, never blocks."}
     )
@@ -114,6 +123,8 @@ class ForkwatchConfig:
             raise ValueError(f"fork_fraction={self.fork_fraction!r}: pass a number in [0, 1], e.g. 0.2")
         if self.fork_top_k < 1:
             raise ValueError(f"fork_top_k={self.fork_top_k!r}: pass an integer >= 1, e.g. 5")
+        if not (isinstance(self.worker_interval_s, (int, float)) and self.worker_interval_s >= 0):
+            raise ValueError(f"worker_interval_s={self.worker_interval_s!r}: pass seconds >= 0, e.g. 0.5 (0: every step)")
         if self.record_every_steps < 1:
             raise ValueError(f"record_every_steps={self.record_every_steps!r}: pass an integer >= 1")
         if self.record_completions_per_step is not None and self.record_completions_per_step < 0:

@@ -4,8 +4,8 @@
 - `_calculate_rewards` / `_generate_and_score_completions`: per-completion facts, row ids, group_js;
 - `_generate_single_turn` (only with group_js): arms a forward hook on the causal LM that scores group_js from each
   decoding step's logits (gen_scores.py) while TRL generates for training;
-- `_compute_loss`: brackets each loss micro-batch; forward hooks on the model and its backbone see the fused
-  outputs (with gradient) and the hidden states (for top-k at forks);
+- `_compute_loss`: brackets each loss micro-batch; forward hooks on the model and its backbone, registered for that
+  call only, see the fused outputs (with gradient) and the hidden states (for top-k at forks);
 - `get_high_entropy_mask` (only with a selector): the selection seam.
 Every wrapper calls TRL first or always; a fault in forkwatch is counted and training goes on.
 """
@@ -93,11 +93,35 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
 
         return _generate_and_score_completions
 
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    watch_backbone = monitor.backbone is not None and monitor.config.record_tokens and monitor.config.record_forks
+
+    def model_hook(module, args, kwargs, output):
+        if monitor._mb is None:
+            return
+        with guard("model_forward"):
+            monitor.on_model_forward(kwargs, output)
+
+    def backbone_hook(module, args, output):
+        if monitor._mb is None:
+            return
+        with guard("backbone_forward"):
+            monitor.on_backbone_forward(output)
+
     def compute_loss(original):
         def _compute_loss(model, inputs):
+            handles = []
             with guard("loss_begin"):
                 monitor.begin_micro_batch(inputs)
-            loss = original(model, inputs)
+                if monitor._mb is not None:  # hooked for this pass only: generation's forwards stay on the fast path
+                    handles.append(policy.register_forward_hook(model_hook, with_kwargs=True))
+                    if watch_backbone:
+                        handles.append(monitor.backbone.register_forward_hook(backbone_hook))
+            try:
+                loss = original(model, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
             extra = None
             with guard("loss_end"):
                 extra = monitor.end_micro_batch()
@@ -145,18 +169,6 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         trainer.top_entropy_quantile = 0.5  # any value < 1 makes TRL call the seam; the threshold is ignored
         undo.append(lambda: setattr(trainer, "top_entropy_quantile", previous_quantile))
 
-    def model_hook(module, args, kwargs, output):
-        if monitor._mb is None:  # generation and no-grad passes: return before any bookkeeping
-            return
-        with guard("model_forward"):
-            monitor.on_model_forward(kwargs, output)
-
-    def backbone_hook(module, args, output):
-        if monitor._mb is None:  # fires once per generated token: return before entering the guard
-            return
-        with guard("backbone_forward"):
-            monitor.on_backbone_forward(output)
-
     def generation_hook(module, args, kwargs, output):
         if not scorer.armed:  # every forward outside TRL's generation for training
             return
@@ -167,13 +179,8 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         if not ok:
             scorer.invalidate("error")
 
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    handles = [policy.register_forward_hook(model_hook, with_kwargs=True)]
     if scorer is not None:  # on the causal LM itself: under PEFT, generate calls it, not the PeftModel
-        handles.append(target.register_forward_hook(generation_hook, with_kwargs=True))
-    if monitor.backbone is not None and monitor.config.record_tokens and monitor.config.record_forks:
-        handles.append(monitor.backbone.register_forward_hook(backbone_hook))
-    undo.extend(h.remove for h in handles)
+        undo.append(target.register_forward_hook(generation_hook, with_kwargs=True).remove)
 
     def uninstall() -> None:
         for fn in reversed(undo):

@@ -136,8 +136,11 @@ class Monitor:
             total = torch.full((b,), math.nan, device=device)
         n = self.config.record_completions_per_step
         k = b if n is None else min(b, math.ceil(n * tr.args.steps_per_generation / (ga * self.world)))
-        sampled = torch.zeros(b, dtype=torch.bool)
-        sampled[torch.randperm(b, generator=self.sample_gen)[:k]] = True
+        if k < b:
+            sampled = torch.zeros(b, dtype=torch.bool)
+            sampled[torch.randperm(b, generator=self.sample_gen)[:k]] = True
+        else:  # every completion: no draw (and forkwatch's generator is not advanced)
+            sampled = torch.ones(b, dtype=torch.bool)
         self.gen = GenBatch(
             key=gen_key, offset=self.rank * b, completion_id=cid, group_id=gid, reward=total, rewards=rewards,
             advantage=out["advantages"].float(), length=length, truncated=~has_eos, sampled=sampled.to(device),
@@ -187,7 +190,7 @@ class Monitor:
         tr, mb = self.trainer, self._mb
         inputs = mb.inputs
         t = mask.size(1)
-        logprob = torch.cat(mb.logps)[:, -t:]
+        logprob = _cat(mb.logps)[:, -t:]
         old = inputs.get("old_per_token_logps")
         acc = tr.accelerator
         inp = SelectionInput(
@@ -223,12 +226,12 @@ class Monitor:
         t = cids.size(1)
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         valid = mask.bool()
-        lp = torch.cat(mb.logps)[:, -t:].detach().float()
-        ent = torch.cat(mb.entropies)[:, -t:].detach().float()
-        renyi2 = -torch.cat(mb.log_sum_sq)[:, -t:].float()
+        lp = _cat(mb.logps)[:, -t:].float()  # no_grad: what is computed from these carries no graph
+        ent = _cat(mb.entropies)[:, -t:].float()
+        renyi2 = -_cat(mb.log_sum_sq)[:, -t:].float()
         gjs = inputs.get("forkwatch_group_js")
         sel = mb.selection
-        weights = sel.weights.detach().float() if sel is not None else torch.ones_like(ent)
+        weights = sel.weights.detach().float() if sel is not None else None  # None: every token weighs 1
         forks = metrics.fork_mask(ent, mask, cfg.fork_fraction)
         step = self._step()
         acc = self._acc()
@@ -237,13 +240,14 @@ class Monitor:
         if gjs is not None:
             acc.group_js.append(gjs[valid])
         acc.n_forks.append(forks.sum())
-        acc.n_selected.append(((weights != 0) & valid).sum())  # tokens that get any gradient
+        # tokens that get any gradient (every response token when nothing selects)
+        acc.n_selected.append(valid.sum() if weights is None else ((weights != 0) & valid).sum())
         gen = self.gen
         if gen is not None:
             row_ids = inputs["forkwatch_row_id"]
             b = gen.completion_id.numel()
-            local = row_ids % ROW_BITS - gen.offset
-            ok = (row_ids // ROW_BITS == gen.key) & (local >= 0) & (local < b)
+            local = row_ids - (gen.key * ROW_BITS + gen.offset)  # out of [0, b) for rows of another generation
+            ok = (local >= 0) & (local < b)
             local = local.clamp(0, b - 1)
             rows = local[ok]
             acc.rewards.append(gen.reward[rows])
@@ -264,41 +268,34 @@ class Monitor:
         return extra
 
     def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask) -> None:
-        """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks."""
-        cfg, gen = self.config, self.gen
-        device = lp.device
-        n = int(idx.numel())
-        m = mask[idx].bool()  # (n, T)
-        fields = ("completion_id", "group_id", "reward", "rewards", "advantage", "length", "truncated", "prompt_ids",
-                  "prompt_mask", "completion_ids")
-        acc.completions.append(CompletionBatch(
-            rows={f: None if getattr(gen, f) is None else getattr(gen, f)[gen_rows] for f in fields},
-            entropy_mean=(ent[idx] * m).sum(1) / m.sum(1).clamp(min=1),
-            reward_names=tuple(self.trainer.reward_func_names),
-        ))
+        """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks.
+        Tokens and completions keep references for the worker to copy from; only the forks' top-k alternatives are
+        computed here, since they need the LM head's weights before the optimizer step changes them."""
+        cfg = self.config
+        b, t = lp.shape
+        acc.completions.append(CompletionBatch(gen=self.gen, gen_rows=gen_rows, idx=idx, entropy=ent, mask=mask,
+                                               reward_names=tuple(self.trainer.reward_func_names)))
         if not cfg.record_tokens:
             return
-        t = lp.size(1)
-        rid = inputs["forkwatch_row_id"][idx].unsqueeze(1).expand(-1, t)[m]
-        pos = torch.arange(t, device=device).expand(n, -1)[m]
-        cov = metrics.covariance(lp, inputs["advantages"], mask)
-        fk = forks[idx] & m
+        take = torch.zeros(b, dtype=torch.bool, device=lp.device).index_fill_(0, idx, True).unsqueeze(1) & mask.bool()
+        row_ids = inputs["forkwatch_row_id"]
         acc.tokens.append(TokenBatch(
-            completion_id=rid, position=pos, token_id=inputs["completion_ids"][idx][m],
-            logprob=lp[idx][m], entropy=ent[idx][m], renyi2=renyi2[idx][m],
-            group_js=None if gjs is None else gjs[idx][m], covariance=cov[idx][m],
-            selected=weights[idx][m], is_fork=fk[m],
+            take=take, logprob=lp.detach(), entropy=ent.detach(), renyi2=renyi2, group_js=gjs, selected=weights,
+            is_fork=forks, advantages=inputs["advantages"], mask=mask, completion_id=row_ids,
+            token_id=inputs["completion_ids"],
         ))
-        if cfg.record_forks and mb.hidden and self.project is not None and bool(fk.any()):
+        if cfg.record_forks and mb.hidden and self.project is not None:
             p = inputs["prompt_ids"].size(1)
-            hidden = torch.cat(mb.hidden)[idx][:, p - 1 : p - 1 + t]  # (n, T, H)
-            ids, probs, rank = metrics.topk_alternatives(hidden[fk], inputs["completion_ids"][idx][fk], self.project,
-                                                         cfg.fork_top_k)
-            acc.forks.append(ForkBatch(
-                completion_id=inputs["forkwatch_row_id"][idx].unsqueeze(1).expand(-1, t)[fk],
-                position=torch.arange(t, device=device).expand(n, -1)[fk],
-                sampled_rank=rank, alt_ids=ids, alt_probs=probs,
-            ))
+            hidden = _cat(mb.hidden)[:, p - 1 : p - 1 + t]  # (B, T, H): the states that predicted each token
+            row, pos = (forks & take).nonzero().unbind(1)  # (F,) each, row-major
+            alt_ids, alt_probs, rank = metrics.topk_alternatives(
+                hidden[row, pos], inputs["completion_ids"][row, pos], self.project, cfg.fork_top_k)
+            acc.forks.append(ForkBatch(completion_id=row_ids[row], position=pos, sampled_rank=rank, alt_ids=alt_ids,
+                                       alt_probs=alt_probs))
+
+
+def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 
 def _gather_1d(accelerator, x: torch.Tensor) -> torch.Tensor:

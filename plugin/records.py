@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from forkwatch.plugin.metrics import summarize
+from forkwatch.plugin.metrics import PERCENTILES, covariance, summarize_many
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -24,18 +24,48 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class TokenBatch:
-    """Token rows of recorded completions from one micro-batch, device tensors. N rows."""
+    """One loss micro-batch's (B, T) tensors and the token rows of it to record (`take`). The training thread keeps
+    references only (detached; nothing modifies them afterwards); `token_rows`, on the worker, computes the
+    covariance and copies the rows out, for many micro-batches at once."""
 
-    completion_id: torch.Tensor  # (N,) int64
-    position: torch.Tensor  # (N,)
-    token_id: torch.Tensor  # (N,)
-    logprob: torch.Tensor
+    STATS = ("logprob", "entropy", "renyi2", "group_js", "covariance", "selected")  # token_rows' statistics
+    IDS = ("completion_id", "position", "token_id")  # token_rows' ids, after the step
+
+    take: torch.Tensor  # (B, T) bool: recorded completions' response tokens
+    logprob: torch.Tensor  # (B, T)
     entropy: torch.Tensor
     renyi2: torch.Tensor
-    group_js: torch.Tensor | None
-    covariance: torch.Tensor
-    selected: torch.Tensor
-    is_fork: torch.Tensor
+    group_js: torch.Tensor | None  # None when it was not computed (a null column)
+    selected: torch.Tensor | None  # (B, T) gradient weight; None: 1 everywhere (nothing selects)
+    is_fork: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B,) or (B, T)
+    mask: torch.Tensor  # (B, T) response-token mask: the covariance's means are over it
+    completion_id: torch.Tensor  # (B,) int64
+    token_id: torch.Tensor  # (B, T)
+
+    def shape_key(self) -> tuple:
+        """Batches with equal keys are stacked and copied out together (`token_rows`)."""
+        return (tuple(self.take.shape), self.take.device, self.advantages.dim(), self.group_js is None,
+                self.selected is None)
+
+
+def token_rows(steps: list[int], batches: list[TokenBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recorded tokens of same-shaped batches (batch i of step steps[i]), stacked into (K, B, T) so that the
+    copy costs the same ~25 tensor ops for K micro-batches as for one. -> (N, 6) float32 statistics (STATS order),
+    (N, 4) int64 step and ids (IDS order) and (N,) bool is_fork."""
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(b, name) for b in batches])
+
+    take, lp = stack("take"), stack("logprob").float()
+    k, b, t = take.shape
+    gjs = torch.full_like(lp, math.nan) if batches[0].group_js is None else stack("group_js").float()
+    cov = covariance(lp, stack("advantages"), stack("mask"))
+    selected = torch.ones_like(lp) if batches[0].selected is None else stack("selected").float()
+    stats = torch.stack([lp, stack("entropy").float(), stack("renyi2").float(), gjs, cov, selected], dim=-1)[take]
+    step = torch.tensor(steps, device=take.device).view(k, 1, 1).expand(k, b, t)
+    ids = torch.stack([step, stack("completion_id").unsqueeze(-1).expand(k, b, t),
+                       torch.arange(t, device=take.device).expand(k, b, t), stack("token_id").long()], dim=-1)
+    return stats, ids[take], stack("is_fork")[take]
 
 
 @dataclass
@@ -72,11 +102,22 @@ class GenBatch:
 
 @dataclass
 class CompletionBatch:
-    """Recorded completions of one micro-batch (n rows): GenBatch rows plus the loss pass's mean entropy."""
+    """Recorded completions of one micro-batch: rows `gen_rows` of a generation batch (micro-batch rows `idx`),
+    indexed on the worker (a GenBatch's tensors are not modified once built), and their mean entropy over `mask`."""
 
-    rows: dict[str, torch.Tensor | None]  # GenBatch field -> (n, ...) tensor
-    entropy_mean: torch.Tensor  # (n,)
+    FIELDS = ("completion_id", "group_id", "reward", "rewards", "advantage", "length", "truncated")
+    RAGGED = ("prompt_ids", "prompt_mask", "completion_ids")  # padded per generation batch: widths differ
+
+    gen: GenBatch
+    gen_rows: torch.Tensor  # (n,) long
+    idx: torch.Tensor  # (n,) long
+    entropy: torch.Tensor  # (B, T) of the micro-batch
+    mask: torch.Tensor  # (B, T)
     reward_names: tuple[str, ...]
+
+    def entropy_mean(self) -> torch.Tensor:
+        valid = self.mask[self.idx].bool()
+        return (self.entropy[self.idx] * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
 @dataclass
@@ -108,22 +149,28 @@ class StepAccumulator:
             self.select_metrics.setdefault(k, []).extend(v)
         self.seconds += other.seconds
 
+    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated")
+    COUNTS = ("n_forks", "n_selected")
+
     def collect(self) -> dict[str, Any]:
-        """Picklable summary for the cross-rank gather: per-token values as numpy, counts as numbers."""
-        cat = lambda xs: _np(torch.cat(xs).double()) if xs else np.zeros(0, np.float64)  # noqa: E731
-        count = lambda xs: float(torch.stack(xs).sum()) if xs else 0.0  # noqa: E731  (one sync, not one per item)
-        return {
-            "entropy": cat(self.entropy),
-            "renyi2": cat(self.renyi2),
-            "group_js": cat(self.group_js),
-            "n_forks": count(self.n_forks),
-            "n_selected": count(self.n_selected),
-            "rewards": cat(self.rewards),
-            "lengths": cat(self.lengths),
-            "truncated": cat(self.truncated),
-            "select_metrics": {k: list(v) for k, v in self.select_metrics.items()},
-            "seconds": self.seconds,
-        }
+        """Picklable summary for the cross-rank gather: per-token values as numpy, counts as numbers. Everything
+        crosses to the CPU in one copy (one device synchronisation, not eight)."""
+        series = {name: getattr(self, name) for name in self.SERIES}
+        pieces = [x.reshape(-1).double() for xs in series.values() for x in xs]
+        pieces += [torch.stack(getattr(self, name)).sum().reshape(1).double() for name in self.COUNTS
+                   if getattr(self, name)]
+        flat = _np(torch.cat(pieces)) if pieces else np.zeros(0, np.float64)
+        out: dict[str, Any] = {}
+        at = 0
+        for name, xs in series.items():
+            n = sum(x.numel() for x in xs)
+            out[name], at = flat[at : at + n], at + n
+        for name in self.COUNTS:
+            out[name] = float(flat[at]) if getattr(self, name) else 0.0
+            at += bool(getattr(self, name))
+        out["select_metrics"] = {k: list(v) for k, v in self.select_metrics.items()}
+        out["seconds"] = self.seconds
+        return out
 
 
 def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | None, dropped: int) -> dict[str, Any]:
@@ -140,75 +187,82 @@ def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | Non
         for k, v in p["select_metrics"].items():
             sel_metrics.setdefault(k, []).extend(v)
 
-    def mean(a: np.ndarray) -> float:
-        finite = a[np.isfinite(a)]
-        return float(finite.mean()) if finite.size else math.nan
-
     def metric(name: str) -> float | None:
         vals = sel_metrics.get(name)
         return float(np.mean(vals)) if vals else None
 
+    reward_mean, length_mean, truncated_fraction = _finite_means(np.stack([rewards, lengths, truncated]))
     row: dict[str, Any] = {
         "step": step,
         "time": np.datetime64("now", "ms"),
         "n_tokens": n,
         "n_completions": int(rewards.size),
-        **summarize(ent, "entropy"),
-        **summarize(ren, "renyi2"),
-        **summarize(gjs, "group_js"),
+        **summarize_many({"entropy": ent, "renyi2": ren, **({"group_js": gjs} if gjs.size else {})}),
         "fork_fraction": sum(p["n_forks"] for p in parts) / n if n else math.nan,
         "selected_fraction": sum(p["n_selected"] for p in parts) / n if n else math.nan,
         "select_method": select_method,
         "select_threshold": metric("threshold"),
         "select_warmup": None if metric("warmup") is None else bool(metric("warmup") > 0.5),
-        "reward_mean": mean(rewards),
-        "reward_std": float(np.nanstd(rewards, ddof=1)) if rewards.size > 1 else math.nan,
-        "completion_length_mean": mean(lengths),
-        "truncated_fraction": mean(truncated),
+        "reward_mean": reward_mean,
+        "reward_std": _std(rewards),
+        "completion_length_mean": length_mean,
+        "truncated_fraction": truncated_fraction,
         "forkwatch_seconds": float(max(p["seconds"] for p in parts)) if parts else 0.0,
         "dropped_records": int(dropped),
     }
     if not gjs.size:  # not computed this step: null, not NaN
-        for k in list(row):
-            if k.startswith("group_js_"):
-                row[k] = None
+        row.update(dict.fromkeys(("group_js_mean", *(f"group_js_p{round(q * 100)}" for q in PERCENTILES))))
     row["_select_metrics"] = {k: float(np.mean(v)) for k, v in sel_metrics.items() if v}
     return row
 
 
-def token_columns(step: int, batches: list[TokenBatch]) -> dict[str, np.ndarray]:
-    """TOKENS columns (minus run_id) from the step's token batches."""
-
-    def cat(name: str, dtype) -> np.ndarray:
-        return _np(torch.cat([getattr(b, name) for b in batches])).astype(dtype, copy=False)
-
-    n = sum(int(b.completion_id.numel()) for b in batches)
-    gjs_np = None  # null column when group_js was not computed
-    if any(b.group_js is not None for b in batches):
-        gjs = [b.group_js if b.group_js is not None else torch.full_like(b.entropy, float("nan")) for b in batches]
-        gjs_np = _np(torch.cat(gjs)).astype(np.float32, copy=False)
-    return {
-        "step": np.full(n, step, np.int32),
-        "completion_id": cat("completion_id", np.int64),
-        "position": cat("position", np.int32),
-        "token_id": cat("token_id", np.int32),
-        "logprob": cat("logprob", np.float32),
-        "entropy": cat("entropy", np.float32),
-        "renyi2": cat("renyi2", np.float32),
-        "group_js": gjs_np,
-        "covariance": cat("covariance", np.float32),
-        "selected": cat("selected", np.float32),
-        "is_fork": cat("is_fork", np.bool_),
-    }
+def _finite_means(rows: np.ndarray) -> list[float]:
+    """Mean of the finite values of each row (NaN for a row with none), in a few numpy calls for all rows."""
+    finite = np.isfinite(rows)
+    count = finite.sum(1)
+    total = np.where(finite, rows, 0.0).sum(1)
+    return np.where(count > 0, total / np.maximum(count, 1), math.nan).tolist()
 
 
-def fork_columns(step: int, batches: list[ForkBatch]) -> dict[str, Any]:
-    """FORKS columns (minus run_id)."""
+def _std(a: np.ndarray) -> float:
+    """Sample standard deviation (ddof 1) ignoring NaN, NaN under two values: np.nanstd without its dispatch."""
+    a = a[~np.isnan(a)]
+    return float(np.sqrt(((a - a.mean()) ** 2).sum() / (a.size - 1))) if a.size > 1 else math.nan
+
+
+def token_columns(steps: list[tuple[int, list[TokenBatch]]]) -> dict[str, np.ndarray]:
+    """TOKENS columns (minus run_id) of several steps' token batches: [(step, batches), ...]."""
+    groups: dict[tuple, tuple[list[int], list[TokenBatch]]] = {}
+    for step, bs in steps:
+        for b in bs:
+            g = groups.setdefault(b.shape_key(), ([], []))
+            g[0].append(step)
+            g[1].append(b)
+    parts = [token_rows(*g) for g in groups.values()]
+    stats, ids = _np(torch.cat([p[0] for p in parts])), _np(torch.cat([p[1] for p in parts]))
+    cols: dict[str, np.ndarray | None] = {"step": ids[:, 0].astype(np.int32)}
+    cols.update({name: ids[:, i + 1].astype(np.int64 if name == "completion_id" else np.int32)
+                 for i, name in enumerate(TokenBatch.IDS)})
+    cols.update({name: np.ascontiguousarray(stats[:, i]) for i, name in enumerate(TokenBatch.STATS)})
+    if all(b.group_js is None for _, bs in steps for b in bs):
+        cols["group_js"] = None  # a null column, not NaN, when group_js was not computed
+    cols["is_fork"] = _np(torch.cat([p[2] for p in parts]))
+    return cols
+
+
+def _step_column(steps: list[tuple[int, list[Any]]], rows: Any) -> np.ndarray:
+    """int32 step of every row: each step repeated over the rows of its batches (`rows(batch)` of each)."""
+    counts = [sum(int(rows(b)) for b in bs) for _, bs in steps]
+    return np.repeat(np.array([s for s, _ in steps], np.int32), counts)
+
+
+def fork_columns(steps: list[tuple[int, list[ForkBatch]]]) -> dict[str, Any]:
+    """FORKS columns (minus run_id) of several steps' fork batches: [(step, batches), ...]."""
+    batches = [b for _, bs in steps for b in bs]
     ids = _np(torch.cat([b.alt_ids for b in batches])).astype(np.int32)
     probs = _np(torch.cat([b.alt_probs for b in batches]).float()).astype(np.float32)
-    n = ids.shape[0]
     return {
-        "step": np.full(n, step, np.int32),
+        "step": _step_column(steps, lambda b: b.alt_ids.size(0)),
         "completion_id": _np(torch.cat([b.completion_id for b in batches])).astype(np.int64),
         "position": _np(torch.cat([b.position for b in batches])).astype(np.int32),
         "sampled_rank": np.minimum(_np(torch.cat([b.sampled_rank for b in batches])), 32767).astype(np.int16),
@@ -224,28 +278,38 @@ def _lists(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=type_))
 
 
-def completion_columns(step: int, rank: int, batches: list[CompletionBatch], tokenizer) -> dict[str, Any]:
-    """COMPLETIONS columns (minus run_id); decodes prompt and completion text (worker thread: not the hot path)."""
-    rows = {k: torch.cat([b.rows[k] for b in batches]).cpu() for k in batches[0].rows if batches[0].rows[k] is not None}
+def completion_columns(steps: list[tuple[int, list[CompletionBatch]]], rank: int, tokenizer) -> dict[str, Any]:
+    """COMPLETIONS columns (minus run_id) of several steps; decodes prompt and completion text (worker thread: not
+    the hot path)."""
+    batches = [b for _, bs in steps for b in bs]
+    rows = {k: torch.cat([getattr(b.gen, k)[b.gen_rows] for b in batches]).cpu() for k in CompletionBatch.FIELDS
+            if getattr(batches[0].gen, k) is not None}
     n = int(rows["completion_id"].numel())
-    pmask = rows["prompt_mask"].bool()
     length = rows["length"].tolist()
+    prompts, completions = [], []
+    for b in batches:
+        pids, pmask, cids = (getattr(b.gen, k)[b.gen_rows].tolist() for k in CompletionBatch.RAGGED)
+        prompts += [tuple(t for t, keep in zip(p, m, strict=True) if keep) for p, m in zip(pids, pmask, strict=True)]
+        completions += cids
+    # a prompt comes back once per rollout of its group (and again under num_iterations): decode each one once
+    unique = list(dict.fromkeys(prompts))
+    prompt_text = dict(zip(unique, tokenizer.batch_decode([list(u) for u in unique], skip_special_tokens=True),
+                           strict=True))
     names = batches[0].reward_names
     per_fn = rows["rewards"].tolist() if "rewards" in rows else None
     cols: dict[str, Any] = {
-        "step": [step] * n,
+        "step": _step_column(steps, lambda b: b.idx.numel()),
         "rank": [rank] * n,
         "completion_id": rows["completion_id"].tolist(),
         "group_id": rows["group_id"].tolist(),
-        "prompt": tokenizer.batch_decode([p[m].tolist() for p, m in zip(rows["prompt_ids"], pmask, strict=True)],
-                                         skip_special_tokens=True),
-        "completion": tokenizer.batch_decode([c[:k].tolist() for c, k in zip(rows["completion_ids"], length, strict=True)],
+        "prompt": [prompt_text[p] for p in prompts],
+        "completion": tokenizer.batch_decode([c[:k] for c, k in zip(completions, length, strict=True)],
                                              skip_special_tokens=True),
         "rewards": [None] * n if per_fn is None else [dict(zip(names, r, strict=True)) for r in per_fn],
         "reward": rows["reward"].tolist(),
         "advantage": rows["advantage"].tolist(),
         "length": length,
         "truncated": rows["truncated"].tolist(),
-        "entropy_mean": torch.cat([b.entropy_mean for b in batches]).float().cpu().tolist(),
+        "entropy_mean": torch.cat([b.entropy_mean() for b in batches]).float().cpu().tolist(),
     }
     return cols

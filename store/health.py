@@ -335,7 +335,7 @@ class LiveMonitor:
 
     `update(row)` takes one step's values (a mapping with `step`, `entropy_mean`, and optionally the other columns
     `evaluate` reads) and returns the flags that became active at this step, each once: a rule is reported again only
-    after its condition has cleared. Re-evaluating the whole series keeps one implementation; it costs O(steps) per
+    after its condition has cleared. `update_many(rows)` does the same for several steps with one evaluation. Re-evaluating the whole series keeps one implementation; it costs O(steps) per
     step: about 1.5 ms per update at 5,000 steps on one core.
     """
 
@@ -347,8 +347,30 @@ class LiveMonitor:
         self.report: HealthReport | None = None
 
     def update(self, row: Mapping[str, Any]) -> list[Flag]:
-        if "step" not in row:
-            raise ValueError("LiveMonitor.update() needs a 'step' value in the row")
+        return self.update_many([row])
+
+    def update_many(self, rows: list[Mapping[str, Any]]) -> list[Flag]:
+        """Append several steps' rows, evaluate once, and return the flags that became active within them (an
+        episode that fired and cleared inside `rows` included): the same episodes as `update` row by row, at the
+        cost of one evaluation."""
+        if not rows:
+            return []
+        if any("step" not in row for row in rows):
+            raise ValueError("LiveMonitor.update() needs a 'step' value in every row")
+        for row in rows:
+            self._append(row)
+        if "entropy_mean" not in self._series:
+            return []
+        self.report = evaluate(self._series, self.rules, vocab_size=self.vocab_size)
+        steps = self._series["step"]
+        first, last = steps[-len(rows)], steps[-1]
+        # An episode already active before these rows is not new; one that fired among them is.
+        new = [f for f in self.report.flags
+               if f.until >= first and (f.fired_at >= first or f.rule not in self._active)]
+        self._active = {f.rule for f in self.report.flags if f.until == last}
+        return new
+
+    def _append(self, row: Mapping[str, Any]) -> None:
         n = len(self._series.get("step", []))
         for name, value in row.items():
             try:
@@ -359,14 +381,6 @@ class LiveMonitor:
         for col in self._series.values():  # a column missing from this row gets NaN, keeping columns aligned
             if len(col) == n:
                 col.append(math.nan)
-        if "entropy_mean" not in self._series:
-            return []
-        self.report = evaluate(self._series, self.rules, vocab_size=self.vocab_size)
-        last = self._series["step"][-1]
-        now = {f.rule: f for f in self.report.flags if f.until == last}
-        new = [f for rule, f in now.items() if rule not in self._active]
-        self._active = set(now)
-        return new
 
     def scalars(self) -> dict[str, float]:
         """`forkwatch/alarm/<kind>` = 1.0 while a rule of that kind is active, else 0.0 (for the trainer's logs)."""

@@ -155,6 +155,31 @@ def test_live_monitor_reports_each_episode_once_at_the_step_it_fires():
     assert monitor.scalars()["forkwatch/alarm/explosion"] == 0.0
 
 
+@pytest.mark.parametrize("kind", ["collapse", "explosion"])
+def test_live_monitor_in_batches_reports_the_same_alarms_as_step_by_step(kind):
+    series = step_series(kind, 60)
+    rows = [{k: v[i].item() for k, v in series.items()} for i in range(60)]
+    one = LiveMonitor()
+    by_step = [(f.rule, f.fired_at) for row in rows for f in one.update(row)]
+    batched = LiveMonitor()
+    by_batch = [(f.rule, f.fired_at) for i in range(0, 60, 7) for f in batched.update_many(rows[i : i + 7])]
+    alarms = [e for e in by_step if not e[0].startswith("saturation")]  # the law fit moves with the batch edges
+    assert alarms, "the series must raise an alarm for this test to mean anything"
+    assert [e for e in by_batch if not e[0].startswith("saturation")] == alarms
+    assert batched.scalars() == one.scalars()
+    with pytest.raises(ValueError, match="step"):
+        batched.update_many([{"step": 61, "entropy_mean": 1.0}, {"entropy_mean": 1.0}])
+    assert len(batched._series["step"]) == 60, "a batch with a bad row is refused whole"
+
+
+def test_live_monitor_batch_reports_an_episode_that_fired_and_cleared_inside_it():
+    monitor = LiveMonitor(HealthRules(min_steps=1, sustain_steps=2, early_steps=1))
+    entropy = [1.0, 1.0, 3.0, 3.0, 1.0, 1.0]  # above 2x the early level at steps 2-3 only
+    flags = monitor.update_many([{"step": i, "entropy_mean": e} for i, e in enumerate(entropy)])
+    assert [(f.rule, f.fired_at, f.until) for f in flags] == [("explosion.mean", 3, 3)]
+    assert monitor.scalars()["forkwatch/alarm/explosion"] == 0.0  # over by the end of the batch
+
+
 def test_live_monitor_tolerates_missing_and_non_numeric_values():
     monitor = LiveMonitor(HealthRules(min_steps=1, sustain_steps=1))
     assert monitor.update({"step": 0, "select_method": "ict"}) == []

@@ -14,10 +14,11 @@ import forkwatch
 FAST_RULES = {"min_steps": 2, "sustain_steps": 2, "early_steps": 1}
 
 
-def _run(make_trainer, tmp_path, on_alarm: str):
+def _run(make_trainer, tmp_path, on_alarm: str, worker_interval_s: float = 0.0):
+    """worker_interval_s=0: every step is handed to the worker at its end, so an alarm acts at the next step."""
     trainer = make_trainer(max_steps=8)
     forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", health_rules=FAST_RULES,
-                     on_alarm=on_alarm)
+                     on_alarm=on_alarm, worker_interval_s=worker_interval_s)
     trainer.train()
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     return trainer, meta
@@ -37,6 +38,21 @@ def test_on_alarm_stop_ends_training_at_the_alarm(make_trainer, tmp_path):
     trainer, meta = _run(make_trainer, tmp_path, "stop")
     assert trainer.state.global_step < 8
     assert "explosion" in meta["stopped_by_alarm"] and meta["status"] == "stopped"
+
+
+def test_steps_batched_into_one_hand_off_are_all_written_and_their_alarm_still_warned(make_trainer, tmp_path,
+                                                                                     caplog):
+    from forkwatch.store import connect
+
+    with caplog.at_level(logging.WARNING, logger="forkwatch"):
+        trainer, meta = _run(make_trainer, tmp_path, "log", worker_interval_s=3600.0)  # one hand-off, at the end
+    con = connect(str(tmp_path / "runs"))
+    assert con.sql("SELECT list(step ORDER BY step) FROM steps").fetchall()[0][0] == list(range(1, 9))
+    assert con.sql("SELECT list(DISTINCT step ORDER BY step) FROM tokens").fetchall()[0][0] == list(range(1, 9))
+    assert con.sql("SELECT count(DISTINCT step) FROM completions").fetchall()[0][0] == 8
+    # the alarm came from the rules run at the end of training, over all 8 steps at once: warned, not logged
+    assert any("forkwatch alarm" in r.message and "explosion" in r.message for r in caplog.records)
+    assert meta["status"] == "finished"
 
 
 def _raise_in_reward(exc: BaseException):
