@@ -51,7 +51,7 @@ CONFIGS = {
     ),
     "qwen0.5b": ("qwen_0_5b", dict(per_device_train_batch_size=16, num_generations=8, max_completion_length=256)),
 }
-WORKER_INTERVAL_S = 0.5  # ForkwatchConfig.worker_interval_s, the default every variant runs with
+WORKER_INTERVAL_S = 1.0  # ForkwatchConfig.worker_interval_s, the default every variant runs with
 BASE_VARIANTS: dict[str, dict | None] = {
     "plain": None, "monitor": dict(group_js=False), "monitor+group_js": dict(group_js=True),
 }

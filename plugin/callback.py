@@ -3,7 +3,7 @@
 
 What runs where at the end of a step (plugin/worker.py): the `steps` row and every scalar it holds are computed on
 the training thread and logged for the step they describe. The rest waits in `Pending` until a hand-off, at the end
-of a step once `worker_interval_s` (default 0.5 s) has passed since the last one (so every step of a run whose steps
+of a step once `worker_interval_s` (default 1 s) has passed since the last one (so every step of a run whose steps
 take longer): then the steps rows go to the writer as one batch, and the record columns (tokens, forks, completions
 with their decoded text) and the live health rules run on the worker thread. The health flags of one hand-off are
 collected at the next, so an alarm is acted on (warning, on_alarm="stop") one hand-off after the step that raised

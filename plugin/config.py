@@ -70,7 +70,7 @@ class ForkwatchConfig:
     record_forks: bool = field(default=True, metadata={"help": "Write top-k alternatives at fork positions."})
     seed: int = field(default=0, metadata={"help": "Seed of forkwatch's own generator (sampling, random selectors)."})
     worker_interval_s: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
             "help": "Steps shorter than this are handed to forkwatch's background worker together, at most once per "
             "this many seconds (record columns, text decoding, the live health rules: fixed costs that would "

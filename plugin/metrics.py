@@ -36,10 +36,12 @@ def covariance(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
 
 
 @torch.no_grad()
-def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """(B, T) bool: the top `fraction` of masked tokens by entropy (at least one when fraction > 0 and any token)."""
+def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """(B, T) bool: the top `fraction` of masked tokens by entropy (at least one when fraction > 0 and any token).
+    `values`: entropy[mask] when the caller has it already."""
     valid = mask.bool()
-    values = entropy.detach()[valid].float()  # (N,)
+    values = entropy.detach()[valid].float() if values is None else values  # (N,)
     if fraction <= 0.0 or values.numel() == 0:
         return torch.zeros_like(valid)
     k = max(1, int(np.ceil(fraction * values.numel())))

@@ -87,7 +87,11 @@ class Monitor:
         return self.trainer.state.global_step + 1  # the step number TRL logs after this optimizer step
 
     def _acc(self) -> StepAccumulator:
-        return self.steps.setdefault(self._step(), StepAccumulator())
+        step = self._step()
+        acc = self.steps.get(step)
+        if acc is None:
+            acc = self.steps[step] = StepAccumulator()
+        return acc
 
     def _recording(self, step: int) -> bool:
         return (step - 1) % self.config.record_every_steps == 0
@@ -232,16 +236,16 @@ class Monitor:
         gjs = inputs.get("forkwatch_group_js")
         sel = mb.selection
         weights = sel.weights.detach().float() if sel is not None else None  # None: every token weighs 1
-        forks = metrics.fork_mask(ent, mask, cfg.fork_fraction)
+        ent_valid = ent[valid]
+        forks = metrics.fork_mask(ent, valid, cfg.fork_fraction, values=ent_valid)
         step = self._step()
         acc = self._acc()
-        acc.entropy.append(ent[valid])
-        acc.renyi2.append(renyi2[valid])
+        # tokens that get any gradient: every response token when nothing selects
+        n_selected = valid.sum() if weights is None else ((weights != 0) & valid).sum()
+        series = dict(entropy=ent_valid, renyi2=renyi2[valid], n_forks=forks.sum().view(1),
+                      n_selected=n_selected.view(1))
         if gjs is not None:
-            acc.group_js.append(gjs[valid])
-        acc.n_forks.append(forks.sum())
-        # tokens that get any gradient (every response token when nothing selects)
-        acc.n_selected.append(valid.sum() if weights is None else ((weights != 0) & valid).sum())
+            series["group_js"] = gjs[valid]
         gen = self.gen
         if gen is not None:
             row_ids = inputs["forkwatch_row_id"]
@@ -250,14 +254,13 @@ class Monitor:
             ok = (local >= 0) & (local < b)
             local = local.clamp(0, b - 1)
             rows = local[ok]
-            acc.rewards.append(gen.reward[rows])
-            acc.lengths.append(gen.length[rows])
-            acc.truncated.append(gen.truncated[rows])
-            if self._recording(step):
-                pick = (ok & gen.sampled[local] & ~gen.recorded[local]).nonzero().squeeze(1)  # micro-batch rows
-                if pick.numel():
-                    gen.recorded[local[pick]] = True
-                    self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask)
+            series.update(rewards=gen.reward[rows], lengths=gen.length[rows], truncated=gen.truncated[rows])
+        acc.add(**series)
+        if gen is not None and self._recording(step):
+            pick = (ok & gen.sampled[local] & ~gen.recorded[local]).nonzero().squeeze(1)  # micro-batch rows
+            if pick.numel():
+                gen.recorded[local[pick]] = True
+                self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask)
         extra = None
         if sel is not None and sel.loss_delta is not None:
             from forkwatch.plugin.policy_loss import aggregate_like_trl

@@ -115,59 +115,48 @@ class CompletionBatch:
     mask: torch.Tensor  # (B, T)
     reward_names: tuple[str, ...]
 
-    def entropy_mean(self) -> torch.Tensor:
-        valid = self.mask[self.idx].bool()
-        return (self.entropy[self.idx] * valid).sum(1) / valid.sum(1).clamp(min=1)
-
 
 @dataclass
 class StepAccumulator:
     """Everything one rank saw in the loss passes of one optimizer step."""
 
-    entropy: list[torch.Tensor] = field(default_factory=list)  # masked values, (n_i,) each
-    renyi2: list[torch.Tensor] = field(default_factory=list)
-    group_js: list[torch.Tensor] = field(default_factory=list)
-    n_forks: list[torch.Tensor] = field(default_factory=list)
-    n_selected: list[torch.Tensor] = field(default_factory=list)
-    rewards: list[torch.Tensor] = field(default_factory=list)  # one value per completion trained on this step
-    lengths: list[torch.Tensor] = field(default_factory=list)
-    truncated: list[torch.Tensor] = field(default_factory=list)
+    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated")  # per token / per completion
+    COUNTS = ("n_forks", "n_selected")
+
+    # per micro-batch: (series names, their sizes, their values joined into one 1-D tensor)
+    values: list[tuple[tuple[str, ...], tuple[int, ...], torch.Tensor]] = field(default_factory=list)
     select_metrics: dict[str, list[float]] = field(default_factory=dict)
     tokens: list[TokenBatch] = field(default_factory=list)
     forks: list[ForkBatch] = field(default_factory=list)
     completions: list[CompletionBatch] = field(default_factory=list)
     seconds: float = 0.0
 
-    LISTS = ("entropy", "renyi2", "group_js", "n_forks", "n_selected", "rewards", "lengths", "truncated", "tokens",
-             "forks", "completions")
+    def add(self, **series: torch.Tensor) -> None:
+        """One micro-batch's SERIES (1-D tensors) and COUNTS (one-element tensors), joined into one tensor now so
+        that `collect` copies the whole step to the CPU at once."""
+        self.values.append((tuple(series), tuple(v.numel() for v in series.values()), torch.cat(list(series.values()))))
 
     def merge(self, other: StepAccumulator) -> None:
         """Append `other`'s captures (a step whose on_step_end never came) to this one."""
-        for name in self.LISTS:
+        for name in ("values", "tokens", "forks", "completions"):
             getattr(self, name).extend(getattr(other, name))
         for k, v in other.select_metrics.items():
             self.select_metrics.setdefault(k, []).extend(v)
         self.seconds += other.seconds
 
-    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated")
-    COUNTS = ("n_forks", "n_selected")
-
     def collect(self) -> dict[str, Any]:
         """Picklable summary for the cross-rank gather: per-token values as numpy, counts as numbers. Everything
-        crosses to the CPU in one copy (one device synchronisation, not eight)."""
-        series = {name: getattr(self, name) for name in self.SERIES}
-        pieces = [x.reshape(-1).double() for xs in series.values() for x in xs]
-        pieces += [torch.stack(getattr(self, name)).sum().reshape(1).double() for name in self.COUNTS
-                   if getattr(self, name)]
-        flat = _np(torch.cat(pieces)) if pieces else np.zeros(0, np.float64)
-        out: dict[str, Any] = {}
+        crosses to the CPU in one copy (one device synchronisation)."""
+        flat = _np(torch.cat([v for _, _, v in self.values]).double()) if self.values else np.zeros(0)
+        found: dict[str, list[np.ndarray]] = {name: [] for name in (*self.SERIES, *self.COUNTS)}
         at = 0
-        for name, xs in series.items():
-            n = sum(x.numel() for x in xs)
-            out[name], at = flat[at : at + n], at + n
-        for name in self.COUNTS:
-            out[name] = float(flat[at]) if getattr(self, name) else 0.0
-            at += bool(getattr(self, name))
+        for names, sizes, _ in self.values:
+            for name, n in zip(names, sizes, strict=True):
+                found[name].append(flat[at : at + n])
+                at += n
+        out: dict[str, Any] = {name: np.concatenate(found[name]) if found[name] else np.zeros(0)
+                               for name in self.SERIES}
+        out.update({name: float(sum(x.sum() for x in found[name])) for name in self.COUNTS})
         out["select_metrics"] = {k: list(v) for k, v in self.select_metrics.items()}
         out["seconds"] = self.seconds
         return out
@@ -279,37 +268,55 @@ def _lists(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
 
 
 def completion_columns(steps: list[tuple[int, list[CompletionBatch]]], rank: int, tokenizer) -> dict[str, Any]:
-    """COMPLETIONS columns (minus run_id) of several steps; decodes prompt and completion text (worker thread: not
-    the hot path)."""
+    """COMPLETIONS columns (minus run_id) of several steps; decodes prompt and completion text. Worker thread: each
+    generation batch crosses to numpy once, and rows are picked there (numpy indexing costs a fraction of torch's
+    per call, and this thread shares the interpreter with training)."""
     batches = [b for _, bs in steps for b in bs]
-    rows = {k: torch.cat([getattr(b.gen, k)[b.gen_rows] for b in batches]).cpu() for k in CompletionBatch.FIELDS
-            if getattr(batches[0].gen, k) is not None}
-    n = int(rows["completion_id"].numel())
-    length = rows["length"].tolist()
-    prompts, completions = [], []
+    host = {id(b.gen): b.gen for b in batches}
+    arrays = {key: {f: _np(getattr(g, f)) for f in (*CompletionBatch.FIELDS, *CompletionBatch.RAGGED)
+                    if getattr(g, f) is not None} for key, g in host.items()}
+    cols: dict[str, list[np.ndarray]] = {}
+    prompts: list[tuple[int, ...]] = []
+    completions: list[list[int]] = []
     for b in batches:
-        pids, pmask, cids = (getattr(b.gen, k)[b.gen_rows].tolist() for k in CompletionBatch.RAGGED)
-        prompts += [tuple(t for t, keep in zip(p, m, strict=True) if keep) for p, m in zip(pids, pmask, strict=True)]
-        completions += cids
+        a, rows, idx = arrays[id(b.gen)], _np(b.gen_rows), _np(b.idx)
+        for f in CompletionBatch.FIELDS:
+            if f in a:
+                cols.setdefault(f, []).append(a[f][rows])
+        length = a["length"][rows]
+        prompts += [tuple(p[m.astype(bool)].tolist()) for p, m in zip(a["prompt_ids"][rows], a["prompt_mask"][rows],
+                                                                      strict=True)]
+        completions += [c[:k].tolist() for c, k in zip(a["completion_ids"][rows], length, strict=True)]
+        ent, valid = _np(b.entropy)[idx], _np(b.mask)[idx] != 0
+        cols.setdefault("entropy_mean", []).append((ent * valid).sum(1) / np.maximum(valid.sum(1), 1))
+    c = {f: np.concatenate(v) for f, v in cols.items()}
+    n = len(c["completion_id"])
     # a prompt comes back once per rollout of its group (and again under num_iterations): decode each one once
     unique = list(dict.fromkeys(prompts))
     prompt_text = dict(zip(unique, tokenizer.batch_decode([list(u) for u in unique], skip_special_tokens=True),
                            strict=True))
-    names = batches[0].reward_names
-    per_fn = rows["rewards"].tolist() if "rewards" in rows else None
-    cols: dict[str, Any] = {
+    return {
         "step": _step_column(steps, lambda b: b.idx.numel()),
-        "rank": [rank] * n,
-        "completion_id": rows["completion_id"].tolist(),
-        "group_id": rows["group_id"].tolist(),
+        "rank": np.full(n, rank, np.int16),
+        "completion_id": c["completion_id"],
+        "group_id": c["group_id"],
         "prompt": [prompt_text[p] for p in prompts],
-        "completion": tokenizer.batch_decode([c[:k] for c, k in zip(completions, length, strict=True)],
-                                             skip_special_tokens=True),
-        "rewards": [None] * n if per_fn is None else [dict(zip(names, r, strict=True)) for r in per_fn],
-        "reward": rows["reward"].tolist(),
-        "advantage": rows["advantage"].tolist(),
-        "length": length,
-        "truncated": rows["truncated"].tolist(),
-        "entropy_mean": torch.cat([b.entropy_mean() for b in batches]).float().cpu().tolist(),
+        "completion": tokenizer.batch_decode(completions, skip_special_tokens=True),
+        "rewards": _reward_maps(c.get("rewards"), batches[0].reward_names, n),
+        "reward": c["reward"].astype(np.float32),
+        "advantage": c["advantage"].astype(np.float32),
+        "length": c["length"].astype(np.int32),
+        "truncated": c["truncated"].astype(bool),
+        "entropy_mean": c["entropy_mean"].astype(np.float32),
     }
-    return cols
+
+
+def _reward_maps(values: np.ndarray | None, names: tuple[str, ...], n: int) -> pa.Array:
+    """(n, F) per-function rewards -> n maps {function name: value}, built from flat arrays (no dict per row)."""
+    mtype = pa.map_(pa.string(), pa.float32())
+    if values is None:
+        return pa.nulls(n, mtype)
+    f = len(names)
+    offsets = pa.array(np.arange(0, (n + 1) * f, f, dtype=np.int32))
+    keys = pa.array(list(names) * n, pa.string())
+    return pa.MapArray.from_arrays(offsets, keys, pa.array(values.reshape(-1).astype(np.float32)), type=mtype)
