@@ -41,10 +41,13 @@ def make_projector(model: torch.nn.Module, temperature: float) -> Projector:
     def project(h: torch.Tensor) -> torch.Tensor:
         head = model.get_output_embeddings()  # looked up per call: PEFT/FSDP may replace it
         w, b = head.weight, head.bias
-        z = F.linear(h.to(w.dtype), w, b).float() * scale
+        z = F.linear(h.to(w.dtype), w, b).float()
+        # each of these is a pass over (N, V): skipped when it would change nothing
+        if scale != 1.0:
+            z = z * scale
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        return z / temperature
+        return z / temperature if temperature != 1.0 else z
 
     return project
 

@@ -59,12 +59,11 @@ def topk_alternatives(
     """
     ids, probs, ranks = [], [], []
     for start in range(0, hidden.size(0), chunk):
-        logp = torch.log_softmax(project(hidden[start : start + chunk]).float(), dim=-1)  # (n, V)
-        top = torch.topk(logp, min(k, logp.size(-1)), dim=-1)
-        sampled_logp = logp.gather(-1, sampled[start : start + chunk].unsqueeze(-1))  # (n, 1)
-        ranks.append((logp > sampled_logp).sum(-1))
+        z = project(hidden[start : start + chunk]).float()  # (n, V) logits; softmax is shift-invariant, so the
+        top = torch.topk(z, min(k, z.size(-1)), dim=-1)  # top-k and ranks come from z, and only k probabilities
+        ranks.append((z > z.gather(-1, sampled[start : start + chunk].unsqueeze(-1))).sum(-1))  # are normalised
         ids.append(top.indices)
-        probs.append(top.values.exp())
+        probs.append((top.values - torch.logsumexp(z, dim=-1, keepdim=True)).exp())
     if len(ids) == 1:
         return ids[0], probs[0], ranks[0]
     if not ids:

@@ -8,6 +8,7 @@ thread, not on the training thread.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class TokenBatch:
                 self.selected is None)
 
 
+@torch.no_grad()  # grad mode is per thread: this runs on the worker
 def token_rows(steps: list[int], batches: list[TokenBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recorded tokens of same-shaped batches (batch i of step steps[i]), stacked into (K, B, T) so that the
     copy costs the same ~25 tensor ops for K micro-batches as for one. -> (N, 6) float32 statistics (STATS order),
@@ -293,15 +295,14 @@ def completion_columns(steps: list[tuple[int, list[CompletionBatch]]], rank: int
     n = len(c["completion_id"])
     # a prompt comes back once per rollout of its group (and again under num_iterations): decode each one once
     unique = list(dict.fromkeys(prompts))
-    prompt_text = dict(zip(unique, tokenizer.batch_decode([list(u) for u in unique], skip_special_tokens=True),
-                           strict=True))
+    prompt_text = dict(zip(unique, decode(tokenizer, [list(u) for u in unique]), strict=True))
     return {
         "step": _step_column(steps, lambda b: b.idx.numel()),
         "rank": np.full(n, rank, np.int16),
         "completion_id": c["completion_id"],
         "group_id": c["group_id"],
         "prompt": [prompt_text[p] for p in prompts],
-        "completion": tokenizer.batch_decode(completions, skip_special_tokens=True),
+        "completion": decode(tokenizer, completions),
         "rewards": _reward_maps(c.get("rewards"), batches[0].reward_names, n),
         "reward": c["reward"].astype(np.float32),
         "advantage": c["advantage"].astype(np.float32),
@@ -309,6 +310,26 @@ def completion_columns(steps: list[tuple[int, list[CompletionBatch]]], rank: int
         "truncated": c["truncated"].astype(bool),
         "entropy_mean": c["entropy_mean"].astype(np.float32),
     }
+
+
+def decode(tokenizer, seqs: list[list[int]]) -> list[str]:
+    """`tokenizer.batch_decode(seqs, skip_special_tokens=True)`. A fast tokenizer whose decoding transformers does not
+    change (no clean-up, methods not overridden) is decoded by its backend directly, which is what `_decode` would do:
+    the same strings without transformers' per-token type checks, a third of this thread's completion-column time."""
+    if _plain_fast_tokenizer(type(tokenizer)) and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.backend_tokenizer.decode_batch(seqs, skip_special_tokens=True)
+    return tokenizer.batch_decode(seqs, skip_special_tokens=True)
+
+
+@functools.cache
+def _plain_fast_tokenizer(cls: type) -> bool:
+    try:
+        from transformers import PreTrainedTokenizerFast as Fast
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
+    except ImportError:  # pragma: no cover - transformers always present with the plugin
+        return False
+    return (issubclass(cls, Fast) and cls._decode is Fast._decode and cls.decode is Base.decode
+            and cls.batch_decode is Base.batch_decode)
 
 
 def _reward_maps(values: np.ndarray | None, names: tuple[str, ...], n: int) -> pa.Array:

@@ -155,3 +155,59 @@ def test_vocab_and_token_text_name_every_recorded_token(make_trainer, tmp_path, 
     texts = rows(con, "SELECT token_id, text FROM token_text")
     assert texts and all(t["text"] == tokenizer.decode([t["token_id"]]) for t in texts)
     assert not cb.monitor.faults.counts
+
+
+def test_completion_text_decoding_equals_batch_decode(tokenizer, monkeypatch):
+    from forkwatch.plugin.records import decode
+
+    seqs = [[5, 6, tokenizer.eos_token_id, 7], [8], []]
+    expected = tokenizer.batch_decode(seqs, skip_special_tokens=True)
+    with monkeypatch.context() as m:  # the backend path: transformers' batch_decode is not called
+        m.setattr(tokenizer, "batch_decode", lambda *a, **k: pytest.fail("batch_decode called"))
+        assert decode(tokenizer, seqs) == expected
+    tokenizer.clean_up_tokenization_spaces = True  # transformers would post-process: its own path is taken
+    calls = []
+    monkeypatch.setattr(tokenizer, "batch_decode", lambda s, **k: calls.append(s) or expected)
+    assert decode(tokenizer, seqs) == expected and calls == [seqs]
+
+
+def _token_batch(b: int, t: int, seed: int, take_rows: list[int]):
+    from forkwatch.plugin.records import TokenBatch
+
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(b, t, generator=g) > 0.2).long()
+    take = torch.zeros(b, t, dtype=torch.bool)
+    take[take_rows] = True
+    return TokenBatch(
+        take=take & mask.bool(), logprob=-torch.rand(b, t, generator=g), entropy=torch.rand(b, t, generator=g),
+        renyi2=torch.rand(b, t, generator=g), group_js=None, selected=None,
+        is_fork=torch.rand(b, t, generator=g) > 0.7, advantages=torch.randn(b, generator=g), mask=mask,
+        completion_id=torch.arange(b) + 100 * seed, token_id=torch.randint(0, 50, (b, t), generator=g),
+    )
+
+
+def test_token_columns_of_stacked_micro_batches_equal_one_at_a_time():
+    """A hand-off stacks same-shaped micro-batches; covariance must stay per micro-batch, rows must not mix."""
+    from forkwatch.plugin.metrics import covariance
+    from forkwatch.plugin.records import token_columns
+
+    steps = [(1, [_token_batch(4, 3, 1, [0, 2]), _token_batch(4, 5, 2, [1])]), (2, [_token_batch(4, 3, 3, [3])])]
+    together = token_columns(steps)
+    alone = [token_columns([(s, [b])]) for s, bs in steps for b in bs]
+
+    def ordered(cols: dict) -> dict:  # rows by (step, completion, position): the order parts are written in
+        order = np.lexsort((cols["position"], cols["completion_id"], cols["step"]))
+        return {k: None if v is None else v[order] for k, v in cols.items()}
+
+    together = ordered(together)
+    joined = ordered({k: None if alone[0][k] is None else np.concatenate([a[k] for a in alone]) for k in alone[0]})
+    for name, col in together.items():
+        if col is None:
+            assert joined[name] is None, name
+        else:
+            np.testing.assert_array_equal(col, joined[name], err_msg=name)
+    b = steps[0][1][0]  # covariance against the formula over that micro-batch alone
+    ref = covariance(b.logprob, b.advantages, b.mask)[b.take].numpy()
+    np.testing.assert_allclose(alone[0]["covariance"], ref, rtol=1e-6)
+    assert sorted(set(together["step"].tolist())) == [1, 2]
+    assert np.all(together["selected"] == 1.0)

@@ -116,6 +116,8 @@ def test_attach_refuses_bad_options_naming_the_fix(make_trainer, tmp_path):
     trainer = make_trainer(max_steps=1)
     with pytest.raises(ValueError, match="fork_fraction"):
         forkwatch.attach(trainer, fork_fraction=2.0)
+    with pytest.raises(ValueError, match="worker_interval_s"):
+        forkwatch.attach(trainer, worker_interval_s=-1)
     with pytest.raises(ValueError, match="valid options"):
         forkwatch.attach(trainer, colour="red")
     with pytest.raises(ValueError, match="select="):
