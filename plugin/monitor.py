@@ -123,7 +123,7 @@ class Monitor:
             out["forkwatch_group_js"] = self._group_js(out, mask, gid)
 
         # Per-completion facts stay on the device as (b,) tensors: no per-row Python and no text decoding here
-        # (the sampled rows are decoded on the callback's worker thread when their step is written).
+        # (the sampled rows are decoded on the callback's worker thread when their step is handed over).
         if self._eos is None or self._eos.device != device:
             eos = sorted(getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id])
             self._eos = torch.tensor(eos, device=device)
@@ -260,7 +260,7 @@ class Monitor:
             pick = (ok & gen.sampled[local] & ~gen.recorded[local]).nonzero().squeeze(1)  # micro-batch rows
             if pick.numel():
                 gen.recorded[local[pick]] = True
-                self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask)
+                self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid)
         extra = None
         if sel is not None and sel.loss_delta is not None:
             from forkwatch.plugin.policy_loss import aggregate_like_trl
@@ -270,21 +270,21 @@ class Monitor:
         acc.seconds += time.perf_counter() - t0
         return extra
 
-    def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, mask) -> None:
+    def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid) -> None:
         """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks.
         Tokens and completions keep references for the worker to copy from; only the forks' top-k alternatives are
         computed here, since they need the LM head's weights before the optimizer step changes them."""
         cfg = self.config
         b, t = lp.shape
-        acc.completions.append(CompletionBatch(gen=self.gen, gen_rows=gen_rows, idx=idx, entropy=ent, mask=mask,
+        acc.completions.append(CompletionBatch(gen=self.gen, gen_rows=gen_rows, idx=idx, entropy=ent, mask=valid,
                                                reward_names=tuple(self.trainer.reward_func_names)))
         if not cfg.record_tokens:
             return
-        take = torch.zeros(b, dtype=torch.bool, device=lp.device).index_fill_(0, idx, True).unsqueeze(1) & mask.bool()
+        take = torch.zeros(b, dtype=torch.bool, device=lp.device).index_fill_(0, idx, True).unsqueeze(1) & valid
         row_ids = inputs["forkwatch_row_id"]
         acc.tokens.append(TokenBatch(
             take=take, logprob=lp.detach(), entropy=ent.detach(), renyi2=renyi2, group_js=gjs, selected=weights,
-            is_fork=forks, advantages=inputs["advantages"], mask=mask, completion_id=row_ids,
+            is_fork=forks, advantages=inputs["advantages"], mask=valid, completion_id=row_ids,
             token_id=inputs["completion_ids"],
         ))
         if cfg.record_forks and mb.hidden and self.project is not None:
