@@ -45,7 +45,7 @@ class ForkwatchCallback(TrainerCallback):
         self._health = None
         self._alarms: list[Any] = []
         self._worker: StepWorker | None = None
-        self._health_job: Job | None = None  # the previous step's health update, collected at the next step end
+        self._health_job: Job | None = None  # the last hand-off's health update, collected at the next hand-off
         self._alarm_scalars: dict[str, float] = {}
         self._pending = Pending(config.worker_interval_s)
         self._stopped_by_alarm = False
@@ -173,8 +173,9 @@ class ForkwatchCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.writer is None:
             return
-        with self.monitor.faults.guard("save"):
+        with self.monitor.faults.guard("hand_off"):
             self._hand_off()
+        with self.monitor.faults.guard("save"):
             self._worker.wait(timeout=60)  # the records of steps up to this checkpoint reach the writer first
             self.writer.flush(timeout=60)
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
