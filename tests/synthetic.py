@@ -182,3 +182,26 @@ def write_sample_runs(log_dir: str | Path, **kwargs) -> list[str]:
     for i, kind in enumerate(KINDS):
         write_run(log_dir, kind, kind, seed=i, **kwargs)
     return list(KINDS)
+
+
+def simple_tokens(step: int, n: int) -> dict:
+    """One `put` batch of `n` token rows (n a multiple of 10: n/10 completions of 10 positions) at `step`."""
+    return {
+        "step": step,
+        "completion_id": np.repeat(np.arange(n // 10, dtype=np.int64) + 1000 * step, 10),
+        "position": np.tile(np.arange(10, dtype=np.int32), n // 10),
+        "token_id": np.arange(n, dtype=np.int32),
+        "entropy": np.linspace(0, 1, n, dtype=np.float32) + step,
+    }
+
+
+def write_flushed_steps(log_dir: Path, n_steps: int = 3, rows: int = 100, run_id: str = "r") -> list[Path]:
+    """`n_steps` token parts, one step each (flushed apart; unflushed small steps would share one part), sorted."""
+    from forkwatch.store import RunWriter
+
+    w = RunWriter(log_dir, run_id)
+    for step in range(n_steps):
+        w.put("tokens", simple_tokens(step, rows))
+        w.flush()
+    w.close()
+    return sorted((log_dir / run_id / "tokens").glob("part-*.parquet"))

@@ -10,21 +10,11 @@ import sys
 import textwrap
 import threading
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from forkwatch.store import RunWriter, SchemaVersionError, connect, read_part
 from forkwatch.store.schema import VERSION_KEY
-
-
-def _tokens(step: int, n: int) -> dict:
-    return {
-        "step": step,
-        "completion_id": np.repeat(np.arange(n // 10, dtype=np.int64), 10),
-        "position": np.tile(np.arange(10, dtype=np.int32), n // 10),
-        "token_id": np.arange(n, dtype=np.int32),
-        "entropy": np.linspace(0, 1, n, dtype=np.float32),
-    }
+from synthetic import simple_tokens, write_flushed_steps
 
 
 def test_reader_querying_while_writer_appends_sees_only_whole_parts(tmp_path):
@@ -34,7 +24,7 @@ def test_reader_querying_while_writer_appends_sees_only_whole_parts(tmp_path):
 
     def produce():
         for step in range(40):
-            w.put("tokens", _tokens(step, rows_per_step))
+            w.put("tokens", simple_tokens(step, rows_per_step))
             w.put("steps", {"step": [step], "n_tokens": [rows_per_step]})
             w.flush(5)
         done.set()
@@ -102,18 +92,8 @@ def test_sigkill_mid_run_leaves_every_flushed_step_readable(tmp_path):
     assert con.execute("SELECT status FROM runs").fetchone()[0] == "running"  # never closed
 
 
-def _write_three_steps(log_dir):
-    """Three parts, one step each (flushed apart; unflushed small steps would share one part)."""
-    w = RunWriter(log_dir, "r")
-    for step in range(3):
-        w.put("tokens", _tokens(step, 100))
-        w.flush()
-    w.close()
-    return sorted((log_dir / "r" / "tokens").rglob("part-*.parquet"))
-
-
 def test_truncated_and_corrupt_parts_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
-    parts = _write_three_steps(tmp_path)
+    parts = write_flushed_steps(tmp_path)
     data = parts[0].read_bytes()
     parts[0].write_bytes(data[: len(data) // 2])  # truncated (a copy in progress, a full disk)
     garbled = bytearray(parts[1].read_bytes())
@@ -128,7 +108,7 @@ def test_truncated_and_corrupt_parts_are_skipped_with_a_warning_naming_them(tmp_
 
 
 def test_part_of_an_unknown_schema_version_is_refused_naming_both_versions(tmp_path, caplog):
-    parts = _write_three_steps(tmp_path)
+    parts = write_flushed_steps(tmp_path)
     t = pq.read_table(parts[2])
     pq.write_table(t.replace_schema_metadata({**t.schema.metadata, VERSION_KEY: b"99"}), parts[2])
     with pytest.raises(SchemaVersionError, match=r"version 99.*reads versions 1"):
@@ -140,7 +120,7 @@ def test_part_of_an_unknown_schema_version_is_refused_naming_both_versions(tmp_p
 
 
 def test_part_of_an_older_version_missing_a_column_reads_it_as_null(tmp_path):
-    parts = _write_three_steps(tmp_path)
+    parts = write_flushed_steps(tmp_path)
     t = pq.read_table(parts[0]).drop_columns(["entropy"])  # as if written before `entropy` existed
     pq.write_table(t, parts[0])
     con = connect(tmp_path)

@@ -16,16 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from forkwatch.store import RunWriter, connect, queries
-
-
-def _tokens(step: int, n: int) -> dict:
-    return {
-        "step": step,
-        "completion_id": np.repeat(np.arange(n // 10, dtype=np.int64) + 1000 * step, 10),
-        "position": np.tile(np.arange(10, dtype=np.int32), n // 10),
-        "token_id": np.arange(n, dtype=np.int32),
-        "entropy": np.linspace(0, 1, n, dtype=np.float32) + step,
-    }
+from synthetic import simple_tokens, write_flushed_steps
 
 
 def _parts(log_dir, table="tokens", run="r"):
@@ -44,7 +35,7 @@ def _wait_for(predicate, timeout=10.0):
 def test_small_steps_share_one_part_sorted_by_step(tmp_path):
     w = RunWriter(tmp_path, "r")
     for step in (*range(10, 50), *range(10)):  # out of order: the part is still sorted by step
-        w.put("tokens", _tokens(step, 100))
+        w.put("tokens", simple_tokens(step, 100))
     w.close()
     (name,) = _parts(tmp_path)
     assert "-s000000-000049-" in name
@@ -58,10 +49,10 @@ def test_small_steps_share_one_part_sorted_by_step(tmp_path):
 def test_a_big_step_gets_a_part_of_its_own_without_waiting(tmp_path):
     w = RunWriter(tmp_path, "r", part_rows=1000, flush_interval_s=3600)
     for step in range(3):
-        w.put("tokens", _tokens(step, 100))
-    w.put("tokens", _tokens(3, 1500))
+        w.put("tokens", simple_tokens(step, 100))
+    w.put("tokens", simple_tokens(3, 1500))
     assert _wait_for(lambda: len(_parts(tmp_path)) == 2)  # no flush: the big step went out on its own
-    w.put("tokens", _tokens(4, 100))
+    w.put("tokens", simple_tokens(4, 100))
     w.close()
     spans = [n.split("-")[2:4] for n in _parts(tmp_path)]
     assert spans == [["s000000", "000002"], ["s000003", "000003"], ["s000004", "000004"]]
@@ -70,7 +61,7 @@ def test_a_big_step_gets_a_part_of_its_own_without_waiting(tmp_path):
 def test_part_rows_bounds_a_part_of_small_steps(tmp_path):
     w = RunWriter(tmp_path, "r", part_rows=1000, flush_interval_s=3600)
     for step in range(25):
-        w.put("tokens", _tokens(step, 100))
+        w.put("tokens", simple_tokens(step, 100))
     assert _wait_for(lambda: len(_parts(tmp_path)) == 2)  # steps 0-9 and 10-19, written before any flush
     w.close()
     assert [n.split("-")[2:4] for n in _parts(tmp_path)] == [
@@ -83,20 +74,20 @@ def test_part_rows_bounds_a_part_of_small_steps(tmp_path):
 def test_flush_and_close_write_what_is_buffered(tmp_path):
     w = RunWriter(tmp_path, "r", flush_interval_s=3600)
     for step in range(3):
-        w.put("tokens", _tokens(step, 100))
+        w.put("tokens", simple_tokens(step, 100))
         w.put("forks", {"step": step, "completion_id": [step], "position": [0], "alt_token_ids": [[1, 2]]})
     assert _parts(tmp_path) == []  # buffered, nothing due yet
     assert w.flush(10)
     assert len(_parts(tmp_path)) == 1 and len(_parts(tmp_path, "forks")) == 1
     assert connect(tmp_path).execute("SELECT count(*) FROM tokens").fetchone()[0] == 300
-    w.put("tokens", _tokens(3, 100))
+    w.put("tokens", simple_tokens(3, 100))
     w.close()
     assert connect(tmp_path).execute("SELECT count(*), max(step) FROM tokens").fetchone() == (400, 3)
 
 
 def test_buffered_rows_are_written_when_the_interval_passes(tmp_path):
     w = RunWriter(tmp_path, "r", flush_interval_s=0.3)
-    w.put("tokens", _tokens(0, 100))
+    w.put("tokens", simple_tokens(0, 100))
     assert _wait_for(lambda: len(_parts(tmp_path)) == 1, timeout=5)
     w.close()
 
@@ -178,7 +169,7 @@ def _garble_row_groups(path, keep_step):
 def test_one_step_is_read_without_decoding_other_steps(tmp_path):
     w = RunWriter(tmp_path, "r", row_group_rows=100)
     for step in range(30):
-        w.put("tokens", _tokens(step, 100))
+        w.put("tokens", simple_tokens(step, 100))
         if step % 10 == 9:
             w.flush()
     w.close()
@@ -189,7 +180,7 @@ def test_one_step_is_read_without_decoding_other_steps(tmp_path):
     con = connect(tmp_path)
     # Step 17's rows are whole: the 29 other steps' row groups (in its part and the two others) were never decoded.
     got = con.execute("SELECT count(*), sum(entropy) FROM tokens WHERE run_id = 'r' AND step = 17").fetchone()
-    assert got[0] == 100 and got[1] == pytest.approx(float(np.sum(_tokens(17, 100)["entropy"])), rel=1e-3)
+    assert got[0] == 100 and got[1] == pytest.approx(float(np.sum(simple_tokens(17, 100)["entropy"])), rel=1e-3)
     assert len(queries.completion_tokens(con, "r", 17, 17003)) == 10
     with pytest.raises(duckdb.Error):  # the garbling is real: reading any other step fails
         con.execute("SELECT sum(entropy) FROM tokens WHERE step = 16").fetchone()
@@ -198,7 +189,7 @@ def test_one_step_is_read_without_decoding_other_steps(tmp_path):
 def test_resume_splits_a_part_spanning_the_checkpoint(tmp_path):
     w = RunWriter(tmp_path, "r")
     for step in range(10):
-        w.put("tokens", _tokens(step, 100))
+        w.put("tokens", simple_tokens(step, 100))
     w.close("failed")
     (original,) = _parts(tmp_path)
     RunWriter(tmp_path, "r", resume_step=4).close()
@@ -209,12 +200,7 @@ def test_resume_splits_a_part_spanning_the_checkpoint(tmp_path):
 
 
 def test_layout_1_step_folders_are_still_read_and_superseded(tmp_path):
-    w = RunWriter(tmp_path, "r")
-    for step in range(3):
-        w.put("tokens", _tokens(step, 100))
-        w.flush()
-    w.close()
-    for i, name in enumerate(_parts(tmp_path)):  # as the previous writer laid them out: step=NNNNNN/, no range
+    for i, name in enumerate(p.name for p in write_flushed_steps(tmp_path)):  # as the previous writer laid them out: step=NNNNNN/, no range
         folder = tmp_path / "r" / "tokens" / f"step={i:06d}"
         folder.mkdir()
         os.replace(tmp_path / "r" / "tokens" / name, folder / f"part-r000-01d0a77e-{i:06d}.parquet")
@@ -236,7 +222,7 @@ def test_layout_1_step_folders_are_still_read_and_superseded(tmp_path):
 def test_unknown_layout_is_skipped_with_a_clear_warning(tmp_path, caplog):
     for run in ("good", "future", "foreign"):
         w = RunWriter(tmp_path, run)
-        w.put("tokens", _tokens(0, 100))
+        w.put("tokens", simple_tokens(0, 100))
         w.close()
     (tmp_path / "foreign" / "tokens" / "step_block=000000").mkdir()
     meta = json.loads((tmp_path / "future" / "run.json").read_text())
