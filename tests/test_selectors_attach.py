@@ -16,6 +16,7 @@ METHODS = ["ict", "high_entropy", "random", "clip_cov", "kl_cov", "stapo", "gppo
 # Options that make each method act on a tiny model within two steps (defaults drop ~1 token in 10^4).
 BITE = {
     "ict": {"warmup_steps": 1},
+    "random": {"warmup_steps": 0},
     "clip_cov": {"fraction": 0.1, "select_options": {"cov_low": -10.0, "cov_high": 10.0}},
     "kl_cov": {"fraction": 0.1},
     "stapo": {"select_options": {"prob_threshold": 0.5, "entropy_quantile": 0.9}},
@@ -50,8 +51,17 @@ def test_every_method_trains_and_records_each_selection(make_trainer, tmp_path, 
         assert lo == 0 and hi > 1 and kept < 0.6  # sparse, kept tokens renormalised (Sparse-GRPO / kept)
     if name in ("clip_cov", "stapo"):
         assert any(lo == 0 for _, lo, _, _ in selected)
-    logged = [h for h in trainer.state.log_history if "forkwatch/select/selected_fraction" in h]
-    assert logged
+    logged = [h for h in trainer.state.log_history if "forkwatch/select/grad_share" in h]
+    assert len(logged) == 2  # the selection diagnostics, every step
+    for h in logged:
+        assert 0.0 <= h["forkwatch/select/grad_share"] <= 1.0
+        assert 0.0 < h["forkwatch/select/kept_p_mean"] < 1.0
+        assert h["forkwatch/select/kept_entropy_mean"] > 0.0
+        assert 0.0 <= h["forkwatch/select/entropy_overlap"] <= 1.0
+    if name == "high_entropy":  # the kept set IS the top-entropy set of its size
+        assert all(h["forkwatch/select/entropy_overlap"] == 1.0 for h in logged)
+    if name in ("kl_cov", "gppo"):  # every response token keeps its gradient
+        assert all(h["forkwatch/select/grad_share"] == pytest.approx(1.0) for h in logged)
     # The steps table counts the tokens that got any gradient (every token is recorded here), not the mean weight,
     # which kept-token renormalisation pushes back towards 1.
     fractions = con.sql("SELECT step, selected_fraction FROM steps ORDER BY step").fetchall()
@@ -129,7 +139,7 @@ def test_random_selection_is_reproducible_and_seeded(make_trainer, tmp_path):
     def run(seed: int, folder: str):
         trainer = make_trainer(max_steps=2)
         forkwatch.attach(trainer, log_dir=str(tmp_path / folder), run_name="r", select="random", seed=seed,
-                         record_completions_per_step=None)
+                         warmup_steps=0, record_completions_per_step=None)
         trainer.train()
         con = connect(str(tmp_path / folder))
         rows = con.sql("SELECT step, completion_id, position, selected FROM tokens ORDER BY ALL").fetchall()
