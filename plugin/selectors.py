@@ -109,6 +109,8 @@ def renormalise_kept(keep: torch.Tensor, mask: torch.Tensor, loss_type: str, *, 
     preserves the loss scale of the dense run).
     A completion (or batch) with nothing kept gets weight 0 everywhere; 0 off the mask.
     """
+    if over not in ("completion", "batch"):
+        raise ValueError(f"over={over!r}; choose 'completion' or 'batch'")
     kept = (keep & (mask > 0)).to(mask.dtype)
     if over == "completion" and NORMALISER_SCOPE[loss_type] == "sequence":
         n, k = mask.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
