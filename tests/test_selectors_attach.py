@@ -169,3 +169,10 @@ def test_attach_refuses_combinations_that_cannot_work(make_trainer, tmp_path, na
     with pytest.raises(ValueError, match=match):
         forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), select=name)
     assert getattr(trainer, "_forkwatch", None) is None
+
+
+@pytest.mark.parametrize("name", ["kl_cov", "gppo"])
+def test_attach_warns_that_a_ratio_method_on_policy_is_plain_grpo(make_trainer, tmp_path, name):
+    trainer = make_trainer(max_steps=1)
+    with pytest.warns(UserWarning, match=f"select='{name}'.*steps_per_generation.*num_iterations > 1"):
+        forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), select=name)
