@@ -58,6 +58,7 @@ class ForkwatchCallback(TrainerCallback):
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             self.resume_step = int(json.load(f)["global_step"])
+        self.monitor.load_select_rng(checkpoint)
         path = os.path.join(checkpoint, CHECKPOINT_FILE)
         if os.path.isfile(path):
             with open(path) as f:
@@ -182,6 +183,8 @@ class ForkwatchCallback(TrainerCallback):
             if state.is_world_process_zero and os.path.isdir(ckpt):
                 with open(os.path.join(ckpt, CHECKPOINT_FILE), "w") as f:
                     json.dump({"run_id": self.run_id, "step": state.global_step}, f)
+            if os.path.isdir(ckpt):
+                self.monitor.save_select_rng(ckpt)  # every rank: a resume draws the same selections
 
     def on_train_end(self, args, state, control, **kwargs):
         with self.monitor.faults.guard("hand_off"):

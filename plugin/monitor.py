@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -188,7 +189,11 @@ class Monitor:
             self._mb.hidden.append(hs.detach())
 
     def select(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`get_high_entropy_mask` replacement: the selector's (B, T) weights for this micro-batch."""
+        """`get_high_entropy_mask` replacement: the selector's (B, T) weights for this micro-batch.
+
+        Also records the selector's metrics and the selection diagnostics (`diagnostics.selection_diagnostics`)
+        with one device-to-host copy; a fault there is counted and never changes the weights returned.
+        """
         from forkwatch.plugin.registry import SelectionInput
 
         tr, mb = self.trainer, self._mb
@@ -212,11 +217,45 @@ class Monitor:
             loss_type=tr.loss_type,
             gather=None if self.world == 1 else (lambda x: _gather_1d(acc, x)),
         )
-        mb.selection = self.selector(inp)
+        sel = mb.selection = self.selector(inp)
+        weights = sel.weights.detach()
+        with self.faults.guard("select_metrics"):
+            self._record_selection(sel.metrics, weights, inp, _cat(mb.log_sum_sq)[:, -t:])
+        return weights
+
+    @torch.no_grad()
+    def _record_selection(self, metrics: dict[str, Any], weights: torch.Tensor, inp: Any, log_sum_sq: torch.Tensor
+                          ) -> None:
+        """The selector's metrics and the `DIAGNOSTICS` of this micro-batch into the step's select_metrics."""
+        from forkwatch.plugin.diagnostics import DIAGNOSTICS, selection_diagnostics
+
+        diag = selection_diagnostics(weights, inp.mask, inp.logprob.detach(), inp.entropy, log_sum_sq.detach(),
+                                     inp.advantages)  # (4,)
+        values = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+        lazy = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        stacked = torch.cat([*(metrics[k].detach().reshape(1).to(diag) for k in lazy), diag])
+        values.update(zip([*lazy, *DIAGNOSTICS], stacked.tolist(), strict=True))  # the one host copy
         sink = self._acc().select_metrics
-        for k, v in mb.selection.metrics.items():
+        for k, v in values.items():
             sink.setdefault(k, []).append(float(v))
-        return mb.selection.weights.detach()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _select_rng_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"forkwatch_select_rng_{self.rank}.pt")
+
+    def save_select_rng(self, checkpoint: str) -> None:
+        """Write this rank's selector generator state into `checkpoint` (a resume then draws the same tokens)."""
+        torch.save(self.select_gen.get_state(), self._select_rng_path(checkpoint))
+
+    def load_select_rng(self, checkpoint: str) -> None:
+        """Restore the selector generator saved in `checkpoint`; without one, say that selections will differ."""
+        path = self._select_rng_path(checkpoint)
+        if not os.path.isfile(path):
+            if self.selector is not None:
+                logger.warning("forkwatch: %s has no selector generator state (%s); the resumed run's random "
+                               "selections will differ from an uninterrupted run's", checkpoint, os.path.basename(path))
+            return
+        self.select_gen.set_state(torch.load(path, weights_only=True))
 
     @torch.no_grad()
     def end_micro_batch(self) -> torch.Tensor | None:

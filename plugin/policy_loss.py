@@ -18,6 +18,7 @@ built-in ones keep every response token, weight 1).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -39,6 +40,10 @@ NORMALISER_SCOPE: dict[str, str] = {
     "cispo": "batch",
     "vespo": "batch",
 }
+
+
+# Loss types whose TRL normaliser is a mean over each completion's tokens, then a mean over completions.
+PER_COMPLETION_MEAN = ("grpo", "sapo")
 
 
 def _as_column(advantages: torch.Tensor) -> torch.Tensor:
@@ -106,44 +111,78 @@ def gppo_clipped(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: flo
     return ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
 
 
-def aggregate_like_trl(
-    per_token: torch.Tensor, mask: torch.Tensor, trainer: Any, inputs: dict[str, Any]
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    accumulation: float = 1.0,
+    max_completion_length: int | None = None,
+    batch_normaliser: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss term to the scalar TRL would add for it, exactly as `_compute_loss` does.
+    """Reduce a (B, T) per-token loss to a scalar as TRL's `_compute_loss` does for `loss_type` (a pure function).
 
-    Applies what TRL applies to its per-token policy loss after the selection weights: the vLLM importance-sampling
-    ratio (when `use_vllm` and `vllm_importance_sampling_correction`, loss types other than vespo), then the
-    loss type's normaliser, including the division by gradient accumulation steps in train mode:
+        grpo, sapo:         mean_b( Σ_t x·m / max(Σ_t m, 1) ) / accumulation
+        bnpo:               Σ x·m / max(Σ m, 1) / accumulation
+        dr_grpo:            Σ x·m / (B · max_completion_length) / accumulation
+        dapo, cispo, vespo: Σ x·m / batch_normaliser
+        luspo:              mean_b( Σ_t x·m ) / accumulation
 
-        grpo, sapo:        mean_b( Σ_t x·m / max(Σ_t m, 1) ) / GA
-        bnpo:              Σ x·m / max(Σ m, 1) / GA
-        dr_grpo:           Σ x·m / (B · max_completion_length) / GA
-        dapo, cispo, vespo: Σ x·m / (max(num_items_in_batch, 1) / P · GA / steps_per_generation)
-        luspo:             mean_b( Σ_t x·m ) / GA
-
-    GA = current_gradient_accumulation_steps in train mode, 1 in eval (TRL's `model.training` test); P = processes.
-    Linear in `per_token`, so adding the result to TRL's loss is adding `per_token` to TRL's per-token policy loss.
+    `accumulation` is the gradient-accumulation divisor (1 in eval); `batch_normaliser` is TRL's token count for
+    the dapo family, already scaled to one accumulation window. Linear in `per_token` (like verl's
+    `agg_loss(loss_mat, loss_mask, loss_agg_mode)`), so adding the result to TRL's loss is adding `per_token` to
+    TRL's per-token policy loss.
     """
-    loss_type = trainer.loss_type
-    train = trainer.model.training
-    accumulation = trainer.current_gradient_accumulation_steps if train else 1.0
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and loss_type != "vespo":
-        per_token = per_token * inputs["importance_sampling_ratio"]
     masked = per_token * mask
-    if loss_type in ("grpo", "sapo"):
+    if loss_type in PER_COMPLETION_MEAN:
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
     if loss_type == "bnpo":
         return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
     if loss_type == "dr_grpo":
-        return masked.sum() / (per_token.size(0) * trainer.max_completion_length) / accumulation
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        return masked.sum() / (per_token.size(0) * max_completion_length) / accumulation
     if loss_type in ("dapo", "cispo", "vespo"):
-        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
-        if train:
-            normaliser = normaliser * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
-        return masked.sum() / normaliser
+        if batch_normaliser is None:
+            raise ValueError(f"loss_type={loss_type!r} needs batch_normaliser (TRL's num_items_in_batch, scaled)")
+        return masked.sum() / batch_normaliser
     if loss_type == "luspo":
         return masked.sum(-1).mean() / accumulation
-    raise ValueError(f"forkwatch does not know how TRL normalises loss_type={loss_type!r}")
+    raise ValueError(f"forkwatch does not know how TRL normalises loss_type={loss_type!r}; "
+                     f"known: {', '.join(NORMALISER_SCOPE)}")
+
+
+def aggregate_like_trl(
+    per_token: torch.Tensor, mask: torch.Tensor, trainer: Any, inputs: dict[str, Any]
+) -> torch.Tensor:
+    """`aggregate_loss` with the mode and constants read from a live `GRPOTrainer` and its micro-batch `inputs`.
+
+    Applies first what TRL applies to its per-token policy loss after the selection weights: the vLLM
+    importance-sampling ratio (when `use_vllm` and `vllm_importance_sampling_correction`, loss types other than
+    vespo). GA = current_gradient_accumulation_steps in train mode, 1 in eval (TRL's `model.training` test); the
+    dapo family divides by num_items_in_batch / processes · GA / steps_per_generation in train mode.
+    """
+    loss_type = trainer.loss_type
+    train = trainer.model.training
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and loss_type != "vespo":
+        per_token = per_token * inputs["importance_sampling_ratio"]
+    batch_normaliser = None
+    if loss_type in ("dapo", "cispo", "vespo"):
+        batch_normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if train:
+            batch_normaliser = (batch_normaliser * trainer.current_gradient_accumulation_steps
+                                / trainer.args.steps_per_generation)
+    return aggregate_loss(
+        per_token, mask, loss_type,
+        accumulation=trainer.current_gradient_accumulation_steps if train else 1.0,
+        max_completion_length=trainer.max_completion_length, batch_normaliser=batch_normaliser,
+    )
+
+
+def reuses_rollouts(trainer_args: Any) -> bool:
+    """Whether TRL takes more than one optimizer step per rollout, so that the importance ratio can leave 1."""
+    return (getattr(trainer_args, "num_iterations", 1) > 1
+            or trainer_args.steps_per_generation > trainer_args.gradient_accumulation_steps)
 
 
 def validate_selection(bound_selector: Any, trainer_args: Any) -> None:
@@ -176,9 +215,23 @@ def validate_selection(bound_selector: Any, trainer_args: Any) -> None:
         )
     if bound_selector.needs_group_js and getattr(trainer_args, "num_generations", 2) < 2:
         raise ValueError(f"select={name!r} scores tokens against the other rollouts of a prompt: set num_generations >= 2.")
-    if not bound_selector.changes_loss:
-        return
-    # Below: methods that replace the per-token policy loss through loss_delta = L_method - L_trl.
+    if bound_selector.changes_loss:
+        _validate_loss_change(name, trainer_args)
+    if bound_selector.needs_off_policy and not reuses_rollouts(trainer_args):
+        warnings.warn(
+            f"select={name!r} acts only through the importance ratio, which is exactly 1 when every rollout is used "
+            f"for one optimizer step (num_iterations={getattr(trainer_args, 'num_iterations', 1)}, "
+            f"steps_per_generation={trainer_args.steps_per_generation} <= gradient_accumulation_steps="
+            f"{trainer_args.gradient_accumulation_steps}): this run trains exactly as it would without it. "
+            "Its authors take several updates per rollout: set steps_per_generation to a multiple of gradient_accumulation_steps (e.g. 4x) or "
+            "num_iterations > 1.",
+            stacklevel=3,
+        )
+
+
+def _validate_loss_change(name: str, trainer_args: Any) -> None:
+    """Refusals for methods that replace the per-token policy loss through loss_delta = L_method - L_trl."""
+    loss_type = trainer_args.loss_type
     if loss_type not in CLIPPED_SURROGATE_LOSS_TYPES:
         raise ValueError(
             f"select={name!r} replaces TRL's clipped surrogate and is defined only for loss_type in "

@@ -9,7 +9,8 @@ the glue adds to TRL's per-token policy loss before TRL's own normalisation. Reg
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,9 @@ class SelectionInput:
 class Selection:
     weights: torch.Tensor  # (B, T) float, detached; multiplies the per-token policy loss, 0 drops the token
     loss_delta: torch.Tensor | None = None  # (B, T), with gradient: added to the per-token policy loss
-    metrics: dict[str, float] = field(default_factory=dict)  # e.g. {"threshold": 0.67, "warmup": 0.0}
+    # e.g. {"threshold": 0.67, "warmup": 0.0}; values may be 0-d tensors: the glue copies every metric of a micro-batch
+    # to the host in one transfer, so a selector need not synchronise the device for each (float() would).
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 SelectorFn = Callable[..., Selection]
@@ -53,6 +56,8 @@ class SelectorSpec:
     fn: SelectorFn
     needs_group_js: bool = False
     changes_loss: bool = False  # returns loss_delta (refused with loss types it was not defined for)
+    # acts only through the importance ratio: exactly GRPO when TRL never reuses a rollout (attach warns then)
+    needs_off_policy: bool = False
     # Called by get_selector with every option resolved (defaults filled in); raises ValueError naming the fix.
     check_options: Callable[..., None] | None = None
 
@@ -65,6 +70,7 @@ def register_selector(
     *,
     needs_group_js: bool = False,
     changes_loss: bool = False,
+    needs_off_policy: bool = False,
     check_options: Callable[..., None] | None = None,
 ):
     """Decorator: `fn(inp: SelectionInput, *, option=default, ...) -> Selection` becomes selectable as `name`.
@@ -77,11 +83,32 @@ def register_selector(
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"a selector named {name!r} is already registered")
         _REGISTRY[name] = SelectorSpec(
-            name, fn, needs_group_js=needs_group_js, changes_loss=changes_loss, check_options=check_options
+            name, fn, needs_group_js=needs_group_js, changes_loss=changes_loss, needs_off_policy=needs_off_policy,
+            check_options=check_options,
         )
         return fn
 
     return deco
+
+
+def unregister_selector(name: str) -> None:
+    """Remove `name` from the registry (a KeyError naming the registered selectors if it is not there)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no selector named {name!r} is registered; registered: {', '.join(sorted(_REGISTRY))}")
+    del _REGISTRY[name]
+
+
+@contextmanager
+def registered_selector(name: str, fn: SelectorFn, **spec_options: Any) -> Iterator[SelectorFn]:
+    """`register_selector(name, **spec_options)(fn)` for the duration of a `with` block, removed on exit.
+
+    For tests and experiments that must not leave a selector behind in the process-wide registry.
+    """
+    register_selector(name, **spec_options)(fn)
+    try:
+        yield fn
+    finally:
+        unregister_selector(name)
 
 
 def _load_builtins() -> None:
@@ -112,6 +139,10 @@ class BoundSelector:
     @property
     def changes_loss(self) -> bool:
         return self.spec.changes_loss
+
+    @property
+    def needs_off_policy(self) -> bool:
+        return self.spec.needs_off_policy
 
     def __call__(self, inp: SelectionInput) -> Selection:
         return self.spec.fn(inp, **self.options)

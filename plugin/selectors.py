@@ -1,4 +1,4 @@
-"""The token-selection methods of METHODS.md, one registered function each.
+"""The token-selection methods forkwatch ships (docs/methods.md), one registered function each.
 
 Every selector is a pure function of one micro-batch (`SelectionInput`) to per-token weights (`Selection`): scores
 are computed without gradient, randomness comes only from `inp.generator`. The weights multiply TRL's per-token
@@ -18,6 +18,7 @@ import torch
 from forkwatch.plugin import metrics
 from forkwatch.plugin.policy_loss import (
     NORMALISER_SCOPE,
+    PER_COMPLETION_MEAN,
     gppo_clipped,
     gppo_policy_loss,
     kl_cov_policy_loss,
@@ -50,78 +51,80 @@ def _rank_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask > 0, key, torch.full_like(key, -math.inf))
 
 
-def top_fraction_per_row(scores: torch.Tensor, mask: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep, in each row, the top ceil(fraction·n_i) (at least one) response tokens by score.
+def _kth_largest(key: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest value of each row of `key` (B, N) float64, k (B,) long >= 1 -> (B,)."""
+    ordered = torch.sort(key, dim=-1, descending=True).values  # (B, N)
+    return ordered.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
-    Ties are broken by position, earlier first (a stable descending sort), so the choice is deterministic.
-    Returns (keep (B, T) bool, cut-off score of each row (B,) float64, NaN for rows without response tokens).
+
+def percentile_keep_per_row(
+    scores: torch.Tensor, mask: torch.Tensor, fraction: float, *, min_score: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ICT's rule per completion: keep u ≥ the completion's (1 - fraction) percentile and u > `min_score`.  (B, T)
+
+    The percentile is the k-th largest score, k = ceil(fraction·n_i) (at least one): every token tied with it is
+    kept too, and a completion with fewer than k scores above `min_score` keeps only those (possibly none), so
+    zero-score positions (a prefix shared by every rollout of the prompt) never fill the kept set.
+    Returns (keep (B, T) bool, cut-off score of each row (B,) float64, NaN for rows with nothing kept).
     """
     key = _rank_key(scores, mask)  # (B, T)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # (B, T)
-    ranks = torch.empty_like(order)
-    positions = torch.arange(key.size(-1), device=key.device).expand_as(order)
-    ranks.scatter_(-1, order, positions)
     k = keep_count((mask > 0).sum(-1), fraction)  # (B,)
-    keep = (ranks < k.unsqueeze(-1)) & (mask > 0)
-    kept_key = torch.where(keep, key, torch.full_like(key, math.inf))
-    cutoff = torch.where(k > 0, kept_key.min(-1).values, torch.full_like(kept_key[:, 0], NAN))
-    return keep, cutoff
+    cutoff = _kth_largest(key, k).clamp(min=min_score)  # (B,)
+    keep = (key >= cutoff.unsqueeze(-1)) & (key > min_score) & (mask > 0) & (k > 0).unsqueeze(-1)
+    kept_any = keep.any(-1)
+    return keep, torch.where(kept_any, cutoff, torch.full_like(cutoff, NAN))
 
 
-def top_fraction_per_unit(
-    scores: torch.Tensor, mask: torch.Tensor, units: torch.Tensor, fraction: float
+def percentile_keep_per_unit(
+    scores: torch.Tensor, mask: torch.Tensor, units: torch.Tensor, fraction: float, *, min_score: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the top ceil(fraction·N_u) (at least one) response tokens of each unit of rows (a prompt group, the batch).
+    """`percentile_keep_per_row` with the percentile taken over each unit of rows (a prompt group, the batch).
 
-    `units` (B,) long gives each row's unit. Ties are broken by (row, position) order, earlier first.
-    Returns (keep (B, T) bool, cut-off score per unit (U,) float64 in the order of `units.unique()`).
+    `units` (B,) long gives each row's unit. Returns (keep (B, T) bool, cut-off per unit (U,) float64 in the order
+    of `units.unique()`, NaN where the unit kept nothing).
     """
     keep = torch.zeros_like(mask, dtype=torch.bool)
     key = _rank_key(scores, mask)
     cutoffs = []
     for unit in units.unique():
         rows = (units == unit).nonzero().squeeze(-1)
-        flat_key, flat_mask = key[rows].reshape(-1), mask[rows].reshape(-1)
-        k = int(keep_count((flat_mask > 0).sum(), fraction))
-        if k == 0:
-            cutoffs.append(NAN)
-            continue
-        chosen = torch.sort(flat_key, descending=True, stable=True).indices[:k]
-        flat_keep = torch.zeros_like(flat_mask, dtype=torch.bool)
-        flat_keep[chosen] = True
-        keep[rows] = flat_keep.view(len(rows), -1)
-        cutoffs.append(float(flat_key[chosen[-1]]))
-    return keep, torch.tensor(cutoffs, dtype=torch.float64)
+        flat_key, flat_mask = key[rows].reshape(1, -1), mask[rows].reshape(1, -1)
+        unit_keep, cutoff = percentile_keep_per_row(flat_key, flat_mask, fraction, min_score=min_score)
+        keep[rows] = unit_keep.view(len(rows), -1)
+        cutoffs.append(cutoff)
+    return keep, torch.cat(cutoffs) if cutoffs else torch.zeros(0, dtype=torch.float64)
 
 
-def renormalise_kept(keep: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Weights that turn TRL's normalisation over all response tokens into one over the kept tokens.  (B, T)
+def renormalise_kept(keep: torch.Tensor, mask: torch.Tensor, loss_type: str, *, over: str) -> torch.Tensor:
+    """Weights that turn TRL's normalisation over all response tokens into a mean over the kept tokens.  (B, T)
 
-    loss types normalised per completion (grpo, sapo, luspo): w = n_i / k_i on the kept tokens of completion i, so
-        Σ_t w·L·m / n_i = (1/k_i) Σ_kept L   ("Sparse-GRPO", then TRL's mean over completions);
-    loss types with one batch denominator (bnpo, dr_grpo, dapo, cispo, vespo): w = N / K (micro-batch totals), so the
-        denominator counts kept tokens instead of all of them (dr_grpo and dapo keep their own constant or
-        generation-batch denominators; N/K then preserves the loss scale of the dense run).
-    A completion (or batch) with nothing kept gets weight 0 everywhere; 0 elsewhere.
+    over="completion" (ICT's Sparse-GRPO): a mean over the kept tokens of each completion, then over completions.
+        Loss types normalised per completion (grpo, sapo, luspo): w = n_i / k_i on the kept tokens of completion i,
+        so Σ_t w·L·m / n_i = (1/k_i) Σ_kept L.
+    over="batch" (the 80/20 authors' code, STAPO's objective): one mean over every kept token of the micro-batch.
+        grpo, sapo (TRL: mean_i of Σ_t L·m / n_i): w = B·n_i / K, so the loss is (1/K) Σ_kept L.
+    Loss types with one batch denominator (bnpo, dr_grpo, dapo, cispo, vespo), either way, and luspo with
+    over="batch": w = N / K (micro-batch totals), so the denominator counts kept tokens instead of all of them
+    (dr_grpo, dapo and luspo keep their own constant, generation-batch or per-completion-sum scale; N/K then
+    preserves the loss scale of the dense run).
+    A completion (or batch) with nothing kept gets weight 0 everywhere; 0 off the mask.
     """
+    if over not in ("completion", "batch"):
+        raise ValueError(f"over={over!r}; choose 'completion' or 'batch'")
     kept = (keep & (mask > 0)).to(mask.dtype)
-    if NORMALISER_SCOPE[loss_type] == "sequence":
+    if over == "completion" and NORMALISER_SCOPE[loss_type] == "sequence":
         n, k = mask.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+    elif over == "batch" and loss_type in PER_COMPLETION_MEAN:
+        n, k = mask.sum(-1, keepdim=True) * mask.size(0), kept.sum()
     else:
         n, k = mask.sum(), kept.sum()
     return kept * n / k.clamp(min=1)
 
 
-def _weights(keep: torch.Tensor, mask: torch.Tensor, loss_type: str, normalize: str) -> torch.Tensor:
+def _weights(keep: torch.Tensor, mask: torch.Tensor, loss_type: str, normalize: str, over: str) -> torch.Tensor:
     if normalize == "kept":
-        return renormalise_kept(keep, mask, loss_type)
+        return renormalise_kept(keep, mask, loss_type, over=over)
     return (keep & (mask > 0)).to(mask.dtype)
-
-
-def selected_fraction(weights: torch.Tensor, mask: torch.Tensor) -> float:
-    """Share of response tokens with a non-zero weight (0.0 for an empty batch)."""
-    n = float(mask.sum())
-    return float(((weights != 0) & (mask > 0)).sum()) / n if n > 0 else 0.0
 
 
 def response_values(values: torch.Tensor, mask: torch.Tensor, inp: SelectionInput) -> torch.Tensor:
@@ -155,9 +158,12 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 SCOPES = ("completion", "group", "batch")
 NORMALIZATIONS = ("kept", "all")
+# Group-JS at or below this (nats) counts as zero: float32 JS of identical next-token distributions (a prefix every
+# rollout of the prompt shares) comes out as rounding noise of order 1e-7·log V instead of exactly 0.
+JS_ZERO = 1e-5
 
 
-def _check_ict(*, fraction: float, warmup_steps: int, scope: str, normalize: str) -> None:
+def _check_sparse(*, fraction: float, warmup_steps: int, scope: str, normalize: str) -> None:
     _check_fraction(fraction)
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps={warmup_steps!r} must be >= 0")
@@ -165,20 +171,23 @@ def _check_ict(*, fraction: float, warmup_steps: int, scope: str, normalize: str
     _check_choice("normalize", normalize, NORMALIZATIONS)
 
 
-def _top_fraction(
-    scores: torch.Tensor, inp: SelectionInput, fraction: float, scope: str
-) -> tuple[torch.Tensor, float]:
-    """Keep by scope; returns (keep, threshold = mean cut-off over the units that kept something)."""
+def _percentile_keep(
+    scores: torch.Tensor, inp: SelectionInput, fraction: float, scope: str, min_score: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep by scope; returns (keep, threshold = mean cut-off over the units that kept something, 0-d tensor)."""
     if scope == "completion":
-        keep, cutoff = top_fraction_per_row(scores, inp.mask, fraction)
+        keep, cutoff = percentile_keep_per_row(scores, inp.mask, fraction, min_score=min_score)
     else:
         units = inp.group_ids if scope == "group" else torch.zeros_like(inp.group_ids)
-        keep, cutoff = top_fraction_per_unit(scores, inp.mask, units, fraction)
-    cutoff = cutoff[~cutoff.isnan()]
-    return keep, float(cutoff.mean()) if cutoff.numel() else NAN
+        keep, cutoff = percentile_keep_per_unit(scores, inp.mask, units, fraction, min_score=min_score)
+    return keep, cutoff.nanmean() if cutoff.numel() else torch.tensor(NAN, dtype=torch.float64)
 
 
-@register_selector("ict", needs_group_js=True, check_options=_check_ict)
+def _dense(mask: torch.Tensor) -> Selection:
+    return Selection((mask > 0).to(mask.dtype), None, {"warmup": 1.0, "threshold": NAN})
+
+
+@register_selector("ict", needs_group_js=True, check_options=_check_sparse)
 @torch.no_grad()
 def ict(
     inp: SelectionInput,
@@ -188,30 +197,50 @@ def ict(
     scope: str = "completion",
     normalize: str = "kept",
 ) -> Selection:
-    """ICT, Independent Combinatorial Tokens (arXiv:2606.19771).
+    """ICT, Independent Combinatorial Tokens (arXiv:2606.19771): JS-10 % with Sparse-GRPO after a dense warm-up.
 
-    Score u_{i,t} = JS(p_{i,t} ‖ P̄_t) (`inp.group_js`). For optimizer steps < `warmup_steps` train densely (weights =
-    mask, metric warmup = 1). Then keep per completion the top ceil(fraction·n_i) tokens by score (at least one;
-    ties: earlier position first) and average the GRPO term over the kept tokens of each completion, then over
-    completions (Sparse-GRPO):  L = (1/B) Σ_i (1/k_i) Σ_{t kept} L_{i,t}, realised as weights n_i/k_i under
-    loss_type grpo (see `renormalise_kept` for the others). `scope="group"` / `"batch"` take the cut-off over all
-    tokens of the prompt group / the micro-batch instead (at least one per unit; a completion may then keep
-    none and contributes 0). `normalize="all"` keeps TRL's normaliser (weights 0/1). Metric `threshold`: the
-    lowest kept score, averaged over completions (or groups). Rollouts of one prompt split across ranks: the
-    glue's group_js averages over the siblings on this rank and counts such groups; scope="group" then takes the
-    cut-off over the local part of the group.
+    Score u_{i,t} = JS(p_{i,t} ‖ P̄_t) (`inp.group_js`). For optimizer steps < `warmup_steps` (the paper: 10, 20 and
+    40 equally good) train densely (weights = mask, metric warmup = 1). Then keep the tokens whose score is at or
+    above their completion's (1 - `fraction`) percentile, the paper's rule: the ceil(fraction·n_i)-th largest score
+    (at least one token), every tie with it kept, and only scores above zero (`JS_ZERO`), so a completion with
+    fewer positive-score tokens than that keeps only those, possibly none. The GRPO term is averaged over the kept
+    tokens of each completion, then over completions (Sparse-GRPO, `renormalise_kept(over="completion")`).
+    `scope="group"` / `"batch"` take the percentile over all tokens of the prompt group / the micro-batch instead.
+    `normalize="all"` keeps TRL's normaliser (weights 0/1). Metric `threshold`: the cut-off score, averaged over
+    completions (or groups) that kept something. Rollouts of one prompt split across ranks: the glue's group_js
+    averages over the siblings on this rank and counts such groups.
     """
-    mask = inp.mask
     if inp.step < warmup_steps:
-        weights = (mask > 0).to(mask.dtype)
-        return Selection(weights, None, {"selected_fraction": selected_fraction(weights, mask), "warmup": 1.0,
-                                         "threshold": NAN})
+        return _dense(inp.mask)
     if inp.group_js is None:
         raise ValueError("ict needs inp.group_js (the glue computes it when spec.needs_group_js)")
-    keep, threshold = _top_fraction(inp.group_js.detach(), inp, fraction, scope)
-    weights = _weights(keep, mask, inp.loss_type, normalize)
-    return Selection(weights, None, {"selected_fraction": selected_fraction(weights, mask), "warmup": 0.0,
-                                     "threshold": threshold})
+    keep, threshold = _percentile_keep(inp.group_js.detach(), inp, fraction, scope, JS_ZERO)
+    weights = _weights(keep, inp.mask, inp.loss_type, normalize, over="completion")
+    return Selection(weights, None, {"warmup": 0.0, "threshold": threshold})
+
+
+@register_selector("random", check_options=_check_sparse)
+@torch.no_grad()
+def random(
+    inp: SelectionInput,
+    *,
+    fraction: float = 0.10,
+    warmup_steps: int = 10,
+    scope: str = "completion",
+    normalize: str = "kept",
+) -> Selection:
+    """Random control (ICT, arXiv:2606.19771, its "random 10 %" baseline): `ict` with a U(0, 1) score.
+
+    Same warm-up, percentile rule, scopes and normalisation as `ict`; the score is a U(0, 1) draw per token from
+    `inp.generator` (forkwatch's own generator, saved with each checkpoint), drawn only after the warm-up. It
+    differs from `ict` only in the score: the control every selection method must beat.
+    """
+    if inp.step < warmup_steps:
+        return _dense(inp.mask)
+    gen = inp.generator
+    scores = torch.rand(inp.mask.shape, generator=gen, device=gen.device, dtype=torch.float64).to(inp.mask.device)
+    keep, _ = _percentile_keep(scores, inp, fraction, scope, 0.0)
+    return Selection(_weights(keep, inp.mask, inp.loss_type, normalize, over="completion"), None, {"warmup": 0.0})
 
 
 def _check_high_entropy(*, fraction: float, normalize: str) -> None:
@@ -222,43 +251,22 @@ def _check_high_entropy(*, fraction: float, normalize: str) -> None:
 @register_selector("high_entropy", check_options=_check_high_entropy)
 @torch.no_grad()
 def high_entropy(inp: SelectionInput, *, fraction: float = 0.20, normalize: str = "kept") -> Selection:
-    """High-entropy "forking" tokens, 20-Entropy (Wang et al., arXiv:2506.01939).
+    """High-entropy "forking" tokens, 20-Entropy (Wang et al., arXiv:2506.01939), ρ = `fraction` = 0.2.
 
-    τ = quantile_{1-ρ}(H over all response tokens of the batch, over ranks when `inp.gather` is set), keep H ≥ τ
-    (ties at τ are all kept), ρ = `fraction`. `normalize="kept"` (default, the paper's code) averages the loss over
-    kept tokens (`renormalise_kept`); `normalize="all"` keeps TRL's full-token normaliser and is then exactly
-    TRL's `top_entropy_quantile=ρ` (same quantile, same ≥ rule).
+    τ = quantile_{1-ρ}(H over all response tokens of the micro-batch, over ranks when `inp.gather` is set), keep
+    H ≥ τ (ties at τ are all kept). `normalize="kept"` (default) is the authors' code (Beyond-the-80-20-Rule-RLVR,
+    verl/trainer/ppo/core_algos.py `get_global_entropy_top_mask`, then verl's token-mean over the masked loss): one
+    mean over ALL kept tokens of the batch, whatever TRL's loss type (`renormalise_kept(over="batch")`), so a
+    completion whose only kept token is one fork does not give that token n_i times the weight.
+    `normalize="all"` keeps TRL's full-token normaliser and is then exactly TRL's `top_entropy_quantile=ρ`.
     """
     mask = inp.mask
     values = response_values(inp.entropy, mask, inp)
     if values.numel() == 0:
-        return Selection(torch.zeros_like(mask), None, {"selected_fraction": 0.0, "threshold": NAN})
+        return Selection(torch.zeros_like(mask), None, {"threshold": NAN})
     threshold = torch.quantile(values, 1 - fraction)
     keep = ((inp.entropy * mask) >= threshold) & (mask > 0)
-    weights = _weights(keep, mask, inp.loss_type, normalize)
-    return Selection(weights, None, {"selected_fraction": selected_fraction(weights, mask),
-                                     "threshold": float(threshold)})
-
-
-def _check_random(*, fraction: float, scope: str, normalize: str) -> None:
-    _check_fraction(fraction)
-    _check_choice("scope", scope, SCOPES)
-    _check_choice("normalize", normalize, NORMALIZATIONS)
-
-
-@register_selector("random", check_options=_check_random)
-@torch.no_grad()
-def random(inp: SelectionInput, *, fraction: float = 0.10, scope: str = "completion", normalize: str = "kept") -> Selection:
-    """Random control (ICT, arXiv:2606.19771, §"random 10 %"): keep a seeded random `fraction` of response tokens.
-
-    Scores are U(0, 1) draws from `inp.generator`; the keep rule, scopes and normalisation are ICT's, so that
-    `random` differs from `ict` only in the score: the control every selection method must beat.
-    """
-    gen = inp.generator
-    scores = torch.rand(inp.mask.shape, generator=gen, device=gen.device, dtype=torch.float64).to(inp.mask.device)
-    keep, _ = _top_fraction(scores, inp, fraction, scope)
-    weights = _weights(keep, inp.mask, inp.loss_type, normalize)
-    return Selection(weights, None, {"selected_fraction": selected_fraction(weights, inp.mask)})
+    return Selection(_weights(keep, mask, inp.loss_type, normalize, over="batch"), None, {"threshold": threshold})
 
 
 def _check_clip_cov(*, fraction: float, cov_low: float, cov_high: float) -> None:
@@ -270,11 +278,14 @@ def _check_clip_cov(*, fraction: float, cov_low: float, cov_high: float) -> None
 @register_selector("clip_cov", check_options=_check_clip_cov)
 @torch.no_grad()
 def clip_cov(inp: SelectionInput, *, fraction: float = 2e-4, cov_low: float = 1.0, cov_high: float = 5.0) -> Selection:
-    """Clip-Cov (Cui et al., arXiv:2505.22617; defaults r = 2e-4, (ω_low, ω_high) = (1, 5) from the authors' code).
+    """Clip-Cov (Cui et al., arXiv:2505.22617, §4): r = 2e-4, (ω_low, ω_high) = (1, 5), the paper's 7B setting.
 
     Candidates: response tokens not clipped by PPO (-A·clip(r) ≤ -A·r) with ω_low < c_t < ω_high, c_t the token
-    covariance. Pick max(1, ⌊r·N⌋) of them uniformly at random (`inp.generator`), N = response tokens of the
-    micro-batch; their weight is 0 (no gradient), every other response token keeps weight 1.
+    covariance. Pick ⌊r·N⌋ of them uniformly at random (`inp.generator`), N = response tokens of the micro-batch:
+    the paper's count, so with r·N < 1 none is picked (the authors' verl code takes at least one, which at
+    N ≈ 450 detaches ~10× the paper's share). Their weight is 0 (no gradient); every other response token keeps
+    weight 1. The authors' 7B script also sets clip_ratio_low = clip_ratio_high = 1 (PPO's own clip nearly off);
+    here TRL's epsilon_low / epsilon_high decide which tokens PPO already clipped: set them to 1 for that setting.
     """
     mask = inp.mask
     logprob = inp.logprob.detach()
@@ -283,16 +294,14 @@ def clip_cov(inp: SelectionInput, *, fraction: float = 2e-4, cov_low: float = 1.
     clipped = -adv * torch.clamp(ratio, 1 - inp.epsilon_low, 1 + inp.epsilon_high) > -adv * ratio
     cov = token_covariance(inp.advantages, logprob, mask)
     candidates = ((cov > cov_low) & (cov < cov_high) & (mask > 0) & ~clipped).nonzero()  # (C, 2), row-major
-    n = int((mask > 0).sum())
     weights = (mask > 0).to(mask.dtype)
+    k = math.floor(round(fraction * int((mask > 0).sum()), 9))  # rounded first: 0.1·30 is 3, not 2.9999…
     chosen = candidates[:0]
-    if n > 0 and len(candidates) > 0:
-        k = max(1, int(fraction * n))
+    if k > 0 and len(candidates) > 0:
         perm = torch.randperm(len(candidates), generator=inp.generator, device=inp.generator.device)
         chosen = candidates[perm[:k].to(candidates.device)]
         weights[chosen[:, 0], chosen[:, 1]] = 0
-    return Selection(weights, None, {"selected_fraction": selected_fraction(weights, mask),
-                                     "affected_tokens": float(len(chosen)), "candidate_tokens": float(len(candidates))})
+    return Selection(weights, None, {"affected_tokens": float(len(chosen)), "candidate_tokens": float(len(candidates))})
 
 
 def _check_kl_cov(*, fraction: float, beta: float) -> None:
@@ -301,13 +310,15 @@ def _check_kl_cov(*, fraction: float, beta: float) -> None:
         raise ValueError(f"beta={beta!r} must be >= 0")
 
 
-@register_selector("kl_cov", changes_loss=True, check_options=_check_kl_cov)
+@register_selector("kl_cov", changes_loss=True, needs_off_policy=True, check_options=_check_kl_cov)
 def kl_cov(inp: SelectionInput, *, fraction: float = 2e-3, beta: float = 1.0) -> Selection:
-    """KL-Cov (Cui et al., arXiv:2505.22617): k = 2e-3 (the paper's 7B setting; 2e-4 for 32B-class), β = 1.
+    """KL-Cov (Cui et al., arXiv:2505.22617, §4): k = 2e-3 (the paper's 7B setting; 2e-4 for 32B-class), β = 1.
 
     The top max(1, ⌊k·N⌋) response tokens by covariance c_t (ties: row-major order) get the loss
     -A·r + β·|log r|; all others -A·r; no token's ratio is clipped (`policy_loss.kl_cov_policy_loss`). Returned as
-    `loss_delta` = that loss - TRL's clipped surrogate; weights stay 1 on response tokens.
+    `loss_delta` = that loss - TRL's clipped surrogate; weights stay 1 on response tokens. On-policy (r ≡ 1) this is
+    exactly GRPO: the authors train several updates per rollout (7B script: mini-batch 32 of 256), so `attach`
+    warns unless TRL reuses a rollout (`steps_per_generation > gradient_accumulation_steps` or `num_iterations > 1`).
     """
     mask = inp.mask
     with torch.no_grad():
@@ -319,13 +330,11 @@ def kl_cov(inp: SelectionInput, *, fraction: float = 2e-3, beta: float = 1.0) ->
             k = max(1, int(fraction * n))
             top = torch.sort(cov.reshape(-1), descending=True, stable=True).indices[:k]
             penalised.view(-1)[top] = True
-            threshold = float(cov.reshape(-1)[top[-1]])
+            threshold = cov.reshape(-1)[top[-1]]
     desired = kl_cov_policy_loss(inp.logprob, inp.old_logprob, inp.advantages, penalised, beta)
     current = trl_policy_loss(inp.logprob, inp.old_logprob, inp.advantages, inp.epsilon_low, inp.epsilon_high)
     weights = (mask > 0).to(mask.dtype)
-    return Selection(weights, (desired - current) * weights, {
-        "selected_fraction": selected_fraction(weights, mask), "affected_tokens": float(penalised.sum()),
-        "threshold": threshold})
+    return Selection(weights, (desired - current) * weights, {"affected_tokens": penalised.sum(), "threshold": threshold})
 
 
 def _check_stapo(*, prob_threshold: float, entropy_quantile: float) -> None:
@@ -337,25 +346,26 @@ def _check_stapo(*, prob_threshold: float, entropy_quantile: float) -> None:
 
 @register_selector("stapo", check_options=_check_stapo)
 @torch.no_grad()
-def stapo(inp: SelectionInput, *, prob_threshold: float = 0.002, entropy_quantile: float = 0.20) -> Selection:
-    """STAPO (arXiv:2602.15620): silence spurious tokens and renormalise over the rest.
+def stapo(inp: SelectionInput, *, prob_threshold: float = 0.002, entropy_quantile: float = 0.80) -> Selection:
+    """STAPO (arXiv:2602.15620, §5): silence spurious tokens and average the loss over the rest.
 
-    Spurious: A > 0 AND p(y_t) < τ_p (= `prob_threshold`, 0.002; p from the current policy, detached) AND
+    Spurious: A > 0 AND p(y_t) < τ_p (= `prob_threshold`; p from the current policy, detached) AND
     H_t < quantile_{τ_h}(H over the response tokens of the micro-batch, over ranks when `inp.gather` is set;
-    τ_h = `entropy_quantile`, default 0.2, the paper also states 0.8). Spurious tokens get weight 0, the others
-    are renormalised as in `renormalise_kept`.
+    τ_h = `entropy_quantile`). Defaults are the paper's main setting as read from §5.1 ("τ_h = 80 %") and §5.3
+    ("we mask the bottom 80 % of low-entropy tokens"), τ_p = 0.002. (At τ_h = 0.2 the rule is nearly inert:
+    p < 0.002 forces H ≥ 0.014 nats, above the 20th entropy percentile of typical rollouts.) Spurious tokens get
+    weight 0; the objective divides by the count of all remaining tokens of the batch
+    (`renormalise_kept(over="batch")`).
     """
     mask = inp.mask
     values = response_values(inp.entropy, mask, inp)
     if values.numel() == 0:
-        return Selection(torch.zeros_like(mask), None, {"selected_fraction": 0.0, "affected_tokens": 0.0,
-                                                        "threshold": NAN})
+        return Selection(torch.zeros_like(mask), None, {"affected_tokens": 0.0, "threshold": NAN})
     threshold = torch.quantile(values, entropy_quantile)
     adv = inp.advantages.unsqueeze(1) if inp.advantages.dim() == 1 else inp.advantages
     spurious = (adv > 0) & (inp.logprob.detach() < math.log(prob_threshold)) & (inp.entropy < threshold) & (mask > 0)
-    weights = renormalise_kept(~spurious, mask, inp.loss_type)
-    return Selection(weights, None, {"selected_fraction": selected_fraction(weights, mask),
-                                     "affected_tokens": float(spurious.sum()), "threshold": float(threshold)})
+    weights = renormalise_kept(~spurious, mask, inp.loss_type, over="batch")
+    return Selection(weights, None, {"affected_tokens": spurious.sum(), "threshold": threshold})
 
 
 def _check_gppo(*, epsilon_low: float, epsilon_high: float) -> None:
@@ -363,13 +373,15 @@ def _check_gppo(*, epsilon_low: float, epsilon_high: float) -> None:
         raise ValueError(f"epsilon_low={epsilon_low!r} must be in (0, 1) and epsilon_high={epsilon_high!r} > 0")
 
 
-@register_selector("gppo", changes_loss=True, check_options=_check_gppo)
+@register_selector("gppo", changes_loss=True, needs_off_policy=True, check_options=_check_gppo)
 def gppo(inp: SelectionInput, *, epsilon_low: float = 0.2, epsilon_high: float = 0.28) -> Selection:
     """GPPO (Klear-Reasoner, arXiv:2508.07629): PPO's value, bounded gradient for clipped tokens.
 
     -min(δA, clip(δ, (1-ε_l)δ/sg(δ), (1+ε_h)δ/sg(δ))·A) with the paper's ε_l = 0.2, ε_h = 0.28 (these replace
     TRL's clip range for the policy term; `policy_loss.gppo_policy_loss`). Returned as `loss_delta` = GPPO's loss -
     TRL's clipped surrogate; weights stay 1 on response tokens. Metric `affected_tokens` counts clipped tokens.
+    On-policy (δ ≡ 1) nothing is clipped and this is exactly GRPO; the authors take several updates per rollout
+    (Klear-Reasoner: mini-batch 16 of 128), so `attach` warns unless TRL reuses a rollout.
     """
     mask = inp.mask
     desired = gppo_policy_loss(inp.logprob, inp.old_logprob, inp.advantages, epsilon_low, epsilon_high)
@@ -378,5 +390,4 @@ def gppo(inp: SelectionInput, *, epsilon_low: float = 0.2, epsilon_high: float =
     with torch.no_grad():
         ratio = torch.exp(inp.logprob.detach() - inp.old_logprob)
         affected = gppo_clipped(ratio, inp.advantages, epsilon_low, epsilon_high) & (mask > 0)
-    return Selection(weights, (desired - current) * weights, {
-        "selected_fraction": selected_fraction(weights, mask), "affected_tokens": float(affected.sum())})
+    return Selection(weights, (desired - current) * weights, {"affected_tokens": affected.sum()})

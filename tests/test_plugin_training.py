@@ -8,16 +8,22 @@ import logging
 import pytest
 import torch
 from conftest import TRL_MATRIX
-from forkwatch.plugin.registry import Selection, register_selector
+from forkwatch.plugin.registry import Selection, registered_selector
 from forkwatch.store import connect
 
 import forkwatch
 
 
-@register_selector("test_half")
 def _test_half(inp, *, fraction: float = 0.5, warmup_steps: int = 0) -> Selection:
     """Every response token at weight `fraction` (deterministic, so the effect on the loss is known)."""
     return Selection(weights=inp.mask * fraction, metrics={"threshold": 0.25, "warmup": 0.0})
+
+
+@pytest.fixture
+def test_half():
+    """`select="test_half"` for one test, unregistered afterwards."""
+    with registered_selector("test_half", _test_half):
+        yield "test_half"
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
@@ -91,7 +97,7 @@ def test_configuration_records_every_step(make_trainer, tmp_path, name):
     assert n_tok > 0 and con.sql("SELECT count(*) FROM completions").fetchall()[0][0] > 0
 
 
-def test_selection_seam_weights_the_loss_and_records_selected(make_trainer, tmp_path):
+def test_selection_seam_weights_the_loss_and_records_selected(make_trainer, tmp_path, test_half):
     half = make_trainer(max_steps=1, loss_type="bnpo")
     cb = forkwatch.attach(half, log_dir=str(tmp_path / "runs"), run_name="r", select="test_half",
                           record_completions_per_step=None)
@@ -112,7 +118,7 @@ def test_selection_seam_weights_the_loss_and_records_selected(make_trainer, tmp_
     assert not cb.monitor.faults.counts
 
 
-def test_attach_refuses_bad_options_naming_the_fix(make_trainer, tmp_path):
+def test_attach_refuses_bad_options_naming_the_fix(make_trainer, tmp_path, test_half):
     trainer = make_trainer(max_steps=1)
     with pytest.raises(ValueError, match="fork_fraction"):
         forkwatch.attach(trainer, fork_fraction=2.0)

@@ -16,6 +16,7 @@ METHODS = ["ict", "high_entropy", "random", "clip_cov", "kl_cov", "stapo", "gppo
 # Options that make each method act on a tiny model within two steps (defaults drop ~1 token in 10^4).
 BITE = {
     "ict": {"warmup_steps": 1},
+    "random": {"warmup_steps": 0},
     "clip_cov": {"fraction": 0.1, "select_options": {"cov_low": -10.0, "cov_high": 10.0}},
     "kl_cov": {"fraction": 0.1},
     "stapo": {"select_options": {"prob_threshold": 0.5, "entropy_quantile": 0.9}},
@@ -50,8 +51,17 @@ def test_every_method_trains_and_records_each_selection(make_trainer, tmp_path, 
         assert lo == 0 and hi > 1 and kept < 0.6  # sparse, kept tokens renormalised (Sparse-GRPO / kept)
     if name in ("clip_cov", "stapo"):
         assert any(lo == 0 for _, lo, _, _ in selected)
-    logged = [h for h in trainer.state.log_history if "forkwatch/select/selected_fraction" in h]
-    assert logged
+    logged = [h for h in trainer.state.log_history if "forkwatch/select/grad_share" in h]
+    assert len(logged) == 2  # the selection diagnostics, every step
+    for h in logged:
+        assert 0.0 <= h["forkwatch/select/grad_share"] <= 1.0
+        assert 0.0 < h["forkwatch/select/kept_p_mean"] < 1.0
+        assert h["forkwatch/select/kept_entropy_mean"] > 0.0
+        assert 0.0 <= h["forkwatch/select/entropy_overlap"] <= 1.0
+    if name == "high_entropy":  # the kept set IS the top-entropy set of its size
+        assert all(h["forkwatch/select/entropy_overlap"] == 1.0 for h in logged)
+    if name in ("kl_cov", "gppo"):  # every response token keeps its gradient
+        assert all(h["forkwatch/select/grad_share"] == pytest.approx(1.0) for h in logged)
     # The steps table counts the tokens that got any gradient (every token is recorded here), not the mean weight,
     # which kept-token renormalisation pushes back towards 1.
     fractions = con.sql("SELECT step, selected_fraction FROM steps ORDER BY step").fetchall()
@@ -81,15 +91,16 @@ def test_methods_train_with_peft(make_trainer, tmp_path, name):
     assert not cb.monitor.faults.counts
 
 
-def test_ict_with_fraction_one_and_no_warmup_equals_plain_grpo(make_trainer, tmp_path):
-    plain = make_trainer(max_steps=2, loss_type="grpo")
-    plain.train()
+def test_ict_with_fraction_one_trains_on_exactly_the_tokens_with_a_positive_score(make_trainer, tmp_path):
+    # The percentile rule at fraction 1 keeps every token, except that a zero score (the first position, whose
+    # context every rollout of the prompt shares) is never kept.
     ict = make_trainer(max_steps=2, loss_type="grpo")
     cb = _attach(ict, tmp_path, "ict", fraction=1.0, warmup_steps=0)
     ict.train()
     assert not cb.monitor.faults.counts
-    for p, q in zip(_params(plain), _params(ict), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    rows = connect(str(tmp_path / "runs")).sql("SELECT group_js, selected FROM tokens").fetchall()
+    assert rows and any(js <= 1e-5 for js, _ in rows) and any(js > 1e-5 for js, _ in rows)
+    assert all((selected > 0) == (js > 1e-5) for js, selected in rows)
 
 
 def test_high_entropy_all_equals_trls_top_entropy_quantile_over_a_run(make_trainer, tmp_path):
@@ -129,7 +140,7 @@ def test_random_selection_is_reproducible_and_seeded(make_trainer, tmp_path):
     def run(seed: int, folder: str):
         trainer = make_trainer(max_steps=2)
         forkwatch.attach(trainer, log_dir=str(tmp_path / folder), run_name="r", select="random", seed=seed,
-                         record_completions_per_step=None)
+                         warmup_steps=0, record_completions_per_step=None)
         trainer.train()
         con = connect(str(tmp_path / folder))
         rows = con.sql("SELECT step, completion_id, position, selected FROM tokens ORDER BY ALL").fetchall()
@@ -158,3 +169,10 @@ def test_attach_refuses_combinations_that_cannot_work(make_trainer, tmp_path, na
     with pytest.raises(ValueError, match=match):
         forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), select=name)
     assert getattr(trainer, "_forkwatch", None) is None
+
+
+@pytest.mark.parametrize("name", ["kl_cov", "gppo"])
+def test_attach_warns_that_a_ratio_method_on_policy_is_plain_grpo(make_trainer, tmp_path, name):
+    trainer = make_trainer(max_steps=1)
+    with pytest.warns(UserWarning, match=f"select='{name}'.*steps_per_generation.*num_iterations > 1"):
+        forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), select=name)

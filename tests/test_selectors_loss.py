@@ -1,8 +1,9 @@
 """policy_loss.py against float64 references: TRL's surrogate, KL-Cov's and GPPO's deltas, TRL's normalisers,
-and the attach-time refusals of `validate_selection`."""
+and the attach-time refusals and warnings of `validate_selection`."""
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -110,61 +111,50 @@ def test_gppo_selector_delta_reaches_gppo_loss_with_the_papers_epsilons():
     (g2,) = torch.autograd.grad(target.sum(), lp)
     torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
     ratio = torch.exp(lp.detach() - old)
-    assert sel.metrics["affected_tokens"] == float(
+    assert float(sel.metrics["affected_tokens"]) == float(
         (policy_loss.gppo_clipped(ratio, adv, 0.2, 0.28) & (mask > 0)).sum()
     )
 
 
-# --- aggregate_like_trl ---------------------------------------------------------------------------------------------
-
-
-def _fake_trainer(loss_type, *, training=True, ga=2, processes=2, spg=4, vllm=False):
-    return SimpleNamespace(
-        loss_type=loss_type,
-        model=SimpleNamespace(training=training),
-        current_gradient_accumulation_steps=ga,
-        use_vllm=vllm,
-        vllm_importance_sampling_correction=vllm,
-        max_completion_length=10,
-        accelerator=SimpleNamespace(num_processes=processes),
-        args=SimpleNamespace(steps_per_generation=spg),
-    )
+# --- aggregate_loss ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo"])
-@pytest.mark.parametrize("training", [True, False])
-def test_aggregate_like_trl_matches_the_normaliser_formula(loss_type, training):
+def test_aggregate_loss_matches_the_normaliser_formula(loss_type):
     x = torch.arange(18, dtype=torch.float64).view(3, 6) / 7
     _, _, _, mask = _tensors()
-    inputs = {"num_items_in_batch": torch.tensor(40.0, dtype=torch.float64)}
-    got = policy_loss.aggregate_like_trl(x, mask, _fake_trainer(loss_type, training=training), inputs)
-    ga = 2 if training else 1
+    got = policy_loss.aggregate_loss(x, mask, loss_type, accumulation=2.0, max_completion_length=10,
+                                     batch_normaliser=torch.tensor(40.0, dtype=torch.float64))
     rows = [sum(float(x[b, t]) for t in range(6) if mask[b, t]) for b in range(3)]
     n = [float(mask[b].sum()) for b in range(3)]
     expected = {
-        "grpo": sum(r / k for r, k in zip(rows, n, strict=True)) / 3 / ga,
-        "bnpo": sum(rows) / sum(n) / ga,
-        "dr_grpo": sum(rows) / (3 * 10) / ga,
-        "dapo": sum(rows) / (40.0 / 2 * (2 / 4 if training else 1)),
-        "luspo": sum(rows) / 3 / ga,
+        "grpo": sum(r / k for r, k in zip(rows, n, strict=True)) / 3 / 2,
+        "bnpo": sum(rows) / sum(n) / 2,
+        "dr_grpo": sum(rows) / (3 * 10) / 2,
+        "dapo": sum(rows) / 40.0,
+        "luspo": sum(rows) / 3 / 2,
     }
     expected["sapo"] = expected["grpo"]
     expected["cispo"] = expected["vespo"] = expected["dapo"]
     assert float(got) == pytest.approx(expected[loss_type], rel=1e-12)
 
 
-def test_aggregate_like_trl_applies_the_vllm_importance_ratio():
-    x = torch.ones(3, 6, dtype=torch.float64)
+def test_aggregate_loss_is_linear_so_a_delta_adds_to_trls_per_token_loss():
+    a, b = torch.rand(3, 6, dtype=torch.float64), torch.rand(3, 6, dtype=torch.float64)
     _, _, _, mask = _tensors()
-    ratio = torch.full((3, 6), 0.5, dtype=torch.float64)
-    got = policy_loss.aggregate_like_trl(x, mask, _fake_trainer("bnpo", ga=1, vllm=True),
-                                         {"importance_sampling_ratio": ratio})
-    assert float(got) == pytest.approx(0.5)
+    for loss_type in ("grpo", "bnpo", "luspo"):
+        whole = policy_loss.aggregate_loss(a + b, mask, loss_type)
+        parts = policy_loss.aggregate_loss(a, mask, loss_type) + policy_loss.aggregate_loss(b, mask, loss_type)
+        assert float(whole) == pytest.approx(float(parts), rel=1e-12)
 
 
-def test_aggregate_like_trl_refuses_an_unknown_loss_type():
-    with pytest.raises(ValueError, match="loss_type"):
-        policy_loss.aggregate_like_trl(torch.ones(1, 1), torch.ones(1, 1), _fake_trainer("new_loss"), {})
+def test_aggregate_loss_refuses_an_unknown_loss_type_or_a_missing_constant():
+    with pytest.raises(ValueError, match="loss_type='new_loss'.*known: grpo"):
+        policy_loss.aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "new_loss")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        policy_loss.aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "dr_grpo")
+    with pytest.raises(ValueError, match="batch_normaliser"):
+        policy_loss.aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "dapo")
 
 
 # --- validate_selection ----------------------------------------------------------------------------------------------
@@ -194,6 +184,7 @@ def _args(tmp_path, **overrides):
         ("kl_cov", {"delta": 2.0}, "delta=None"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:select=")
 def test_validate_selection_refuses_what_cannot_combine(tmp_path, name, overrides, match):
     with pytest.raises(ValueError, match=match):
         policy_loss.validate_selection(get_selector(name), _args(tmp_path, **overrides))
@@ -217,4 +208,30 @@ def test_validate_selection_refuses_a_fused_liger_loss():
     ],
 )
 def test_validate_selection_accepts_what_works(tmp_path, name, overrides):
-    policy_loss.validate_selection(get_selector(name), _args(tmp_path, **overrides))
+    args = _args(tmp_path, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the on-policy warning has its own tests
+        policy_loss.validate_selection(get_selector(name), args)
+
+
+@pytest.mark.parametrize("name", ["kl_cov", "gppo"])
+def test_ratio_methods_on_policy_warn_naming_the_setting_to_change(tmp_path, name):
+    with pytest.warns(UserWarning, match="exactly 1.*steps_per_generation to a multiple.*num_iterations > 1"):
+        policy_loss.validate_selection(get_selector(name), _args(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["kl_cov", "gppo"])
+@pytest.mark.parametrize("overrides", [{"num_iterations": 2}, {"steps_per_generation": 2}])
+def test_ratio_methods_reusing_rollouts_do_not_warn(tmp_path, name, overrides):
+    args = _args(tmp_path, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy_loss.validate_selection(get_selector(name), args)
+
+
+@pytest.mark.parametrize("name", ["ict", "high_entropy", "random", "stapo", "clip_cov"])
+def test_methods_that_act_on_policy_do_not_warn(tmp_path, name):
+    args = _args(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy_loss.validate_selection(get_selector(name), args)

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 from forkwatch.plugin import selectors
-from forkwatch.plugin.registry import Selection, SelectionInput, get_selector, register_selector, selector_names
+from forkwatch.plugin.registry import (
+    Selection,
+    SelectionInput,
+    get_selector,
+    register_selector,
+    registered_selector,
+    selector_names,
+    unregister_selector,
+)
 
 ALL = ["clip_cov", "gppo", "high_entropy", "ict", "kl_cov", "random", "stapo"]
 
@@ -45,24 +53,35 @@ def test_keep_count_is_ceil_with_at_least_one_and_no_float_overshoot():
     assert selectors.keep_count(torch.tensor([7]), 1.0).tolist() == [7]
 
 
-def test_top_fraction_per_row_breaks_ties_by_earlier_position():
+def test_percentile_keep_per_row_keeps_every_tie_at_the_cut_off():
     mask = torch.ones(1, 6)
-    keep, cutoff = selectors.top_fraction_per_row(torch.full((1, 6), 0.5), mask, 0.5)
-    assert keep.tolist() == [[True, True, True, False, False, False]]
+    scores = torch.tensor([[0.5, 0.5, 0.9, 0.5, 0.1, 0.5]])
+    keep, cutoff = selectors.percentile_keep_per_row(scores, mask, 0.34, min_score=0.0)
+    # k = ceil(0.34 * 6) = 3: the 3rd largest score is 0.5, and every 0.5 is at that percentile
+    assert keep.tolist() == [[True, True, True, True, False, True]]
     assert cutoff.tolist() == [0.5]
 
 
-def test_top_fraction_per_row_never_keeps_padding_even_with_higher_scores():
+def test_percentile_keep_per_row_never_keeps_padding_even_with_higher_scores():
     mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    scores = torch.tensor([[9.0, 9.0, -math.inf, float("nan")]])
-    keep, _ = selectors.top_fraction_per_row(scores, mask, 0.5)
+    scores = torch.tensor([[9.0, 9.0, 0.3, float("nan")]])
+    keep, _ = selectors.percentile_keep_per_row(scores, mask, 0.5, min_score=0.0)
     assert keep.tolist() == [[False, False, True, False]]
 
 
-def test_top_fraction_per_unit_pools_rows_of_a_group():
+def test_percentile_keep_per_row_never_fills_the_kept_set_with_scores_at_the_floor():
+    mask = torch.ones(2, 10)
+    scores = torch.zeros(2, 10)
+    scores[0, 4] = 0.2  # one positive score where k = ceil(0.3 * 10) = 3 would be kept
+    keep, cutoff = selectors.percentile_keep_per_row(scores, mask, 0.3, min_score=0.0)
+    assert keep.nonzero().tolist() == [[0, 4]]
+    assert cutoff[0] == pytest.approx(0.0) and math.isnan(cutoff[1])  # row 1 keeps nothing
+
+
+def test_percentile_keep_per_unit_pools_rows_of_a_group():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     scores = torch.tensor([[0.9, 0.1, 5.0], [0.8, 0.7, 0.2], [0.3, 0.2, 0.1]])
-    keep, cutoffs = selectors.top_fraction_per_unit(scores, mask, torch.tensor([0, 0, 1]), 0.4)
+    keep, cutoffs = selectors.percentile_keep_per_unit(scores, mask, torch.tensor([0, 0, 1]), 0.4, min_score=0.0)
     # group 0: 5 tokens -> ceil(2.0) = 2: 0.9 and 0.8; group 1: 3 tokens -> ceil(1.2) = 2: 0.3 and 0.2
     assert keep.tolist() == [[True, False, False], [True, False, False], [True, True, False]]
     assert cutoffs.tolist() == pytest.approx([0.8, 0.2])
@@ -71,12 +90,25 @@ def test_top_fraction_per_unit_pools_rows_of_a_group():
 def test_renormalise_kept_per_sequence_and_per_batch():
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     keep = torch.tensor([[True, False, True, False], [True, False, False, False], [False] * 4])
-    seq = selectors.renormalise_kept(keep, mask, "grpo")
+    seq = selectors.renormalise_kept(keep, mask, "grpo", over="completion")
     assert seq.tolist() == [[2.0, 0.0, 2.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0] * 4]
-    batch = selectors.renormalise_kept(keep, mask, "bnpo")
+    batch = selectors.renormalise_kept(keep, mask, "bnpo", over="completion")
     assert batch.tolist() == [[2.0, 0.0, 2.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0] * 4]  # N=6, K=3
-    batch = selectors.renormalise_kept(keep & torch.tensor([[True] * 4, [False] * 4, [False] * 4]), mask, "dapo")
+    only_row0 = keep & torch.tensor([[True] * 4, [False] * 4, [False] * 4])
+    batch = selectors.renormalise_kept(only_row0, mask, "dapo", over="completion")
     assert batch.tolist() == [[3.0, 0.0, 3.0, 0.0], [0.0] * 4, [0.0] * 4]  # N=6, K=2
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "sapo", "bnpo"])
+def test_renormalise_kept_over_the_batch_makes_trls_loss_the_mean_over_all_kept_tokens(loss_type):
+    from forkwatch.plugin.policy_loss import aggregate_loss
+
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    # completion 1 keeps its one token: per-completion means would give it weight n_1 = 2, the batch mean 1/K
+    keep = torch.tensor([[True, False, True, False], [True, False, False, False], [False] * 4])
+    loss = torch.tensor([[1.0, 50.0, 2.0, 50.0], [6.0, 50.0, 50.0, 50.0], [50.0] * 4], dtype=torch.float64)
+    w = selectors.renormalise_kept(keep, mask, loss_type, over="batch")
+    assert float(aggregate_loss(loss * w, mask, loss_type)) == pytest.approx((1.0 + 2.0 + 6.0) / 3)
 
 
 def test_token_covariance_matches_float64_reference():
@@ -101,7 +133,6 @@ def test_empty_batch_gives_empty_weights(name):
     inp = make_input(torch.zeros(0, 5))
     sel = get_selector(name)(inp)
     assert sel.weights.shape == (0, 5)
-    assert sel.metrics["selected_fraction"] == 0.0
     if sel.loss_delta is not None:
         assert sel.loss_delta.shape == (0, 5)
 
@@ -127,7 +158,7 @@ def test_weights_are_detached_and_float(name):
     sel = get_selector(name)(inp)
     assert not sel.weights.requires_grad
     assert sel.weights.dtype == torch.float64
-    assert isinstance(sel, Selection)
+    assert sel.weights.shape == inp.mask.shape
 
 
 # --- ict -----------------------------------------------------------------------------------------------------------
@@ -143,9 +174,8 @@ def test_ict_keeps_top_ten_percent_per_completion_with_sparse_grpo_weights():
     expected[0, [18, 19]] = 10.0
     expected[1, [0, 1]] = 10.0
     assert torch.equal(sel.weights, expected)
-    assert sel.metrics["selected_fraction"] == pytest.approx(0.1)
     assert sel.metrics["warmup"] == 0.0
-    assert sel.metrics["threshold"] == pytest.approx((0.18 + 0.38) / 2)
+    assert float(sel.metrics["threshold"]) == pytest.approx((0.18 + 0.38) / 2)
 
 
 def test_ict_completion_shorter_than_one_over_fraction_keeps_one_token():
@@ -154,9 +184,21 @@ def test_ict_completion_shorter_than_one_over_fraction_keeps_one_token():
     assert sel.weights.tolist() == [[0.0, 3.0, 0.0, 0.0, 0.0]]
 
 
-def test_ict_ties_keep_the_earliest_positions():
-    sel = get_selector("ict", warmup_steps=0, fraction=0.2)(make_input(torch.ones(1, 10), group_js=torch.ones(1, 10)))
-    assert sel.weights.nonzero()[:, 1].tolist() == [0, 1]
+def test_ict_keeps_every_token_tied_with_the_percentile():
+    js = torch.full((1, 10), 0.3)
+    sel = get_selector("ict", warmup_steps=0, fraction=0.2)(make_input(torch.ones(1, 10), group_js=js))
+    assert sel.weights.tolist() == [[1.0] * 10]  # all ten at the 80th percentile: n/k = 10/10
+
+
+def test_ict_zero_score_tokens_never_fill_the_kept_set():
+    # a shared prefix scores 0 (one distribution for every rollout): only the one positive-score token is kept,
+    # although ceil(0.1 * 20) = 2 tokens would be
+    js = torch.zeros(2, 20)
+    js[0, 7] = 0.05
+    js[1, :5] = 3e-7  # float32 rounding noise of identical distributions counts as zero
+    sel = get_selector("ict", warmup_steps=0)(make_input(torch.ones(2, 20), group_js=js))
+    assert sel.weights.nonzero().tolist() == [[0, 7]]
+    assert sel.weights[0, 7] == 20.0  # Sparse-GRPO: the completion's loss is its one kept token's
 
 
 def test_ict_warmup_is_dense_until_warmup_steps():
@@ -209,10 +251,11 @@ def test_high_entropy_quantile_is_over_the_batch_and_keeps_ties():
     ent = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 3.0, 3.0]])
     sel = get_selector("high_entropy", normalize="all")(make_input(mask, entropy=ent))
     threshold = torch.quantile(ent[mask > 0].float(), 0.8)
-    assert sel.metrics["threshold"] == pytest.approx(float(threshold))
+    assert float(sel.metrics["threshold"]) == pytest.approx(float(threshold))
     assert sel.weights.tolist() == [[0] * 5, [0, 0, 1.0, 1.0, 1.0]]  # threshold 3.0: all three ties kept
     kept = get_selector("high_entropy")(make_input(mask, entropy=ent))
-    assert kept.weights.tolist() == [[0] * 5, [0, 0, 5 / 3, 5 / 3, 5 / 3]]  # grpo: n_i/k_i per completion
+    # grpo, the authors' mean over all K = 3 kept tokens of the batch: w = B·n_i / K = 2·5/3
+    assert torch.allclose(kept.weights, torch.tensor([[0.0] * 5, [0, 0, 10 / 3, 10 / 3, 10 / 3]], dtype=torch.float64))
 
 
 def test_high_entropy_uses_the_gather_for_a_global_quantile():
@@ -237,7 +280,16 @@ def test_random_is_reproducible_per_seed_and_leaves_the_global_rng_alone():
     assert torch.equal(a.weights, b.weights)
     assert not torch.equal(a.weights, c.weights)
     assert ((a.weights > 0).sum(-1) == 3).all()  # ceil(0.1 * 30) per completion
-    assert a.metrics["selected_fraction"] == pytest.approx(0.1)
+
+
+def test_random_has_icts_warm_up_and_draws_nothing_during_it():
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    during = get_selector("random")(make_input(torch.ones(2, 10), step=9, generator=gen))
+    assert during.weights.tolist() == [[1.0] * 10] * 2 and during.metrics["warmup"] == 1.0
+    assert torch.equal(gen.get_state(), state)
+    after = get_selector("random")(make_input(torch.ones(2, 10), step=10, generator=gen))
+    assert int((after.weights > 0).sum()) == 2 and after.metrics["warmup"] == 0.0
 
 
 def test_random_batch_scope_keeps_the_fraction_of_the_batch():
@@ -271,10 +323,12 @@ def test_clip_cov_zeroes_a_seeded_sample_of_band_candidates():
     assert a.metrics["candidate_tokens"] == float(band.sum())
 
 
-def test_clip_cov_default_ratio_drops_at_least_one_token():
+def test_clip_cov_takes_the_papers_floor_of_r_times_n_not_at_least_one():
     mask, adv, lp = _cov_batch()
-    sel = get_selector("clip_cov")(make_input(mask, advantages=adv, logprob=lp, old_logprob=lp))
-    assert int((sel.weights == 0).sum()) == 1  # max(1, int(2e-4 * 100))
+    inp = make_input(mask, advantages=adv, logprob=lp, old_logprob=lp)
+    assert int((get_selector("clip_cov")(inp).weights == 0).sum()) == 0  # floor(2e-4 * 100) = 0
+    assert int((get_selector("clip_cov", fraction=0.0099)(inp).weights == 0).sum()) == 0  # floor(0.99)
+    assert int((get_selector("clip_cov", fraction=0.01)(inp).weights == 0).sum()) == 1
 
 
 def test_clip_cov_never_picks_tokens_ppo_already_clipped():
@@ -292,8 +346,8 @@ def test_kl_cov_penalises_the_top_k_covariance_tokens():
     mask, adv, lp = _cov_batch()
     cov = selectors.token_covariance(adv, lp, mask)
     sel = get_selector("kl_cov", fraction=0.03)(make_input(mask, advantages=adv, logprob=lp, old_logprob=lp - 0.1))
-    assert sel.metrics["affected_tokens"] == 3.0
-    assert sel.metrics["threshold"] == pytest.approx(float(cov.flatten().sort(descending=True).values[2]))
+    assert float(sel.metrics["affected_tokens"]) == 3.0
+    assert float(sel.metrics["threshold"]) == pytest.approx(float(cov.flatten().sort(descending=True).values[2]))
     assert torch.equal(sel.weights, mask)
 
 
@@ -308,8 +362,20 @@ def test_stapo_silences_positive_rare_low_entropy_tokens_and_renormalises():
     lp[1, 1] = math.log(0.001)  # rare, low entropy, but A < 0: kept
     ent = torch.tensor([[2.0, 0.01, 2.0, 3.0, 2.0], [2.0, 0.01, 2.0, 2.0, 2.0]], dtype=torch.float64)
     sel = get_selector("stapo")(make_input(mask, logprob=lp, old_logprob=lp, entropy=ent, advantages=[1.0, -1.0]))
-    assert sel.metrics["affected_tokens"] == 1.0
-    assert sel.weights.tolist() == [[1.25, 0.0, 1.25, 1.25, 1.25], [1.0] * 5]
+    assert float(sel.metrics["affected_tokens"]) == 1.0
+    # the loss is the mean over the K = 9 remaining tokens of the batch: grpo weights B·n_i / K = 10/9
+    assert torch.allclose(sel.weights, torch.tensor([[10 / 9, 0.0, 10 / 9, 10 / 9, 10 / 9], [10 / 9] * 5],
+                                                    dtype=torch.float64))
+
+
+def test_stapo_default_entropy_cut_is_the_80th_percentile():
+    mask = torch.ones(1, 10, dtype=torch.float64)
+    ent = torch.linspace(0.1, 1.0, 10, dtype=torch.float64).view(1, 10)  # q0.2 = 0.28, q0.8 = 0.82
+    lp = torch.full((1, 10), -0.1, dtype=torch.float64)
+    lp[0, 5] = math.log(0.001)  # rare, A > 0, entropy 0.6: below q0.8, above q0.2
+    inp = make_input(mask, logprob=lp, old_logprob=lp, entropy=ent, advantages=[1.0])
+    assert get_selector("stapo")(inp).weights[0, 5] == 0
+    assert get_selector("stapo", entropy_quantile=0.2)(inp).weights[0, 5] > 0
 
 
 # --- registry --------------------------------------------------------------------------------------------------------
@@ -339,17 +405,30 @@ def test_bad_options_are_refused_when_bound(name, options, match):
         get_selector(name, **options)
 
 
-def test_a_user_selector_is_usable_by_name():
-    @register_selector("test_first_token")
-    def first_token(inp: SelectionInput, *, scale: float = 1.0) -> Selection:
-        weights = torch.zeros_like(inp.mask)
-        weights[:, 0] = scale * inp.mask[:, 0]
-        return Selection(weights, None, {"selected_fraction": selectors.selected_fraction(weights, inp.mask)})
+def _first_token(inp: SelectionInput, *, scale: float = 1.0) -> Selection:
+    weights = torch.zeros_like(inp.mask)
+    weights[:, 0] = scale * inp.mask[:, 0]
+    return Selection(weights)
 
-    sel = get_selector("test_first_token", scale=2.0)(make_input(torch.ones(2, 3)))
-    assert sel.weights.tolist() == [[2.0, 0, 0], [2.0, 0, 0]]
+
+def test_a_user_selector_is_usable_by_name_and_gone_after_its_block():
+    with registered_selector("test_first_token", _first_token):
+        sel = get_selector("test_first_token", scale=2.0)(make_input(torch.ones(2, 3)))
+        assert sel.weights.tolist() == [[2.0, 0, 0], [2.0, 0, 0]]
+    assert "test_first_token" not in selector_names()
     with pytest.raises(ValueError, match="valid names"):
-        get_selector("no_such_selector")
+        get_selector("test_first_token")
+
+
+def test_register_selector_decorator_then_unregister():
+    register_selector("test_decorated")(_first_token)
+    try:
+        assert "test_decorated" in selector_names()
+    finally:
+        unregister_selector("test_decorated")
+    assert "test_decorated" not in selector_names()
+    with pytest.raises(KeyError, match="registered"):
+        unregister_selector("test_decorated")
 
 
 def test_selector_names_lists_the_builtins_in_a_fresh_interpreter():
