@@ -23,8 +23,8 @@ __all__ = [
     "Flag", "HealthReport", "HealthRules", "LiveMonitor", "evaluate", "vocab_size_from_meta",
 ]
 
-VERDICTS = ("healthy", "collapse", "explosion", "saturation", "insufficient_data")
-ALARM_KINDS = ("collapse", "explosion")  # the verdicts that fail `forkwatch check` and may stop training
+RULE_KINDS = ("collapse", "explosion", "saturation")
+ALARM_KINDS = ("collapse", "explosion")  # the kinds that fail `forkwatch check` and may stop training
 _EVIDENCE_CAP = 50  # steps kept per flag: enough to see the episode, small enough to print
 
 
@@ -382,7 +382,7 @@ class LiveMonitor:
             if len(col) == n:
                 col.append(math.nan)
 
-    def scalars(self) -> dict[str, float]:
-        """`forkwatch/alarm/<kind>` = 1.0 while a rule of that kind is active, else 0.0 (for the trainer's logs)."""
+    def active_kinds(self) -> dict[str, bool]:
+        """For each kind of rule (collapse, explosion, saturation): whether a rule of it is active at the last step."""
         kinds = {rule.split(".")[0] for rule in self._active}
-        return {f"forkwatch/alarm/{k}": float(k in kinds) for k in ("collapse", "explosion", "saturation")}
+        return {k: k in kinds for k in RULE_KINDS}

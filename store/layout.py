@@ -39,6 +39,12 @@ PART = re.compile(
 RANK_JSON = re.compile(r"^rank-(\d+)\.json$")
 
 
+def check_run_id(run_id: object, option: str = "run_id") -> None:
+    """Raise ValueError unless `run_id` can name a run folder: a plain name, no path separator, not hidden."""
+    if not isinstance(run_id, str) or not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+        raise ValueError(f"{option}={run_id!r}: use a plain folder name (no '/' or '\\', not starting with '.')")
+
+
 class LayoutError(ValueError):
     """A run folder laid out in a way this forkwatch does not know (written by a newer or foreign tool)."""
 

@@ -137,10 +137,13 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         except SchemaVersionError as e:
             logger.warning("forkwatch: %s", e)
     dropped = _dropped_total(meta.get("dropped"))
-    for f in run_dir.iterdir():
-        if layout.RANK_JSON.match(f.name):
+    faults = {int(meta.get("rank") or 0): _counts(meta.get("faults"))}
+    for f in sorted(run_dir.iterdir()):
+        if m := layout.RANK_JSON.match(f.name):
             try:
-                dropped += _dropped_total(json.loads(f.read_text()).get("dropped"))
+                rank_meta = json.loads(f.read_text())
+                dropped += _dropped_total(rank_meta.get("dropped"))
+                faults[int(m[1])] = _counts(rank_meta.get("faults"))
             except (OSError, ValueError, AttributeError) as e:
                 logger.warning("forkwatch: unreadable %s: %s", f, e)
 
@@ -166,8 +169,23 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "last_step": _int("last_step"),
         "resumed_from_step": _int("resumed_from_step"),
         "dropped": dropped,
+        "faults": sum(sum(c.values()) for c in faults.values()),
+        "faults_detail": fault_detail(faults),
         "meta": json.dumps(meta, default=str),
     }, meta
+
+
+def _counts(d: Any) -> dict[str, int]:
+    """A {place: count} mapping from run.json, ignoring anything else found there."""
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): int(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool) and v}
+
+
+def fault_detail(by_rank: dict[int, dict[str, int]]) -> str:
+    """"rank 0: step_end 2, log 1; rank 1: records 1" (ranks without faults left out; '' when none)."""
+    return "; ".join(f"rank {r}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                     for r, c in sorted(by_rank.items()) if c)
 
 
 def _dropped_total(d: Any) -> int:

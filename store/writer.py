@@ -1,9 +1,14 @@
-"""RunWriter: the training process hands it column batches; a background thread writes them as Parquet parts.
+"""RunWriter: the training process hands it column batches; ONE background thread writes them as Parquet parts.
 
-The training loop must never wait on the disk nor die because of it. `put` only checks a row budget and enqueues
-(O(1), no conversion); the thread converts, buffers and writes. When the queue holds `max_queue_rows` rows, or a write
-fails (unwritable folder, full disk), the records are dropped, counted per table, logged once, and the counts go into
-run.json. Exceptions are caught at the thread boundary only (STYLE.md 8).
+This thread is the only background thread forkwatch runs, and its queue the only queue between the plugin and the
+disk. The training loop must never wait on the disk nor die because of it. `put` (a batch of numpy columns) and
+`submit` (a deferred producer of such batches, e.g. the decoding of sampled completions) only check a row budget and
+enqueue (O(1), no conversion); the thread runs the producers, converts to Arrow by the schema, buffers and writes.
+The thread does numpy, Arrow and file work only, never torch: torch ops on a second thread start a second OpenMP
+team that competes with the training thread's for the same cores. When the queue holds `max_queue_rows` rows, a
+producer raises, or a write fails (unwritable folder, full disk), the records are dropped, counted per table in the
+run's `Ledger` (store/ledger.py), logged once, and the counts go into run.json. Exceptions are caught at the thread
+boundary only.
 
 When parts are written (store/buffering.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
@@ -27,7 +32,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +42,21 @@ import pyarrow.parquet as pq
 
 from . import layout, parts
 from .buffering import PartBuffers
-from .columns import DEFAULT_STAT_MANTISSA_BITS, n_rows, round_mantissa, stat_relative_tolerance, to_arrow
+from .columns import (
+    DEFAULT_STAT_MANTISSA_BITS,
+    check_mantissa_bits,
+    n_rows,
+    round_mantissa,
+    stat_relative_tolerance,
+    to_arrow,
+)
+from .ledger import Ledger
 from .schema import SCHEMA_VERSION, TABLES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
+__all__ = ["DEFAULT_QUEUE_ROWS", "DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
+RANK_FIELDS = ("run_id", "rank", "status", "dropped", "faults", "updated_at", "last_step")  # rank-NNN.json
 
 
 def _utcnow() -> str:
@@ -58,6 +72,19 @@ class _Flush:
 
 
 _STOP = object()
+DEFAULT_QUEUE_ROWS = 4_000_000
+Batches = Iterable[tuple[str, Mapping[str, Any]]]  # what a producer returns: (table, columns) pairs
+
+
+class _Deferred:
+    __slots__ = ("producer", "rows", "where")
+
+    def __init__(self, producer: Callable[[], Batches], rows: Mapping[str, int], where: str) -> None:
+        self.producer, self.rows, self.where = producer, dict(rows), where
+
+    @property
+    def n(self) -> int:
+        return sum(self.rows.values())
 
 
 class RunWriter:
@@ -72,16 +99,15 @@ class RunWriter:
         world_size: int = 1,
         meta: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
-        max_queue_rows: int = 4_000_000,
+        max_queue_rows: int = DEFAULT_QUEUE_ROWS,
         part_rows: int = 1_000_000,
         flush_interval_s: float = 30.0,
         stat_mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS,
         row_group_rows: int = 131_072,
+        ledger: Ledger | None = None,
     ) -> None:
-        if not run_id or "/" in run_id or run_id.startswith(".") or "\\" in run_id:
-            raise ValueError(f"run_id {run_id!r} must be a plain folder name (no '/', not starting with '.')")
-        if stat_mantissa_bits is not None and not 1 <= stat_mantissa_bits <= 23:
-            raise ValueError(f"stat_mantissa_bits={stat_mantissa_bits} must be in 1..23, or None for exact float32")
+        layout.check_run_id(run_id)
+        check_mantissa_bits(stat_mantissa_bits)
         self.log_dir = Path(log_dir)
         self.run_id = run_id
         self.run_dir = self.log_dir / run_id
@@ -94,9 +120,7 @@ class RunWriter:
         self.row_group_rows = row_group_rows
         self.attempt = uuid.uuid4().hex[:8]
 
-        self._dropped: dict[str, int] = {t: 0 for t in TABLES}
-        self._dropped_lock = threading.Lock()
-        self._warned: set[str] = set()
+        self.ledger = ledger if ledger is not None else Ledger()
         self._queued_rows = 0  # rows in the queue, not yet taken by the thread (the bound of `put`)
         self._queued_lock = threading.Lock()
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -122,8 +146,8 @@ class RunWriter:
 
     @property
     def dropped(self) -> dict[str, int]:
-        with self._dropped_lock:
-            return dict(self._dropped)
+        """Records dropped per table (every table listed, 0 when none)."""
+        return {**dict.fromkeys(TABLES, 0), **self.ledger.dropped}
 
     def put(self, table: str, columns: Mapping[str, Any]) -> bool:
         """Queue one batch of rows of `table` (every schema column but run_id). Returns False when it was dropped.
@@ -147,6 +171,26 @@ class RunWriter:
             self._drop(table, n, "full", f"forkwatch: writer queue full ({self.max_queue_rows} rows); records dropped")
             return False
         self._q.put((table, columns, n))
+        return True
+
+    def submit(self, producer: Callable[[], Batches], *, rows: Mapping[str, int], where: str = "records") -> bool:
+        """Queue a deferred producer of batches, run on the writer thread: `producer()` returns (table, columns)
+        pairs, each as `put` takes them. `rows` ({table: rows it will produce}) counts against the queue bound and
+        is what is counted as dropped if the producer cannot run. The producer must do no torch work (see the module
+        docstring); an exception in it is counted in the ledger as a fault under `where`. Returns False when it was
+        dropped unrun."""
+        item = _Deferred(producer, rows, where)
+        if self._closed:
+            self._drop_all(item.rows, "put", "forkwatch: submit to a closed writer; records dropped")
+            return False
+        with self._queued_lock:
+            full = self._queued_rows + item.n > self.max_queue_rows
+            if not full:
+                self._queued_rows += item.n
+        if full or not self._thread.is_alive():
+            self._drop_all(item.rows, "full", f"forkwatch: writer queue full ({self.max_queue_rows} rows); records dropped")
+            return False
+        self._q.put(item)
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -218,11 +262,10 @@ class RunWriter:
         with self._meta_lock:
             meta = dict(self._meta)
             meta["dropped"] = self.dropped
+            meta["faults"] = self.ledger.faults
             meta["updated_at"] = _utcnow()
             if self.rank != 0:
-                meta = {
-                    k: meta[k] for k in ("run_id", "rank", "status", "dropped", "updated_at", "last_step") if k in meta
-                }
+                meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
             path = self.run_dir / (layout.RUN_JSON if self.rank == 0 else layout.rank_json(self.rank))
             tmp = path.with_name(f".{path.name}.{self.attempt}.tmp")
             try:
@@ -286,7 +329,11 @@ class RunWriter:
                 if item is _STOP:
                     self._write_all()
                     return
-                if item is None or isinstance(item, _Flush):
+                if isinstance(item, _Deferred):
+                    with self._queued_lock:
+                        self._queued_rows -= item.n
+                    self._run_producer(item)
+                elif item is None or isinstance(item, _Flush):
                     ok = self._write_all()
                     deadline = time.monotonic() + self.flush_interval_s
                     if isinstance(item, _Flush):
@@ -301,13 +348,28 @@ class RunWriter:
                         self._write_all()
                         deadline = time.monotonic() + self.flush_interval_s
             except Exception as e:  # the thread boundary: nothing may escape into (or kill) the writer
-                if isinstance(item, tuple):
+                if isinstance(item, _Deferred):
+                    self._drop_all(item.rows, "bad", f"forkwatch: {item.where} records dropped: {e!r}")
+                elif isinstance(item, tuple):
                     self._drop(item[0], item[2], "bad", f"forkwatch: bad {item[0]} batch dropped: {e!r}")
                 else:
                     self._warn_once("loop", f"forkwatch: writer error: {e!r}")
                 if isinstance(item, _Flush):
                     item.ok = False
                     item.event.set()
+
+    def _run_producer(self, item: _Deferred) -> None:
+        batches = None
+        with self.ledger.guard(item.where):
+            batches = list(item.producer())
+        if batches is None:
+            self._drop_all(item.rows, "producer", f"forkwatch: {item.where} producer failed; its records dropped")
+            return
+        for table, columns in batches:
+            try:
+                self._absorb(table, columns, n_rows(columns))
+            except Exception as e:  # one bad batch: drop it, keep the others
+                self._drop(table, n_rows(columns), "bad", f"forkwatch: bad {table} batch dropped: {e!r}")
 
     def _absorb(self, table: str, columns: Mapping[str, Any], n: int) -> None:
         t = to_arrow(table, columns, n, run_id=self.run_id, mantissa_bits=self.stat_mantissa_bits)
@@ -351,11 +413,11 @@ class RunWriter:
     # ---------------------------------------------------------------- accounting
 
     def _drop(self, table: str, n: int, kind: str, message: str) -> None:
-        with self._dropped_lock:
-            self._dropped[table] = self._dropped.get(table, 0) + n
-        self._warn_once(f"drop:{kind}", message)
+        self.ledger.drop(table, n, kind, message)
+
+    def _drop_all(self, rows: Mapping[str, int], kind: str, message: str) -> None:
+        for table, n in rows.items():
+            self.ledger.drop(table, n, kind, message)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning("%s (further such messages suppressed; counts go to run.json)", message)
+        self.ledger.warn_once(key, message)
