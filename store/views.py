@@ -137,13 +137,17 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         except SchemaVersionError as e:
             logger.warning("forkwatch: %s", e)
     dropped = _dropped_total(meta.get("dropped"))
-    faults = {int(meta.get("rank") or 0): _counts(meta.get("faults"))}
+    # faults per rank: each rank's own file, or what rank 0 last gathered from it (a rank that died before writing
+    # its file is still counted), whichever saw more
+    gathered = meta.get("faults_by_rank") if isinstance(meta.get("faults_by_rank"), dict) else {}
+    faults = {int(r): _counts(c) for r, c in gathered.items() if str(r).isdigit()}
+    faults[0] = _max_counts(faults.get(0, {}), _counts(meta.get("faults")))
     for f in sorted(run_dir.iterdir()):
         if m := layout.RANK_JSON.match(f.name):
             try:
                 rank_meta = json.loads(f.read_text())
                 dropped += _dropped_total(rank_meta.get("dropped"))
-                faults[int(m[1])] = _counts(rank_meta.get("faults"))
+                faults[int(m[1])] = _max_counts(faults.get(int(m[1]), {}), _counts(rank_meta.get("faults")))
             except (OSError, ValueError, AttributeError) as e:
                 logger.warning("forkwatch: unreadable %s: %s", f, e)
 
@@ -180,6 +184,10 @@ def _counts(d: Any) -> dict[str, int]:
     if not isinstance(d, dict):
         return {}
     return {str(k): int(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool) and v}
+
+
+def _max_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: max(a.get(k, 0), b.get(k, 0)) for k in {**a, **b}}
 
 
 def fault_detail(by_rank: dict[int, dict[str, int]]) -> str:
