@@ -16,12 +16,12 @@ from typing import Any
 import duckdb
 import pandas as pd
 import streamlit as st
+from forkwatch.dashboard.launch import LOG_DIR_ENV
 from forkwatch.store import connect, queries
 from forkwatch.store.health import HealthReport, HealthRules, evaluate, vocab_size_from_meta
 from forkwatch.store.law import LawFit, fit_entropy_law
 from forkwatch.store.sandbox import SandboxedConnection, SandboxError, open_sandboxed
 
-LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
 TTL_S = 15  # seconds a snapshot (and a query result) is reused: new steps of a live run appear within this
 BADGES = {
     "healthy": "🟢 healthy",

@@ -30,6 +30,3 @@ def render() -> None:
         st.dataframe(pd.DataFrame(flags), hide_index=True, width="stretch", key="entropy_flags")
     else:
         st.success("No health rule fired on " + ", ".join(f"`{r}`" for r in shown) + ".")
-
-
-render()

@@ -98,6 +98,3 @@ def render() -> None:
         history = data.prompt_history(log_dir, run, completion["prompt"])
         st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
-
-
-render()

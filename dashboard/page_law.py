@@ -29,6 +29,3 @@ def render() -> None:
             else:
                 st.warning(f"No fit shown: {fit.reason}.")
     st.plotly_chart(charts.law_figure(points, fits), key="law_chart", width="stretch")
-
-
-render()

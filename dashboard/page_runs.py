@@ -23,10 +23,15 @@ def render() -> None:
             "tokens": runs["n_tokens"],
             "selection": runs["select_method"].fillna("—"),
             "model": runs["model"].fillna("—"),
+            "faults": runs["faults"],
+            "dropped": runs["dropped"],
             "updated": runs["updated_at"],
         }
     )
     st.dataframe(table, hide_index=True, width="stretch", key="runs_table")
+    for r in runs[runs["faults"] > 0].itertuples(index=False):
+        st.warning(f"Run `{r.run_id}`: {r.faults} recording fault(s) — {r.faults_detail}. Training was not affected; "
+                   "the records of those places may have gaps (run.json has the counts).")
     picked = common.pick_runs(runs, key="runs_pick", multi=True)
     if not picked:
         st.info("Choose one or more runs above: the other pages show the runs chosen here.")
@@ -49,6 +54,3 @@ def render() -> None:
             for note in report.notes:
                 st.caption(note)
     common.run_notes(runs, picked)
-
-
-render()

@@ -51,6 +51,3 @@ def render() -> None:
         "Download CSV", df.to_csv(index=False).encode(), file_name="forkwatch_query.csv", mime="text/csv",
         key="sql_download",
     )  # fmt: skip
-
-
-render()

@@ -13,13 +13,13 @@ import pandas as pd
 
 def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """One row per run: run_id, name, status, steps (distinct steps recorded), tokens (token rows), last_step,
-    dropped, created_at."""
+    dropped, faults (all ranks), faults_detail (per rank and place), created_at."""
     return con.execute(
         """
         WITH s AS (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS max_step FROM steps GROUP BY run_id),
              t AS (SELECT run_id, count(*) AS tokens FROM tokens GROUP BY run_id)
         SELECT r.run_id, r.name, coalesce(s.steps, 0) AS steps, coalesce(t.tokens, 0) AS tokens, r.status,
-               coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.created_at
+               coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.faults, r.faults_detail, r.created_at
         FROM runs r LEFT JOIN s USING (run_id) LEFT JOIN t USING (run_id)
         ORDER BY r.created_at NULLS LAST, r.run_id
         """
@@ -84,7 +84,8 @@ def run_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
                    CAST(arg_max(select_method, step) AS VARCHAR) AS select_method
             FROM steps GROUP BY ALL
         )
-        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.meta,
+        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.faults,
+               r.faults_detail, r.meta,
                coalesce(s.n_steps, 0) AS n_steps, s.first_step, s.max_step, coalesce(s.n_tokens, 0) AS n_tokens,
                s.select_method
         FROM runs r LEFT JOIN s USING (run_id)
