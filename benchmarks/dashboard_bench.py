@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forkwatch.dashboard.sql_examples import EXAMPLES
+from forkwatch.dashboard.step_sample import sample_steps
 from forkwatch.store import RunWriter, connect, queries
 from forkwatch.store.health import HealthRules, evaluate
 from forkwatch.store.law import fit_entropy_law
@@ -78,7 +79,7 @@ def pages(log_dir: Path) -> dict[str, Callable[[], object]]:
     cid = int(comps["completion_id"].iloc[0]) if len(comps) else 0
     prompt = str(comps["prompt"].iloc[0]) if len(comps) else ""
     rules = HealthRules()
-    sample = queries.sample_steps(tsteps)  # the steps the page reads for its fork-text figures
+    sample = list(sample_steps(tsteps))  # the steps the page reads for its fork-text figures
 
     def runs_page(c):
         overview = queries.run_overview(c)

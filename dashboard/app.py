@@ -8,7 +8,7 @@ Entropy, Forks, Law, SQL. Importing a page draws nothing; `st.navigation` runs t
 from __future__ import annotations
 
 import streamlit as st
-from forkwatch.dashboard import data, page_entropy, page_forks, page_law, page_runs, page_sql
+from forkwatch.dashboard import cached_queries, page_entropy, page_forks, page_law, page_runs, page_sql
 
 st.set_page_config(page_title="forkwatch", page_icon="🍴", layout="wide")
 
@@ -22,8 +22,8 @@ PAGES = [
 page = st.navigation(PAGES)
 
 with st.sidebar:
-    st.caption(f"log directory: `{data.log_dir() or '(none)'}`")
-    if st.button("Reload", key="app_reload", help=f"Re-read the log directory now (it is re-read every {data.TTL_S} s)"):
-        data.reload()
+    st.caption(f"log directory: `{cached_queries.log_dir() or '(none)'}`")
+    if st.button("Reload", key="app_reload", help=f"Re-read the log directory now (it is re-read every {cached_queries.TTL_S} s)"):
+        cached_queries.reload()
 
 page.run()

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from forkwatch.store.law import LawFit, fit_entropy_law
+from forkwatch.store.law import MIN_POINTS, MIN_R2, LawFit, fit_entropy_law
 
 __all__ = [
     "Flag", "HealthReport", "HealthRules", "LiveMonitor", "evaluate", "vocab_size_from_meta",
@@ -61,9 +61,9 @@ class HealthRules:
     )
     # --- saturation and the law ---
     law_min_points: int = field(
-        default=8, metadata={"help": "The law fit refuses a ceiling from fewer (entropy, reward) points."}
+        default=MIN_POINTS, metadata={"help": "The law fit refuses a ceiling from fewer (entropy, reward) points."}
     )
-    law_min_r2: float = field(default=0.6, metadata={"help": "The law fit refuses a ceiling when R² is below this."})
+    law_min_r2: float = field(default=MIN_R2, metadata={"help": "The law fit refuses a ceiling when R² is below this."})
     saturation_gap: float = field(
         default=0.1,
         metadata={

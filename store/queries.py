@@ -126,17 +126,6 @@ def fork_alternatives(con: duckdb.DuckDBPyConnection, run_id: str, step: int, co
     ).df()
 
 
-FORK_SAMPLE_STEPS = 40  # steps the dashboard reads for its fork-text figures: bounds their cost however long the run
-
-
-def sample_steps(steps: list[int], k: int = FORK_SAMPLE_STEPS) -> list[int]:
-    """At most k of the given steps, evenly spaced, always the first and the last (what the fork-text queries read
-    on a long run)."""
-    if len(steps) <= k:
-        return list(steps)
-    return [steps[i] for i in sorted({round(i * (len(steps) - 1) / (k - 1)) for i in range(k)})]
-
-
 def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, steps: list[int], limit: int = 20) -> pd.DataFrame:
     """The token texts that are forks most often at the given steps of a run: count and share of those forks.
 
