@@ -8,7 +8,7 @@ instead (e.g. one kept by `store_bench.py --out DIR --keep`; pages whose tables 
 Each page's figure is the sum of its queries on one connection, as the app holds it: the first call ("cold": first
 visit after the connection was built) and the median of `--repeat` further calls ("warm"); Streamlit's own result
 cache is not used, so every figure is what a visitor waits for when the cache misses. Building the connection is
-timed on its own (the app rebuilds it every 15 s). Target (issue #6): every page <= 1 s.
+timed on its own (the app rebuilds it every 15 s). Target: every page <= 1 s.
 """
 
 from __future__ import annotations

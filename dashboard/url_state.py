@@ -7,7 +7,7 @@ import streamlit as st
 
 
 def selected_runs(available: list[str]) -> list[str]:
-    """The runs chosen in the URL (`?run=a&run=b`), else earlier in this session, else the first run."""
+    """The runs chosen in the URL (`?run=a&run=b`), else the last choice of this browser tab, else the first run."""
     chosen = [r for r in st.query_params.get_all("run") if r in available]
     if not chosen:
         chosen = [r for r in st.session_state.get("fw_runs", []) if r in available]

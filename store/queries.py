@@ -1,4 +1,4 @@
-"""The named queries the CLI and the dashboard run, in one place (STYLE.md 6).
+"""The named queries the CLI and the dashboard run, in one place (pages never build SQL from widget values).
 
 Each takes a connection from `connect` (or a sandboxed one's `.con`) and its inputs as arguments, binds them as
 parameters (never formats user input into SQL) and returns a pandas DataFrame. Connections are not thread-safe:
