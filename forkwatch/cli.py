@@ -90,14 +90,14 @@ def _quiet_logging() -> None:
 
 
 def _check_dir(log_dir: str) -> int | None:
-    from forkwatch.store import layout
+    from forkwatch.store import run_folder
 
     path = Path(log_dir)
     if not path.exists():
         return _error(f"no such directory: {log_dir}", EXIT_USAGE)
     if not path.is_dir():
         return _error(f"not a directory: {log_dir}", EXIT_USAGE)
-    if not layout.run_dirs(path):
+    if not run_folder.run_dirs(path):
         return _error(f"no runs in {log_dir} (a run is a folder with a run.json)", EXIT_USAGE)
     return None
 

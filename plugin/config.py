@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from forkwatch.store.columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
+from forkwatch.store.arrow_columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
 from forkwatch.store.health import HealthRules
-from forkwatch.store.layout import check_run_id
+from forkwatch.store.run_folder import check_run_id
 from forkwatch.store.writer import DEFAULT_QUEUE_ROWS
 
 

@@ -5,7 +5,7 @@ picking the recorded rows) happens there, between TRL's own ops, and ends in hos
 free views on a CPU device. `HostRecords.batches` is the deferred producer the writer thread runs: numpy and
 tokenizer decoding only. No torch op runs off the training thread: a second thread's torch ops start a second OpenMP
 team that fights the training thread's threads for the same cores, which slows training far more than the work
-itself costs. Arrow types are the store's business (store/columns.py converts by the schema).
+itself costs. Arrow types are the store's business (store/arrow_columns.py converts by the schema).
 """
 
 from __future__ import annotations

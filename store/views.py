@@ -10,9 +10,9 @@ Views are built over an explicit list of validated part files rather than a glob
   `connect`) picks up parts written since.
 Every view exists even when its table has no part yet (empty, with the schema's columns), so a page or query on a
 fresh run returns no rows instead of failing. `step` is a real INTEGER column of every part (no hive partitioning):
-parts are sorted by step with row groups aligned to steps (store/parts.py), so a filter on `step` decodes only the
+parts are sorted by step with row groups aligned to steps (store/part_file.py), so a filter on `step` decodes only the
 row groups holding that step, skipping the others by their min/max statistics (each part's footer is read).
-A run laid out in a way this forkwatch does not know (store/layout.py, layout versions) is skipped with a warning
+A run laid out in a way this forkwatch does not know (store/run_folder.py, layout versions) is skipped with a warning
 saying so; its `runs` row stays.
 """
 
@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
+from . import run_folder
 from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,14 @@ def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
     for table in TABLES:
         snap.parts[table], snap.columns[table] = [], set()
     col_sets: dict[str, set[frozenset[str]]] = {t: set() for t in TABLES}
-    for run_dir in layout.run_dirs(root):
+    for run_dir in run_folder.run_dirs(root):
         record, meta = _run_record(run_dir)
         snap.runs.append(record)
         for table in TABLES:
             try:
-                layout.check_layout(meta, run_dir / layout.RUN_JSON)
-                found = layout.table_parts(run_dir, table)
-            except layout.LayoutError as e:
+                run_folder.check_layout(meta, run_dir / run_folder.RUN_JSON)
+                found = run_folder.table_parts(run_dir, table)
+            except run_folder.LayoutError as e:
                 logger.warning("forkwatch: skipping %s of run %s: %s", table, run_dir.name, e)
                 snap.skipped.append((run_dir / table, "unknown layout"))
                 continue
@@ -122,7 +122,7 @@ def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
 def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The `runs` row of a run, and its run.json as read (empty when missing or unreadable)."""
     meta: dict[str, Any] = {}
-    path = run_dir / layout.RUN_JSON
+    path = run_dir / run_folder.RUN_JSON
     if path.is_file():
         try:
             meta = json.loads(path.read_text())
@@ -143,7 +143,7 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     faults = {int(r): _counts(c) for r, c in gathered.items() if str(r).isdigit()}
     faults[0] = _max_counts(faults.get(0, {}), _counts(meta.get("faults")))
     for f in sorted(run_dir.iterdir()):
-        if m := layout.RANK_JSON.match(f.name):
+        if m := run_folder.RANK_JSON.match(f.name):
             try:
                 rank_meta = json.loads(f.read_text())
                 dropped += _dropped_total(rank_meta.get("dropped"))

@@ -10,7 +10,7 @@ producer raises, or a write fails (unwritable folder, full disk), the records ar
 run's `Ledger` (store/ledger.py), logged once, and the counts go into run.json. Exceptions are caught at the thread
 boundary only.
 
-When parts are written (store/buffering.py has the policy): every table is buffered on the thread and written as
+When parts are written (store/part_buffers.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
 every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run keeps every part written so far and
 loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
@@ -18,7 +18,7 @@ loses what was buffered: at most the last `flush_interval_s` seconds of records 
 step (that would make one part per step again, ~3 ms of writer time each).
 Parts are renamed into place once complete; there is no fsync (a killed process cannot lose page-cache data; a power
 loss can lose the last parts, never corrupt the view of the others, since readers skip files whose footer is bad).
-Statistics rounding (`stat_mantissa_bits`): see store/columns.py.
+Statistics rounding (`stat_mantissa_bits`): see store/arrow_columns.py.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout, parts
-from .buffering import PartBuffers
-from .columns import (
+from . import part_file, run_folder
+from .arrow_columns import (
     DEFAULT_STAT_MANTISSA_BITS,
     check_mantissa_bits,
     n_rows,
@@ -51,6 +50,7 @@ from .columns import (
     to_arrow,
 )
 from .ledger import Ledger
+from .part_buffers import PartBuffers
 from .schema import SCHEMA_VERSION, TABLES
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class RunWriter:
         row_group_rows: int = 131_072,
         ledger: Ledger | None = None,
     ) -> None:
-        layout.check_run_id(run_id)
+        run_folder.check_run_id(run_id)
         check_mantissa_bits(stat_mantissa_bits)
         self.log_dir = Path(log_dir)
         self.run_id = run_id
@@ -234,7 +234,7 @@ class RunWriter:
     def _init_meta(self, meta: dict[str, Any], resume_step: int | None) -> None:
         from forkwatch import __version__
 
-        path = self.run_dir / (layout.RUN_JSON if self.rank == 0 else layout.rank_json(self.rank))
+        path = self.run_dir / (run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank))
         previous: dict[str, Any] = {}
         if path.is_file():  # a resumed (or restarted) run keeps its creation time and earlier fields
             try:
@@ -250,7 +250,7 @@ class RunWriter:
             "forkwatch_version": __version__,
             "world_size": self.world_size,
             "rank": self.rank,
-            layout.LAYOUT_KEY: layout.LAYOUT_VERSION,
+            run_folder.LAYOUT_KEY: run_folder.LAYOUT_VERSION,
         }
         if resume_step is not None:
             base["resumed_from_step"] = resume_step
@@ -266,7 +266,7 @@ class RunWriter:
             meta["updated_at"] = _utcnow()
             if self.rank != 0:
                 meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
-            path = self.run_dir / (layout.RUN_JSON if self.rank == 0 else layout.rank_json(self.rank))
+            path = self.run_dir / (run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank))
             tmp = path.with_name(f".{path.name}.{self.attempt}.tmp")
             try:
                 tmp.write_text(json.dumps(meta, indent=1, default=str))
@@ -280,14 +280,14 @@ class RunWriter:
         """Move this rank's parts holding steps > `step` to superseded/<attempt>/, so a resumed run does not
         duplicate the steps it re-runs. Rank 0 also moves parts of ranks >= world_size (a run resumed on fewer
         ranks). Nothing is deleted; a part mixing kept and superseded steps is split (kept rows rewritten)."""
-        dest_root = self.run_dir / layout.SUPERSEDED / self.attempt
+        dest_root = self.run_dir / run_folder.SUPERSEDED / self.attempt
         moved = 0
         try:
-            previous = json.loads((self.run_dir / layout.RUN_JSON).read_text())
+            previous = json.loads((self.run_dir / run_folder.RUN_JSON).read_text())
         except (OSError, ValueError):  # no run.json yet, or unreadable (reported by _init_meta)
             previous = {}
         if isinstance(previous, dict):
-            layout.check_layout(previous, self.run_dir)  # a layout we do not know: move nothing
+            run_folder.check_layout(previous, self.run_dir)  # a layout we do not know: move nothing
 
         def mine(rank: int) -> bool:
             return rank == self.rank or (self.rank == 0 and rank >= self.world_size)
@@ -295,9 +295,9 @@ class RunWriter:
         for table in TABLES:
             if table == "vocab":
                 continue  # not tied to a step: earlier tokens still need their text
-            for part in layout.table_parts(self.run_dir, table):
-                m = layout.PART.match(part.name)
-                span = layout.step_range(part)
+            for part in run_folder.table_parts(self.run_dir, table):
+                m = run_folder.PART.match(part.name)
+                span = run_folder.step_range(part)
                 if m is None or span is None or not mine(int(m["rank"])):
                     continue
                 first, last = span
@@ -395,11 +395,11 @@ class RunWriter:
             lo, hi = pc.min(t["step"]).as_py(), pc.max(t["step"]).as_py()
             step_range = None if lo is None else (lo, hi)  # vocab rows may carry no step
         folder = self.run_dir / table
-        name = layout.part_name(self.rank, self.attempt, self._seq, step_range)
+        name = run_folder.part_name(self.rank, self.attempt, self._seq, step_range)
         tmp = folder / f".{name}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            parts.write_part_file(tmp, t, row_group_rows=self.row_group_rows)
+            part_file.write_part_file(tmp, t, row_group_rows=self.row_group_rows)
             if tmp_then is not None:
                 tmp_then()
             os.replace(tmp, folder / name)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from forkwatch.store import RunWriter, connect
-from forkwatch.store import parts as parts_mod
+from forkwatch.store import part_file as parts_mod
 from forkwatch.store.synthetic import step_batches
 
 
