@@ -113,7 +113,7 @@ def pages(log_dir: Path) -> dict[str, Callable[[], object]]:
     def sql_heavy_example():  # the heaviest example: it scans the token rows of 50 steps
         sandbox.query(EXAMPLES["Fork tokens, first 50 steps"])
 
-    def on(fn):  # the app's cached connection, one cursor per call (what dashboard/data.py does)
+    def on(fn):  # the app's cached connection, one cursor per call (what dashboard/cached_queries.py does)
         return lambda: fn(con.cursor())
 
     print(f"run: {len(steps)} steps, token steps {len(tsteps)}, forks page at step {mid}, completion {cid}")
