@@ -6,8 +6,9 @@
 Each key is the first letter of one fixed animal name (`WORDS`). Where a name starts, the model chooses which of the
 items not yet written comes next: with r items left that is a choice among r equally correct tokens, a real fork
 (four per completion: 5, 4, 3 and 2 ways; the last name is forced). Every other token is determined by what came
-before: the rest of a name, the comma after it, EOS after the fifth. So ~12 % of a ~34-token completion are decision
-points and the rest should be near-certain, the shape the forking-token papers describe for real reasoning traces.
+before: the rest of a name, the comma after it, EOS after the fifth. Every name has five letters, so a correct
+completion is 30 tokens (29 characters and EOS) of which 4 (13 %) are decision points and the rest should be
+near-certain: the shape the forking-token papers describe for real reasoning traces.
 
 `valid_next` says which tokens keep a completion correct after any prefix, and `decision_points` which token
 positions of a completion had more than one (positions count characters; position len(completion) is EOS).

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "ICT, high-entropy, random), check them, then serve the dashboard. Runs on the CPU, no network.",
     )
     s.add_argument("--out", default="demo_runs", help="output folder (log dir and cached warm-up model)")
-    s.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
+    s.add_argument("--steps", type=int, default=None, help="GRPO steps per run (the collapse run keeps its own cap)")
     s.add_argument("--quick", action="store_true", help="the first 30 steps of each run (under a minute)")
     s.add_argument("--seed", type=int, default=None, help="seed of the GRPO runs (default 0; the warm-up is shared)")
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")

@@ -3,6 +3,7 @@ for seeds × torch thread counts and prints one Markdown table row per combinati
 
     python scripts/seeds_threads.py --out seeds_threads                 # seeds 0-4 x threads 1, 2
     python scripts/seeds_threads.py --out seeds_threads --seeds 0 --threads 1 2
+    python scripts/seeds_threads.py --table A/rows.json B/rows.json      # one table from several sweeps' rows
 
 Each combination runs in its own process (torch's thread count is set once per process, before any work) and writes
 under OUT/t<threads>/s<seed>/; the warm-up model is trained once per thread count (OUT/t<threads>/warmup/), since
@@ -78,9 +79,16 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default: the demo's)")
+    p.add_argument("--table", type=Path, nargs="+", metavar="ROWS_JSON", help="print the table of earlier sweeps")
     p.add_argument("--one", nargs=2, type=int, metavar=("SEED", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.table:
+        rows = sorted((r for f in args.table for r in json.loads(f.read_text())), key=lambda r: (r["threads"], r["seed"]))
+        lines, ok = table(rows)
+        print("\n".join(lines))
+        print("every designed verdict held" if ok else "SOME VERDICT DIFFERED FROM ITS DESIGN")
+        return 0 if ok else 1
     if args.one:
         print(json.dumps(one(args.out, *args.one, args.steps)))
         return 0
