@@ -35,15 +35,15 @@ class GRPOSettings:
     prompts_per_step: int = 8  # x num_generations completions per optimizer step
     num_generations: int = 4
     max_completion_length: int = task.MAX_COMPLETION_CHARS + 3  # room for EOS; longer means the format broke
-    # Every run uses this rate: each verdict then has one cause. Above ~6e-4 this tiny model breaks within a few
-    # steps whatever the reward (docs/experiments.md).
+    # Every run uses this rate: each verdict then has one cause. At 1e-3 and above this tiny model breaks within a
+    # few steps whatever the reward (docs/experiments.md).
     stable_lr: float = 3e-4
     # TRL's entropy bonus (GRPOConfig.entropy_coef) at 1.0: as heavy as the policy loss itself, where 0.001-0.01 is
     # the usual range.
     explosion_entropy_coef: float = 1.0
     # A short linear warm-up, then a constant rate: the first N steps of a run do not depend on its length, so
     # `--quick` replays the start of the default runs. Without the warm-up, Adam's first step moves every weight by
-    # the full rate (its update is the gradient's sign), which at the aggressive rate breaks the model in one step.
+    # the full rate (its update is the gradient's sign), which at 1e-3 broke the model in one step.
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 10
     n_prompts: int = 2000
