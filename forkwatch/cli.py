@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", default="demo_runs", help="output folder (log dir and cached warm-up model)")
     s.add_argument("--steps", type=int, default=None, help="GRPO steps per run (the collapse run keeps its own cap)")
-    s.add_argument("--quick", action="store_true", help="the first 30 steps of each run (under a minute)")
+    s.add_argument("--quick", action="store_true",
+                   help="cut the healthy runs to 20 steps (the alarmed ones still stop at their alarm)")
     s.add_argument("--seed", type=int, default=None, help="seed of the GRPO runs (default 0; the warm-up is shared)")
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
     s.add_argument("--host", default="127.0.0.1")
