@@ -4,7 +4,7 @@
     python scripts/experiments.py report --log-dir experiments/selectors --img docs/img/selectors
 
 `train` uses the demo's warm-up model and GRPO settings (demo/runs.py), changing only the method and the seed, and
-after each run scores the trained policy on 256 held-out problems (heldout.json: accuracy, and where its entropy
+after each run scores the trained policy on 256 fresh samples (heldout.json: accuracy, and where its entropy
 sits: at decision points or at forced tokens). `report` draws entropy and reward curves (mean over seeds of a
 rolling mean, with the seeds' range shaded) and prints a Markdown table. Plotting needs matplotlib
 (`pip install -e ".[experiments]"`).
@@ -98,7 +98,7 @@ def report(args: argparse.Namespace) -> None:
     fig.savefig(f"{img}_curves.png")
     print(f"wrote {img}_curves.png\n")
 
-    print("| run | entropy first / last (ratio) | reward first / last | held-out accuracy | held-out entropy at "
+    print("| run | entropy first / last (ratio) | reward first / last | accuracy (fresh samples) | entropy at "
           "decisions / forced | check |")
     print("|---|---|---|---|---|---|")
 
