@@ -51,7 +51,7 @@ def test_run_folders_say_finished_or_stopped_by_the_alarm_and_the_warmup_is_cach
     assert list((out / "warmup").glob("*/warmup.json"))
 
 
-def test_healthy_runs_train_every_step_and_alarmed_runs_stop_at_their_alarm(demo_out):
+def test_healthy_runs_train_every_step_and_alarmed_runs_stop_after_their_alarm(demo_out):
     log_dir = demo_out[0] / "logs"
     con = connect(log_dir)
     steps = dict(con.sql("SELECT run_id, count(DISTINCT step) FROM steps GROUP BY run_id").fetchall())
@@ -66,9 +66,9 @@ def test_healthy_runs_train_every_step_and_alarmed_runs_stop_at_their_alarm(demo
         assert steps[s.name] == last[s.name], s.name  # one steps row per step, none missing
         if s.expect == "healthy":
             assert steps[s.name] == QUICK.grpo.steps, s.name
-        else:  # on_alarm="stop": the run ends within a few steps of the alarm, well before its cap
-            assert fired[s.name] is not None and fired[s.name] <= last[s.name] <= fired[s.name] + 3, s.name
-            assert last[s.name] < (s.steps or QUICK.grpo.steps), s.name
+        else:  # on_alarm="stop": the run ends after its alarm (at a later hand-off, so timing decides how many
+            # steps later) and before its cap
+            assert fired[s.name] is not None and fired[s.name] <= last[s.name] < (s.steps or QUICK.grpo.steps), s.name
 
 
 def test_forks_carry_top_k_alternatives_most_likely_first(demo_out):
