@@ -32,9 +32,9 @@ class DemoSettings:
 
 
 DEFAULT = DemoSettings(WarmupSettings(), GRPOSettings())
-# --quick (the end-to-end test): the first QUICK_STEPS steps of the default runs (same warm-up, seed and learning
-# rate schedule), long enough for the explosion to fire and the healthy runs to get a verdict; the collapse run keeps
-# its full length, since a collapse driven by the reward takes that long.
+# --quick (the end-to-end test): the first QUICK_STEPS steps of the healthy runs (same warm-up, seed and learning
+# rate schedule), long enough for a verdict; the alarmed runs keep their caps and stop at their alarms as in the
+# default demo, since a collapse driven by the reward takes ~60-70 steps.
 QUICK_STEPS = 20
 QUICK = DemoSettings(DEFAULT.warmup, replace(DEFAULT.grpo, steps=QUICK_STEPS))
 

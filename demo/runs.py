@@ -29,6 +29,8 @@ class GRPOSettings:
     # Preference-driven collapse is gradual: at the stable rate every decision point has lost its entropy after
     # 90-120 steps (docs/experiments.md); this cap leaves a margin, and the run stops at its alarm (on_alarm).
     collapse_steps: int = 200
+    # The explosion run's cap, also kept by --quick: its alarm fires at step ~15 and the stop comes a few steps later.
+    explosion_steps: int = 50
     # forkwatch ends a run when a collapse or explosion alarm fires, as a user watching for them would set it: the
     # alarmed runs stop within a step or two of their alarm instead of training on for nothing.
     on_alarm: str = "stop"
@@ -79,7 +81,7 @@ def demo_runs(s: GRPOSettings) -> list[RunSpec]:
             "grpo_entropy_bonus", None, s.stable_lr,
             f"TRL's entropy bonus set too high (entropy_coef={s.explosion_entropy_coef:g}): the bonus outweighs "
             "the reward, the forced tokens lose their certainty and entropy explodes",
-            "explosion", entropy_coef=s.explosion_entropy_coef,
+            "explosion", entropy_coef=s.explosion_entropy_coef, steps=s.explosion_steps,
         ),
         RunSpec("grpo", None, s.stable_lr, "plain GRPO at a stable learning rate, every correct order rewarded alike",
                 "healthy"),
