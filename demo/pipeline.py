@@ -68,10 +68,22 @@ class DemoResult:
 
 
 def run_demo(
-    settings: DemoSettings, out: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True
+    settings: DemoSettings,
+    out: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    threads: int | None = None,
 ) -> DemoResult:
     """Warm up (cached under `cache_dir`, default `out`), train every run, annotate the ground truth, and check
-    health. Raises KeyboardInterrupt through: the runs written so far stay readable."""
+    health. `threads`: torch's CPU threads for this process (None leaves torch's setting). Raises KeyboardInterrupt
+    through: the runs written so far stay readable."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: pass 1 or more")
+        import torch
+
+        torch.set_num_threads(threads)
     out = Path(out)
     log_dir, work_dir = out / "logs", out / "trainer"
     specs = demo_runs(settings.grpo)

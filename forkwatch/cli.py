@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true",
                    help="cut the healthy runs to 20 steps (the alarmed ones still stop at their alarm)")
     s.add_argument("--seed", type=int, default=None, help="seed of the GRPO runs (default 0; the warm-up is shared)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model gains nothing from more, and on a busy machine "
+                   "extra threads slow it down)")
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8501)
@@ -82,7 +85,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"forkwatch demo: writing to {args.out}: {len(specs)} GRPO runs, seed {settings.grpo.seed}, CPU "
           f"(steps: {steps})")
     try:
-        result = pipeline.run_demo(settings, args.out)
+        result = pipeline.run_demo(settings, args.out, threads=args.threads)
     except KeyboardInterrupt:
         print(f"\nforkwatch demo: interrupted; the runs written so far stay readable in {args.out}/logs")
         return 130

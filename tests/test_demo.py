@@ -5,7 +5,6 @@ recall it prints, and the dashboard's Forks page marking the ground truth."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,11 +28,10 @@ def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     # The bound is a generous timeout rather than a timed assertion: CI machines are shared (measured timings live
     # in docs/experiments.md).
-    # One torch thread: the tiny model gains nothing from two, and on a shared machine two threads spin against other
-    # jobs (the verdicts at 2 threads are checked by scripts/seeds_threads.py, docs/experiments.md).
+    # The demo's default of one torch thread (the verdicts at 2 threads are checked by scripts/seeds_threads.py).
     proc = subprocess.run(
         [sys.executable, "-m", "forkwatch.cli", "demo", "--quick", "--no-dashboard", "--out", str(out)],
-        capture_output=True, text=True, timeout=840, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=840,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
