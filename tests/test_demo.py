@@ -118,7 +118,6 @@ def test_truth_table_marks_exactly_the_task_decision_points_of_recorded_completi
 
 def test_forks_page_marks_the_ground_truth_next_to_the_forks(demo_out, monkeypatch):
     pytest.importorskip("streamlit.testing.v1")
-    from pathlib import Path
 
     from forkwatch.dashboard.launch import LOG_DIR_ENV
     from streamlit.testing.v1 import AppTest
