@@ -7,7 +7,8 @@
 - `_compute_loss`: brackets each loss micro-batch; forward hooks on the model and its backbone, registered for that
   call only, see the fused outputs (with gradient) and the hidden states (for top-k at forks);
 - `get_high_entropy_mask` (only with a selector): the selection seam.
-Every wrapper calls TRL first or always; a fault in forkwatch is counted and training goes on.
+Every wrapper calls TRL first or always. A recording fault is counted and training goes on; the selection (mask and
+loss term) runs outside the fault guards, so it is either computed or training stops with an error naming the cause.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from forkwatch.plugin.metrics import Projector
+from forkwatch.plugin.head import HeadProjector
 from forkwatch.plugin.monitor import Monitor
 
 
@@ -27,29 +27,9 @@ def target_model(trainer) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
 
 
-def make_projector(model: torch.nn.Module, temperature: float) -> Projector:
-    """(N, H) hidden -> (N, V) logits / T, as TRL's fused head computes them (logit scale, softcap)."""
-    cfg = model.config.get_text_config()
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        scale = getattr(cfg, name, None) if scale is None else scale
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
-    scale = 1.0 if scale is None else float(scale)
-
-    def project(h: torch.Tensor) -> torch.Tensor:
-        head = model.get_output_embeddings()  # looked up per call: PEFT/FSDP may replace it
-        w, b = head.weight, head.bias
-        z = F.linear(h.to(w.dtype), w, b).float()
-        # each of these is a pass over (N, V): skipped when it would change nothing
-        if scale != 1.0:
-            z = z * scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return z / temperature if temperature != 1.0 else z
-
-    return project
+def make_projector(model: torch.nn.Module, temperature: float) -> HeadProjector:
+    """(N, H) hidden -> (N, V) logits / T, as TRL's fused head computes them; usable inside `materialised()`."""
+    return HeadProjector(model, temperature)
 
 
 def install(trainer, monitor: Monitor) -> Callable[[], None]:
@@ -102,6 +82,9 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
     def model_hook(module, args, kwargs, output):
         if monitor._mb is None:
             return
+        if monitor.selector is not None:  # the selection reads these log-probs: a capture fault must not hide
+            monitor.on_model_forward(kwargs, output)
+            return
         with guard("model_forward"):
             monitor.on_model_forward(kwargs, output)
 
@@ -125,9 +108,10 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
             finally:
                 for h in handles:
                     h.remove()
-            extra = None
+            # the selector's loss term is part of the objective: computed apart from recording, never guarded
+            extra = monitor.selection_loss()
             with guard("loss_end"):
-                extra = monitor.end_micro_batch()
+                monitor.end_micro_batch()
             return loss if extra is None else loss + extra
 
         return _compute_loss
@@ -159,11 +143,9 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
 
         def selection(original):
             def get_high_entropy_mask(entropies, mask, threshold):
-                weights = None
-                with guard("select"):
-                    weights = monitor.select(entropies, mask)
-                # a failed selector trains this micro-batch densely (weight 1) rather than stopping the run
-                return weights if weights is not None else mask.float()
+                # not guarded: a selection that cannot be computed stops training (monitor.select names the cause);
+                # training densely instead would silently give the user plain GRPO
+                return monitor.select(entropies, mask)
 
             return get_high_entropy_mask
 

@@ -50,6 +50,25 @@ def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values
 
 
 @torch.no_grad()
+def rank_of(z: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Rank of `token` in each row of logits z (0 = most likely; ties share the better rank).
+    z (N, V), token (N,) long -> (N,) int64. Temperature does not change a rank."""
+    return (z > z.gather(-1, token.unsqueeze(-1))).sum(-1)
+
+
+@torch.no_grad()
+def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of softmax(z / temperature) and their probabilities.
+    z (N, V) logits -> ids (N, k) int64, probs (N, k) float32. Softmax is shift-invariant: only k probabilities are
+    normalised, with one logsumexp over V."""
+    z = z.float()
+    if temperature != 1.0:
+        z = z / temperature
+    top = torch.topk(z, min(k, z.size(-1)), dim=-1)
+    return top.indices, (top.values - torch.logsumexp(z, dim=-1, keepdim=True)).exp()
+
+
+@torch.no_grad()
 def topk_alternatives(
     hidden: torch.Tensor, sampled: torch.Tensor, project: Projector, k: int, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,11 +78,11 @@ def topk_alternatives(
     """
     ids, probs, ranks = [], [], []
     for start in range(0, hidden.size(0), chunk):
-        z = project(hidden[start : start + chunk]).float()  # (n, V) logits; softmax is shift-invariant, so the
-        top = torch.topk(z, min(k, z.size(-1)), dim=-1)  # top-k and ranks come from z, and only k probabilities
-        ranks.append((z > z.gather(-1, sampled[start : start + chunk].unsqueeze(-1))).sum(-1))  # are normalised
-        ids.append(top.indices)
-        probs.append((top.values - torch.logsumexp(z, dim=-1, keepdim=True)).exp())
+        z = project(hidden[start : start + chunk]).float()  # (n, V) temperature-scaled logits
+        top_ids, top_p = topk_probs(z, k)
+        ranks.append(rank_of(z, sampled[start : start + chunk]))
+        ids.append(top_ids)
+        probs.append(top_p)
     if len(ids) == 1:
         return ids[0], probs[0], ranks[0]
     if not ids:

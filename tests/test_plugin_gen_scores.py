@@ -1,5 +1,6 @@
-"""group_js scored during generation (plugin/gen_scores.py) equals the extra-pass scores; what it cannot serve falls
-back to the extra pass, counted by reason."""
+"""Evidence taken during generation (plugin/gen_scores.py): group_js equals the extra-pass scores, fork alternatives
+equal a projection of the same batch; what generation cannot serve falls back (extra pass, gathered head), counted
+by reason."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def _capture(trainer) -> list[dict]:
         monitor = trainer._forkwatch.monitor
         mask = out["completion_mask"]
         groups = torch.unique(out["forkwatch_group_id"], return_inverse=True)[1]
-        ref = extra_pass(trainer, monitor.backbone, monitor.project, out, mask, groups, chunk=3)
-        seen.append(dict(gen=out["forkwatch_group_js"].clone(), ref=ref, mask=mask.bool()))
+        with monitor.project.materialised() as project:
+            ref = extra_pass(trainer, monitor.backbone, project, out, mask, groups, chunk=3)
+        seen.append(dict(gen=out["forkwatch_group_js"].clone(), ref=ref, mask=mask.bool(), out=dict(out)))
         return out
 
     trainer._generate_and_score_completions = spy
@@ -67,8 +69,57 @@ def test_generation_the_hook_never_sees_falls_back_to_the_extra_pass(make_traine
     seen = _capture(trainer)
     trainer.train()
     assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.counts
+    assert dict(cb.monitor.fork_fallbacks) == {"no_logits": 2}  # fork alternatives from the gathered head
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     assert meta["group_js_fallbacks"] == {"no_logits": 2}  # the count reaches run.json
     for s in seen:
         torch.testing.assert_close(s["gen"], s["ref"], atol=0, rtol=0)
     assert any(float(s["gen"].max()) > 0 for s in seen)  # siblings differ: the pass really scored them
+
+
+def _reference_alternatives(trainer, out: dict, k: int):
+    """Top-k probabilities and sampled-token logits from one full forward of the same batch (float64 softmax)."""
+    model = trainer._forkwatch.monitor.project.model
+    p, t = out["prompt_ids"].size(1), out["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], 1),
+                       attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], 1)).logits
+    z = logits[:, p - 1 : p - 1 + t].double() / trainer.temperature  # (B, T, V)
+    probs = torch.softmax(z, -1)
+    return probs, z, torch.topk(probs, k, -1).values
+
+
+@pytest.mark.parametrize("overrides", [dict(temperature=0.7), dict(pad_to_multiple_of=16)])
+def test_generation_time_fork_alternatives_equal_a_projection_of_the_same_batch(make_trainer, tmp_path, overrides):
+    trainer = make_trainer(max_steps=1, **overrides)
+    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", fork_top_k=4)
+    seen = _capture_alternatives(trainer)
+    trainer.train()
+    assert seen and not cb.monitor.fork_fallbacks and not cb.monitor.faults.counts
+    out, (probs, z, top) = seen[0]  # the reference was projected before the first optimizer step
+    mask = out["completion_mask"].bool()
+    ids, alt_p, rank = out["forkwatch_alt_ids"], out["forkwatch_alt_probs"], out["forkwatch_alt_rank"]
+    assert ids.shape == (*mask.shape, 4)
+    torch.testing.assert_close(alt_p[mask].double(), top[mask], atol=1e-5, rtol=1e-4)
+    # each id carries its own probability (ids may swap only between near-equal probabilities)
+    torch.testing.assert_close(probs.gather(-1, ids)[mask], top[mask], atol=1e-5, rtol=1e-4)
+    # the sampled token's rank, up to ties within float rounding
+    zs = z.gather(-1, out["completion_ids"].unsqueeze(-1))
+    lo, hi = (z > zs + 1e-4).sum(-1), (z > zs - 1e-4).sum(-1)
+    assert bool(((rank >= lo) & (rank <= hi))[mask].all())
+    assert int(rank[mask].max()) > 0  # sampled, not argmax: ranks really vary
+    assert bool((alt_p[~mask] == 0).all()) and bool((rank[~mask] == 0).all())
+
+
+def _capture_alternatives(trainer) -> list[dict]:
+    seen: list[dict] = []
+    inner = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = inner(inputs)
+        copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        seen.append((copy, _reference_alternatives(trainer, copy, 4)))
+        return out
+
+    trainer._generate_and_score_completions = spy
+    return seen
