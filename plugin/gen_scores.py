@@ -174,23 +174,39 @@ def _fit(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extra_pass(trainer, backbone, project, out: dict[str, Any], mask: torch.Tensor, groups: torch.Tensor, *,
-               chunk: int) -> torch.Tensor:
-    """The fallback: one extra no-grad backbone pass over the generation batch, then `metrics.group_js`.
+def extra_pass(trainer, model: torch.nn.Module, backbone: torch.nn.Module, out: dict[str, Any]) -> torch.Tensor:
+    """The fallback's extra no-grad pass over the generation batch -> (B, T, H) the hidden states that predict each
+    completion token (then `metrics.group_js` through the gathered head).
 
-    mask (B, T): the loss mask, taken as "active" (a rollout TRL masks, e.g. truncated under
-    mask_truncated_completions, leaves P̄ here, while during generation it counts until it ends); groups (B,) long.
+    Under FSDP2 the pass starts at the causal LM (only the root's forward gathers the root's own parameters;
+    `logits_to_keep=1` keeps the head to one position) and a forward hook on the backbone takes the states. Elsewhere
+    it calls the backbone alone: ZeRO-3 gathers per submodule, and an extra call of its partitioned head outside the
+    engine's forward breaks the next backward.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     pids, cids = out["prompt_ids"], out["completion_ids"]
     p, t = pids.size(1), cids.size(1)
     input_ids = torch.cat([pids, cids], 1)
     attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     bs = trainer.args.per_device_train_batch_size
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-    hidden = []
+    hidden: list[torch.Tensor] = []
+
+    def take(module, args, output):
+        hs = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden.append(hs[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting completion token t
+
+    handle = backbone.register_forward_hook(take)
     # fork_rng: a dropout layer in this extra pass must not move the global RNG TRL's shuffle draws from
-    with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
-        for s in range(0, input_ids.size(0), bs):
-            h = backbone(input_ids=input_ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
-            hidden.append(h.last_hidden_state[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting token t
-    return metrics.group_js(torch.cat(hidden), mask, groups, project, chunk=chunk)
+    try:
+        with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
+            for s in range(0, input_ids.size(0), bs):
+                batch = dict(input_ids=input_ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
+                if isinstance(model, FSDPModule):
+                    model(**batch, logits_to_keep=1)
+                else:
+                    backbone(**batch)
+    finally:
+        handle.remove()
+    return torch.cat(hidden)

@@ -61,3 +61,4 @@ class HeadProjector:
         if self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z / self.temperature if self.temperature != 1.0 else z
+

@@ -188,9 +188,9 @@ class Monitor:
         if self.group_js_fallbacks[reason] == 1:
             logger.info("forkwatch: group_js from an extra backbone pass (generation-time scores unusable: %s)",
                         reason)
+        hidden = extra_pass(tr, self.project.model, self.backbone, out)
         with self.project.materialised() as project:
-            out["forkwatch_group_js"] = extra_pass(tr, self.backbone, project, out, mask, groups,
-                                                   chunk=self.config.group_js_chunk)
+            out["forkwatch_group_js"] = metrics.group_js(hidden, mask, groups, project, chunk=self.config.group_js_chunk)
 
     # ------------------------------------------------------------------ loss pass
     def begin_micro_batch(self, inputs: dict[str, Any]) -> None:
