@@ -77,7 +77,8 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         return _generate_and_score_completions
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    watch_backbone = monitor.backbone is not None and monitor.config.record_tokens and monitor.config.record_forks
+    # the hidden states serve the fallbacks: forks without generation-time alternatives, group_js scored at the loss
+    watch_backbone = monitor.backbone is not None and (monitor.forks_on or monitor.group_js_on)
 
     def model_hook(module, args, kwargs, output):
         if monitor._mb is None:

@@ -185,12 +185,38 @@ class Monitor:
         if not self.group_js_on:
             return
         self.group_js_fallbacks[reason] += 1
+        at_loss = self._group_js_at_loss_pass()
         if self.group_js_fallbacks[reason] == 1:
-            logger.info("forkwatch: group_js from an extra backbone pass (generation-time scores unusable: %s)",
-                        reason)
+            logger.info("forkwatch: group_js from %s (generation-time scores unusable: %s)",
+                        "the loss pass's hidden states" if at_loss else "an extra backbone pass", reason)
+        if at_loss:  # scored in the loss pass (`_loss_pass_group_js`): no second pass through the backbone
+            out["forkwatch_group_js_pending"] = torch.ones(mask.size(0), dtype=torch.bool, device=mask.device)
+            return
         hidden = extra_pass(tr, self.project.model, self.backbone, out)
         with self.project.materialised() as project:
             out["forkwatch_group_js"] = metrics.group_js(hidden, mask, groups, project, chunk=self.config.group_js_chunk)
+
+    def _group_js_at_loss_pass(self) -> bool:
+        """Whether the loss pass can score group_js from its own hidden states: when its one micro-batch is this
+        rank's whole generation batch (every sibling present) under the weights that generated it."""
+        tr = self.trainer
+        return (self.backbone is not None and tr.args.steps_per_generation == 1 and tr.num_iterations == 1
+                and tr.args.gradient_accumulation_steps == 1)
+
+    def _loss_pass_group_js(self, mb: MicroBatch) -> None:
+        """group_js of a generation batch the fallback left to the loss pass (`forkwatch_group_js_pending`), from the
+        states the backbone computed for the loss, through the gathered head (a collective: every rank calls this
+        for every such micro-batch)."""
+        inputs = mb.inputs
+        if "forkwatch_group_js_pending" not in inputs or inputs.get("forkwatch_group_js") is not None or not mb.hidden:
+            return
+        mask = response_mask(inputs)
+        p, t = inputs["prompt_ids"].size(1), mask.size(1)
+        hidden = _cat(mb.hidden)[:, p - 1 : p - 1 + t]  # (B, T, H): the states that predicted each token
+        groups = torch.unique(inputs["forkwatch_group_id"], return_inverse=True)[1]
+        with self.project.materialised() as project:
+            inputs["forkwatch_group_js"] = metrics.group_js(hidden, mask, groups, project,
+                                                            chunk=self.config.group_js_chunk)
 
     # ------------------------------------------------------------------ loss pass
     def begin_micro_batch(self, inputs: dict[str, Any]) -> None:
@@ -221,6 +247,8 @@ class Monitor:
                 f"captured (faults so far: {dict(self.faults.counts)}; the first of each is logged above). Training "
                 "stops rather than train this step without the selection; fix the logged error, or set select=None.")
         inputs = mb.inputs
+        if self.selector.needs_group_js:
+            self._loss_pass_group_js(mb)
         if self.selector.needs_group_js and inputs.get("forkwatch_group_js") is None:
             cause = (f"the generation hook failed (faults: {dict(self.faults.counts)}; logged above)"
                      if self.faults.counts else "it was not computed for this generation batch")
@@ -280,6 +308,8 @@ class Monitor:
         lp = _cat(mb.logps)[:, -t:].float()  # no_grad: what is computed from these carries no graph
         ent = _cat(mb.entropies)[:, -t:].float()
         renyi2 = -_cat(mb.log_sum_sq)[:, -t:].float()
+        if self.group_js_on:
+            self._loss_pass_group_js(mb)
         gjs = inputs.get("forkwatch_group_js")
         sel = mb.selection
         weights = sel.weights.detach().float() if sel is not None else None  # None: every token weighs 1

@@ -9,7 +9,9 @@ import logging
 
 import pytest
 import torch
+from forkwatch.plugin import metrics
 from forkwatch.plugin.gen_scores import extra_pass
+from forkwatch.store import connect
 
 import forkwatch
 
@@ -27,8 +29,9 @@ def _capture(trainer) -> list[dict]:
         monitor = trainer._forkwatch.monitor
         mask = out["completion_mask"]
         groups = torch.unique(out["forkwatch_group_id"], return_inverse=True)[1]
+        hidden = extra_pass(trainer, monitor.project.model, monitor.backbone, out)
         with monitor.project.materialised() as project:
-            ref = extra_pass(trainer, monitor.backbone, project, out, mask, groups, chunk=3)
+            ref = metrics.group_js(hidden, mask, groups, project, chunk=3)
         seen.append(dict(gen=out["forkwatch_group_js"].clone(), ref=ref, mask=mask.bool(), out=dict(out)))
         return out
 
@@ -55,26 +58,62 @@ def test_generation_time_group_js_equals_the_extra_pass_on_the_same_batch(make_t
     assert any(float(s["gen"].max()) > 1e-3 for s in seen)  # not trivially zero
 
 
-def test_generation_the_hook_never_sees_falls_back_to_the_extra_pass(make_trainer, tmp_path, tokenizer):
-    # a custom rollout_func produces the completions without the policy's generate: no logits reach the hook
-    trainer = make_trainer(max_steps=2)
-
+def _rollout(tokenizer):
+    """A custom rollout_func: completions made without the policy's generate, so no logits reach the hook."""
     def rollout(prompts, trainer):
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
         completions = [tokenizer(str(i % 4) * (1 + i % 3))["input_ids"] for i in range(len(prompts))]
         return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
 
-    trainer.rollout_func = rollout
+    return rollout
+
+
+def test_generation_the_hook_never_sees_falls_back_to_the_extra_pass(make_trainer, tmp_path, tokenizer):
+    # steps_per_generation=2: a loss micro-batch holds half a generation batch, so the loss pass cannot score it
+    trainer = make_trainer(max_steps=2, steps_per_generation=2)
+    trainer.rollout_func = _rollout(tokenizer)
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True)
     seen = _capture(trainer)
     trainer.train()
-    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.counts
-    assert dict(cb.monitor.fork_fallbacks) == {"no_logits": 2}  # fork alternatives from the gathered head
+    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 1} and not cb.monitor.faults.counts
+    assert dict(cb.monitor.fork_fallbacks) == {"no_logits": 1}  # fork alternatives from the gathered head
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
-    assert meta["group_js_fallbacks"] == {"no_logits": 2}  # the count reaches run.json
+    assert meta["group_js_fallbacks"] == {"no_logits": 1}  # the count reaches run.json
     for s in seen:
         torch.testing.assert_close(s["gen"], s["ref"], atol=0, rtol=0)
     assert any(float(s["gen"].max()) > 0 for s in seen)  # siblings differ: the pass really scored them
+
+
+def test_without_generation_logits_the_loss_pass_scores_group_js_from_its_own_states(make_trainer, tmp_path,
+                                                                                      tokenizer):
+    # one micro-batch per generation batch (the default): no extra pass, the same scores as one would give
+    trainer = make_trainer(max_steps=2)
+    trainer.rollout_func = _rollout(tokenizer)
+    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True,
+                          record_completions_per_step=None, stat_mantissa_bits=None)
+    refs = []
+    inner = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = inner(inputs)
+        assert "forkwatch_group_js" not in out  # left to the loss pass
+        hidden = extra_pass(trainer, cb.monitor.project.model, cb.monitor.backbone, out)
+        groups = torch.unique(out["forkwatch_group_id"], return_inverse=True)[1]
+        with cb.monitor.project.materialised() as project:
+            refs.append((out["forkwatch_row_id"], metrics.group_js(hidden, out["completion_mask"], groups, project)))
+        return out
+
+    trainer._generate_and_score_completions = spy
+    trainer.train()
+    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.counts
+    con = connect(str(tmp_path / "runs"))
+    for step, (row_ids, ref) in enumerate(refs, start=1):
+        got = con.execute("SELECT completion_id, position, group_js FROM tokens WHERE step = ?", [step]).fetchall()
+        assert got
+        index = {int(c): i for i, c in enumerate(row_ids)}
+        for cid, pos, value in got:
+            assert abs(value - float(ref[index[cid], pos])) < 1e-5
+        assert max(v for *_, v in got) > 0
 
 
 def _reference_alternatives(trainer, out: dict, k: int):
