@@ -1,11 +1,12 @@
-"""The TRL 1.16 seams (DESIGN.md, "Where the data comes from"): instance-level wrappers and module hooks only.
+"""The TRL 1.16 seams: instance-level wrappers and module hooks only.
 
 - the fused LM head is re-added with `log_sum_sq_probs` (Rényi-2 for free; log-probs and entropies unchanged);
 - `_calculate_rewards` / `_generate_and_score_completions`: per-completion facts, row ids, group_js;
-- `_generate_single_turn` (only with group_js): arms a forward hook on the causal LM that scores group_js from each
-  decoding step's logits (gen_scores.py) while TRL generates for training;
+- `_generate_single_turn`: arms a forward hook on the causal LM that takes group_js and the fork alternatives from
+  each decoding step's logits (gen_scores.py) while TRL generates for training;
 - `_compute_loss`: brackets each loss micro-batch; forward hooks on the model and its backbone, registered for that
-  call only, see the fused outputs (with gradient) and the hidden states (for top-k at forks);
+  call only, see the fused outputs (with gradient) and the hidden states (for the fallbacks: forks and group_js of
+  batches generation did not serve, projected through the gathered head, head.py);
 - `get_high_entropy_mask` (only with a selector): the selection seam.
 Every wrapper calls TRL first or always. A recording fault is counted and training goes on; the selection (mask and
 loss term) runs outside the fault guards, so it is either computed or training stops with an error naming the cause.

@@ -1,4 +1,4 @@
-"""Pure torch math on per-token quantities (see METHODS.md). Natural log; B completions, T positions, V vocab, H hidden.
+"""Pure torch math on per-token quantities. Natural log; B completions, T positions, V vocab, H hidden.
 
 No function here builds (B, T, V) logits: full distributions are projected from hidden states a chunk at a time
 through `project`, a callable (N, H) -> (N, V) temperature-scaled logits that the TRL glue builds from the model,
@@ -109,7 +109,7 @@ def group_js(
 
     hidden (B, T, H): the state that predicts completion token t of each row; mask (B, T): 1 while a rollout is
     active; groups (B,) long. -> (B, T) float32 in [0, ln 2], 0 where fewer than two rollouts are active or off the
-    mask. P̄ includes the rollout itself (METHODS.md). Holds at most G x chunk x V probabilities at once (plus one
+    mask. P̄ includes the rollout itself (our reading). Holds at most G x chunk x V probabilities at once (plus one
     chunk x V mixture). arXiv:2606.19771.
     """
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
