@@ -128,8 +128,13 @@ def _reference_alternatives(trainer, out: dict, k: int):
     return probs, z, torch.topk(probs, k, -1).values
 
 
-@pytest.mark.parametrize("overrides", [dict(temperature=0.7), dict(pad_to_multiple_of=16)])
-def test_generation_time_fork_alternatives_equal_a_projection_of_the_same_batch(make_trainer, tmp_path, overrides):
+@pytest.mark.parametrize("overrides", [dict(temperature=0.7), dict(pad_to_multiple_of=16),
+                                       dict(temperature=0.7, softcap=True)])
+def test_generation_time_fork_alternatives_equal_a_projection_of_the_same_batch(make_trainer, tmp_path, tokenizer,
+                                                                                overrides):
+    overrides = dict(overrides)
+    if overrides.pop("softcap", False):  # the model's own capped logits, as TRL's fused head caps them
+        overrides["model"] = _softcapped_model(len(tokenizer))
     trainer = make_trainer(max_steps=1, **overrides)
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", fork_top_k=4)
     seen = _capture_alternatives(trainer)
@@ -162,3 +167,33 @@ def _capture_alternatives(trainer) -> list[dict]:
 
     trainer._generate_and_score_completions = spy
     return seen
+
+
+def _softcapped_model(vocab: int):
+    """A tiny Gemma-2 with a small final-logit softcap, so the cap changes every distribution visibly."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.5,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2_softcap"])
+def test_the_head_projector_gives_the_models_own_logits_over_temperature(make_trainer, tmp_path, tokenizer, arch):
+    model = _softcapped_model(len(tokenizer)) if arch == "gemma2_softcap" else None
+    trainer = make_trainer(max_steps=1, temperature=0.7, model=model)
+    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r")
+    project, backbone = cb.monitor.project, cb.monitor.backbone
+    ids = torch.tensor([tokenizer("1+2=3")["input_ids"]])
+    with torch.no_grad():
+        want = project.model(input_ids=ids).logits[0].double() / 0.7  # (T, V)
+        hidden = backbone(input_ids=ids).last_hidden_state[0]
+    with pytest.raises(RuntimeError, match="materialised"):
+        project(hidden)  # never through a weight that may be sharded
+    with project.materialised():
+        got = project(hidden).double()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if arch == "gemma2_softcap":
+        assert float(want.abs().max()) < 0.5 / 0.7 + 1e-6  # the cap is really applied
