@@ -241,6 +241,8 @@ class Monitor:
 
         tr, mb = self.trainer, self._mb
         name = self.config.select
+        if not (tr.model.training and torch.is_grad_enabled()):
+            return mask.float()  # an evaluation loss: nothing is optimised, every token counts (as TRL's eval)
         if mb is None or not mb.logps:
             raise RuntimeError(
                 f"forkwatch: select={name!r} cannot compute its selection for this micro-batch: the loss pass was not "

@@ -59,3 +59,23 @@ class _boom_selector:
     def __call__(self, inp):
         raise RuntimeError("injected selector fault")
 
+
+
+def test_evaluation_with_a_selector_computes_a_dense_eval_loss(make_trainer, tmp_path):
+    from datasets import Dataset
+
+    trainer = make_trainer(max_steps=1, per_device_eval_batch_size=8)
+    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", select="random", fraction=0.5)
+    calls = []
+    inner = cb.monitor.select
+
+    def spy(entropies, mask):
+        weights = inner(entropies, mask)
+        calls.append(bool((weights == mask.float()).all()))
+        return weights
+
+    cb.monitor.select = spy
+    trainer.train()
+    metrics = trainer.evaluate(Dataset.from_dict({"prompt": ["1+1=", "2+2="] * 4}))
+    assert "eval_loss" in metrics and not cb.monitor.faults.counts
+    assert calls[0] is False and calls[-1] is True  # trained on the selection; evaluated on every token
