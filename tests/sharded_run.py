@@ -27,7 +27,10 @@ CONFIGS = {
     "monitor": (dict(), dict(group_js=True)),
     "ict": (dict(), dict(select="ict", warmup_steps=0, fraction=0.25)),
     "kl_cov": (dict(steps_per_generation=2), dict(select="kl_cov", fraction=0.2)),
-    "ict_fallback": (dict(), dict(select="ict", warmup_steps=0, fraction=0.25)),  # a rollout generate never sees
+    # completions generate never made: forks through the gathered head; group_js from the loss pass's states
+    "ict_fallback": (dict(), dict(select="ict", warmup_steps=0, fraction=0.25)),
+    # the same with two micro-batches per generation batch: group_js from the extra pass
+    "ict_extra_pass": (dict(steps_per_generation=2), dict(select="ict", warmup_steps=0, fraction=0.25)),
 }
 
 
@@ -70,7 +73,7 @@ def main(out: Path, backend: str, names: list[str]) -> None:
                        output_dir=str(out / backend / name), **trl_options, **extra)
         if backend in FSDP2:
             force_fsdp2(trainer, FSDP2[backend])
-        if name == "ict_fallback":
+        if name in ("ict_fallback", "ict_extra_pass"):
             trainer.rollout_func = rollout
         cb = forkwatch.attach(trainer, log_dir=str(out / "runs"), run_name=f"{backend}-{name}",
                               record_completions_per_step=None, stat_mantissa_bits=None, **options)

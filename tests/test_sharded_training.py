@@ -1,8 +1,9 @@
 """Sharded training on CPU processes (torchrun, 2 ranks, gloo): DeepSpeed ZeRO-3 with the head really partitioned,
 FSDP2 with accelerate 1.15's wrap (a unit per decoder layer) and with an older accelerate's
 `fully_shard(root, reshard_after_forward=True)`, each against the same runs under DDP. Each backend is launched once
-(module fixture) and trains four configurations in turn (sharded_run.py): monitor-only, `ict` (warm-up 0), `kl_cov`
-with steps_per_generation=2, and `ict` on completions generate never saw (the fallbacks: extra pass, gathered head)."""
+(module fixture) and trains five configurations in turn (sharded_run.py): monitor-only, `ict` (warm-up 0), `kl_cov`
+with steps_per_generation=2, and `ict` on completions generate never saw (the fallbacks: the gathered head, group_js
+from the loss pass's states or, with steps_per_generation=2, from the extra pass)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from forkwatch.store import connect
 
 BACKENDS = ("ddp", "zero3", "fsdp2", "fsdp2_root")
 SHARDED = BACKENDS[1:]
-CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback")
+CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass")
+# generation batches served by the fallbacks (group_js, forks) in each configuration's 2 steps
+FALLBACKS = {"ict_fallback": ({"no_logits": 2}, {"no_logits": 2}), "ict_extra_pass": ({"no_logits": 1}, {"no_logits": 1})}
 PORTS = dict(zip(BACKENDS, (29621, 29623, 29625, 29627), strict=True))
 
 
@@ -62,14 +65,14 @@ def test_sharded_runs_have_no_fault_on_any_rank_and_a_really_sharded_head(runs, 
             r = _result(runs, backend, config, rank)
             assert r["faults"] == {}, (config, rank, r["faults"])
             assert r["head_sharded"], (config, rank)  # ZeRO-3: an empty placeholder; FSDP2: a DTensor shard
-            expected = {"no_logits": 2} if config == "ict_fallback" else {}
-            assert r["group_js_fallbacks"] == (expected if config != "kl_cov" else {}), (config, rank)
-            assert r["fork_fallbacks"] == expected, (config, rank)
+            group_js, forks = FALLBACKS.get(config, ({}, {}))
+            assert r["group_js_fallbacks"] == group_js, (config, rank)
+            assert r["fork_fallbacks"] == forks, (config, rank)
 
 
 @pytest.mark.parametrize("backend", SHARDED)
 def test_kl_cov_and_monitor_losses_equal_ddp(runs, backend):
-    for config in ("monitor", "kl_cov", "ict_fallback"):
+    for config in ("monitor", "kl_cov", "ict_fallback", "ict_extra_pass"):
         ref, got = _result(runs, "ddp", config)["curve"], _result(runs, backend, config)["curve"]
         assert len(ref) == len(got) == 2
         np.testing.assert_allclose(np.array(got), np.array(ref), rtol=2e-5, atol=1e-7, err_msg=config)
@@ -101,7 +104,7 @@ def test_token_records_and_forks_with_alternatives_equal_ddp(runs, backend, conf
 
 
 @pytest.mark.parametrize("backend", SHARDED)
-@pytest.mark.parametrize("config", ["ict", "ict_fallback"])
+@pytest.mark.parametrize("config", ["ict", "ict_fallback", "ict_extra_pass"])
 def test_ict_keeps_the_same_tokens_as_ddp(runs, backend, config):
     ref, got = _table(runs, TOKENS, "ddp", config), _table(runs, TOKENS, backend, config)
     kept_ref, kept_got = ref["selected"].to_numpy() > 0, got["selected"].to_numpy() > 0
