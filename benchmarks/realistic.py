@@ -3,6 +3,7 @@ with Qwen2.5-0.5B's shape (24 layers, hidden 896, vocabulary 151,936, random ini
 
     .venv/bin/python benchmarks/realistic.py --config bigvocab --rounds 3 --steps 3
     .venv/bin/python benchmarks/realistic.py --config qwen0.5b --rounds 2 --steps 2
+    .venv/bin/python benchmarks/realistic.py --config bigvocab --hook-cost --rounds 4
     .venv/bin/python benchmarks/realistic.py --config qwen0.5b --device cuda --rounds 5 --steps 5   # needs a GPU (bf16)
 
 Two generation paths, each with its own plain baseline:
@@ -117,6 +118,33 @@ def run(config: str, device: str, model, variant: str, steps: int, tmp: Path) ->
     return timer
 
 
+def hook_cost(opts) -> None:
+    """Per decode step: the generation-time fork evidence (top-k, logsumexp, rank) on (B, V) logits, against one
+    decode forward of the model (the work it rides on), medians of interleaved repeats."""
+    from forkwatch.plugin import metrics
+
+    c = CONFIGS[opts.config]
+    model = make_model(opts.config, opts.device).eval()
+    b = c["batch"]
+    z = torch.randn(b, model.config.vocab_size) * 3
+    tok = torch.randint(0, model.config.vocab_size, (b,))
+    prompt = torch.randint(0, model.config.vocab_size, (b, 24))
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        hook, fwd = [], []
+        for _ in range(opts.rounds * 5):
+            t0 = time.thread_time()
+            metrics.topk_probs(z, 5, 0.7)
+            metrics.rank_of(z, tok)
+            hook.append(time.thread_time() - t0)
+            t0 = time.thread_time()
+            model(input_ids=tok[:, None], past_key_values=copy.deepcopy(cache), use_cache=True)
+            fwd.append(time.thread_time() - t0)
+    h, f = statistics.median(hook), statistics.median(fwd)
+    print(f"config={opts.config} B={b} V={model.config.vocab_size}: fork evidence {h * 1e3:.2f} ms per decode step, "
+          f"decode forward {f * 1e3:.1f} ms (cpu time, median of {len(hook)}): {h / f:.2%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=list(CONFIGS), default="bigvocab")
@@ -126,8 +154,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--hook-cost", action="store_true", help="only time the generation-time fork evidence")
     opts = ap.parse_args()
     torch.set_num_threads(opts.threads)
+    if opts.hook_cost:
+        return hook_cost(opts)
     torch.manual_seed(0)
     names = opts.variants.split(",")
     model = make_model(opts.config, opts.device)
