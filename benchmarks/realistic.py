@@ -70,7 +70,12 @@ def fixed_rollout(length: int, vocab: int):
 
 class StepTimer:
     def __init__(self, device: str) -> None:
-        self.device, self.wall, self.cpu = device, [], []
+        self.device, self.wall, self.cpu, self.fw = device, [], [], []
+
+    def on_log(self, args, state, control, logs=None, **k):
+        # forkwatch's own time on the training thread this step (its hooks and step-end work)
+        if logs and "forkwatch/forkwatch_seconds" in logs:
+            self.fw.append(logs["forkwatch/forkwatch_seconds"])
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -111,7 +116,7 @@ def run(config: str, device: str, model, variant: str, steps: int, tmp: Path) ->
     trainer.remove_callback(PrinterCallback)
     timer = StepTimer(device)
     trainer.add_callback(type("Timer", (TrainerCallback,), {
-        "on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end})())
+        "on_step_begin": timer.on_step_begin, "on_step_end": timer.on_step_end, "on_log": timer.on_log})())
     trainer.train()
     del trainer
     gc.collect()
@@ -167,6 +172,7 @@ def main() -> None:
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     rounds: dict[str, list[float]] = {n: [] for n in names}
+    fw: dict[str, list[float]] = {n: [] for n in names}
     t0 = time.time()
     for r in range(opts.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
@@ -177,12 +183,14 @@ def main() -> None:
             wall[name] += w
             cpu[name] += c
             rounds[name].append(statistics.median(w))
+            fw[name] += timer.fw[opts.warmup:]
             print(f"round {r} {name}: wall {statistics.median(w):.3f} s, cpu {statistics.median(c):.3f} s",
                   flush=True)
     print(f"\nconfig={opts.config} device={opts.device} threads={opts.threads} rounds={opts.rounds} "
           f"warmup={opts.warmup} steps={opts.steps} elapsed={time.time() - t0:.0f}s")
-    print("| variant | wall median (s) | per-round spread (s) | cpu median (s) | × plain (wall / cpu) | × monitor (wall / cpu) |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | wall median (s) | per-round spread (s) | cpu median (s) | forkwatch s/step | × plain (wall / cpu) "
+          "| × monitor (wall / cpu) |")
+    print("|---|---|---|---|---|---|---|")
     med = {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
     for n in names:
         path = n.split("/")[0]
@@ -190,7 +198,8 @@ def main() -> None:
         for base in ("plain", "monitor"):
             b = med.get(f"{path}/{base}")
             ratio.append(f"{med[n][0] / b[0]:.3f} / {med[n][1] / b[1]:.3f}" if b else "-")
-        print(f"| {n} | {med[n][0]:.3f} | {min(rounds[n]):.3f}-{max(rounds[n]):.3f} | {med[n][1]:.3f} | "
+        own = f"{statistics.median(fw[n]):.3f}" if fw[n] else "-"
+        print(f"| {n} | {med[n][0]:.3f} | {min(rounds[n]):.3f}-{max(rounds[n]):.3f} | {med[n][1]:.3f} | {own} | "
               f"{ratio[0]} | {ratio[1]} |")
 
 
