@@ -4,6 +4,7 @@ with Qwen2.5-0.5B's shape (24 layers, hidden 896, vocabulary 151,936, random ini
     .venv/bin/python benchmarks/realistic.py --config bigvocab --rounds 3 --steps 3
     .venv/bin/python benchmarks/realistic.py --config qwen0.5b --rounds 2 --steps 2
     .venv/bin/python benchmarks/realistic.py --config bigvocab --hook-cost --rounds 4
+    .venv/bin/python benchmarks/realistic.py --config bigvocab --own-time --warmup 1 --steps 3 --variants generate/monitor
     .venv/bin/python benchmarks/realistic.py --config qwen0.5b --device cuda --rounds 5 --steps 5   # needs a GPU (bf16)
 
 Two generation paths, each with its own plain baseline:
@@ -151,6 +152,44 @@ def hook_cost(opts) -> None:
           f"decode forward {f * 1e3:.1f} ms (cpu time, median of {len(hook)}): {h / f:.2%}")
 
 
+def own_time(opts) -> None:
+    """forkwatch's CPU time per step on the training thread, by hook (`time.thread_time` around each of forkwatch's
+    entry points), for one monitored trainer: what load from other processes does not inflate."""
+    import functools
+
+    from forkwatch.plugin import callback, gen_scores, monitor
+
+    spent: dict[str, float] = {}
+
+    def timed(cls, name: str) -> None:
+        fn = getattr(cls, name)
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.thread_time() - t0
+
+        setattr(cls, name, wrapper)
+
+    timed(gen_scores.GenScorer, "on_forward")  # (its `take` runs inside on_generation)
+    for name in ("on_generation", "begin_micro_batch", "on_model_forward", "on_backbone_forward", "end_micro_batch"):
+        timed(monitor.Monitor, name)
+    for name in ("on_step_end", "on_log"):
+        timed(callback.ForkwatchCallback, name)
+    model = make_model(opts.config, opts.device)
+    steps = opts.warmup + opts.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = run(opts.config, opts.device, model, opts.variants.split(",")[0], steps, Path(tmp))
+    step_cpu = statistics.median(timer.cpu[opts.warmup:])
+    total = sum(spent.values()) / steps
+    parts = ", ".join(f"{k} {v / steps * 1e3:.1f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]))
+    print(f"config={opts.config} variant={opts.variants.split(',')[0]}: forkwatch {total * 1e3:.1f} ms of a "
+          f"{step_cpu:.2f} s step ({total / step_cpu:.2%}; cpu time per step, all {steps} steps); ms/step: {parts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=list(CONFIGS), default="bigvocab")
@@ -161,10 +200,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--hook-cost", action="store_true", help="only time the generation-time fork evidence")
+    ap.add_argument("--own-time", action="store_true", help="forkwatch's CPU time per step by hook (first variant)")
     opts = ap.parse_args()
     torch.set_num_threads(opts.threads)
     if opts.hook_cost:
         return hook_cost(opts)
+    if opts.own_time:
+        return own_time(opts)
     torch.manual_seed(0)
     names = opts.variants.split(",")
     model = make_model(opts.config, opts.device)
