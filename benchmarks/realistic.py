@@ -125,7 +125,7 @@ def run(config: str, device: str, model, variant: str, steps: int, tmp: Path) ->
 
 
 def hook_cost(opts) -> None:
-    """Per decode step: the generation-time fork evidence (top-k logits, the sampled token's rank) on (B, V) logits,
+    """Per decode step: the generation-time fork evidence (top-k probabilities, the sampled token's rank) on (B, V) logits,
     against one decode forward of the model (the work it rides on), medians of interleaved repeats."""
     from forkwatch.plugin import metrics
 
@@ -140,9 +140,8 @@ def hook_cost(opts) -> None:
         hook, fwd = [], []
         for _ in range(opts.rounds * 5):
             t0 = time.thread_time()
-            metrics.topk_logits(z, 5, 0.7)  # what the generation hook does per decode step (gen_scores.py)
-            zs = z.gather(-1, tok[:, None])
-            (z > zs).sum(-1)
+            metrics.topk_probs(z, 5, 0.7)  # what the generation hook does per decode step (gen_scores.py)
+            metrics.rank_of(z, tok)
             hook.append(time.thread_time() - t0)
             t0 = time.thread_time()
             model(input_ids=tok[:, None], past_key_values=copy.deepcopy(cache), use_cache=True)

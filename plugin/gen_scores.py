@@ -3,10 +3,10 @@ returns: ICT's group_js, and the top-k alternatives with the sampled token's ran
 
 A forward hook on the causal LM (armed only while TRL's `_generate_single_turn` runs for training) sees each decode
 step's (B, V) logits z. The G rollouts of a prompt are decoded in lockstep, so every sibling's p_{j,t} = softmax(z/T)
-exists at once and u_{i,t} is scored there, O(B x V) per step; the top-k logits of each row are kept too (B x k per
-step), and the rank and logit of the sampled token once it is fed back at the next step. The alternatives'
-probabilities are normalised at the loss pass, from the sampled token's log-prob there (no logsumexp over V per
-decode step). No backbone pass, no projection through the
+exists at once and u_{i,t} is scored there, O(B x V) per step; the top-k of each row is kept too (B x k per step),
+and the rank of the sampled token once it is fed back at the next step. The probabilities are normalised here, from
+generation's own logits: the loss pass's log-probs can differ from the sampler's (dropout, numerics), and a top-k
+that sums past 1 would be wrong. No backbone pass, no projection through the
 LM head (which under ZeRO-3 or FSDP2 is sharded outside the forward), no (B, T, V) storage. Step 0 is the prefill
 forward (its last position predicts completion token 0); step t >= 1 is fed the token sampled at t-1, which is how
 the hook learns which rows have finished and which token each row drew.
@@ -36,8 +36,7 @@ class GenEvidence:
 
     group_js: torch.Tensor | None = None  # (B, T) float32, 0 off the mask
     alt_ids: torch.Tensor | None = None  # (B, T, k) int64: the k most likely next tokens
-    alt_logits: torch.Tensor | None = None  # (B, T, k) float32: their logits z / T
-    sampled_logit: torch.Tensor | None = None  # (B, T) float32: the sampled token's z / T
+    alt_probs: torch.Tensor | None = None  # (B, T, k) float32: their probabilities under softmax(z / T)
     rank: torch.Tensor | None = None  # (B, T) int64: the sampled token's rank in the whole vocabulary (0 = top)
 
 
@@ -62,10 +61,8 @@ class GenScorer:
         self.steps = 0
         self.scores: list[torch.Tensor] = []  # per step (B,)
         self.top_ids: list[torch.Tensor] = []  # per step (B, k)
-        self.top_logits: list[torch.Tensor] = []  # per step (B, k)
-        # per step but the last (B,): known once the sampled token is fed back
-        self.ranks: list[torch.Tensor] = []
-        self.sampled: list[torch.Tensor] = []
+        self.top_probs: list[torch.Tensor] = []  # per step (B, k)
+        self.ranks: list[torch.Tensor] = []  # per step but the last (B,): known once the sampled token is fed back
         self.last_z: torch.Tensor | None = None  # (B, V) the latest step's logits, until its token is known
         self.fed: list[torch.Tensor] = []  # per decode step (B,): the token sampled at the previous step
         self.active: list[torch.Tensor] = []  # per step (B,) bool
@@ -114,9 +111,7 @@ class GenScorer:
             tok = ids[:, 0]
             self.fed.append(tok)
             if self.last_z is not None:
-                rank, logit = self._sampled(self.last_z, tok)
-                self.ranks.append(rank)
-                self.sampled.append(logit)
+                self.ranks.append(metrics.rank_of(self.last_z, tok))
             # sticky: generate keeps feeding finished rows pad tokens, which are excluded from P̄ and score 0
             self.finished |= torch.isin(tok, self.eos)
         self.steps += 1
@@ -126,23 +121,17 @@ class GenScorer:
             self.scores.append(
                 metrics.group_js_step(z, active, self.groups, self.n_groups, self.temperature, chunk=self.chunk))
         if self.top_k is not None:
-            ids_k, logits_k = metrics.topk_logits(z, self.top_k, self.temperature)
+            ids_k, probs_k = metrics.topk_probs(z, self.top_k, self.temperature)
             self.top_ids.append(ids_k)
-            self.top_logits.append(logits_k)
+            self.top_probs.append(probs_k)
             self.last_z = z
         self.seconds += time.perf_counter() - t0
-
-    def _sampled(self, z: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampled token's rank (B,) and its logit z / T (B,) in the step's logits z (B, V)."""
-        zs = z.gather(-1, token.unsqueeze(-1))  # (B, 1)
-        return (z > zs).sum(-1), zs[:, 0].float() / self.temperature
 
     @torch.no_grad()
     def take(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[GenEvidence | None, str | None]:
         """Evidence for TRL's `completion_ids` / `completion_mask` (B, T), or (None, reason)."""
         steps, fed, active, reason = self.steps, self.fed, self.active, self.reason
-        scores, top_ids, top_logits, last_z = self.scores, self.top_ids, self.top_logits, self.last_z
-        ranks, sampled = self.ranks, self.sampled
+        scores, top_ids, top_probs, ranks, last_z = self.scores, self.top_ids, self.top_probs, self.ranks, self.last_z
         self.reset()
         if reason is not None:
             return None, reason
@@ -170,12 +159,9 @@ class GenScorer:
             out.group_js = _fit(torch.stack(scores, 1), t) * mask.to(torch.float32)  # (B, T)
         if self.top_k is not None:
             if s <= t:  # the last step's token was never fed back: it is TRL's completion token s-1
-                rank, logit = self._sampled(last_z, ids[:, s - 1])
-                ranks.append(rank)
-                sampled.append(logit)
+                ranks.append(metrics.rank_of(last_z, ids[:, s - 1]))
             out.alt_ids = _fit(torch.stack(top_ids, 1), t)  # (B, T, k)
-            out.alt_logits = _fit(torch.stack(top_logits, 1), t)
-            out.sampled_logit = _fit(torch.stack(sampled, 1), t)
+            out.alt_probs = _fit(torch.stack(top_probs, 1), t) * keep.unsqueeze(-1)
             out.rank = _fit(torch.stack(ranks, 1), t) * keep
         return out, None
 

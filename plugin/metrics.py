@@ -57,32 +57,17 @@ def rank_of(z: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_logits(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest logits of each row, divided by the temperature: z (N, V) -> ids (N, k) int64, z_k / T (N, k)
-    float32. Their probabilities are exp(z_k/T - z_y/T + log p(y)) for any token y whose log-prob is known, which
-    spares a logsumexp over V when log p(y) comes from elsewhere (the loss pass's fused head)."""
-    top = torch.topk(z, min(k, z.size(-1)), dim=-1)
-    return top.indices, top.values.float() / temperature
-
-
-@torch.no_grad()
-def probs_from_logits(alt_logits: torch.Tensor, sampled_logit: torch.Tensor, sampled_logprob: torch.Tensor
-                      ) -> torch.Tensor:
-    """p_k = exp(z_k/T - z_y/T + log p(y)): alt_logits (F, k), sampled_logit (F,) z_y / T, sampled_logprob (F,)
-    -> (F, k) float32 (softmax's normaliser cancels)."""
-    return (alt_logits - sampled_logit.unsqueeze(-1) + sampled_logprob.float().unsqueeze(-1)).exp()
-
-
-@torch.no_grad()
 def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely tokens of softmax(z / temperature) and their probabilities.
-    z (N, V) logits -> ids (N, k) int64, probs (N, k) float32. Softmax is shift-invariant: only k probabilities are
-    normalised, with one logsumexp over V."""
+    z (N, V) logits -> ids (N, k) int64, probs (N, k) float32. Only k probabilities are normalised, and the
+    normaliser logsumexp(z) = m + log Σ exp(z - m) takes its max m from the top-k (one pass over V fewer)."""
     z = z.float()
     if temperature != 1.0:
         z = z / temperature
     top = torch.topk(z, min(k, z.size(-1)), dim=-1)
-    return top.indices, (top.values - torch.logsumexp(z, dim=-1, keepdim=True)).exp()
+    m = top.values[:, :1]  # (N, 1)
+    lse = m + (z - m).exp().sum(-1, keepdim=True).log()
+    return top.indices, (top.values - lse).exp()
 
 
 @torch.no_grad()

@@ -177,8 +177,8 @@ class Monitor:
             if self.group_js_on:
                 out["forkwatch_group_js"] = evidence.group_js
             if self.forks_on:
-                out["forkwatch_alt_ids"], out["forkwatch_alt_logits"] = evidence.alt_ids, evidence.alt_logits
-                out["forkwatch_alt_sampled"], out["forkwatch_alt_rank"] = evidence.sampled_logit, evidence.rank
+                out["forkwatch_alt_ids"], out["forkwatch_alt_probs"] = evidence.alt_ids, evidence.alt_probs
+                out["forkwatch_alt_rank"] = evidence.rank
             return
         if self.forks_on:  # the loss pass projects its forks through the gathered head
             self.fork_fallbacks[reason] += 1
@@ -368,13 +368,8 @@ class Monitor:
             return
         row, pos = (forks & take).nonzero().unbind(1)  # (F,) each, row-major
         if "forkwatch_alt_ids" in inputs:
-            # normalised by the sampled token's log-prob under the sampling policy: TRL's old log-probs when it
-            # computed them, else this (first, on-policy) loss pass's own
-            old = inputs.get("old_per_token_logps")
-            logprob = (lp if old is None else old)[row, pos]
-            alt_ids, rank = inputs["forkwatch_alt_ids"][row, pos], inputs["forkwatch_alt_rank"][row, pos]
-            alt_probs = metrics.probs_from_logits(inputs["forkwatch_alt_logits"][row, pos],
-                                                  inputs["forkwatch_alt_sampled"][row, pos], logprob)
+            alt_ids, alt_probs = inputs["forkwatch_alt_ids"][row, pos], inputs["forkwatch_alt_probs"][row, pos]
+            rank = inputs["forkwatch_alt_rank"][row, pos]
         elif project is not None:
             p = inputs["prompt_ids"].size(1)
             hidden = _cat(mb.hidden)[:, p - 1 : p - 1 + t]  # (B, T, H): the states that predicted each token
