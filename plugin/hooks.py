@@ -71,8 +71,11 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
                 scorer.reset()
             out = original(inputs)
             if trainer.model.training:
+                recorded = False
                 with guard("generation"):
                     monitor.on_generation(out)
+                    recorded = True
+                monitor.share_evidence(out, recorded)  # every rank, outside the guard: a collective
             return out
 
         return _generate_and_score_completions

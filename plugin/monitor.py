@@ -71,6 +71,7 @@ class Monitor:
                                         top_k=config.fork_top_k if self.forks_on else None)
             self.gen_scorer.eos = torch.tensor(eos_ids(trainer))
         self._mb: MicroBatch | None = None
+        self._local_evidence: tuple[Any, str | None] | None = None  # from on_generation, for share_evidence
 
     # ------------------------------------------------------------------ helpers
     def _step(self) -> int:
@@ -109,8 +110,8 @@ class Monitor:
         gid = gen_key * ROW_BITS + group_of(global_row, tr.num_generations)
         out["forkwatch_row_id"] = cid
         out["forkwatch_group_id"] = gid
-        if self.gen_scorer is not None:
-            self._gen_evidence(out, mask, gid)
+        if self.gen_scorer is not None:  # local only: `share_evidence` decides with the other ranks what to use
+            self._local_evidence = self._take_evidence(out, mask, gid)
 
         # Per-completion facts stay on the device as (b,) tensors: no per-row Python and no text decoding here
         # (the sampled rows are decoded on the writer's thread when their step is handed over).
@@ -142,23 +143,56 @@ class Monitor:
         )
         self._acc().seconds += time.perf_counter() - t0
 
-    def _gen_evidence(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> None:
-        """Per-position evidence as extra per-row tensors of the generation batch (they survive TRL's shuffle and
-        split into the loss micro-batches): generation's own scores, else the fallbacks. Every rank takes the same
-        path (the fallbacks gather the sharded head, a collective), so one rank that cannot vouch for its
-        generation-time evidence sends all ranks to the fallback for this batch."""
+    def _take_evidence(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> tuple[Any, str | None]:
+        """This rank's generation-time evidence (or None and the reason it cannot be used). No collective here."""
         tr = self.trainer
         if self.group_js_on:
             groups = torch.unique(gid, return_inverse=True)[1]
             self.split_groups += int((torch.bincount(groups) < tr.num_generations).sum())
         self._acc().seconds += self.gen_scorer.seconds
         self.gen_scorer.seconds = 0.0
-        evidence, reason = self.gen_scorer.take(out["completion_ids"], mask)
+        return self.gen_scorer.take(out["completion_ids"], mask)
+
+    # agreed states of a generation batch over the ranks (the minimum wins)
+    _UNRECORDED, _FALLBACK, _EVIDENCE = 0, 1, 2
+
+    def share_evidence(self, out: dict[str, Any], recorded: bool) -> None:
+        """Called on every rank after `on_generation`, outside the fault guards (`recorded`: it ran without a
+        fault), because it holds the generation batch's one collective. The ranks agree on one path: generation's own
+        evidence, the fallbacks (which gather the sharded head: collectives every rank must enter), or, when
+        `on_generation` failed on any rank, nothing recorded from this batch on any rank, so that no rank waits in a
+        collective another skipped. What is optimised never depends on this (a selector that needs the evidence
+        stops training with an error instead)."""
+        if self.gen_scorer is None:
+            return
+        local, self._local_evidence = (self._local_evidence if recorded else (None, "error")), None
+        evidence, reason = local if local is not None else (None, "error")
+        state = self._EVIDENCE if evidence is not None else self._FALLBACK if recorded else self._UNRECORDED
+        agreed = state
         if self.world > 1:
-            ok = torch.tensor([evidence is not None], dtype=torch.int32, device=mask.device)
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-            if evidence is not None and not bool(ok):
-                evidence, reason = None, "other_rank"
+            device = out["completion_ids"].device
+            t = torch.tensor([state], dtype=torch.int32, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            agreed = int(t.item())
+        if agreed == self._UNRECORDED:
+            for key in [k for k in out if k.startswith("forkwatch_")]:
+                del out[key]
+            self.gen = None
+            if recorded:  # the fault itself is counted on the rank that had it
+                self.faults.drop("completions", out["completion_ids"].size(0), "other_rank",
+                                 "forkwatch: another rank could not record a generation batch; no rank records it")
+            return
+        if agreed == self._FALLBACK and evidence is not None:
+            evidence, reason = None, "other_rank"
+        with self.faults.guard("generation_evidence"):
+            self._use_evidence(out, evidence, reason)
+
+    def _use_evidence(self, out: dict[str, Any], evidence: Any, reason: str | None) -> None:
+        """Per-position evidence as extra per-row tensors of the generation batch (they survive TRL's shuffle and
+        split into the loss micro-batches): generation's own scores, else the fallbacks (the same path on every
+        rank, as `share_evidence` agreed)."""
+        tr = self.trainer
+        mask = response_mask(out)
         if evidence is not None:
             if self.group_js_on:
                 out["forkwatch_group_js"] = evidence.group_js
@@ -178,6 +212,7 @@ class Monitor:
         if at_loss:  # scored in the loss pass (`_loss_pass_group_js`): no second pass through the backbone
             out["forkwatch_group_js_pending"] = torch.ones(mask.size(0), dtype=torch.bool, device=mask.device)
             return
+        groups = torch.unique(out["forkwatch_group_id"], return_inverse=True)[1]
         hidden = extra_pass(tr, self.project.model, self.backbone, out)
         with self.project.materialised() as project:
             out["forkwatch_group_js"] = metrics.group_js(hidden, mask, groups, project, chunk=self.config.group_js_chunk)

@@ -36,7 +36,7 @@ def test_a_recording_fault_leaves_kl_cov_losses_and_grad_norms_unchanged(make_tr
 def test_ict_without_group_js_stops_with_an_error_naming_the_cause(make_trainer, tmp_path):
     trainer = make_trainer(max_steps=2)
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", select="ict", warmup_steps=0)
-    cb.monitor._gen_evidence = _boom  # the generation hook fails: no group_js for this batch
+    cb.monitor._use_evidence = _boom  # the generation-time evidence fails: no group_js for this batch
     with pytest.raises(RuntimeError, match="group_js, which is missing") as err:
         trainer.train()
     assert "generation" in str(err.value) and "select='high_entropy'" in str(err.value)
@@ -63,10 +63,12 @@ class _boom_selector:
 
 def test_evaluation_with_a_selector_computes_a_dense_eval_loss(make_trainer, tmp_path):
     from datasets import Dataset
+    from transformers import TrainerCallback
 
     trainer = make_trainer(max_steps=1, per_device_eval_batch_size=8)
-    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", select="random", fraction=0.5)
-    calls = []
+    cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", select="random", fraction=0.5,
+                          warmup_steps=0)
+    calls, evals = [], []
     inner = cb.monitor.select
 
     def spy(entropies, mask):
@@ -74,8 +76,12 @@ def test_evaluation_with_a_selector_computes_a_dense_eval_loss(make_trainer, tmp
         calls.append(bool((weights == mask.float()).all()))
         return weights
 
+    class EvaluateMidTraining(TrainerCallback):  # an evaluation while forkwatch's seams are installed
+        def on_step_end(self, args, state, control, **kwargs):
+            evals.append(trainer.evaluate(Dataset.from_dict({"prompt": ["1+1=", "2+2="] * 4})))
+
     cb.monitor.select = spy
+    trainer.add_callback(EvaluateMidTraining())
     trainer.train()
-    metrics = trainer.evaluate(Dataset.from_dict({"prompt": ["1+1=", "2+2="] * 4}))
-    assert "eval_loss" in metrics and not cb.monitor.faults.counts
+    assert "eval_loss" in evals[0] and not cb.monitor.faults.counts
     assert calls[0] is False and calls[-1] is True  # trained on the selection; evaluated on every token
