@@ -110,10 +110,12 @@ def test_ict_keeps_the_same_tokens_as_ddp(runs, backend, config):
     kept_ref, kept_got = ref["selected"].to_numpy() > 0, got["selected"].to_numpy() > 0
     assert 0 < kept_ref.mean() < 0.6  # warm-up 0: the selection is in force from step 1
     assert (kept_ref != kept_got).mean() < 0.05
-    # a swap is allowed only between tokens of one completion whose scores tie to float rounding: the kept scores
-    # of each completion are the same
+    # tokens may differ only where their score ties the completion's cut-off to float rounding (ICT keeps every
+    # token at or above the completion's percentile, so a tie in one run and not the other moves a token)
     for (step, cid), rows in ref.groupby(["step", "completion_id"]).groups.items():
-        a = np.sort(ref.loc[rows, "group_js"].to_numpy()[kept_ref[rows]])
-        b = np.sort(got.loc[rows, "group_js"].to_numpy()[kept_got[rows]])
-        assert a.shape == b.shape, (step, cid)
-        np.testing.assert_allclose(b, a, atol=1e-6)
+        scores = ref.loc[rows, "group_js"].to_numpy()
+        differs = kept_ref[rows] != kept_got[rows]
+        if not differs.any():
+            continue
+        cutoff = scores[kept_ref[rows]].min()
+        np.testing.assert_allclose(scores[differs], cutoff, atol=1e-5, err_msg=str((step, cid)))
