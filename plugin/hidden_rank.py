@@ -1,0 +1,45 @@
+"""Effective rank of a response's hidden states (Huang et al., arXiv:2509.23808).
+
+A view of exploration that does not go through the token distribution: the paper finds near-zero correlation
+between it and token entropy, so a monitor showing only entropy cannot show it.
+
+ER(X) = exp(-Σ_k p_k log p_k), p_k = σ_k / Σ_j σ_j, σ the singular values of X centred over its tokens; X the
+final-layer hidden states of one response, its last `max_tokens` (512) tokens. ER lies in [1, min(n - 1, H)] for n
+tokens of width H (centring removes one dimension); 1 when all states lie on one line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_TOKENS = 512
+
+
+@torch.no_grad()
+def effective_rank(hidden: torch.Tensor, *, center: bool = True, max_tokens: int = MAX_TOKENS) -> float:
+    """Effective rank of one response's hidden states. hidden (n, H) -> float; NaN when fewer than two tokens (or
+    all states equal): the spectrum is empty.
+
+    Computed in float32 on the states' device (bf16 states are upcast), entropy of p in float64. Singular values
+    below float32's resolution of the largest (σ_k < n·eps·σ_max) are rounding noise of a lower rank and count as 0.
+    """
+    x = hidden[-max_tokens:].float()  # (n, H)
+    if center:
+        x = x - x.mean(0, keepdim=True)
+    if x.size(0) < 2 and center:
+        return math.nan
+    s = torch.linalg.svdvals(x).double()  # (min(n, H),)
+    if s.numel() == 0 or float(s[0]) <= 0.0:
+        return math.nan
+    s = s[s > s[0] * max(x.shape) * torch.finfo(torch.float32).eps]
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def effective_ranks(hidden: torch.Tensor, mask: torch.Tensor, *, max_tokens: int = MAX_TOKENS) -> list[float]:
+    """`effective_rank` of each row's response tokens. hidden (B, T, H), mask (B, T) 1 on response tokens -> B floats;
+    each row keeps its last `max_tokens` masked positions (padding anywhere in the row is skipped)."""
+    return [effective_rank(hidden[b][mask[b].bool()], max_tokens=max_tokens) for b in range(hidden.size(0))]
