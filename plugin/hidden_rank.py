@@ -43,3 +43,14 @@ def effective_ranks(hidden: torch.Tensor, mask: torch.Tensor, *, max_tokens: int
     """`effective_rank` of each row's response tokens. hidden (B, T, H), mask (B, T) 1 on response tokens -> B floats;
     each row keeps its last `max_tokens` masked positions (padding anywhere in the row is skipped)."""
     return [effective_rank(hidden[b][mask[b].bool()], max_tokens=max_tokens) for b in range(hidden.size(0))]
+
+
+@torch.no_grad()
+def completion_ranks(last_hidden: torch.Tensor, completion_mask: torch.Tensor, rows: list[int], *,
+                     max_tokens: int = MAX_TOKENS) -> list[float]:
+    """`effective_rank` of the completions in `rows` from the backbone's output of a loss pass over prompt +
+    completion. last_hidden (B, P + T, H): the states at each input position; completion_mask (B, T): 1 on the
+    completion's tokens, which are the last T positions. -> len(rows) floats."""
+    t = completion_mask.size(1)
+    hidden = last_hidden[rows, -t:]  # (n, T, H): the state at each completion token
+    return effective_ranks(hidden, completion_mask[rows], max_tokens=max_tokens)

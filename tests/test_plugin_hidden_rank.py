@@ -70,3 +70,17 @@ def test_batched_rows_use_only_their_masked_positions():
     for b in range(3):
         want = _numpy_er(hidden[b][mask[b].bool()].numpy())
         assert got[b] == pytest.approx(want, rel=1e-4)
+
+
+def test_completion_ranks_take_the_completion_positions_of_chosen_rows():
+    g = torch.Generator().manual_seed(3)
+    prompt, comp = 5, 9
+    last = torch.randn(4, prompt + comp, 6, generator=g)
+    last[2, :prompt] = 1e3  # the prompt's states must not count
+    mask = torch.ones(4, comp)
+    mask[2, 6:] = 0
+    from forkwatch.plugin.hidden_rank import completion_ranks
+
+    got = completion_ranks(last, mask, [2, 0])
+    assert got[0] == pytest.approx(_numpy_er(last[2, prompt : prompt + 6].numpy()), rel=1e-4)
+    assert got[1] == pytest.approx(_numpy_er(last[0, prompt:].numpy()), rel=1e-4)
