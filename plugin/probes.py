@@ -84,3 +84,54 @@ def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temp
     finally:
         model.train(was_training)
     return cols
+
+
+class ProbeRunner:
+    """When and what to score, for one trainer: the probes given at attach, or the first `count` completions this
+    run records (rank 0's, broadcast so that every rank scores the same probes: the forwards are collectives under
+    ZeRO-3 and FSDP2). Due at the first step with probes and then every `every` steps."""
+
+    def __init__(self, trainer, *, pairs: list[tuple[str, str]] | None, every: int, count: int, top_k: int) -> None:
+        self.trainer, self.every, self.count, self.top_k = trainer, every, count, top_k
+        proc = trainer.processing_class
+        self.tokenizer = getattr(proc, "tokenizer", proc)
+        self.probes: list[Probe] | None = encode_probes(pairs, self.tokenizer) if pairs else None
+        self._scored_once = False
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (not self._scored_once or step % self.every == 0)
+
+    def take_defaults(self, gen) -> bool:
+        """Make the first `count` recorded completions of `gen` (a GenBatch, or None on a rank without one) the
+        probes, unless probes exist already. Called on every rank at the same step. -> whether there are probes."""
+        if self.probes is not None:
+            return True
+        found: list[Probe] = []
+        if gen is not None and self.trainer.accelerator.process_index == 0:
+            rows = gen.sampled.nonzero().squeeze(1).tolist()
+            for row in rows:
+                if len(found) == self.count:
+                    break
+                probe = probe_from_row(len(found), gen.prompt_ids[row], gen.prompt_mask[row],
+                                       gen.completion_ids[row], int(gen.length[row]))
+                if probe is not None:
+                    found.append(probe)
+        if self.trainer.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            found = broadcast_object_list([found], from_process=0)[0]
+        self.probes = found or None
+        return self.probes is not None
+
+    def score(self, step: int) -> dict[str, list]:
+        """Score every probe with the policy as it is now (all ranks) -> the `probes` columns."""
+        from forkwatch.plugin.hooks import target_model
+
+        self._scored_once = True
+        tr = self.trainer
+        return score_probes(target_model(tr), self.probes or [], step, temperature=tr.temperature, k=self.top_k,
+                            device=tr.accelerator.device)
+
+    def meta(self) -> list[dict]:
+        """run.json's `probes`: each probe's id, token counts and text."""
+        return [p.to_meta(self.tokenizer) for p in self.probes or []]
