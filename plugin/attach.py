@@ -65,6 +65,11 @@ def attach(trainer, **options) -> ForkwatchCallback:
     )
     callback = ForkwatchCallback(config)
     callback.trainer, callback.monitor = trainer, monitor
+    if config.probe_every > 0:  # built here: probe texts that do not encode are refused at attach
+        from forkwatch.plugin.probes import ProbeRunner
+
+        callback.probes = ProbeRunner(trainer, pairs=config.probes, every=config.probe_every, count=config.probe_count,
+                                      top_k=config.fork_top_k)
     callback.uninstall = install(trainer, monitor)
     # First in the list: our on_log must add forkwatch/... to `logs` before report_to integrations see them.
     trainer.callback_handler.callbacks.insert(0, callback)

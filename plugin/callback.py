@@ -24,6 +24,7 @@ from typing import Any
 from forkwatch.plugin.config import ForkwatchConfig
 from forkwatch.plugin.records import completion_columns, fork_columns, step_row, token_columns
 from forkwatch.plugin.worker import Job, Pending, StepWorker
+from forkwatch.store.roles import roles_of
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ForkwatchCallback(TrainerCallback):
         # runtime state, bound by `attach`
         self.trainer = None
         self.monitor = None
+        self.probes = None  # a ProbeRunner when probes are on
         self.uninstall = None
         self.writer = None
         self.run_id: str | None = None
@@ -84,6 +86,9 @@ class ForkwatchCallback(TrainerCallback):
         if state.is_world_process_zero and self.resume_step is None:
             with self.monitor.faults.guard("vocab"):
                 self._write_vocab()
+        if self.probes is not None and self.probes.probes is not None and self.resume_step is None:
+            with self.monitor.faults.guard("probes"):
+                self._score_probes(0)  # the policy before training: what the later scorings are compared with
         self._health, self._health_job, self._alarm_scalars = None, None, {}
         if self._worker is None:
             self._worker = StepWorker(self.monitor.faults.guard)
@@ -99,6 +104,9 @@ class ForkwatchCallback(TrainerCallback):
         with self.monitor.faults.guard("step_end"):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
+            if self.probes is not None:
+                with self.monitor.faults.guard("probes"):
+                    self._probe_step(step)
             summary["dropped"] = sum(self.writer.dropped.values())
             self._pending.add(step, acc)
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
@@ -126,7 +134,7 @@ class ForkwatchCallback(TrainerCallback):
         row["time"] = dt.datetime.now(dt.timezone.utc)
         self._pending.add(step, row=row)
         scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time", "select_method")
-                   and v is not None and not isinstance(v, str)}
+                   and v is not None and not isinstance(v, (str, list))}
         scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
         scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
         scalars.update(self._alarm_scalars)  # the health rules as of the last hand-off
@@ -242,7 +250,26 @@ class ForkwatchCallback(TrainerCallback):
         tok = getattr(proc, "tokenizer", proc)
         n = len(tok)
         texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-        self.writer.put("vocab", {"token_id": list(range(n)), "text": texts})
+        self.writer.put("vocab", {"token_id": list(range(n)), "text": texts, "role": roles_of(texts)})
+
+    def _probe_step(self, step: int) -> None:
+        """Every rank, at the end of a step: score the probes when due (taking the default probes first if needed)."""
+        runner = self.probes
+        if not runner.due(step):
+            return
+        if runner.probes is None and not runner.take_defaults(self.monitor.gen):
+            return
+        self._score_probes(step)
+
+    def _score_probes(self, step: int) -> None:
+        """Every rank scores (the forwards are collectives under ZeRO-3 / FSDP2); rank 0 writes the rows, and the
+        probes' texts into run.json the first time."""
+        first = not self.probes.scored
+        columns = self.probes.score(step)
+        if self.monitor.rank == 0:
+            self.writer.put("probes", columns)
+            if first:
+                self.writer.update_meta(probes=self.probes.meta())
 
     def _meta(self) -> dict[str, Any]:
         import torch

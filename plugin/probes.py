@@ -96,10 +96,10 @@ class ProbeRunner:
         proc = trainer.processing_class
         self.tokenizer = getattr(proc, "tokenizer", proc)
         self.probes: list[Probe] | None = encode_probes(pairs, self.tokenizer) if pairs else None
-        self._scored_once = False
+        self.scored = False  # scored at least once this run (the first scoring is always due)
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and (not self._scored_once or step % self.every == 0)
+        return self.every > 0 and (not self.scored or step % self.every == 0)
 
     def take_defaults(self, gen) -> bool:
         """Make the first `count` recorded completions of `gen` (a GenBatch, or None on a rank without one) the
@@ -127,7 +127,7 @@ class ProbeRunner:
         """Score every probe with the policy as it is now (all ranks) -> the `probes` columns."""
         from forkwatch.plugin.hooks import target_model
 
-        self._scored_once = True
+        self.scored = True
         tr = self.trainer
         return score_probes(target_model(tr), self.probes or [], step, temperature=tr.temperature, k=self.top_k,
                             device=tr.accelerator.device)

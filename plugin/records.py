@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from forkwatch.plugin.metrics import PERCENTILES, covariance, summarize_many
+from forkwatch.store.spectrum import spectrum_counts
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -122,7 +123,8 @@ class CompletionBatch:
 class StepAccumulator:
     """Everything one rank saw in the loss passes of one optimizer step."""
 
-    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated")  # per token / per completion
+    # per token / per completion; effective_rank: per measured completion (only on due steps)
+    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated", "effective_rank")
     COUNTS = ("n_forks", "n_selected")
 
     # per micro-batch: (series names, their sizes, their values joined into one 1-D tensor)
@@ -201,6 +203,10 @@ def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | Non
         "forkwatch_seconds": float(max(p["seconds"] for p in parts)) if parts else 0.0,
         "dropped_records": int(dropped),
     }
+    ranks = np.concatenate([p["effective_rank"] for p in parts])
+    ranks = ranks[np.isfinite(ranks)]
+    row["entropy_spectrum"] = spectrum_counts(ent)
+    row["effective_rank_mean"] = float(ranks.mean()) if ranks.size else None  # null: not measured this step
     if not gjs.size:  # not computed this step: null, not NaN
         row.update(dict.fromkeys(("group_js_mean", *(f"group_js_p{round(q * 100)}" for q in PERCENTILES))))
     row["_select_metrics"] = {k: float(np.mean(v)) for k, v in sel_metrics.items() if v}
