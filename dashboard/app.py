@@ -21,8 +21,18 @@ if len(sys.argv) > 1 and Path(sys.argv[0]).resolve() == Path(__file__).resolve()
 
 st.set_page_config(page_title="forkwatch", page_icon="🍴", layout="wide")
 
+RUNS = st.Page(HERE / "page_runs.py", title="Runs", icon="🏁", url_path="runs")
+
+
+def _root() -> None:
+    """The root URL: Streamlit serves its default page there and nowhere else (so `/runs` would be "Page not
+    found"); instead the root forwards to the Runs page at its own address, keeping the query (`?run=...`)."""
+    st.switch_page(RUNS, query_params={k: st.query_params.get_all(k) for k in st.query_params})
+
+
 PAGES = [
-    st.Page(HERE / "page_runs.py", title="Runs", icon="🏁", url_path="runs", default=True),
+    st.Page(_root, title="forkwatch", url_path="home", default=True, visibility="hidden"),
+    RUNS,
     st.Page(HERE / "page_entropy.py", title="Entropy", icon="📉", url_path="entropy"),
     st.Page(HERE / "page_forks.py", title="Forks", icon="🍴", url_path="forks"),
     st.Page(HERE / "page_law.py", title="Law", icon="📐", url_path="law"),

@@ -1,12 +1,13 @@
 """Forks: where the model is still deciding. One completion's tokens coloured by a statistic, gradient tokens
 marked, exact values and top-k alternatives on hover; the token texts that fork most often and how that changes
-over steps; the same prompt followed across steps."""
+over steps; the same prompt followed across steps; the roles of forking tokens per step; the probes' tokens across
+steps and the overlap of their top-entropy positions with the first scoring."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import charts, common, data
+from forkwatch.dashboard import charts, common, data, lens_views
 from forkwatch.dashboard.tokens import STATS, legend_html, token_html
 
 
@@ -98,6 +99,8 @@ def render() -> None:
         history = data.prompt_history(log_dir, run, completion["prompt"])
         st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
+    lens_views.fork_roles_section(log_dir, run)
+    lens_views.probes_section(log_dir, runs, run)
 
 
 render()

@@ -63,3 +63,16 @@ def test_run_pictures_mark_flags_on_the_entropy_curve():
     marks = [t for t in fig.data if t.name == "flags"]
     assert len(marks) == 1 and list(marks[0].x) == [3] and list(marks[0].y) == [0.1]
     assert len([t for t in fig.data if t.name == "entropy"]) == 2
+
+
+def test_entropy_figure_leaves_out_the_group_js_panel_when_no_run_has_it():
+    from forkwatch.dashboard.charts import entropy_figure
+
+    df = pd.DataFrame({"step": [1, 2], "entropy_mean": [1.0, 0.9], "entropy_p10": [0.1, 0.1],
+                       "entropy_p90": [2.0, 1.8], "renyi2_mean": [0.8, 0.7], "group_js_mean": [None, None],
+                       "reward_mean": [0.1, 0.2], "completion_length_mean": [10.0, 11.0]})
+    titles = [a.text for a in entropy_figure({"r": df}, {}).layout.annotations]
+    assert not any("group JS" in t for t in titles) and len(titles) == 3
+    with_gjs = df.assign(group_js_mean=[0.1, 0.05])
+    titles = [a.text for a in entropy_figure({"r": with_gjs}, {}).layout.annotations]
+    assert any("group JS" in t for t in titles) and len(titles) == 4
