@@ -8,7 +8,7 @@ instead (e.g. one kept by `store_bench.py --out DIR --keep`; pages whose tables 
 Each page's figure is the sum of its queries on one connection, as the app holds it: the first call ("cold": first
 visit after the connection was built) and the median of `--repeat` further calls ("warm"); Streamlit's own result
 cache is not used, so every figure is what a visitor waits for when the cache misses. Building the connection is
-timed on its own (the app rebuilds it every 15 s). Target (issue #6): every page <= 1 s.
+timed on its own (the app rebuilds it every 15 s). Target: every page <= 1 s.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forkwatch.dashboard.sql_examples import EXAMPLES
+from forkwatch.dashboard.step_sample import sample_steps
 from forkwatch.store import RunWriter, connect, queries
 from forkwatch.store.health import HealthRules, evaluate
 from forkwatch.store.law import fit_entropy_law
@@ -78,7 +79,7 @@ def pages(log_dir: Path) -> dict[str, Callable[[], object]]:
     cid = int(comps["completion_id"].iloc[0]) if len(comps) else 0
     prompt = str(comps["prompt"].iloc[0]) if len(comps) else ""
     rules = HealthRules()
-    sample = queries.sample_steps(tsteps)  # the steps the page reads for its fork-text figures
+    sample = list(sample_steps(tsteps))  # the steps the page reads for its fork-text figures
 
     def runs_page(c):
         overview = queries.run_overview(c)
@@ -112,7 +113,7 @@ def pages(log_dir: Path) -> dict[str, Callable[[], object]]:
     def sql_heavy_example():  # the heaviest example: it scans the token rows of 50 steps
         sandbox.query(EXAMPLES["Fork tokens, first 50 steps"])
 
-    def on(fn):  # the app's cached connection, one cursor per call (what dashboard/data.py does)
+    def on(fn):  # the app's cached connection, one cursor per call (what dashboard/cached_queries.py does)
         return lambda: fn(con.cursor())
 
     print(f"run: {len(steps)} steps, token steps {len(tsteps)}, forks page at step {mid}, completion {cid}")

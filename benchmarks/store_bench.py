@@ -8,7 +8,7 @@ typical queries, on a synthetic run whose values are distributed like real ones 
 token rows a step): N steps of tokens, forks, completions and a steps row, put as the plugin puts them, then
 `close()`; it reports the writer thread's CPU time per step (from /proc, Linux) and the wall time per step.
 
-Targets (issue #2): >= 2M token rows/s (one writer thread), <= 12 bytes per token row, per-step aggregates of one
+Targets: >= 2M token rows/s (one writer thread), <= 12 bytes per token row, per-step aggregates of one
 run <= 0.5 s, every token of one completion at one step <= 0.1 s, at 20M rows.
 """
 

@@ -1,27 +1,18 @@
-"""The forkwatch dashboard: `streamlit run app.py -- LOG_DIR` (what `forkwatch dashboard LOG_DIR` runs).
+"""The forkwatch dashboard (what `forkwatch dashboard LOG_DIR` serves; the log directory comes in the environment
+variable FORKWATCH_LOG_DIR, see launch.py).
 
-Five pages, each a file next to this one so that they can be opened and tested on their own: Runs, Entropy,
-Forks, Law, SQL. The log directory comes from the command line or from FORKWATCH_LOG_DIR.
+Five pages, each a `render` function in a module of its own so that it can be opened and tested alone: Runs,
+Entropy, Forks, Law, SQL. Importing a page draws nothing; `st.navigation` runs the chosen one.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import streamlit as st
-from forkwatch.dashboard import data
-
-HERE = Path(__file__).parent
-
-# `streamlit run app.py -- LOG_DIR` puts LOG_DIR in sys.argv[1]; under a test runner argv is someone else's.
-if len(sys.argv) > 1 and Path(sys.argv[0]).resolve() == Path(__file__).resolve():
-    os.environ[data.LOG_DIR_ENV] = str(Path(sys.argv[1]).resolve())
+from forkwatch.dashboard import cached_queries, page_entropy, page_forks, page_law, page_runs, page_sql
 
 st.set_page_config(page_title="forkwatch", page_icon="🍴", layout="wide")
 
-RUNS = st.Page(HERE / "page_runs.py", title="Runs", icon="🏁", url_path="runs")
+RUNS = st.Page(page_runs.render, title="Runs", icon="🏁", url_path="runs")
 
 
 def _root() -> None:
@@ -33,16 +24,16 @@ def _root() -> None:
 PAGES = [
     st.Page(_root, title="forkwatch", url_path="home", default=True, visibility="hidden"),
     RUNS,
-    st.Page(HERE / "page_entropy.py", title="Entropy", icon="📉", url_path="entropy"),
-    st.Page(HERE / "page_forks.py", title="Forks", icon="🍴", url_path="forks"),
-    st.Page(HERE / "page_law.py", title="Law", icon="📐", url_path="law"),
-    st.Page(HERE / "page_sql.py", title="SQL", icon="🔎", url_path="sql"),
+    st.Page(page_entropy.render, title="Entropy", icon="📉", url_path="entropy"),
+    st.Page(page_forks.render, title="Forks", icon="🍴", url_path="forks"),
+    st.Page(page_law.render, title="Law", icon="📐", url_path="law"),
+    st.Page(page_sql.render, title="SQL", icon="🔎", url_path="sql"),
 ]
 page = st.navigation(PAGES)
 
 with st.sidebar:
-    st.caption(f"log directory: `{data.log_dir() or '(none)'}`")
-    if st.button("Reload", key="app_reload", help=f"Re-read the log directory now (it is re-read every {data.TTL_S} s)"):
-        data.reload()
+    st.caption(f"log directory: `{cached_queries.log_dir() or '(none)'}`")
+    if st.button("Reload", key="app_reload", help=f"Re-read the log directory now (it is re-read every {cached_queries.TTL_S} s)"):
+        cached_queries.reload()
 
 page.run()

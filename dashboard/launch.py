@@ -1,8 +1,10 @@
-"""`forkwatch dashboard LOG_DIR [--host 127.0.0.1] [--port 8501]`: serve the Streamlit app on one log directory.
+"""Serving the Streamlit app on one log directory (what `forkwatch dashboard LOG_DIR` runs).
 
-Streamlit runs in a child process (`python -m streamlit run app.py -- LOG_DIR`) so that its signal handling and
-event loop stay its own; Ctrl-C stops the child and returns 0. The app binds 127.0.0.1 unless told otherwise: its
-SQL page runs text a person typed (sandboxed, but still nothing to expose by accident).
+Streamlit runs in a child process (`python -m streamlit run app.py`) so that its signal handling and event loop stay
+its own; Ctrl-C stops the child and returns 0. The log directory reaches the app one way only: the environment
+variable `LOG_DIR_ENV`, set here for the child. The app binds 127.0.0.1 unless told otherwise: its SQL page runs
+text a person typed (sandboxed, but still nothing to expose by accident). This module prints nothing; the CLI says
+what is served where.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ APP = Path(__file__).with_name("app.py")
 LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
 
 
-def command(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
-    """The `streamlit run` command line that serves `log_dir`."""
+def command(*, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """The `streamlit run` command line of the app (the log directory goes in the environment: `environment`)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", host,
@@ -29,19 +31,24 @@ def command(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "viewer",  # no "Deploy" button: this app serves local logs
-        "--", str(Path(log_dir).resolve()),
     ]  # fmt: skip
 
 
+def environment(log_dir: str | Path) -> dict[str, str]:
+    """The child's environment: this process's, with the log directory the app reads."""
+    return os.environ | {LOG_DIR_ENV: str(Path(log_dir).resolve())}
+
+
 def main(args) -> int:
-    log_dir = Path(args.log_dir)
-    if not log_dir.is_dir():
-        sys.stderr.write(f"forkwatch dashboard: log directory {str(log_dir)!r} does not exist\n")
-        return 2
-    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8501)
-    env = os.environ | {LOG_DIR_ENV: str(log_dir.resolve())}
-    sys.stderr.write(f"forkwatch dashboard: serving {log_dir} on http://{host}:{port} (Ctrl-C stops)\n")
-    proc = subprocess.Popen(command(log_dir, host=host, port=port), env=env)
+    """`forkwatch dashboard` (kept for callers that hold an argparse namespace): see forkwatch.cli.dashboard."""
+    from forkwatch.cli import dashboard
+
+    return dashboard(args)
+
+
+def serve(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -> int:
+    """Run the app on `log_dir` (an existing folder) until it exits or Ctrl-C / SIGTERM stops it (then 0)."""
+    proc = subprocess.Popen(command(host=host, port=port), env=environment(log_dir))
     # SIGTERM (a service manager, a test's terminate()) takes the Ctrl-C path, so Streamlit is never left orphaned.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -8,7 +8,7 @@ import json
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import data, lens_charts
+from forkwatch.dashboard import cached_queries, lens_charts
 from forkwatch.store.health import HealthReport
 
 TOP_FRACTION = 0.2  # the overlap figure's top-entropy share (the 80/20 paper's)
@@ -28,7 +28,7 @@ def spectrum_section(log_dir: str, runs: pd.DataFrame, shown: list[str]) -> None
                "high-entropy tail draining is collapse at token level.")
     meta = dict(zip(runs["run_id"], runs["meta"], strict=True))
     for r in shown:
-        spectrum = data.entropy_spectrum(log_dir, r)
+        spectrum = cached_queries.entropy_spectrum(log_dir, r)
         if spectrum.empty:
             st.info(f"Run `{r}`: no entropy spectrum recorded (runs written by a forkwatch without "
                     "`steps.entropy_spectrum` have none).")
@@ -41,7 +41,7 @@ def spectrum_section(log_dir: str, runs: pd.DataFrame, shown: list[str]) -> None
 
 def effective_rank_section(log_dir: str, runs: pd.DataFrame, shown: list[str]) -> None:
     st.subheader("Effective rank of hidden states")
-    series = {r: data.effective_rank_series(log_dir, r) for r in shown}
+    series = {r: cached_queries.effective_rank_series(log_dir, r) for r in shown}
     missing = [r for r, df in series.items() if df.empty]
     drawn = {r: df for r, df in series.items() if not df.empty}
     if drawn:
@@ -65,7 +65,7 @@ def group_js_note(series: dict[str, pd.DataFrame]) -> None:
 
 def fork_roles_section(log_dir: str, run: str) -> None:
     st.subheader("Roles of forking tokens")
-    roles = data.fork_roles_by_step(log_dir, run)
+    roles = cached_queries.fork_roles_by_step(log_dir, run)
     if roles.empty:
         st.info(f"Run `{run}` has no fork recorded: fork roles need per-token records (record_tokens=True, "
                 "fork_fraction > 0).")
@@ -77,7 +77,7 @@ def fork_roles_section(log_dir: str, run: str) -> None:
 
 def probes_section(log_dir: str, runs: pd.DataFrame, run: str) -> None:
     st.subheader("Probes: the same tokens across training")
-    probes = data.probe_list(log_dir, run)
+    probes = cached_queries.probe_list(log_dir, run)
     if probes.empty:
         st.info(f"Run `{run}` has no probe scores: probes are scored every `probe_every` steps (0 turns them "
                 "off), from the probes given to `attach(..., probes=[(prompt, completion), ...])` or the first "
@@ -98,9 +98,9 @@ def probes_section(log_dir: str, runs: pd.DataFrame, run: str) -> None:
         pid = st.selectbox("Probe", probes["probe_id"].tolist(), key=f"forks_probe_{run}", format_func=label)
     with right:
         stat = st.radio("Colour by", ["entropy", "renyi2", "logprob"], horizontal=True, key="forks_probe_stat")
-    tokens = data.probe_tokens(log_dir, run, int(pid))
+    tokens = cached_queries.probe_tokens(log_dir, run, int(pid))
     st.plotly_chart(lens_charts.probe_heatmap_figure(tokens, stat), key="forks_probe_chart", width="stretch")
-    overlap = data.probe_top_overlap(log_dir, run, TOP_FRACTION)
+    overlap = cached_queries.probe_top_overlap(log_dir, run, TOP_FRACTION)
     if len(overlap) < 2:
         st.info("The overlap of top-entropy positions needs two scorings of the probes; one so far.")
         return
@@ -113,7 +113,7 @@ def probes_section(log_dir: str, runs: pd.DataFrame, run: str) -> None:
 
 def curve_columns(log_dir: str, run_ids: list[str]) -> tuple[list[list[float]], list[list[float]]]:
     """Each run's entropy and reward curve as lists, for the Runs table's sparklines."""
-    curves = data.run_curves(log_dir)
+    curves = cached_queries.run_curves(log_dir)
     by_run = {r: df for r, df in curves.groupby("run_id")}
     empty = pd.DataFrame({"entropy_mean": [], "reward_mean": []})
     ent = [by_run.get(r, empty)["entropy_mean"].fillna(float("nan")).tolist() for r in run_ids]
@@ -123,7 +123,7 @@ def curve_columns(log_dir: str, run_ids: list[str]) -> tuple[list[list[float]], 
 
 def run_pictures(log_dir: str, run_ids: list[str], reports: dict[str, HealthReport]) -> None:
     st.subheader("Each run at a glance")
-    curves = data.run_curves(log_dir)
+    curves = cached_queries.run_curves(log_dir)
     drawn = [r for r in run_ids if r in set(curves["run_id"])][:MAX_PICTURES]
     if not drawn:
         st.info("No run has steps yet: the pictures appear with the first steps.")

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import charts, common, data, lens_views
+from forkwatch.dashboard import cached_queries, charts, lens_views, page_frame
 
 
 def render() -> None:
     st.title("Entropy")
-    log_dir, runs, shown = common.chosen_runs("entropy_runs")
+    log_dir, runs, shown = page_frame.chosen_runs("entropy_runs")
     if not shown:
         return
     meta = dict(zip(runs["run_id"], runs["meta"], strict=True))
-    series = {r: data.steps(log_dir, r) for r in shown}
-    reports = {r: data.health(log_dir, r, meta[r]) for r in shown}
+    series = {r: cached_queries.steps(log_dir, r) for r in shown}
+    reports = {r: cached_queries.health(log_dir, r, meta[r]) for r in shown}
     st.plotly_chart(
         charts.entropy_figure(series, {r: rep.flags for r, rep in reports.items()}), key="entropy_chart",
         width="stretch",
@@ -34,6 +34,3 @@ def render() -> None:
         st.success("No health rule fired on " + ", ".join(f"`{r}`" for r in shown) + ".")
     lens_views.spectrum_section(log_dir, runs, shown)
     lens_views.effective_rank_section(log_dir, runs, shown)
-
-
-render()

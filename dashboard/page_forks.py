@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import charts, common, data, lens_views
-from forkwatch.dashboard.tokens import STATS, legend_html, token_html
+from forkwatch.dashboard import cached_queries, charts, lens_views, page_frame, url_state
+from forkwatch.dashboard.step_sample import sample_steps
+from forkwatch.dashboard.token_html import STATS, legend_html, token_html
 
 
 def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, pd.Series] | None:
@@ -20,19 +21,19 @@ def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, p
         if not text:
             st.info("Type part of a prompt to find it.")
             return None
-        matches = data.find_prompts(log_dir, run, text)
+        matches = cached_queries.find_prompts(log_dir, run, text)
         if matches.empty:
             st.warning(f"No prompt of run `{run}` contains {text!r}.")
             return None
         prompt = st.selectbox("Prompt", matches["prompt"].tolist(), key="forks_prompt")
-        steps = data.prompt_history(log_dir, run, prompt)["step"].tolist()
-    step = data.selected_step(steps)
+        steps = cached_queries.prompt_history(log_dir, run, prompt)["step"].tolist()
+    step = url_state.selected_step(steps)
     if len(steps) > 1:
         step = st.select_slider("Step", options=steps, value=step, key=f"forks_step_{run}_{mode}")
     else:
         st.caption(f"step {step} (the only step with records)")
-    data.set_step(step)
-    comps = data.completions(log_dir, run, step)
+    url_state.set_step(step)
+    comps = cached_queries.completions(log_dir, run, step)
     if prompt is not None:
         comps = comps[comps["prompt"] == prompt]
     if comps.empty:
@@ -53,7 +54,7 @@ def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, p
 
 def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> None:
     stat = st.radio("Colour tokens by", STATS, horizontal=True, key="forks_stat")
-    tokens = data.completion_tokens(log_dir, run, step, int(completion["completion_id"]))
+    tokens = cached_queries.completion_tokens(log_dir, run, step, int(completion["completion_id"]))
     st.markdown(f"**Prompt:** {completion['prompt']!r}")
     if tokens.empty:
         st.warning("No token records for this completion (the run records tokens for a sample of completions).")
@@ -65,10 +66,10 @@ def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> Non
 def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:
     st.subheader("Tokens that fork most often")
     n = st.slider("How many token texts", 5, 30, 10, key="forks_top_n")
-    sample = data.sample_steps(steps)
+    sample = sample_steps(steps)
     if len(sample) < len(steps):
         st.caption(f"counted over {len(sample)} of the run's {len(steps)} recorded steps, evenly spaced")
-    top = data.top_fork_tokens(log_dir, run, sample, n)
+    top = cached_queries.top_fork_tokens(log_dir, run, sample, n)
     if top.empty:
         st.info("No fork recorded in this run yet.")
         return
@@ -76,17 +77,17 @@ def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:
     with left:
         st.plotly_chart(charts.fork_share_figure(top), key="forks_top_chart", width="stretch")
     with right:
-        trend = data.fork_tokens_by_step(log_dir, run, sample, tuple(top["text"].head(6)))
+        trend = cached_queries.fork_tokens_by_step(log_dir, run, sample, tuple(top["text"].head(6)))
         st.caption("share of each step's forks taken by the 6 most frequent fork texts")
         st.plotly_chart(charts.fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
 
 
 def render() -> None:
     st.title("Forks")
-    log_dir, runs = common.require_runs()
-    [run] = common.pick_runs(runs, key="forks_run", multi=False)
-    common.run_notes(runs, [run])
-    tsteps = data.token_steps(log_dir, run)
+    log_dir, runs = page_frame.require_runs()
+    [run] = page_frame.pick_runs(runs, key="forks_run", multi=False)
+    page_frame.run_notes(runs, [run])
+    tsteps = cached_queries.token_steps(log_dir, run)
     if tsteps.empty:
         st.info(f"Run `{run}` has no completion or token records yet: there is nothing to show at token level.")
         return
@@ -96,11 +97,8 @@ def render() -> None:
         step, completion = chosen
         _token_view(log_dir, run, step, completion)
         st.subheader("This prompt across steps")
-        history = data.prompt_history(log_dir, run, completion["prompt"])
+        history = cached_queries.prompt_history(log_dir, run, completion["prompt"])
         st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
     lens_views.fork_roles_section(log_dir, run)
     lens_views.probes_section(log_dir, runs, run)
-
-
-render()

@@ -4,20 +4,20 @@ reason no fit is shown (arXiv:2505.22617)."""
 from __future__ import annotations
 
 import streamlit as st
-from forkwatch.dashboard import charts, common, data
+from forkwatch.dashboard import cached_queries, charts, page_frame
 
 
 def render() -> None:
     st.title("Entropy–reward law")
-    log_dir, runs, shown = common.chosen_runs("law_runs")
+    log_dir, runs, shown = page_frame.chosen_runs("law_runs")
     if not shown:
         return
     fraction = st.slider(
         "Fit on the first fraction of steps", 0.05, 1.0, 1.0, 0.05, key="law_fraction",
         help="The paper found the first ~15 % of steps enough to predict the ceiling.",
     )  # fmt: skip
-    points = {r: data.steps(log_dir, r) for r in shown}
-    fits = {r: data.law(log_dir, r, fraction) for r in shown}
+    points = {r: cached_queries.steps(log_dir, r) for r in shown}
+    fits = {r: cached_queries.law(log_dir, r, fraction) for r in shown}
     cols = st.columns(len(shown))
     for col, r in zip(cols, shown, strict=True):
         fit = fits[r]
@@ -29,6 +29,3 @@ def render() -> None:
             else:
                 st.warning(f"No fit shown: {fit.reason}.")
     st.plotly_chart(charts.law_figure(points, fits), key="law_chart", width="stretch")
-
-
-render()

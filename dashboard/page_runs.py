@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import common, data, lens_views
+from forkwatch.dashboard import cached_queries, lens_views, page_frame
 from forkwatch.dashboard.charts import flag_lines
 
 
 def render() -> None:
     st.title("Runs")
-    log_dir, runs = common.require_runs()
-    reports = {r.run_id: data.health(log_dir, r.run_id, r.meta) for r in runs.itertuples(index=False)}
+    log_dir, runs = page_frame.require_runs()
+    reports = {r.run_id: cached_queries.health(log_dir, r.run_id, r.meta) for r in runs.itertuples(index=False)}
     entropy_curves, reward_curves = lens_views.curve_columns(log_dir, runs["run_id"].tolist())
     table = pd.DataFrame(
         {
-            "health": [common.badge(reports[r].verdict) for r in runs["run_id"]],
+            "health": [page_frame.badge(reports[r].verdict) for r in runs["run_id"]],
             "run": runs["run_id"],
             "name": runs["name"],
             "status": runs["status"],
@@ -27,6 +27,8 @@ def render() -> None:
             "tokens": runs["n_tokens"],
             "selection": runs["select_method"].fillna("—"),
             "model": runs["model"].fillna("—"),
+            "faults": runs["faults"],
+            "dropped": runs["dropped"],
             "updated": runs["updated_at"],
         }
     )
@@ -36,13 +38,16 @@ def render() -> None:
                        "reward": st.column_config.LineChartColumn("reward", help="mean reward per step")},
     )  # fmt: skip
     lens_views.run_pictures(log_dir, runs["run_id"].tolist(), reports)
-    picked = common.pick_runs(runs, key="runs_pick", multi=True)
+    for r in runs[runs["faults"] > 0].itertuples(index=False):
+        st.warning(f"Run `{r.run_id}`: {r.faults} recording fault(s) — {r.faults_detail}. Training was not affected; "
+                   "the records of those places may have gaps (run.json has the counts).")
+    picked = page_frame.pick_runs(runs, key="runs_pick", multi=True)
     if not picked:
         st.info("Choose one or more runs above: the other pages show the runs chosen here.")
         return
     for run_id in picked:
         report = reports[run_id]
-        with st.expander(f"{run_id}: {common.badge(report.verdict)}", expanded=report.verdict != "healthy"):
+        with st.expander(f"{run_id}: {page_frame.badge(report.verdict)}", expanded=report.verdict != "healthy"):
             if report.verdict == "insufficient_data":
                 st.write(f"{report.n_steps} step(s) with a finite mean entropy: too few for a verdict yet.")
             for f in report.flags:
@@ -57,7 +62,4 @@ def render() -> None:
                 st.write(f"Entropy–reward law: no ceiling ({law.reason}).")
             for note in report.notes:
                 st.caption(note)
-    common.run_notes(runs, picked)
-
-
-render()
+    page_frame.run_notes(runs, picked)

@@ -4,7 +4,7 @@ CSV download; example queries one click away; errors shown as messages."""
 from __future__ import annotations
 
 import streamlit as st
-from forkwatch.dashboard import common, data
+from forkwatch.dashboard import cached_queries, page_frame
 from forkwatch.dashboard.sql_examples import EXAMPLES
 
 
@@ -19,16 +19,16 @@ def _run_text() -> None:
 
 def render() -> None:
     st.title("SQL")
-    log_dir, runs = common.require_runs()
+    log_dir, runs = page_frame.require_runs()
     live = runs.loc[runs["status"] == "running", "run_id"].tolist()
     if live:
         st.info(
             "Still being written: " + ", ".join(f"`{r}`" for r in live) + f". Queries see the parts on disk, "
-            f"re-read every {data.TTL_S} s (or on Reload)."
+            f"re-read every {cached_queries.TTL_S} s (or on Reload)."
         )
     st.caption(
         "One read-only SELECT over the views runs, steps, completions, tokens, forks, vocab and token_text; "
-        f"at most {data.SQL_MAX_ROWS:,} rows, {data.SQL_TIMEOUT_S:g} s."
+        f"at most {cached_queries.SQL_MAX_ROWS:,} rows, {cached_queries.SQL_TIMEOUT_S:g} s."
     )
     cols = st.columns(len(EXAMPLES))
     for i, (col, (label, sql)) in enumerate(zip(cols, EXAMPLES.items(), strict=True)):
@@ -39,18 +39,15 @@ def render() -> None:
     if not sql:
         st.info("Write a query or pick an example.")
         return
-    result = data.run_sql(log_dir, sql)
+    result = cached_queries.run_sql(log_dir, sql)
     if result.error is not None:
         st.error(result.error)
         return
     df = result.frame
-    note = f" (cut at {data.SQL_MAX_ROWS:,})" if result.truncated else ""
+    note = f" (cut at {cached_queries.SQL_MAX_ROWS:,})" if result.truncated else ""
     st.caption(f"{len(df):,} row(s){note}")
     st.dataframe(df, hide_index=True, width="stretch", key="sql_result")
     st.download_button(
         "Download CSV", df.to_csv(index=False).encode(), file_name="forkwatch_query.csv", mime="text/csv",
         key="sql_download",
     )  # fmt: skip
-
-
-render()

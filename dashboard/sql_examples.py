@@ -1,10 +1,11 @@
 """The SQL page's example queries (label -> SQL), one click away. Each stays cheap on a 20M-token run: the token
-examples name their steps, so only those step folders are read (benchmarks/dashboard_bench.py times the heaviest)."""
+examples name their steps, so the row groups of other steps are skipped by their statistics
+(benchmarks/dashboard_bench.py times the heaviest)."""
 
 from __future__ import annotations
 
 EXAMPLES = {
-    "Runs": "SELECT run_id, name, status, last_step, dropped FROM runs",
+    "Runs": "SELECT run_id, name, status, last_step, dropped, faults, faults_detail FROM runs",
     "Entropy per step": "SELECT run_id, step, entropy_mean, entropy_p90, renyi2_mean, group_js_mean, reward_mean\n"
     "FROM steps ORDER BY run_id, step",
     "Fork tokens, first 50 steps": "SELECT run_id, text, count(*) AS forks\nFROM token_text WHERE is_fork AND step < 50\n"

@@ -53,7 +53,7 @@ def load_tokenizer(name_or_path: str):
     """AutoTokenizer, except for a folder holding a generic fast tokenizer (no model-specific class).
 
     AutoTokenizer would replace such a tokenizer with the model type's own class (for a Qwen2 config, a byte-level
-    one that drops the spaces of a char-level vocabulary; DESIGN.md), so it is loaded as what it was saved as.
+    one that drops the spaces of a char-level vocabulary), so it is loaded as what it was saved as.
     """
     config = Path(name_or_path) / "tokenizer_config.json"
     generic = ("TokenizersBackend", "PreTrainedTokenizerFast")

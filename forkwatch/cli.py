@@ -1,11 +1,23 @@
-"""The `forkwatch` command. Argument parsing only: each subcommand hands its arguments to the part that owns it,
-imported lazily so that `forkwatch sql` never loads torch."""
+"""The `forkwatch` command, and every line it writes to a terminal.
+
+Each subcommand asks the part that owns the work for values (store/ returns DataFrames and reports, and never
+prints) and formats them here; errors are one line on stderr with a non-zero exit, never a traceback. Parts are
+imported lazily so that `forkwatch sql` never loads torch. Exit codes: 0 fine; 1 the query or the data (`check`: a
+run collapsed or exploded); 2 the directory or the arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
+import json
+import logging
 import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("runs", help="list the runs in a log directory", description="List the runs in LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
-    s.set_defaults(target="forkwatch.store.commands:runs")
+    s.set_defaults(target="forkwatch.cli:runs")
 
     s = sub.add_parser(
         "sql",
@@ -30,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds before the query is interrupted")
     s.add_argument("--max-rows", type=int, default=1000, help="rows printed at most (table format)")
-    s.set_defaults(target="forkwatch.store.commands:sql")
+    s.set_defaults(target="forkwatch.cli:sql")
 
     s = sub.add_parser(
         "check",
@@ -41,13 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("log_dir", metavar="LOG_DIR")
     s.add_argument("--run", help="check only this run (id or name)")
     s.add_argument("--json", action="store_true", help="print the verdicts as JSON")
-    s.set_defaults(target="forkwatch.store.check:main")
+    s.set_defaults(target="forkwatch.cli:check")
 
     s = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard for LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8501)
-    s.set_defaults(target="forkwatch.dashboard.launch:main")
+    s.set_defaults(target="forkwatch.cli:dashboard")
 
     s = sub.add_parser(
         "demo",
@@ -64,6 +76,139 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8501)
     s.set_defaults(target="forkwatch.demo.run:main")
     return p
+
+
+def _error(message: str, code: int) -> int:
+    print(f"forkwatch: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_logging() -> None:
+    # Warnings about skipped parts go to stderr once each, as one line, without a logger prefix.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="forkwatch: warning: %(message)s", stream=sys.stderr)
+
+
+def _check_dir(log_dir: str) -> int | None:
+    from forkwatch.store import run_folder
+
+    path = Path(log_dir)
+    if not path.exists():
+        return _error(f"no such directory: {log_dir}", EXIT_USAGE)
+    if not path.is_dir():
+        return _error(f"not a directory: {log_dir}", EXIT_USAGE)
+    if not run_folder.run_dirs(path):
+        return _error(f"no runs in {log_dir} (a run is a folder with a run.json)", EXIT_USAGE)
+    return None
+
+
+def runs(args: argparse.Namespace) -> int:
+    """List the runs in LOG_DIR: name, steps, tokens, status, dropped records and faults; then each run with
+    faults, by rank and place."""
+    import duckdb
+
+    from forkwatch.store import connect, queries
+
+    _quiet_logging()
+    if (code := _check_dir(args.log_dir)) is not None:
+        return code
+    try:
+        con = connect(args.log_dir)
+        df = queries.list_runs(con)
+        con.close()
+    except (duckdb.Error, OSError) as e:
+        return _error(str(e).strip().splitlines()[0], EXIT_FAIL)
+    print(_table(df[["name", "run_id", "steps", "tokens", "last_step", "status", "dropped", "faults"]]))
+    for row in df[df["faults"] > 0].itertuples(index=False):
+        print(f"! {row.run_id}: {row.faults} recording fault(s) — {row.faults_detail}")
+    return EXIT_OK
+
+
+def sql(args: argparse.Namespace) -> int:
+    """Run one read-only statement through the sandbox and print the rows as a table, CSV or JSON."""
+    import duckdb
+
+    from forkwatch.store import SandboxError, open_sandboxed
+
+    _quiet_logging()
+    if (code := _check_dir(args.log_dir)) is not None:
+        return code
+    max_rows = args.max_rows if args.format == "table" else None
+    try:
+        with open_sandboxed(args.log_dir, timeout_s=args.timeout, max_rows=None) as sb:
+            df = sb.query(args.query, max_rows=max_rows)
+    except SandboxError as e:
+        return _error(str(e), EXIT_FAIL)
+    except (duckdb.Error, OSError) as e:
+        return _error(str(e).strip().splitlines()[0], EXIT_FAIL)
+    if args.format == "csv":
+        sys.stdout.write(_jsonify_nested(df).to_csv(index=False))
+    elif args.format == "json":
+        buf = io.StringIO()
+        df.to_json(buf, orient="records", date_format="iso", force_ascii=False)
+        sys.stdout.write(json.dumps(json.loads(buf.getvalue()), indent=1, ensure_ascii=False) + "\n")
+    else:
+        print(_table(df))
+        if df.attrs.get("truncated"):
+            print(f"(first {max_rows} rows shown; use --max-rows or --format csv for more)", file=sys.stderr)
+    return EXIT_OK
+
+
+def check(args: argparse.Namespace) -> int:
+    """Each run's health verdict with its evidence; exit 1 when a checked run collapsed or exploded, 2 when the
+    directory is missing or holds no run, or --run names no run."""
+    from forkwatch.store.check import check_runs, format_report
+
+    try:
+        results = check_runs(args.log_dir, getattr(args, "run", None))
+    except (FileNotFoundError, LookupError) as e:
+        print(f"forkwatch check: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "json", False):
+        payload = [{k: v for k, v in r.items() if k != "report"} | r["report"].to_dict() for r in results]
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print("\n".join(format_report(r["run_id"], r["status"], r["report"], faults=r["faults"],
+                                      faults_detail=r["faults_detail"], dropped=r["dropped"]) for r in results))
+    return EXIT_FAIL if any(r["report"].alarm for r in results) else EXIT_OK
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard on LOG_DIR until Ctrl-C (exit 0); 2 when the directory does not exist."""
+    from forkwatch.dashboard import launch
+
+    log_dir = Path(args.log_dir)
+    if not log_dir.is_dir():
+        print(f"forkwatch dashboard: log directory {str(log_dir)!r} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8501)
+    print(f"forkwatch dashboard: serving {log_dir} on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr)
+    return launch.serve(log_dir, host=host, port=port)
+
+
+def _table(df: Any) -> str:
+    import pandas as pd
+
+    if df.empty:
+        return " ".join(map(str, df.columns)) + "\n(no rows)"
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        return df.to_string(index=False)
+
+
+def _jsonify_nested(df: Any) -> Any:
+    """Lists and maps (alt_token_ids, rewards) as JSON text in CSV cells rather than Python reprs."""
+    import numpy as np
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, dict | list | np.ndarray):
+            return json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str)
+        return v
+
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object and out[col].map(lambda v: isinstance(v, dict | list | np.ndarray)).any():
+            out[col] = out[col].map(cell)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ def attach(trainer, **options) -> ForkwatchCallback:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown forkwatch option(s) {unknown}; valid options: {sorted(valid)}")
-    config = ForkwatchConfig(**options)
+    config = ForkwatchConfig(**options)  # every option checked here (ValueError naming the fix), none at train start
 
     if not isinstance(trainer, GRPOTrainer):
         raise ValueError(f"forkwatch.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")
@@ -63,14 +63,15 @@ def attach(trainer, **options) -> ForkwatchCallback:
         trainer, config, selector=selector, project=make_projector(target, trainer.temperature),
         backbone=target.base_model,
     )
-    callback = ForkwatchCallback(config)
-    callback.trainer, callback.monitor = trainer, monitor
+    probes = None
     if config.probe_every > 0:  # built here: probe texts that do not encode are refused at attach
         from forkwatch.plugin.probes import ProbeRunner
 
-        callback.probes = ProbeRunner(trainer, pairs=config.probes, every=config.probe_every, count=config.probe_count,
-                                      top_k=config.fork_top_k)
-    callback.uninstall = install(trainer, monitor)
+        probes = ProbeRunner(trainer, pairs=config.probes, every=config.probe_every, count=config.probe_count,
+                             top_k=config.fork_top_k)
+    callback = ForkwatchCallback(config, trainer=trainer, monitor=monitor, probes=probes,
+                                 install=lambda: install(trainer, monitor))
+    callback.install()
     # First in the list: our on_log must add forkwatch/... to `logs` before report_to integrations see them.
     trainer.callback_handler.callbacks.insert(0, callback)
 
@@ -84,6 +85,7 @@ def attach(trainer, **options) -> ForkwatchCallback:
 
             checkpoint = get_last_checkpoint(trainer.args.output_dir)
         callback.prepare_resume(checkpoint or None)
+        callback.install()  # a second train() on this trainer: the first one's end removed the seams
         try:
             return original_train(resume_from_checkpoint, *args, **kwargs)
         except KeyboardInterrupt:

@@ -1,14 +1,15 @@
 """`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab), one `steps` row per optimizer step, and the
-`forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks (STYLE.md 2).
+`forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks: it overrides only the events it needs,
+only rank 0 writes rows and logs, every hook is guarded, and what it installed is removed at train end.
 
-What runs where at the end of a step (plugin/worker.py): the `steps` row and every scalar it holds are computed on
-the training thread and logged for the step they describe. The rest waits in `Pending` until a hand-off, at the end
-of a step once `worker_interval_s` (default 1 s) has passed since the last one (so every step of a run whose steps
-take longer): then the steps rows go to the writer as one batch, and the record columns (tokens, forks, completions
-with their decoded text) and the live health rules run on the worker thread. The health flags of one hand-off are
-collected at the next, so an alarm is acted on (warning, on_alarm="stop") one hand-off after the step that raised
-it: at the next step with `worker_interval_s=0`. The `forkwatch/alarm/<kind>` scalars describe the series as of the
-last collected hand-off. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is pending.
+What runs where at the end of a step: the `steps` row and every scalar it holds are computed on the training thread
+and logged for the step they describe. The step's recorded tokens, forks and completions wait in `Pending` until a
+hand-off, at the end of a step once `worker_interval_s` (default 1 s) has passed since the last one (so every step
+of a run whose steps take longer). A hand-off, on the training thread: the steps rows go to the writer as one batch
+and through the live health rules (whose flags `on_log` acts on at once: warning, on_alarm="stop"); the recorded
+rows cross to the host (plugin/record_columns.py) and go to the writer as one deferred job, which turns them into
+columns and decodes the text on the writer's thread. The `forkwatch/alarm/<kind>` scalars describe the series as of
+the last hand-off. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is pending.
 """
 
 from __future__ import annotations
@@ -19,40 +20,57 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from forkwatch.plugin.config import ForkwatchConfig
-from forkwatch.plugin.records import completion_columns, fork_columns, step_row, token_columns
-from forkwatch.plugin.worker import Job, Pending, StepWorker
+from forkwatch.plugin.pending import Pending
+from forkwatch.plugin.probes import ProbeRunner
+from forkwatch.plugin.record_columns import to_host
+from forkwatch.plugin.step_row import SELECT_PREFIX, select_means, step_row
+from forkwatch.store.health import ALARM_KINDS, LiveMonitor
 from forkwatch.store.roles import roles_of
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "forkwatch.json"  # written into each checkpoint folder: the run id a resume continues
-_LOGGED = ("entropy", "renyi2", "group_js")
+LOG_PREFIX = "forkwatch/"  # every scalar forkwatch adds to the trainer's logs
+
+
+def new_run_id() -> str:
+    """A run id when none is given: the local start time, then a short random suffix (two runs started in the same
+    second on one log directory do not collide)."""
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 class ForkwatchCallback(TrainerCallback):
-    def __init__(self, config: ForkwatchConfig) -> None:
+    def __init__(self, config: ForkwatchConfig, *, trainer, monitor, install: Callable[[], Callable[[], None]],
+                 probes: ProbeRunner | None = None) -> None:
         self.config = config
-        # runtime state, bound by `attach`
-        self.trainer = None
-        self.monitor = None
-        self.probes = None  # a ProbeRunner when probes are on
-        self.uninstall = None
+        self.trainer = trainer
+        self.monitor = monitor
+        self.probes = probes  # None: probes are off
+        self._install = install  # installs the seams; returns their uninstall
+        # runtime state
+        self.uninstall: Callable[[], None] | None = None
         self.writer = None
         self.run_id: str | None = None
         self.resume_step: int | None = None
         self._resume_run_id: str | None = None
-        self._health = None
+        self._health: LiveMonitor | None = None
         self._alarms: list[Any] = []
-        self._worker: StepWorker | None = None
-        self._health_job: Job | None = None  # the last hand-off's health update, collected at the next hand-off
         self._alarm_scalars: dict[str, float] = {}
         self._pending = Pending(config.worker_interval_s)
         self._stopped_by_alarm = False
+        self._faults_written = 0  # the ledger's total when run.json was last written
+        self._rank_faults: dict[int, dict[str, int]] = {}  # rank 0: every rank's fault counts, as last gathered
 
     # ------------------------------------------------------------------ lifecycle
+    def install(self) -> None:
+        """Install the seams on the trainer (at attach, and again for a second `train()` after the first ended)."""
+        if self.uninstall is None:
+            self.uninstall = self._install()
+
     def prepare_resume(self, checkpoint: str | None) -> None:
         """Called by the `train` wrapper with the checkpoint TRL resumes from (None: a fresh start)."""
         self.resume_step, self._resume_run_id = None, None
@@ -73,7 +91,7 @@ class ForkwatchCallback(TrainerCallback):
         acc = tr.accelerator
         run_id = cfg.run_name or self._resume_run_id
         if run_id is None:
-            run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+            run_id = new_run_id()
             if acc.num_processes > 1:  # every rank writes into the run rank 0 named
                 from accelerate.utils import broadcast_object_list
 
@@ -82,6 +100,7 @@ class ForkwatchCallback(TrainerCallback):
         self.writer = RunWriter(
             cfg.log_dir, run_id, rank=acc.process_index, world_size=acc.num_processes, meta=self._meta(),
             resume_step=self.resume_step, max_queue_rows=cfg.queue_rows, stat_mantissa_bits=cfg.stat_mantissa_bits,
+            ledger=self.monitor.faults,
         )
         if state.is_world_process_zero and self.resume_step is None:
             with self.monitor.faults.guard("vocab"):
@@ -89,25 +108,24 @@ class ForkwatchCallback(TrainerCallback):
         if self.probes is not None and self.probes.probes is not None and self.resume_step is None:
             with self.monitor.faults.guard("probes"):
                 self._score_probes(0)  # the policy before training: what the later scorings are compared with
-        self._health, self._health_job, self._alarm_scalars = None, None, {}
-        if self._worker is None:
-            self._worker = StepWorker(self.monitor.faults.guard)
-        with self.monitor.faults.guard("health"):
-            from forkwatch.store.health import HealthRules, LiveMonitor
-
-            self._health = LiveMonitor(HealthRules(**(cfg.health_rules or {})), vocab_size=self._vocab_size())
+        self._alarm_scalars = {}
+        # the rules were checked at attach (ForkwatchConfig): building the monitor cannot fail on them here
+        self._health = LiveMonitor(cfg.health_rules, vocab_size=self._vocab_size())
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         summary: dict[str, Any] = {}
         t0 = time.perf_counter()
-        with self.monitor.faults.guard("step_end"):
+        ledger = self.monitor.faults
+        with ledger.guard("step_end"):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
             if self.probes is not None:
-                with self.monitor.faults.guard("probes"):
+                with ledger.guard("probes"):
                     self._probe_step(step)
-            summary["dropped"] = sum(self.writer.dropped.values())
+            summary["dropped"] = ledger.total_dropped()
+            summary["faults"] = ledger.faults
+            summary["rank"] = self.monitor.rank
             self._pending.add(step, acc)
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         parts = [summary]
@@ -115,65 +133,81 @@ class ForkwatchCallback(TrainerCallback):
             from accelerate.utils import gather_object
 
             parts = gather_object([summary])
+        scalars: dict[str, float] = {}
         if state.is_world_process_zero:
-            with self.monitor.faults.guard("step_row"):
-                self._log_step(step, [p for p in parts if p])
+            with ledger.guard("step_row"):
+                scalars = self._step_row(step, [p for p in parts if p])
         if self._pending.due():
-            with self.monitor.faults.guard("hand_off"):
-                self._hand_off()
+            self._hand_off()
+        if scalars:
+            with ledger.guard("log"):
+                scalars.update(self._alarm_scalars)  # the health rules as of the last hand-off
+                metrics = self.trainer._metrics["train"]
+                for k, v in scalars.items():
+                    metrics[LOG_PREFIX + k].append(v)
 
-    def _log_step(self, step: int, parts: list[dict[str, Any]]) -> None:
-        """Rank 0: the step's `steps` row (queued for the next hand-off) and its scalars in TRL's own metric buffer,
-        which `log` averages over the logging window and hands to log_history and every report_to integration,
-        exactly like TRL's `entropy`."""
+    def _step_row(self, step: int, parts: list[dict[str, Any]]) -> dict[str, float]:
+        """Rank 0: the step's `steps` row (pending until the next hand-off) and the scalars to log for it, which
+        go to TRL's own metric buffer: `log` averages them over the logging window and hands them to log_history and
+        every report_to integration, exactly like TRL's `entropy`."""
         if not parts:
-            return
-        dropped = sum(p.get("dropped", 0) for p in parts)
-        row = step_row(step, parts, select_method=self.config.select, dropped=dropped)
-        select_metrics = row.pop("_select_metrics")
+            return {}
+        for p in parts:
+            self._rank_faults[p.get("rank", 0)] = p.get("faults", {})
+        selected = select_means(parts)
+        row = step_row(step, parts, select_method=self.config.select, selected=selected,
+                       dropped=sum(p.get("dropped", 0) for p in parts))
         row["time"] = dt.datetime.now(dt.timezone.utc)
         self._pending.add(step, row=row)
-        scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time", "select_method")
-                   and v is not None and not isinstance(v, (str, list))}
-        scalars.update({f"select/{k}": v for k, v in select_metrics.items()})
-        scalars["faults"] = float(sum(self.monitor.faults.counts.values()))
-        scalars.update(self._alarm_scalars)  # the health rules as of the last hand-off
-        metrics = self.trainer._metrics["train"]
-        for k, v in scalars.items():
-            metrics[f"forkwatch/{k}"].append(v)
+        scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time") and not k.startswith(SELECT_PREFIX)
+                   and v is not None and not isinstance(v, list)}
+        scalars.update({f"select/{k}": v for k, v in selected.items()})
+        scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
+        return scalars
 
-    def _hand_off(self, health: bool = True) -> None:
-        """Give the pending steps to the worker: their steps rows to the writer (one batch), their record columns
-        and their health update as worker jobs. The previous hand-off's health flags are collected first (normally
-        done long since), so an alarm acts one hand-off after the step that raised it."""
+    def _hand_off(self, *, health: bool = True) -> None:
+        """Give the pending steps to the writer: their steps rows as one batch (and through the health rules), their
+        recorded rows as one deferred job. Training thread; each part guarded on its own, so a fault in one does not
+        cost the others."""
+        ledger = self.monitor.faults
         records, rows = self._pending.take()
         if rows:
-            self.writer.put("steps", {k: [r[k] for r in rows] for k in rows[0]})
+            with ledger.guard("steps_rows"):
+                keys = dict.fromkeys(k for r in rows for k in r)
+                self.writer.put("steps", {k: [r.get(k) for r in rows] for k in keys})
+            if health and self._health is not None:
+                with ledger.guard("health"):
+                    self._alarms.extend(self._health.update_many(rows))
+                    self._alarm_scalars = {f"alarm/{k}": float(v) for k, v in self._health.active_kinds().items()}
         if records:
-            self._worker.submit("records", lambda: self._write_records(records))
-        if health and rows and self._health is not None:
-            self._collect_health()
-            monitor = self._health
-            self._health_job = self._worker.submit("health", lambda: (monitor.update_many(rows), monitor.scalars()))
+            with ledger.guard("records"):
+                proc = self.trainer.processing_class
+                host = to_host(records, rank=self.monitor.rank, tokenizer=getattr(proc, "tokenizer", proc))
+                self.writer.submit(host.batches, rows=host.rows, where="records")
+        with ledger.guard("meta"):
+            self._write_faults()
 
-    def _collect_health(self, timeout: float | None = 60.0) -> None:
-        """Wait for the previous hand-off's health update (normally done while training went on); keep its flags."""
-        job, self._health_job = self._health_job, None
-        result = job.result(timeout) if job is not None else None
-        if result is not None:
-            flags, scalars = result
-            self._alarms.extend(flags)
-            self._alarm_scalars = {k.removeprefix("forkwatch/"): v for k, v in scalars.items()}
+    def _write_faults(self) -> None:
+        """run.json / rank-NNN.json follow the fault counts while the run goes on (rewritten only when they grow)."""
+        total = self.monitor.faults.total_faults()
+        by_rank = {r: c for r, c in self._rank_faults.items() if c}
+        known = sum(sum(c.values()) for c in by_rank.values())
+        if total == self._faults_written and known <= self._faults_written:
+            return
+        self._faults_written = max(total, known)
+        fields: dict[str, Any] = {}
+        if self.monitor.rank == 0 and by_rank:
+            fields["faults_by_rank"] = {str(r): c for r, c in sorted(by_rank.items())}
+        self.writer.update_meta(**fields)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or logs is None:
             return
         with self.monitor.faults.guard("log"):
-            # --- live health alarms: forkwatch.store.health.LiveMonitor is fed the steps rows at each hand-off
-            # (its forkwatch/alarm/<kind> scalars travel with the others); here we act on new flags ---
+            # the flags of the last hand-off (this step's, when it handed off): warn, and stop if asked
             for flag in self._alarms:
                 _warn(flag)
-                if self.config.on_alarm == "stop" and flag.kind in ("collapse", "explosion"):
+                if self.config.on_alarm == "stop" and flag.kind in ALARM_KINDS:
                     control.should_training_stop = True
                     self._stopped_by_alarm = True
                     self.writer.update_meta(stopped_by_alarm=f"{flag.rule} at step {flag.fired_at}: {flag.message}")
@@ -182,11 +216,9 @@ class ForkwatchCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.writer is None:
             return
-        with self.monitor.faults.guard("hand_off"):
-            self._hand_off()
+        self._hand_off()
         with self.monitor.faults.guard("save"):
-            self._worker.wait(timeout=60)  # the records of steps up to this checkpoint reach the writer first
-            self.writer.flush(timeout=60)
+            self.writer.flush(timeout=60)  # the records of steps up to this checkpoint are on disk first
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if state.is_world_process_zero and os.path.isdir(ckpt):
                 with open(os.path.join(ckpt, CHECKPOINT_FILE), "w") as f:
@@ -195,51 +227,35 @@ class ForkwatchCallback(TrainerCallback):
                 self.monitor.save_select_rng(ckpt)  # every rank: a resume draws the same selections
 
     def on_train_end(self, args, state, control, **kwargs):
-        with self.monitor.faults.guard("hand_off"):
+        if self.writer is not None:
             self._hand_off()
-        if self._health_job is not None:
-            self._collect_health()  # the last steps' alarms: warned about, though no log of this run follows
-            for flag in self._alarms:
-                _warn(flag)
-            self._alarms.clear()
+        for flag in self._alarms:  # the last steps' alarms: warned about, though no log of this run follows
+            _warn(flag)
+        self._alarms.clear()
         self.close("stopped" if self._stopped_by_alarm else "finished")
 
     def close(self, status: str) -> None:
-        """Flush and close the writer, recording faults and status in run.json. Safe to call twice."""
+        """Remove the seams; flush and close the writer, recording faults and status in run.json. Safe to call
+        twice."""
+        if self.uninstall is not None:
+            uninstall, self.uninstall = self.uninstall, None
+            with self.monitor.faults.guard("uninstall"):
+                uninstall()
         if self.writer is None:
             return
-        if self._pending and self._worker is not None:  # a crash or Ctrl-C: what is pending is written all the same
-            with self.monitor.faults.guard("hand_off"):
-                self._hand_off(health=False)
-        if self._worker is not None:  # its queued records go to the writer before the writer closes
-            self._worker.close()
-            self._worker = None
+        if self._pending:  # a crash or Ctrl-C: what is pending is written all the same
+            self._hand_off(health=False)
+        with self.monitor.faults.guard("meta"):
+            self._write_faults()
         writer, self.writer = self.writer, None
-        faults = dict(self.monitor.faults.counts)
+        faults = self.monitor.faults.faults
         if faults:
-            logger.warning("forkwatch: hook errors during this run (training was not affected): %s", faults)
-        writer.update_meta(faults=faults, group_js_split_groups=self.monitor.split_groups,
+            logger.warning("forkwatch: errors during this run (training was not affected): %s", faults)
+        writer.update_meta(group_js_split_groups=self.monitor.split_groups,
                            group_js_fallbacks=dict(self.monitor.group_js_fallbacks))
         writer.close(status)
 
     # ------------------------------------------------------------------ helpers
-    def _write_records(self, records: list[tuple[int, Any]]) -> None:
-        """Worker thread: the record columns (and completion text) of the handed-over steps to the writer."""
-        w, rank = self.writer, self.monitor.rank
-        if w is None:
-            return
-        proc = self.trainer.processing_class
-
-        def of(field: str) -> list[tuple[int, Any]]:
-            return [(step, getattr(acc, field)) for step, acc in records if getattr(acc, field)]
-
-        if steps := of("completions"):
-            w.put("completions", completion_columns(steps, rank, getattr(proc, "tokenizer", proc)))
-        if steps := of("tokens"):
-            w.put("tokens", token_columns(steps))
-        if steps := of("forks"):
-            w.put("forks", fork_columns(steps))
-
     def _vocab_size(self) -> int | None:
         from forkwatch.plugin.hooks import target_model
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from forkwatch.store.arrow_columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
+from forkwatch.store.health import HealthRules
+from forkwatch.store.run_folder import check_run_id
+from forkwatch.store.writer import DEFAULT_QUEUE_ROWS
 
 
 @dataclass
@@ -91,17 +96,18 @@ class ForkwatchConfig:
     worker_interval_s: float = field(
         default=1.0,
         metadata={
-            "help": "Steps shorter than this are handed to forkwatch's background worker together, at most once per "
-            "this many seconds (record columns, text decoding, the live health rules: fixed costs that would "
-            "dominate small steps); longer steps are handed over at their end. Alarms act at the next hand-off. "
+            "help": "Steps shorter than this are handed to forkwatch's writer together, at most once per this many "
+            "seconds (copying the recorded rows out, text decoding, the live health rules: fixed costs that would "
+            "dominate small steps); longer steps are handed over at their end. Alarms act at the hand-off. "
             "0 hands over every step."
         },
     )
     queue_rows: int = field(
-        default=4_000_000, metadata={"help": "Rows the writer queue holds; a full queue drops records, never blocks."}
+        default=DEFAULT_QUEUE_ROWS,
+        metadata={"help": "Rows the writer queue holds; a full queue drops records, never blocks."},
     )
     stat_mantissa_bits: int | None = field(
-        default=10,
+        default=DEFAULT_STAT_MANTISSA_BITS,
         metadata={
             "help": "Token statistics are stored rounded to this many float32 mantissa bits (relative error "
             "<= 2**-(bits+1)); None stores exact float32."
@@ -109,23 +115,27 @@ class ForkwatchConfig:
     )
 
     # --- health alarms ---
-    health_rules: dict[str, Any] | None = field(
+    health_rules: HealthRules | dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Options for forkwatch.store.health rules (thresholds by rule name); None: the defaults."},
+        metadata={
+            "help": "Thresholds of the health rules: a forkwatch.store.health.HealthRules, or a dict of some of its "
+            "field names (the others keep their defaults); None: the defaults. Unknown names are refused at attach."
+        },
     )
     on_alarm: Literal["log", "stop"] = field(
         default="log", metadata={"help": "'log' warns when a health rule fires; 'stop' also ends training."}
     )
 
     def __post_init__(self) -> None:
+        self.health_rules = _health_rules(self.health_rules)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and the fix."""
         if not isinstance(self.log_dir, str) or not self.log_dir:
             raise ValueError(f"log_dir={self.log_dir!r}: pass a folder path, e.g. log_dir='runs'")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
-            raise ValueError(f"run_name={self.run_name!r}: use a plain folder name without '/', or None")
+        if self.run_name is not None:
+            check_run_id(self.run_name, "run_name")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction!r}: pass a number in (0, 1], e.g. 0.2, or None")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -153,8 +163,9 @@ class ForkwatchConfig:
             )
         if self.queue_rows < 1:
             raise ValueError(f"queue_rows={self.queue_rows!r}: pass an integer >= 1")
-        if self.stat_mantissa_bits is not None and not 1 <= self.stat_mantissa_bits <= 23:
-            raise ValueError(f"stat_mantissa_bits={self.stat_mantissa_bits!r}: pass 1..23, or None for exact float32")
+        check_mantissa_bits(self.stat_mantissa_bits)
+        if not isinstance(self.health_rules, HealthRules):
+            raise ValueError(f"health_rules={self.health_rules!r}: pass a HealthRules, a dict of its fields, or None")
         if self.on_alarm not in ("log", "stop"):
             raise ValueError(f"on_alarm={self.on_alarm!r}: pass 'log' or 'stop'")
         self._validate_lenses()
@@ -187,3 +198,19 @@ class ForkwatchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _health_rules(value: Any) -> Any:
+    """`health_rules` as given -> a HealthRules (None: the defaults); names it does not have are refused, listed."""
+    if value is None:
+        return HealthRules()
+    if isinstance(value, dict):
+        valid = [f.name for f in fields(HealthRules)]
+        unknown = sorted(set(value) - set(valid))
+        if unknown:
+            raise ValueError(f"health_rules: unknown rule option(s) {unknown}; valid names: {valid}")
+        try:
+            return HealthRules(**value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"health_rules={value!r}: {e}") from None
+    return value

@@ -13,34 +13,18 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from forkwatch.plugin import metrics
+from forkwatch.plugin.captures import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 from forkwatch.plugin.gen_scores import GenScorer, extra_pass
 from forkwatch.plugin.hidden_rank import completion_ranks
-from forkwatch.plugin.records import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
+from forkwatch.store.ledger import Ledger
 
 logger = logging.getLogger(__name__)
 ROW_BITS = 2**20  # rows per generation batch (all ranks) that completion ids can tell apart
-
-
-class Faults:
-    """Exceptions caught at hook boundaries: counted per hook, logged once each (STYLE.md 8)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    @contextmanager
-    def guard(self, where: str):
-        try:
-            yield
-        except Exception:
-            self.counts[where] += 1
-            if self.counts[where] == 1:
-                logger.exception("forkwatch: error in %s hook (training continues; later errors only counted)", where)
 
 
 @dataclass
@@ -68,7 +52,7 @@ class Monitor:
         self.group_js_on = config.group_js is True or (
             config.group_js == "auto" and selector is not None and selector.needs_group_js
         )
-        self.faults = Faults()
+        self.faults = Ledger()  # this rank's faults and dropped records: the writer reports the same ledger
         self.steps: dict[int, StepAccumulator] = {}
         self.gen: GenBatch | None = None  # the current generation batch
         self._eos: torch.Tensor | None = None
@@ -130,7 +114,7 @@ class Monitor:
             out["forkwatch_group_js"] = self._group_js(out, mask, gid)
 
         # Per-completion facts stay on the device as (b,) tensors: no per-row Python and no text decoding here
-        # (the sampled rows are decoded on the callback's worker thread when their step is handed over).
+        # (the sampled rows are decoded on the writer's thread when their step is handed over).
         if self._eos is None or self._eos.device != device:
             eos = sorted(getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id])
             self._eos = torch.tensor(eos, device=device)
@@ -336,8 +320,8 @@ class Monitor:
 
     def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid) -> None:
         """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks.
-        Tokens and completions keep references for the worker to copy from; only the forks' top-k alternatives are
-        computed here, since they need the LM head's weights before the optimizer step changes them."""
+        Tokens and completions keep references, copied out at the step's hand-off; only the forks' top-k alternatives
+        are computed here, since they need the LM head's weights before the optimizer step changes them."""
         cfg = self.config
         b, t = lp.shape
         acc.completions.append(CompletionBatch(gen=self.gen, gen_rows=gen_rows, idx=idx, entropy=ent, mask=valid,

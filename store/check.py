@@ -1,19 +1,12 @@
-"""`forkwatch check LOG_DIR [--run R] [--json]`: each run's health verdict with its evidence, as a pipeline gate.
-
-Exit codes: 0 when no checked run collapsed or exploded, 1 when one did, 2 (one line on stderr) when the log
-directory is missing or holds no run, or `--run` names no run.
-"""
+"""Each run's health verdict with its evidence (what `forkwatch check` reports; the CLI prints and sets the exit
+code), and the run's recording faults next to it: a verdict over a series with gaps should say so."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from .health import HealthReport, HealthRules, evaluate, vocab_size_from_meta
-
-EXIT_OK, EXIT_ALARM, EXIT_USAGE = 0, 1, 2
 
 
 def check_runs(log_dir: str | Path, run: str | None = None, rules: HealthRules | None = None) -> list[dict[str, Any]]:
@@ -38,7 +31,8 @@ def check_runs(log_dir: str | Path, run: str | None = None, rules: HealthRules |
         for row in runs.itertuples(index=False):
             series = queries.step_series(con, row.run_id)
             report = evaluate(series, rules, vocab_size=vocab_size_from_meta(row.meta))
-            out.append({"run_id": row.run_id, "name": row.name, "status": row.status, "report": report})
+            out.append({"run_id": row.run_id, "name": row.name, "status": row.status, "faults": int(row.faults),
+                        "faults_detail": row.faults_detail, "dropped": int(row.dropped), "report": report})
         return out
     finally:
         con.close()
@@ -48,8 +42,15 @@ def _fmt_steps(steps: list[int]) -> str:
     return f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]} ({len(steps)} steps shown)"
 
 
-def format_report(run_id: str, status: str | None, report: HealthReport) -> str:
+def format_report(run_id: str, status: str | None, report: HealthReport, *, faults: int = 0,
+                  faults_detail: str = "", dropped: int = 0) -> str:
+    """The verdict as a person reads it in a terminal: rule, step, evidence, the law fit, notes."""
     lines = [f"{run_id}: {report.verdict.upper()}  ({report.n_steps} steps, status {status or 'unknown'})"]
+    if faults:
+        lines.append(f"  RECORDING FAULTS: {faults} ({faults_detail}); training was not affected, but the records of "
+                     "those places may have gaps")
+    if dropped:
+        lines.append(f"  DROPPED RECORDS: {dropped} (queue full or disk errors; counts per table in run.json)")
     for f in report.flags:
         lines.append(f"  [{f.rule}] fired at step {f.fired_at}: {f.message}")
         values = ", ".join(f"{v:.4g}" for v in f.values[:8]) + (" …" if len(f.values) > 8 else "")
@@ -66,18 +67,3 @@ def format_report(run_id: str, status: str | None, report: HealthReport) -> str:
         lines.append(f"  law: no ceiling ({law.reason})")
     lines += [f"  note: {n}" for n in report.notes]
     return "\n".join(lines)
-
-
-def main(args, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    try:
-        results = check_runs(args.log_dir, getattr(args, "run", None))
-    except (FileNotFoundError, LookupError) as e:
-        err.write(f"forkwatch check: {e}\n")
-        return EXIT_USAGE
-    if getattr(args, "json", False):
-        payload = [{k: v for k, v in r.items() if k != "report"} | r["report"].to_dict() for r in results]
-        out.write(json.dumps(payload, indent=2, default=str) + "\n")
-    else:
-        out.write("\n".join(format_report(r["run_id"], r["status"], r["report"]) for r in results) + "\n")
-    return EXIT_ALARM if any(r["report"].alarm for r in results) else EXIT_OK

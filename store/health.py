@@ -17,14 +17,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from forkwatch.store.law import LawFit, fit_entropy_law
+from forkwatch.store.law import MIN_POINTS, MIN_R2, LawFit, fit_entropy_law
 
 __all__ = [
     "Flag", "HealthReport", "HealthRules", "LiveMonitor", "evaluate", "vocab_size_from_meta",
 ]
 
-VERDICTS = ("healthy", "collapse", "explosion", "saturation", "insufficient_data")
-ALARM_KINDS = ("collapse", "explosion")  # the verdicts that fail `forkwatch check` and may stop training
+RULE_KINDS = ("collapse", "explosion", "saturation")
+ALARM_KINDS = ("collapse", "explosion")  # the kinds that fail `forkwatch check` and may stop training
 _EVIDENCE_CAP = 50  # steps kept per flag: enough to see the episode, small enough to print
 
 
@@ -61,9 +61,9 @@ class HealthRules:
     )
     # --- saturation and the law ---
     law_min_points: int = field(
-        default=8, metadata={"help": "The law fit refuses a ceiling from fewer (entropy, reward) points."}
+        default=MIN_POINTS, metadata={"help": "The law fit refuses a ceiling from fewer (entropy, reward) points."}
     )
-    law_min_r2: float = field(default=0.6, metadata={"help": "The law fit refuses a ceiling when R² is below this."})
+    law_min_r2: float = field(default=MIN_R2, metadata={"help": "The law fit refuses a ceiling when R² is below this."})
     saturation_gap: float = field(
         default=0.1,
         metadata={
@@ -382,7 +382,7 @@ class LiveMonitor:
             if len(col) == n:
                 col.append(math.nan)
 
-    def scalars(self) -> dict[str, float]:
-        """`forkwatch/alarm/<kind>` = 1.0 while a rule of that kind is active, else 0.0 (for the trainer's logs)."""
+    def active_kinds(self) -> dict[str, bool]:
+        """For each kind of rule (collapse, explosion, saturation): whether a rule of it is active at the last step."""
         kinds = {rule.split(".")[0] for rule in self._active}
-        return {f"forkwatch/alarm/{k}": float(k in kinds) for k in ("collapse", "explosion", "saturation")}
+        return {k: k in kinds for k in RULE_KINDS}

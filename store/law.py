@@ -37,8 +37,12 @@ class LawFit:
         return asdict(self)
 
 
+MIN_POINTS = 8  # fewer (entropy, reward) pairs than this give no ceiling: two parameters need some spread to pin
+MIN_R2 = 0.6  # below this the exponential does not describe the run well enough to quote its ceiling
+
+
 def fit_entropy_law(
-    entropy: Any, reward: Any, *, min_points: int = 8, min_r2: float = 0.6, fraction: float = 1.0
+    entropy: Any, reward: Any, *, min_points: int = MIN_POINTS, min_r2: float = MIN_R2, fraction: float = 1.0
 ) -> LawFit:
     """Least-squares fit of R = −a·exp(H) + b (arXiv:2505.22617), linear in x = exp(H).
 

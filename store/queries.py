@@ -1,4 +1,4 @@
-"""The named queries the CLI and the dashboard run, in one place (STYLE.md 6).
+"""The named queries the CLI and the dashboard run, in one place (pages never build SQL from widget values).
 
 Each takes a connection from `connect` (or a sandboxed one's `.con`) and its inputs as arguments, binds them as
 parameters (never formats user input into SQL) and returns a pandas DataFrame. Connections are not thread-safe:
@@ -13,13 +13,13 @@ import pandas as pd
 
 def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """One row per run: run_id, name, status, steps (distinct steps recorded), tokens (token rows), last_step,
-    dropped, created_at."""
+    dropped, faults (all ranks), faults_detail (per rank and place), created_at."""
     return con.execute(
         """
         WITH s AS (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS max_step FROM steps GROUP BY run_id),
              t AS (SELECT run_id, count(*) AS tokens FROM tokens GROUP BY run_id)
         SELECT r.run_id, r.name, coalesce(s.steps, 0) AS steps, coalesce(t.tokens, 0) AS tokens, r.status,
-               coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.created_at
+               coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.faults, r.faults_detail, r.created_at
         FROM runs r LEFT JOIN s USING (run_id) LEFT JOIN t USING (run_id)
         ORDER BY r.created_at NULLS LAST, r.run_id
         """
@@ -84,7 +84,8 @@ def run_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
                    CAST(arg_max(select_method, step) AS VARCHAR) AS select_method
             FROM steps GROUP BY ALL
         )
-        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.meta,
+        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.faults,
+               r.faults_detail, r.meta,
                coalesce(s.n_steps, 0) AS n_steps, s.first_step, s.max_step, coalesce(s.n_tokens, 0) AS n_tokens,
                s.select_method
         FROM runs r LEFT JOIN s USING (run_id)
@@ -123,17 +124,6 @@ def fork_alternatives(con: duckdb.DuckDBPyConnection, run_id: str, step: int, co
         """,
         {"run": run_id, "step": step, "cid": completion_id},
     ).df()
-
-
-FORK_SAMPLE_STEPS = 40  # steps the dashboard reads for its fork-text figures: bounds their cost however long the run
-
-
-def sample_steps(steps: list[int], k: int = FORK_SAMPLE_STEPS) -> list[int]:
-    """At most k of the given steps, evenly spaced, always the first and the last (what the fork-text queries read
-    on a long run)."""
-    if len(steps) <= k:
-        return list(steps)
-    return [steps[i] for i in sorted({round(i * (len(steps) - 1) / (k - 1)) for i in range(k)})]
 
 
 def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, steps: list[int], limit: int = 20) -> pd.DataFrame:

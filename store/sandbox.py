@@ -1,4 +1,4 @@
-"""A DuckDB connection for SQL a person typed (the dashboard's SQL page, `forkwatch sql`): DESIGN.md, Security.
+"""A DuckDB connection for SQL a person typed (the dashboard's SQL page, `forkwatch sql`); docs/architecture.md, Security, explains the model.
 
 Layers, each of which would stop most attacks alone:
 1. File access. The views are created first (they name the part files), then, in the order DuckDB 2.0 requires:

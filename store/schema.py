@@ -2,7 +2,8 @@
 
 Types are chosen for size: int32 ids, float32 statistics, dictionary-encoded strings; `run_id` and `step` are on
 every row (run-length encoding makes them nearly free). Bump SCHEMA_VERSION when a field changes meaning or type,
-and add the old version to READABLE_VERSIONS only if readers still handle it.
+and add the old version to READABLE_VERSIONS only if readers still handle it. Adding a nullable column is not a
+version change: the views read it as NULL in parts written before it existed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ STEPS = pa.schema(
         pa.field("select_method", pa.dictionary(pa.int32(), pa.string())),
         pa.field("select_threshold", _F32),  # the cut-off the selector used, when it has one
         pa.field("select_warmup", pa.bool_()),  # ICT: dense warm-up still on
+        # The selector's diagnostics of the same names (docs/methods.md defines them): each `select_<m>` is the
+        # mean of metric m over the step's micro-batches and ranks; null when no selector reports it.
+        pa.field("select_grad_share", _F32),
+        pa.field("select_kept_p_mean", _F32),
+        pa.field("select_kept_entropy_mean", _F32),
+        pa.field("select_entropy_overlap", _F32),
         pa.field("reward_mean", _F32),
         pa.field("reward_std", _F32),
         pa.field("completion_length_mean", _F32),
@@ -166,6 +173,8 @@ RUNS = pa.schema(
         pa.field("last_step", pa.int32()),
         pa.field("resumed_from_step", pa.int32()),
         pa.field("dropped", pa.int64()),  # records dropped by all ranks' writers (queue full, disk errors)
+        pa.field("faults", pa.int64()),  # exceptions caught in forkwatch's hooks and jobs, all ranks
+        pa.field("faults_detail", pa.string()),  # where they happened: "rank 0: step_end 2; rank 1: ..." ('' if none)
         pa.field("meta", pa.string()),  # the whole run.json as JSON text
     ]
 )
@@ -174,10 +183,6 @@ RUNS = pa.schema(
 ROUNDED_STATS: dict[str, tuple[str, ...]] = {
     "tokens": ("logprob", "entropy", "renyi2", "group_js", "covariance"),
 }
-
-# The large per-token tables. Store layout 1 wrote them in hive folders `step=NNNNNN/`, one part per step; since
-# layout 2 (store/layout.py) every table is written in step-sorted parts covering many steps. Kept for importers.
-PARTITIONED_BY_STEP = frozenset({"tokens", "forks"})
 
 TABLES: dict[str, pa.Schema] = {
     "steps": STEPS,

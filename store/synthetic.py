@@ -1,7 +1,7 @@
 """Synthetic records distributed like real ones, for tests, the store benchmark and dashboard development.
 
-Token entropies of a trained policy are mostly near zero with a heavy tail (METHODS.md: over half below 0.01 nats,
-80th percentile ~0.67 nats on Qwen3-8B math rollouts). Here: 60 % lognormal between ~1e-4 and ~1e-2 nats, 40 % spread
+Token entropies of a trained policy are mostly near zero with a heavy tail (Wang et al., arXiv:2506.01939: over half below
+0.01 nats, 80th percentile ~0.67 nats on Qwen3-8B math rollouts). Here: 60 % lognormal between ~1e-4 and ~1e-2 nats, 40 % spread
 up to ~3 nats; the sampled token's logprob is correlated with the entropy (near 0 when the model is sure); Rényi-2
 is below the entropy; token ids are Zipf-like over a 150k vocabulary; completions are 200-2000 tokens long.
 """

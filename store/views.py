@@ -10,9 +10,9 @@ Views are built over an explicit list of validated part files rather than a glob
   `connect`) picks up parts written since.
 Every view exists even when its table has no part yet (empty, with the schema's columns), so a page or query on a
 fresh run returns no rows instead of failing. `step` is a real INTEGER column of every part (no hive partitioning):
-parts are sorted by step with row groups aligned to steps (store/parts.py), so a filter on `step` decodes only the
+parts are sorted by step with row groups aligned to steps (store/part_file.py), so a filter on `step` decodes only the
 row groups holding that step, skipping the others by their min/max statistics (each part's footer is read).
-A run laid out in a way this forkwatch does not know (store/layout.py, layout versions) is skipped with a warning
+A run laid out in a way this forkwatch does not know (store/run_folder.py, layout versions) is skipped with a warning
 saying so; its `runs` row stays.
 """
 
@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
+from . import run_folder
 from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,14 @@ def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
     for table in TABLES:
         snap.parts[table], snap.columns[table] = [], set()
     col_sets: dict[str, set[frozenset[str]]] = {t: set() for t in TABLES}
-    for run_dir in layout.run_dirs(root):
+    for run_dir in run_folder.run_dirs(root):
         record, meta = _run_record(run_dir)
         snap.runs.append(record)
         for table in TABLES:
             try:
-                layout.check_layout(meta, run_dir / layout.RUN_JSON)
-                found = layout.table_parts(run_dir, table)
-            except layout.LayoutError as e:
+                run_folder.check_layout(meta, run_dir / run_folder.RUN_JSON)
+                found = run_folder.table_parts(run_dir, table)
+            except run_folder.LayoutError as e:
                 logger.warning("forkwatch: skipping %s of run %s: %s", table, run_dir.name, e)
                 snap.skipped.append((run_dir / table, "unknown layout"))
                 continue
@@ -122,7 +122,7 @@ def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
 def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The `runs` row of a run, and its run.json as read (empty when missing or unreadable)."""
     meta: dict[str, Any] = {}
-    path = run_dir / layout.RUN_JSON
+    path = run_dir / run_folder.RUN_JSON
     if path.is_file():
         try:
             meta = json.loads(path.read_text())
@@ -137,10 +137,17 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         except SchemaVersionError as e:
             logger.warning("forkwatch: %s", e)
     dropped = _dropped_total(meta.get("dropped"))
-    for f in run_dir.iterdir():
-        if layout.RANK_JSON.match(f.name):
+    # faults per rank: each rank's own file, or what rank 0 last gathered from it (a rank that died before writing
+    # its file is still counted), whichever saw more
+    gathered = meta.get("faults_by_rank") if isinstance(meta.get("faults_by_rank"), dict) else {}
+    faults = {int(r): _counts(c) for r, c in gathered.items() if str(r).isdigit()}
+    faults[0] = _max_counts(faults.get(0, {}), _counts(meta.get("faults")))
+    for f in sorted(run_dir.iterdir()):
+        if m := run_folder.RANK_JSON.match(f.name):
             try:
-                dropped += _dropped_total(json.loads(f.read_text()).get("dropped"))
+                rank_meta = json.loads(f.read_text())
+                dropped += _dropped_total(rank_meta.get("dropped"))
+                faults[int(m[1])] = _max_counts(faults.get(int(m[1]), {}), _counts(rank_meta.get("faults")))
             except (OSError, ValueError, AttributeError) as e:
                 logger.warning("forkwatch: unreadable %s: %s", f, e)
 
@@ -166,8 +173,27 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "last_step": _int("last_step"),
         "resumed_from_step": _int("resumed_from_step"),
         "dropped": dropped,
+        "faults": sum(sum(c.values()) for c in faults.values()),
+        "faults_detail": fault_detail(faults),
         "meta": json.dumps(meta, default=str),
     }, meta
+
+
+def _counts(d: Any) -> dict[str, int]:
+    """A {place: count} mapping from run.json, ignoring anything else found there."""
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): int(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool) and v}
+
+
+def _max_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: max(a.get(k, 0), b.get(k, 0)) for k in {**a, **b}}
+
+
+def fault_detail(by_rank: dict[int, dict[str, int]]) -> str:
+    """"rank 0: step_end 2, log 1; rank 1: records 1" (ranks without faults left out; '' when none)."""
+    return "; ".join(f"rank {r}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                     for r, c in sorted(by_rank.items()) if c)
 
 
 def _dropped_total(d: Any) -> int:

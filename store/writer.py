@@ -1,11 +1,16 @@
-"""RunWriter: the training process hands it column batches; a background thread writes them as Parquet parts.
+"""RunWriter: the training process hands it column batches; ONE background thread writes them as Parquet parts.
 
-The training loop must never wait on the disk nor die because of it. `put` only checks a row budget and enqueues
-(O(1), no conversion); the thread converts, buffers and writes. When the queue holds `max_queue_rows` rows, or a write
-fails (unwritable folder, full disk), the records are dropped, counted per table, logged once, and the counts go into
-run.json. Exceptions are caught at the thread boundary only (STYLE.md 8).
+This thread is the only background thread forkwatch runs, and its queue the only queue between the plugin and the
+disk. The training loop must never wait on the disk nor die because of it. `put` (a batch of numpy columns) and
+`submit` (a deferred producer of such batches, e.g. the decoding of sampled completions) only check a row budget and
+enqueue (O(1), no conversion); the thread runs the producers, converts to Arrow by the schema, buffers and writes.
+The thread does numpy, Arrow and file work only, never torch: torch ops on a second thread start a second OpenMP
+team that competes with the training thread's for the same cores. When the queue holds `max_queue_rows` rows, a
+producer raises, or a write fails (unwritable folder, full disk), the records are dropped, counted per table in the
+run's `Ledger` (store/ledger.py), logged once, and the counts go into run.json. Exceptions are caught at the thread
+boundary only.
 
-When parts are written (store/buffering.py has the policy): every table is buffered on the thread and written as
+When parts are written (store/part_buffers.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
 every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run keeps every part written so far and
 loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
@@ -13,7 +18,7 @@ loses what was buffered: at most the last `flush_interval_s` seconds of records 
 step (that would make one part per step again, ~3 ms of writer time each).
 Parts are renamed into place once complete; there is no fsync (a killed process cannot lose page-cache data; a power
 loss can lose the last parts, never corrupt the view of the others, since readers skip files whose footer is bad).
-Statistics rounding (`stat_mantissa_bits`): see store/columns.py.
+Statistics rounding (`stat_mantissa_bits`): see store/arrow_columns.py.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +40,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout, parts
-from .buffering import PartBuffers
-from .columns import DEFAULT_STAT_MANTISSA_BITS, n_rows, round_mantissa, stat_relative_tolerance, to_arrow
+from . import part_file, run_folder
+from .arrow_columns import (
+    DEFAULT_STAT_MANTISSA_BITS,
+    check_mantissa_bits,
+    n_rows,
+    round_mantissa,
+    stat_relative_tolerance,
+    to_arrow,
+)
+from .ledger import Ledger
+from .part_buffers import PartBuffers
 from .schema import SCHEMA_VERSION, TABLES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
+__all__ = ["DEFAULT_QUEUE_ROWS", "DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
+RANK_FIELDS = ("run_id", "rank", "status", "dropped", "faults", "updated_at", "last_step")  # rank-NNN.json
 
 
 def _utcnow() -> str:
@@ -58,6 +72,19 @@ class _Flush:
 
 
 _STOP = object()
+DEFAULT_QUEUE_ROWS = 4_000_000
+Batches = Iterable[tuple[str, Mapping[str, Any]]]  # what a producer returns: (table, columns) pairs
+
+
+class _Deferred:
+    __slots__ = ("producer", "rows", "where")
+
+    def __init__(self, producer: Callable[[], Batches], rows: Mapping[str, int], where: str) -> None:
+        self.producer, self.rows, self.where = producer, dict(rows), where
+
+    @property
+    def n(self) -> int:
+        return sum(self.rows.values())
 
 
 class RunWriter:
@@ -72,16 +99,15 @@ class RunWriter:
         world_size: int = 1,
         meta: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
-        max_queue_rows: int = 4_000_000,
+        max_queue_rows: int = DEFAULT_QUEUE_ROWS,
         part_rows: int = 1_000_000,
         flush_interval_s: float = 30.0,
         stat_mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS,
         row_group_rows: int = 131_072,
+        ledger: Ledger | None = None,
     ) -> None:
-        if not run_id or "/" in run_id or run_id.startswith(".") or "\\" in run_id:
-            raise ValueError(f"run_id {run_id!r} must be a plain folder name (no '/', not starting with '.')")
-        if stat_mantissa_bits is not None and not 1 <= stat_mantissa_bits <= 23:
-            raise ValueError(f"stat_mantissa_bits={stat_mantissa_bits} must be in 1..23, or None for exact float32")
+        run_folder.check_run_id(run_id)
+        check_mantissa_bits(stat_mantissa_bits)
         self.log_dir = Path(log_dir)
         self.run_id = run_id
         self.run_dir = self.log_dir / run_id
@@ -94,9 +120,7 @@ class RunWriter:
         self.row_group_rows = row_group_rows
         self.attempt = uuid.uuid4().hex[:8]
 
-        self._dropped: dict[str, int] = {t: 0 for t in TABLES}
-        self._dropped_lock = threading.Lock()
-        self._warned: set[str] = set()
+        self.ledger = ledger if ledger is not None else Ledger()
         self._queued_rows = 0  # rows in the queue, not yet taken by the thread (the bound of `put`)
         self._queued_lock = threading.Lock()
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -122,8 +146,8 @@ class RunWriter:
 
     @property
     def dropped(self) -> dict[str, int]:
-        with self._dropped_lock:
-            return dict(self._dropped)
+        """Records dropped per table (every table listed, 0 when none)."""
+        return {**dict.fromkeys(TABLES, 0), **self.ledger.dropped}
 
     def put(self, table: str, columns: Mapping[str, Any]) -> bool:
         """Queue one batch of rows of `table` (every schema column but run_id). Returns False when it was dropped.
@@ -147,6 +171,26 @@ class RunWriter:
             self._drop(table, n, "full", f"forkwatch: writer queue full ({self.max_queue_rows} rows); records dropped")
             return False
         self._q.put((table, columns, n))
+        return True
+
+    def submit(self, producer: Callable[[], Batches], *, rows: Mapping[str, int], where: str = "records") -> bool:
+        """Queue a deferred producer of batches, run on the writer thread: `producer()` returns (table, columns)
+        pairs, each as `put` takes them. `rows` ({table: rows it will produce}) counts against the queue bound and
+        is what is counted as dropped if the producer cannot run. The producer must do no torch work (see the module
+        docstring); an exception in it is counted in the ledger as a fault under `where`. Returns False when it was
+        dropped unrun."""
+        item = _Deferred(producer, rows, where)
+        if self._closed:
+            self._drop_all(item.rows, "put", "forkwatch: submit to a closed writer; records dropped")
+            return False
+        with self._queued_lock:
+            full = self._queued_rows + item.n > self.max_queue_rows
+            if not full:
+                self._queued_rows += item.n
+        if full or not self._thread.is_alive():
+            self._drop_all(item.rows, "full", f"forkwatch: writer queue full ({self.max_queue_rows} rows); records dropped")
+            return False
+        self._q.put(item)
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -190,7 +234,7 @@ class RunWriter:
     def _init_meta(self, meta: dict[str, Any], resume_step: int | None) -> None:
         from forkwatch import __version__
 
-        path = self.run_dir / (layout.RUN_JSON if self.rank == 0 else layout.rank_json(self.rank))
+        path = self.run_dir / (run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank))
         previous: dict[str, Any] = {}
         if path.is_file():  # a resumed (or restarted) run keeps its creation time and earlier fields
             try:
@@ -206,7 +250,7 @@ class RunWriter:
             "forkwatch_version": __version__,
             "world_size": self.world_size,
             "rank": self.rank,
-            layout.LAYOUT_KEY: layout.LAYOUT_VERSION,
+            run_folder.LAYOUT_KEY: run_folder.LAYOUT_VERSION,
         }
         if resume_step is not None:
             base["resumed_from_step"] = resume_step
@@ -218,12 +262,11 @@ class RunWriter:
         with self._meta_lock:
             meta = dict(self._meta)
             meta["dropped"] = self.dropped
+            meta["faults"] = self.ledger.faults
             meta["updated_at"] = _utcnow()
             if self.rank != 0:
-                meta = {
-                    k: meta[k] for k in ("run_id", "rank", "status", "dropped", "updated_at", "last_step") if k in meta
-                }
-            path = self.run_dir / (layout.RUN_JSON if self.rank == 0 else layout.rank_json(self.rank))
+                meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
+            path = self.run_dir / (run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank))
             tmp = path.with_name(f".{path.name}.{self.attempt}.tmp")
             try:
                 tmp.write_text(json.dumps(meta, indent=1, default=str))
@@ -237,14 +280,14 @@ class RunWriter:
         """Move this rank's parts holding steps > `step` to superseded/<attempt>/, so a resumed run does not
         duplicate the steps it re-runs. Rank 0 also moves parts of ranks >= world_size (a run resumed on fewer
         ranks). Nothing is deleted; a part mixing kept and superseded steps is split (kept rows rewritten)."""
-        dest_root = self.run_dir / layout.SUPERSEDED / self.attempt
+        dest_root = self.run_dir / run_folder.SUPERSEDED / self.attempt
         moved = 0
         try:
-            previous = json.loads((self.run_dir / layout.RUN_JSON).read_text())
+            previous = json.loads((self.run_dir / run_folder.RUN_JSON).read_text())
         except (OSError, ValueError):  # no run.json yet, or unreadable (reported by _init_meta)
             previous = {}
         if isinstance(previous, dict):
-            layout.check_layout(previous, self.run_dir)  # a layout we do not know: move nothing
+            run_folder.check_layout(previous, self.run_dir)  # a layout we do not know: move nothing
 
         def mine(rank: int) -> bool:
             return rank == self.rank or (self.rank == 0 and rank >= self.world_size)
@@ -252,9 +295,9 @@ class RunWriter:
         for table in TABLES:
             if table == "vocab":
                 continue  # not tied to a step: earlier tokens still need their text
-            for part in layout.table_parts(self.run_dir, table):
-                m = layout.PART.match(part.name)
-                span = layout.step_range(part)
+            for part in run_folder.table_parts(self.run_dir, table):
+                m = run_folder.PART.match(part.name)
+                span = run_folder.step_range(part)
                 if m is None or span is None or not mine(int(m["rank"])):
                     continue
                 first, last = span
@@ -286,7 +329,11 @@ class RunWriter:
                 if item is _STOP:
                     self._write_all()
                     return
-                if item is None or isinstance(item, _Flush):
+                if isinstance(item, _Deferred):
+                    with self._queued_lock:
+                        self._queued_rows -= item.n
+                    self._run_producer(item)
+                elif item is None or isinstance(item, _Flush):
                     ok = self._write_all()
                     deadline = time.monotonic() + self.flush_interval_s
                     if isinstance(item, _Flush):
@@ -301,13 +348,28 @@ class RunWriter:
                         self._write_all()
                         deadline = time.monotonic() + self.flush_interval_s
             except Exception as e:  # the thread boundary: nothing may escape into (or kill) the writer
-                if isinstance(item, tuple):
+                if isinstance(item, _Deferred):
+                    self._drop_all(item.rows, "bad", f"forkwatch: {item.where} records dropped: {e!r}")
+                elif isinstance(item, tuple):
                     self._drop(item[0], item[2], "bad", f"forkwatch: bad {item[0]} batch dropped: {e!r}")
                 else:
                     self._warn_once("loop", f"forkwatch: writer error: {e!r}")
                 if isinstance(item, _Flush):
                     item.ok = False
                     item.event.set()
+
+    def _run_producer(self, item: _Deferred) -> None:
+        batches = None
+        with self.ledger.guard(item.where):
+            batches = list(item.producer())
+        if batches is None:
+            self._drop_all(item.rows, "producer", f"forkwatch: {item.where} producer failed; its records dropped")
+            return
+        for table, columns in batches:
+            try:
+                self._absorb(table, columns, n_rows(columns))
+            except Exception as e:  # one bad batch: drop it, keep the others
+                self._drop(table, n_rows(columns), "bad", f"forkwatch: bad {table} batch dropped: {e!r}")
 
     def _absorb(self, table: str, columns: Mapping[str, Any], n: int) -> None:
         t = to_arrow(table, columns, n, run_id=self.run_id, mantissa_bits=self.stat_mantissa_bits)
@@ -333,11 +395,11 @@ class RunWriter:
             lo, hi = pc.min(t["step"]).as_py(), pc.max(t["step"]).as_py()
             step_range = None if lo is None else (lo, hi)  # vocab rows may carry no step
         folder = self.run_dir / table
-        name = layout.part_name(self.rank, self.attempt, self._seq, step_range)
+        name = run_folder.part_name(self.rank, self.attempt, self._seq, step_range)
         tmp = folder / f".{name}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            parts.write_part_file(tmp, t, row_group_rows=self.row_group_rows)
+            part_file.write_part_file(tmp, t, row_group_rows=self.row_group_rows)
             if tmp_then is not None:
                 tmp_then()
             os.replace(tmp, folder / name)
@@ -351,11 +413,11 @@ class RunWriter:
     # ---------------------------------------------------------------- accounting
 
     def _drop(self, table: str, n: int, kind: str, message: str) -> None:
-        with self._dropped_lock:
-            self._dropped[table] = self._dropped.get(table, 0) + n
-        self._warn_once(f"drop:{kind}", message)
+        self.ledger.drop(table, n, kind, message)
+
+    def _drop_all(self, rows: Mapping[str, int], kind: str, message: str) -> None:
+        for table, n in rows.items():
+            self.ledger.drop(table, n, kind, message)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning("%s (further such messages suppressed; counts go to run.json)", message)
+        self.ledger.warn_once(key, message)

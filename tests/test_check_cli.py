@@ -27,6 +27,20 @@ def test_check_exits_1_and_prints_evidence_when_a_run_collapsed_or_exploded(log_
     assert "law R = -a·exp(H) + b: a=" in out  # the collapsing run follows the law
 
 
+def test_check_reports_a_run_with_faults_prominently(tmp_path, capsys):
+    from forkwatch.store import RunWriter
+    from forkwatch.store.ledger import Ledger
+
+    write_run(tmp_path, "healthy", "healthy", n_steps=40, token_steps=1)
+    ledger = Ledger()
+    with ledger.guard("health"):
+        raise RuntimeError("injected")
+    RunWriter(tmp_path, "healthy", rank=1, world_size=2, ledger=ledger).close()
+    assert main(["check", str(tmp_path)]) == 0  # faults do not fail the gate: the verdict is about training
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("  RECORDING FAULTS: 1 (rank 1: health 1)")
+
+
 def test_check_one_healthy_run_exits_0(log_dir, capsys):
     assert main(["check", str(log_dir), "--run", "healthy"]) == 0
     out = capsys.readouterr().out

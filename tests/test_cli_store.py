@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from forkwatch.store import RunWriter
+from forkwatch.store.ledger import Ledger
 from forkwatch.store.synthetic import step_batches
 
 from forkwatch.cli import main
@@ -27,17 +28,32 @@ def log_dir(tmp_path_factory):
             for table, cols in b.items():
                 w.put(table, cols)
         w.close(status)
+    # beta's second rank had faults in two places (its writer writes them into rank-001.json)
+    ledger = Ledger()
+    for where in ("records", "records", "step_end"):
+        with ledger.guard(where):
+            raise RuntimeError("injected")
+    RunWriter(d, "beta", rank=1, world_size=2, ledger=ledger).close("failed")
     return d
 
 
 def test_runs_lists_name_steps_tokens_status(log_dir, capsys):
     assert main(["runs", str(log_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["name", "run_id", "steps", "tokens", "last_step", "status", "dropped"]
-    rows = {line.split()[0]: line.split() for line in out[1:]}
+    assert out[0].split() == ["name", "run_id", "steps", "tokens", "last_step", "status", "dropped", "faults"]
+    rows = {line.split()[0]: line.split() for line in out[1:] if not line.startswith("!")}
     assert rows["alpha-name"][2] == "3" and rows["alpha-name"][5] == "finished"
     assert rows["beta-name"][2] == "2" and rows["beta-name"][5] == "failed"
     assert int(rows["alpha-name"][3]) > 0
+
+
+def test_runs_shows_a_run_with_faults_with_its_ranks_and_places(log_dir, capsys):
+    assert main(["runs", str(log_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in out[1:] if not line.startswith("!")}
+    assert rows["alpha-name"][7] == "0" and rows["beta-name"][7] == "3"
+    assert [line for line in out if line.startswith("!")] == [
+        "! beta: 3 recording fault(s) — rank 1: records 2, step_end 1"]
 
 
 def test_sql_formats(log_dir, capsys):

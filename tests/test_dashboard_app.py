@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from forkwatch.dashboard.data import LOG_DIR_ENV
+from forkwatch.dashboard.launch import LOG_DIR_ENV
 from synthetic import write_run, write_sample_runs
 
 pytest.importorskip("streamlit.testing.v1")
@@ -40,15 +40,28 @@ def _close_cached_connections():
 
 
 def app(monkeypatch, log_dir: Path | str, page: str | None = None, **params: str | list[str]) -> AppTest:
+    """The whole app (its default page, Runs), or one page's `render` run alone, as st.navigation runs it."""
     monkeypatch.setenv(LOG_DIR_ENV, str(log_dir))
-    at = AppTest.from_file(str(APP), default_timeout=60)
+    if page is None:
+        at = AppTest.from_file(str(APP), default_timeout=60)
+    else:
+        module = page.removesuffix(".py")
+        at = AppTest.from_string(f"from forkwatch.dashboard import {module}\n{module}.render()\n", default_timeout=60)
     for k, v in params.items():
         at.query_params[k] = v
     at.run()
-    if page is not None:
-        at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+@pytest.mark.parametrize("page", ["page_runs", "page_entropy", "page_forks", "page_law", "page_sql"])
+def test_importing_a_page_draws_nothing(monkeypatch, log_dir, page):
+    monkeypatch.setenv(LOG_DIR_ENV, str(log_dir))
+    name = f"forkwatch.dashboard.{page}"
+    # executed afresh (not a module cached by an earlier test), inside a Streamlit script run
+    script = f"import importlib, sys\nsys.modules.pop({name!r}, None)\nimportlib.import_module({name!r})\n"
+    at = AppTest.from_string(script, default_timeout=60).run()
+    assert not at.exception and not at.main.children and not at.sidebar.children
 
 
 def figures(at: AppTest) -> list[dict]:
@@ -81,6 +94,20 @@ def test_runs_page_lists_every_run_with_a_health_badge(monkeypatch, log_dir):
     assert "healthy" in health["healthy"] and "too few steps" in health["fresh"]
     assert {"steps", "tokens", "selection", "status"} <= set(table.columns)
     assert at.multiselect(key="runs_pick").value == ["collapse"]
+
+
+def test_runs_page_warns_about_a_run_with_faults_naming_rank_and_place(monkeypatch, tmp_path):
+    from forkwatch.store import RunWriter
+    from forkwatch.store.ledger import Ledger
+
+    write_run(tmp_path, "faulty", "healthy", n_steps=12, token_steps=1)
+    ledger = Ledger()
+    with ledger.guard("records"):
+        raise RuntimeError("injected")
+    RunWriter(tmp_path, "faulty", rank=1, world_size=2, ledger=ledger).close()
+    at = app(monkeypatch, tmp_path)
+    assert dict(zip(at.dataframe[0].value["run"], at.dataframe[0].value["faults"], strict=True)) == {"faulty": 1}
+    assert "Run `faulty`: 1 recording fault(s) — rank 1: records 1" in texts(at.warning)
 
 
 def test_choosing_runs_puts_them_in_the_url(monkeypatch, log_dir):

@@ -1,6 +1,6 @@
 """The dashboard in a real browser: `forkwatch dashboard` serves synthetic runs, headless Chromium (Debian's
 `chromium` package, driven by Playwright) opens each page, waits until the charts and the token view have been drawn,
-saves a screenshot per page to test-artifacts/, and checks the drawn elements. Ctrl-C then stops the server cleanly.
+saves a screenshot per page to test-artifacts/, and checks the drawn elements. Ctrl-C stops a server cleanly.
 
 Skipped, with the reason, when /usr/bin/chromium or the playwright package is missing (`apt-get install chromium`).
 """
@@ -55,10 +55,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None
     raise TimeoutError(f"the dashboard did not answer at {url} within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("browser_runs")
-    write_sample_runs(log_dir, n_steps=40, token_steps=4)
+def _start(log_dir: Path) -> tuple[str, subprocess.Popen]:
     port = _free_port()
     env = os.environ | {"STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     proc = subprocess.Popen(
@@ -66,17 +63,34 @@ def server(tmp_path_factory):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, proc)
+    return url, proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # SIGTERM: forkwatch stops its Streamlit child too (SIGKILL would orphan it)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("browser_runs")
+    write_sample_runs(d, n_steps=40, token_steps=4)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(log_dir):
+    url, proc = _start(log_dir)
     try:
-        _wait_healthy(url, proc)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: forkwatch stops its Streamlit child too (SIGKILL would orphan it)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +122,7 @@ def _shot(page, name: str) -> Path:
 
 def test_runs_page_draws_the_table(server, page):
     url, _ = server
-    _open(page, f"{url}/?run=collapse&run=explosion", "Runs")  # the default page lives at the root
+    _open(page, f"{url}/?run=collapse&run=explosion", "Runs")  # the root forwards to /runs
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     expect(page.locator('[data-testid="stExpander"]')).to_have_count(2)  # retries until drawn, then asserts
     page.get_by_text("collapse.mean", exact=False).first.wait_for()
@@ -203,7 +217,11 @@ def test_forks_page_draws_fork_roles_and_probes(server, page):
     _shot(page, "forks_lenses")
 
 
-def test_ctrl_c_stops_the_dashboard_cleanly(server, page):
-    _, proc = server
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=20) == 0
+def test_ctrl_c_stops_the_dashboard_cleanly(log_dir):
+    """On a server of its own: the pages' tests keep theirs, whatever order the tests run in."""
+    url, proc = _start(log_dir)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        _stop(proc)

@@ -8,31 +8,36 @@ import subprocess
 import sys
 import time
 import urllib.request
-from argparse import Namespace
 
 import pytest
 from forkwatch.dashboard import launch
 
+from forkwatch.cli import main
 
-def test_command_binds_localhost_by_default_and_passes_the_log_dir(tmp_path):
-    cmd = launch.command(tmp_path)
+
+def test_command_binds_localhost_by_default():
+    cmd = launch.command()
     assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"]
     assert cmd[4].endswith("app.py")
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.port") + 1] == "8501"
     assert cmd[cmd.index("--server.headless") + 1] == "true"
-    assert cmd[-2:] == ["--", str(tmp_path.resolve())]
 
 
-def test_command_takes_host_and_port(tmp_path):
-    cmd = launch.command(tmp_path, host="0.0.0.0", port=9000)
+def test_the_log_dir_reaches_the_app_only_in_its_environment(tmp_path):
+    assert launch.environment(tmp_path)[launch.LOG_DIR_ENV] == str(tmp_path.resolve())
+    assert str(tmp_path) not in " ".join(launch.command())
+
+
+def test_command_takes_host_and_port():
+    cmd = launch.command(host="0.0.0.0", port=9000)
     assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--server.port") + 1] == "9000"
 
 
 def test_missing_log_dir_exits_2_without_starting_streamlit(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("started")))
-    assert launch.main(Namespace(log_dir=str(tmp_path / "nope"), host="127.0.0.1", port=8501)) == 2
+    assert main(["dashboard", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

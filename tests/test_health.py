@@ -151,8 +151,8 @@ def test_live_monitor_reports_each_episode_once_at_the_step_it_fires():
     expected = [(f.rule, f.fired_at) for f in batch.flags if f.kind == "collapse"]
     assert [(r, s) for r, s, _ in seen if r.startswith("collapse")] == expected
     assert len({(r, s) for r, s, _ in seen}) == len(seen), "no episode is reported twice"
-    assert monitor.scalars()["forkwatch/alarm/collapse"] == 1.0
-    assert monitor.scalars()["forkwatch/alarm/explosion"] == 0.0
+    assert monitor.active_kinds()["collapse"] is True
+    assert monitor.active_kinds()["explosion"] is False
 
 
 @pytest.mark.parametrize("kind", ["collapse", "explosion"])
@@ -166,7 +166,7 @@ def test_live_monitor_in_batches_reports_the_same_alarms_as_step_by_step(kind):
     alarms = [e for e in by_step if not e[0].startswith("saturation")]  # the law fit moves with the batch edges
     assert alarms, "the series must raise an alarm for this test to mean anything"
     assert [e for e in by_batch if not e[0].startswith("saturation")] == alarms
-    assert batched.scalars() == one.scalars()
+    assert batched.active_kinds() == one.active_kinds()
     with pytest.raises(ValueError, match="step"):
         batched.update_many([{"step": 61, "entropy_mean": 1.0}, {"entropy_mean": 1.0}])
     assert len(batched._series["step"]) == 60, "a batch with a bad row is refused whole"
@@ -177,7 +177,7 @@ def test_live_monitor_batch_reports_an_episode_that_fired_and_cleared_inside_it(
     entropy = [1.0, 1.0, 3.0, 3.0, 1.0, 1.0]  # above 2x the early level at steps 2-3 only
     flags = monitor.update_many([{"step": i, "entropy_mean": e} for i, e in enumerate(entropy)])
     assert [(f.rule, f.fired_at, f.until) for f in flags] == [("explosion.mean", 3, 3)]
-    assert monitor.scalars()["forkwatch/alarm/explosion"] == 0.0  # over by the end of the batch
+    assert monitor.active_kinds()["explosion"] is False  # over by the end of the batch
 
 
 def test_live_monitor_tolerates_missing_and_non_numeric_values():

@@ -1,5 +1,6 @@
-"""The dependency rule of DESIGN.md, checked on the code: `store/` never imports torch, transformers or TRL, and
-neither does `dashboard/` (plugin → store, dashboard → store; only the plugin and the demo touch the model)."""
+"""The layering, checked on the code: `store/` never imports torch, transformers or TRL, and neither does
+`dashboard/` (plugin → store, dashboard → store; only the plugin and the demo touch the model); only the CLI writes
+to the terminal; one background thread and one queue carry records from the plugin to the disk."""
 
 from __future__ import annotations
 
@@ -16,10 +17,6 @@ import pytest
 HEAVY = ("torch", "transformers", "trl")
 FORBIDDEN = HEAVY + ("forkwatch.plugin", "forkwatch.demo")
 LAYERS = [forkwatch.store, forkwatch.dashboard]
-
-
-def _is_page_script(name: str) -> bool:
-    return name.startswith("page_")  # Streamlit runs these as scripts: importing one draws the page
 
 
 def _imports(path: Path) -> set[str]:
@@ -43,8 +40,7 @@ def test_no_module_of_the_layer_imports_model_code_directly(package):
 
 @pytest.mark.parametrize("package", LAYERS, ids=["store", "dashboard"])
 def test_importing_the_layer_loads_no_model_library(package):
-    modules = [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
-               if not _is_page_script(m.name)]
+    modules = [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -53,3 +49,35 @@ def test_importing_the_layer_loads_no_model_library(package):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+ROOT = Path(forkwatch.store.__path__[0]).parent
+LIBRARY = ("store", "plugin", "dashboard")  # library code: returns values and logs; the CLI prints
+
+
+def _calls(path: Path) -> list[str]:
+    """Dotted names of every call (`print`, `threading.Thread`, `sys.stdout.write`, ...) in a file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            out.append(ast.unparse(node.func))
+    return out
+
+
+@pytest.mark.parametrize("folder", LIBRARY)
+def test_only_the_cli_writes_to_the_terminal(folder):
+    files = sorted((ROOT / folder).glob("*.py"))
+    assert files
+    for f in files:
+        bad = [c for c in _calls(f) if c == "print" or c.startswith(("sys.stdout", "sys.stderr"))]
+        assert not bad, f"{folder}/{f.name} writes to the terminal: {bad}"
+
+
+def test_one_background_thread_and_one_queue_from_the_plugin_to_the_disk():
+    threads, queues = [], []
+    for folder in ("store", "plugin"):
+        for f in sorted((ROOT / folder).glob("*.py")):
+            calls = _calls(f)
+            threads += [f"{folder}/{f.name}" for c in calls if c in ("threading.Thread", "Thread")]
+            queues += [f"{folder}/{f.name}" for c in calls if c.startswith("queue.")]
+    assert threads == ["store/writer.py"] and queues == ["store/writer.py"]

@@ -128,7 +128,17 @@ def test_forks_store_topk_alternatives_at_the_top_entropy_fraction(make_trainer,
     assert len(forks) == n_fork
     for f in forks:
         assert len(f["alt_token_ids"]) == 3 and list(f["alt_probs"]) == sorted(f["alt_probs"], reverse=True)
-        assert f["sampled_rank"] >= 0
+
+
+def test_fork_sampled_rank_is_the_sampled_tokens_place_among_the_alternatives(make_trainer, tmp_path):
+    _, _, con = train(make_trainer, tmp_path, fw=dict(fork_top_k=3, **EXACT), max_steps=1)
+    forks = rows(con, "SELECT f.sampled_rank, f.alt_token_ids, t.token_id FROM forks f JOIN tokens t "
+                      "ON t.completion_id = f.completion_id AND t.position = f.position")
+    assert forks
+    for f in forks:
+        alts = list(f["alt_token_ids"])
+        # among the top 3: its index there; below them: a rank of 3 or more
+        assert f["sampled_rank"] == alts.index(f["token_id"]) if f["token_id"] in alts else f["sampled_rank"] >= 3
 
 
 def test_volume_options_sample_completions_and_steps(make_trainer, tmp_path):
@@ -158,21 +168,21 @@ def test_vocab_and_token_text_name_every_recorded_token(make_trainer, tmp_path, 
 
 
 def test_completion_text_decoding_equals_batch_decode(tokenizer, monkeypatch):
-    from forkwatch.plugin.records import decode
+    from forkwatch.plugin.record_columns import decode
 
     seqs = [[5, 6, tokenizer.eos_token_id, 7], [8], []]
     expected = tokenizer.batch_decode(seqs, skip_special_tokens=True)
-    with monkeypatch.context() as m:  # the backend path: transformers' batch_decode is not called
-        m.setattr(tokenizer, "batch_decode", lambda *a, **k: pytest.fail("batch_decode called"))
+    with monkeypatch.context() as m:  # the backend path: transformers' decode is not called
+        m.setattr(tokenizer, "decode", lambda *a, **k: pytest.fail("decode called"))
         assert decode(tokenizer, seqs) == expected
     tokenizer.clean_up_tokenization_spaces = True  # transformers would post-process: its own path is taken
     calls = []
-    monkeypatch.setattr(tokenizer, "batch_decode", lambda s, **k: calls.append(s) or expected)
-    assert decode(tokenizer, seqs) == expected and calls == [seqs]
+    monkeypatch.setattr(tokenizer, "decode", lambda s, **k: calls.append(s) or "x")
+    assert decode(tokenizer, seqs) == ["x"] * 3 and calls == seqs
 
 
 def _token_batch(b: int, t: int, seed: int, take_rows: list[int]):
-    from forkwatch.plugin.records import TokenBatch
+    from forkwatch.plugin.captures import TokenBatch
 
     g = torch.Generator().manual_seed(seed)
     mask = (torch.rand(b, t, generator=g) > 0.2).long()
@@ -189,7 +199,7 @@ def _token_batch(b: int, t: int, seed: int, take_rows: list[int]):
 def test_token_columns_of_stacked_micro_batches_equal_one_at_a_time():
     """A hand-off stacks same-shaped micro-batches; covariance must stay per micro-batch, rows must not mix."""
     from forkwatch.plugin.metrics import covariance
-    from forkwatch.plugin.records import token_columns
+    from forkwatch.plugin.record_columns import token_columns
 
     steps = [(1, [_token_batch(4, 3, 1, [0, 2]), _token_batch(4, 5, 2, [1])]), (2, [_token_batch(4, 3, 3, [3])])]
     together = token_columns(steps)

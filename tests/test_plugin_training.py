@@ -55,7 +55,7 @@ def test_a_fault_in_a_hook_is_counted_logged_once_and_survived(make_trainer, tmp
     assert trainer.state.global_step == 3
     counts = dict(cb.monitor.faults.counts)
     assert counts["loss_end"] == 3 and counts["model_forward"] >= 3  # the model hook also sees generation calls
-    hook_errors = [r for r in caplog.records if "hook" in r.getMessage()]
+    hook_errors = [r for r in caplog.records if r.getMessage().startswith("forkwatch: error in")]
     assert len(hook_errors) == 2  # once per hook, however many times it failed
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     assert meta["faults"] == counts and meta["status"] == "finished"
@@ -118,22 +118,60 @@ def test_selection_seam_weights_the_loss_and_records_selected(make_trainer, tmp_
     assert not cb.monitor.faults.counts
 
 
-def test_attach_refuses_bad_options_naming_the_fix(make_trainer, tmp_path, test_half):
-    trainer = make_trainer(max_steps=1)
-    with pytest.raises(ValueError, match="fork_fraction"):
-        forkwatch.attach(trainer, fork_fraction=2.0)
-    with pytest.raises(ValueError, match="worker_interval_s"):
-        forkwatch.attach(trainer, worker_interval_s=-1)
-    with pytest.raises(ValueError, match="valid options"):
-        forkwatch.attach(trainer, colour="red")
+def test_attach_refuses_an_out_of_range_option_naming_it(make_trainer):
+    with pytest.raises(ValueError, match="fork_fraction=2.0"):
+        forkwatch.attach(make_trainer(max_steps=1), fork_fraction=2.0)
+
+
+def test_attach_refuses_an_unknown_option_listing_the_valid_ones(make_trainer):
+    with pytest.raises(ValueError, match=r"unknown forkwatch option\(s\) \['colour'\]; valid options: .*'fork_fraction'"):
+        forkwatch.attach(make_trainer(max_steps=1), colour="red")
+
+
+def test_attach_refuses_a_health_rule_typo_listing_the_rule_names(make_trainer):
+    with pytest.raises(ValueError, match=r"\['colapse_fraction'\]; valid names: .*'collapse_fraction'"):
+        forkwatch.attach(make_trainer(max_steps=1), health_rules={"colapse_fraction": 0.1})
+
+
+def test_attach_refuses_an_invalid_health_rule_value(make_trainer):
+    with pytest.raises(ValueError, match="collapse_fraction"):
+        forkwatch.attach(make_trainer(max_steps=1), health_rules={"collapse_fraction": 3.0})
+
+
+def test_attach_takes_health_rules_as_a_dataclass(make_trainer, tmp_path):
+    from forkwatch.store.health import HealthRules
+
+    rules = HealthRules(min_steps=2)
+    cb = forkwatch.attach(make_trainer(max_steps=1), log_dir=str(tmp_path / "runs"), health_rules=rules)
+    assert cb.config.health_rules is rules
+
+
+def test_attach_refuses_selector_options_without_a_selector(make_trainer):
     with pytest.raises(ValueError, match="select="):
-        forkwatch.attach(trainer, fraction=0.1)
-    quantile = make_trainer(max_steps=1, top_entropy_quantile=0.2)
+        forkwatch.attach(make_trainer(max_steps=1), fraction=0.1)
+
+
+def test_attach_refuses_a_selector_when_trl_already_selects_by_entropy(make_trainer, test_half):
     with pytest.raises(ValueError, match="top_entropy_quantile"):
-        forkwatch.attach(quantile, select="test_half")
+        forkwatch.attach(make_trainer(max_steps=1, top_entropy_quantile=0.2), select="test_half")
+
+
+def test_attach_refuses_a_second_attach_on_one_trainer(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=1)
     forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="already attached"):
         forkwatch.attach(trainer)
+
+
+def test_train_end_removes_every_seam_forkwatch_installed(make_trainer, tmp_path):
+    trainer = make_trainer(max_steps=1)
+    forward = trainer.model.__dict__.get("forward")  # TRL's own fused-head forward, when it set one
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"))
+    assert "_compute_loss" in trainer.__dict__
+    trainer.train()
+    wrapped = ("_compute_loss", "_generate_and_score_completions", "_calculate_rewards", "get_high_entropy_mask")
+    assert not [name for name in wrapped if name in trainer.__dict__]
+    assert trainer.model.__dict__.get("forward") is forward and not trainer.model._forward_hooks
 
 
 def test_resume_from_checkpoint_continues_the_run_without_duplicated_steps(make_trainer, tmp_path):

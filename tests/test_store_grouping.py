@@ -120,8 +120,9 @@ def _run_and_kill(log_dir, interval, part_rows, steps, kill_after_s=None):
     )
     put_at = {}
     try:
-        t0 = time.monotonic()
+        t0 = None  # from the first put: importing pyarrow and DuckDB takes seconds on a loaded machine
         for line in proc.stdout:
+            t0 = time.monotonic() if t0 is None else t0
             if line.startswith("idle") or (kill_after_s is not None and time.monotonic() - t0 > kill_after_s):
                 break
             step, at = line.split()

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from forkwatch.store import RunWriter, connect
-from forkwatch.store import parts as parts_mod
+from forkwatch.store import part_file as parts_mod
 from forkwatch.store.synthetic import step_batches
 
 
@@ -198,3 +198,38 @@ def test_resume_over_a_corrupt_part_does_not_raise(tmp_path, caplog):
     assert any("cannot prepare" in r.getMessage() for r in caplog.records)
     assert w2.put("steps", {"step": [2], "n_tokens": [1]})
     w2.close()
+
+
+def test_a_deferred_producer_runs_on_the_writer_thread_and_its_batches_are_written(tmp_path):
+    seen = []
+
+    def producer():
+        seen.append(threading.current_thread().name)
+        return [("tokens", _tokens(1, 5)), ("tokens", _tokens(2, 3, cid=1))]
+
+    w = RunWriter(tmp_path, "r")
+    assert w.submit(producer, rows={"tokens": 8})
+    w.close()
+    assert seen == ["forkwatch-writer-r0"]
+    con = connect(tmp_path)
+    assert con.sql("SELECT step, count(*) FROM tokens GROUP BY step ORDER BY step").fetchall() == [(1, 5), (2, 3)]
+
+
+def test_a_failing_producer_is_a_fault_and_its_rows_are_dropped(tmp_path):
+    def producer():
+        raise RuntimeError("injected")
+
+    w = RunWriter(tmp_path, "r")
+    assert w.submit(producer, rows={"tokens": 7, "forks": 2}, where="records")
+    w.close()
+    meta = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert meta["faults"] == {"records": 1}
+    assert meta["dropped"]["tokens"] == 7 and meta["dropped"]["forks"] == 2
+
+
+def test_a_producer_over_the_queue_bound_is_dropped_unrun(tmp_path):
+    ran = []
+    w = RunWriter(tmp_path, "r", max_queue_rows=10)
+    assert not w.submit(lambda: ran.append(1) or [], rows={"tokens": 11})
+    w.close()
+    assert ran == [] and w.dropped["tokens"] == 11

@@ -1,6 +1,6 @@
 """How one part file is laid out: row order, row groups aligned to steps, encodings, schema version.
 
-A part may hold many steps (the writer groups small steps, see store/buffering.py). So that reading one step stays
+A part may hold many steps (the writer groups small steps, see store/part_buffers.py). So that reading one step stays
 cheap however many steps share its part, rows are sorted by step (then completion, then position) and a row group
 never mixes two steps once it has reached `row_group_rows` rows: a query on `step = s` skips, by the row-group
 min/max statistics, every row group that does not hold step s. Big steps get row groups of their own; small steps

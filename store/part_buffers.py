@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .parts import sort_rows
+from .part_file import sort_rows
 
 
 class PartBuffers:

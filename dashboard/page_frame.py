@@ -7,20 +7,29 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import data
+from forkwatch.dashboard import cached_queries, url_state
+from forkwatch.dashboard.launch import LOG_DIR_ENV
+
+BADGES = {
+    "healthy": "🟢 healthy",
+    "saturation": "🟡 saturation",
+    "collapse": "🔴 collapse",
+    "explosion": "🔴 explosion",
+    "insufficient_data": "⚪ too few steps",
+}
 
 
 def require_runs() -> tuple[str, pd.DataFrame]:
     """The log directory and its runs; stops the page with a message when there is no run to show."""
-    log_dir = data.log_dir()
+    log_dir = cached_queries.log_dir()
     if log_dir is None:
-        st.error(f"No log directory given: start the app with `forkwatch dashboard LOG_DIR` (or set {data.LOG_DIR_ENV}).")
+        st.error(f"No log directory given: start the app with `forkwatch dashboard LOG_DIR` (or set {LOG_DIR_ENV}).")
         st.stop()
     if not Path(log_dir).is_dir():
         st.error(f"The log directory `{log_dir}` does not exist.")
         st.stop()
     try:
-        runs = data.runs(log_dir)
+        runs = cached_queries.runs(log_dir)
     except Exception as e:  # a page boundary: say what failed where the user can act, do not show a traceback
         st.error(f"Cannot read the runs in `{log_dir}`: {e}")
         st.stop()
@@ -36,7 +45,7 @@ def require_runs() -> tuple[str, pd.DataFrame]:
 def pick_runs(runs: pd.DataFrame, *, key: str, multi: bool) -> list[str]:
     """A run picker whose choice is written to the URL (`?run=...`), so the view can be shared."""
     ids = runs["run_id"].tolist()
-    chosen = data.selected_runs(ids)
+    chosen = url_state.selected_runs(ids)
     names = dict(zip(runs["run_id"], runs["name"], strict=True))
 
     def label(r: str) -> str:
@@ -46,7 +55,7 @@ def pick_runs(runs: pd.DataFrame, *, key: str, multi: bool) -> list[str]:
         picked = st.multiselect("Runs", ids, default=chosen, key=key, format_func=label)
     else:
         picked = [st.selectbox("Run", ids, index=ids.index(chosen[0]), key=key, format_func=label)]
-    data.set_runs(picked)
+    url_state.set_runs(picked)
     return picked
 
 
@@ -62,7 +71,7 @@ def run_notes(runs: pd.DataFrame, run_ids: list[str]) -> list[str]:
         if row["status"] == "running":
             st.info(
                 f"Run `{r}` is still being written (last step {row['max_step']}): what is on disk is shown; new "
-                f"steps appear within {data.TTL_S} s, or press Reload."
+                f"steps appear within {cached_queries.TTL_S} s, or press Reload."
             )
         with_steps.append(r)
     return with_steps
@@ -81,4 +90,4 @@ def chosen_runs(key: str) -> tuple[str, pd.DataFrame, list[str]]:
 
 
 def badge(verdict: str) -> str:
-    return data.BADGES.get(verdict, verdict)
+    return BADGES.get(verdict, verdict)

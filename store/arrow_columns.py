@@ -1,5 +1,10 @@
 """Turning a `put` batch into an Arrow table of its schema, and the rounding of the token statistics.
 
+Callers hand numpy columns of any numeric dtype; the schema decides the Arrow type (a safe cast, so a value out of
+the type's range is an error, not a wrap-around). Besides plain 1-D arrays: a (N, k) array fills a list column
+(N lists of k, no Python object per row), and a mapping {key: (N,) array} fills a map column (each row maps every
+key to its value); None is a null column.
+
 Statistics precision: the float32 token statistics (schema.ROUNDED_STATS) are rounded to `stat_mantissa_bits`
 mantissa bits (round half to even). The default, 10 bits, bounds the relative error by 2**-11 (4.9e-4): at least 3
 significant decimal digits. The low bits become zeros, which BYTE_STREAM_SPLIT + zstd store almost for free; this is
@@ -17,6 +22,12 @@ import pyarrow as pa
 from .schema import ROUNDED_STATS, TABLES
 
 DEFAULT_STAT_MANTISSA_BITS = 10
+
+
+def check_mantissa_bits(bits: int | None) -> None:
+    """Raise ValueError unless `bits` is a valid `stat_mantissa_bits` (1..23, or None for exact float32)."""
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 23):
+        raise ValueError(f"stat_mantissa_bits={bits!r}: pass an integer in 1..23, or None for exact float32")
 
 
 def stat_relative_tolerance(mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS) -> float:
@@ -59,9 +70,15 @@ def to_arrow(table: str, columns: Mapping[str, Any], n: int, *, run_id: str, man
             value = np.full(n, value, np.int32)
         if isinstance(value, pa.ChunkedArray):
             value = value.combine_chunks()
+        if pa.types.is_map(field.type) and isinstance(value, Mapping):
+            value = _map_array(value, n, field.type)
+        elif pa.types.is_list(field.type) and isinstance(value, np.ndarray) and value.ndim == 2:
+            value = _list_array(value, field.type)
         if not isinstance(value, pa.Array):
             if isinstance(value, np.ndarray) and pa.types.is_float32(field.type):
                 value = value.astype(np.float32, copy=False)
+            if isinstance(value, np.ndarray):  # e.g. one column of a (N, k) block: Arrow wants contiguous memory
+                value = np.ascontiguousarray(value)
             if (
                 mantissa_bits is not None
                 and field.name in ROUNDED_STATS.get(table, ())
@@ -81,8 +98,27 @@ def to_arrow(table: str, columns: Mapping[str, Any], n: int, *, run_id: str, man
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    """(N, k) -> N lists of k."""
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=type_.value_type))
+
+
+def _map_array(values: Mapping[str, np.ndarray], n: int, type_: pa.DataType) -> pa.MapArray:
+    """{key: (N,) values} -> N maps of every key, built from flat arrays (no dict per row)."""
+    keys = list(values)
+    f = len(keys)
+    flat = np.stack([np.asarray(values[k]) for k in keys], axis=1).reshape(-1) if f else np.zeros(0)
+    offsets = pa.array(np.arange(0, (n + 1) * f, f, dtype=np.int32))
+    return pa.MapArray.from_arrays(offsets, pa.array(keys * n, type_.key_type),
+                                   pa.array(flat, type=type_.item_type), type=type_)
+
+
 def n_rows(columns: Mapping[str, Any]) -> int:
     for name, value in columns.items():
+        if isinstance(value, Mapping):  # a map column: its length is the number of keys, not rows
+            continue
         if name != "step" or not np.isscalar(value):
             try:
                 return len(value)

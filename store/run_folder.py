@@ -12,7 +12,7 @@
 Parts are written under a hidden temp name (`.part-...tmp`) and renamed, so a finished name is always a whole file.
 The step range in the names lets a resume find the parts holding steps after the checkpoint without opening them;
 the rank and the writer's attempt id keep names unique across ranks and restarts. Inside a part, rows are sorted by
-step with row groups aligned to steps (store/parts.py), so a reader finds one step by row-group statistics.
+step with row groups aligned to steps (store/part_file.py), so a reader finds one step by row-group statistics.
 
 Layout versions (run.json `layout_version`; a run.json without it is layout 1):
 - 1: tokens/ and forks/ had one part per step in hive folders `step=NNNNNN/`, named without a step range. Still
@@ -37,6 +37,12 @@ PART = re.compile(
     r"^part-r(?P<rank>\d+)(?:-s(?P<first>\d+)-(?P<last>\d+))?-(?P<attempt>[0-9a-f]+)-(?P<seq>\d+)\.parquet$"
 )
 RANK_JSON = re.compile(r"^rank-(\d+)\.json$")
+
+
+def check_run_id(run_id: object, option: str = "run_id") -> None:
+    """Raise ValueError unless `run_id` can name a run folder: a plain name, no path separator, not hidden."""
+    if not isinstance(run_id, str) or not run_id or "/" in run_id or "\\" in run_id or run_id.startswith("."):
+        raise ValueError(f"{option}={run_id!r}: use a plain folder name (no '/' or '\\', not starting with '.')")
 
 
 class LayoutError(ValueError):

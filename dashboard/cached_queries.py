@@ -1,5 +1,5 @@
 """The pages' only way to the store: one cached connection per log directory, bounded caches over named queries,
-and the selected run/step kept in the URL.
+and the SQL page's sandbox.
 
 Every cached function takes all its inputs as arguments (the log directory included), so a cache never answers
 for another directory or run. The connection's views are a snapshot of the parts on disk: it is rebuilt every
@@ -16,20 +16,13 @@ from typing import Any
 import duckdb
 import pandas as pd
 import streamlit as st
+from forkwatch.dashboard.launch import LOG_DIR_ENV
 from forkwatch.store import connect, queries
 from forkwatch.store.health import HealthReport, HealthRules, evaluate, vocab_size_from_meta
 from forkwatch.store.law import LawFit, fit_entropy_law
 from forkwatch.store.sandbox import SandboxedConnection, SandboxError, open_sandboxed
 
-LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
 TTL_S = 15  # seconds a snapshot (and a query result) is reused: new steps of a live run appear within this
-BADGES = {
-    "healthy": "🟢 healthy",
-    "saturation": "🟡 saturation",
-    "collapse": "🔴 collapse",
-    "explosion": "🔴 explosion",
-    "insufficient_data": "⚪ too few steps",
-}
 
 
 def log_dir() -> str | None:
@@ -98,10 +91,6 @@ def completion_tokens(log_dir: str, run_id: str, step: int, completion_id: int) 
     return tokens.merge(forks[["position", "sampled_rank", "alt_texts", "alt_probs"]], on="position", how="left")
 
 
-def sample_steps(steps: list[int]) -> tuple[int, ...]:
-    return tuple(queries.sample_steps(steps))
-
-
 @st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
 def top_fork_tokens(log_dir: str, run_id: str, steps: tuple[int, ...], limit: int) -> pd.DataFrame:
     return _run(queries.top_fork_tokens, log_dir, run_id, list(steps), limit)
@@ -158,43 +147,6 @@ def probe_top_overlap(log_dir: str, run_id: str, fraction: float) -> pd.DataFram
 @st.cache_data(ttl=TTL_S, max_entries=8, show_spinner=False)
 def run_curves(log_dir: str) -> pd.DataFrame:
     return _run(queries.run_curves, log_dir)
-
-
-# --- the selection, in the URL so a view can be shared (and in the session, since page switches drop the URL's) ---
-
-
-def selected_runs(available: list[str]) -> list[str]:
-    """The runs chosen in the URL (`?run=a&run=b`), else earlier in this session, else the first run."""
-    chosen = [r for r in st.query_params.get_all("run") if r in available]
-    if not chosen:
-        chosen = [r for r in st.session_state.get("fw_runs", []) if r in available]
-    if not chosen and available:
-        chosen = available[:1]
-    return chosen
-
-
-def set_runs(run_ids: list[str]) -> None:
-    st.session_state["fw_runs"] = list(run_ids)
-    st.query_params["run"] = list(run_ids)
-
-
-def selected_step(available: list[int]) -> int | None:
-    """The step in the URL (`?step=12`) when the run has it, else the last one chosen, else the run's last step."""
-    for raw in (st.query_params.get("step"), st.session_state.get("fw_step")):
-        try:
-            if raw is not None and int(raw) in available:
-                return int(raw)
-        except ValueError:
-            pass
-    return available[-1] if available else None
-
-
-def set_step(step: int | None) -> None:
-    st.session_state["fw_step"] = step
-    if step is None:
-        st.query_params.pop("step", None)
-    else:
-        st.query_params["step"] = str(step)
 
 
 # --- the SQL page: text a person typed, run only through the sandbox ---

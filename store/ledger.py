@@ -1,0 +1,69 @@
+"""`Ledger`: one rank's account of what recording lost — hook faults and dropped records — in one place.
+
+Recording must never change training: an exception in a forkwatch hook, in a deferred record producer or in the
+writer thread is caught at that boundary, counted here under the name of the place it happened (`faults`), and
+logged once per place; records that could not be queued or written are counted per table (`dropped`). The writer
+puts both counts into this rank's run.json / rank-NNN.json, and the readers sum them over ranks.
+Thread-safe: the training thread and the writer thread both count into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()  # faults per place (hook or job name)
+        self._dropped: Counter[str] = Counter()  # records per table
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    @contextmanager
+    def guard(self, where: str) -> Iterator[None]:
+        """Catch and count an exception raised inside the block (the boundary of a hook or a background job)."""
+        try:
+            yield
+        except Exception:
+            with self._lock:
+                self.counts[where] += 1
+                first = self.counts[where] == 1
+            if first:
+                logger.exception("forkwatch: error in %s (training continues; later errors here only counted)", where)
+
+    def drop(self, table: str, rows: int, kind: str, message: str) -> None:
+        """Count `rows` records of `table` as lost; log `message` the first time a drop of this `kind` happens."""
+        with self._lock:
+            self._dropped[table] += rows
+        self.warn_once(f"drop:{kind}", message)
+
+    def warn_once(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning("%s (further such messages suppressed; counts go to run.json)", message)
+
+    @property
+    def faults(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._dropped)
+
+    def total_faults(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+    def total_dropped(self) -> int:
+        with self._lock:
+            return sum(self._dropped.values())

@@ -1,0 +1,36 @@
+"""The `steps` row from every rank's step summary: selector metrics land in their schema columns, as means over
+micro-batches and ranks; a metric without a column stays out of the row (it is still logged by the callback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from forkwatch.plugin.step_row import select_means, step_row
+from forkwatch.store.schema import STEPS
+
+
+def _part(select_metrics: dict[str, list[float]], n: int = 4) -> dict:
+    rng = np.random.default_rng(n)
+    return {
+        "entropy": rng.random(n), "renyi2": rng.random(n), "group_js": np.zeros(0), "rewards": rng.random(2),
+        "lengths": np.array([3.0, 4.0]), "truncated": np.array([0.0, 1.0]), "n_forks": 1.0, "n_selected": float(n),
+        "select_metrics": select_metrics, "seconds": 0.01,
+    }
+
+
+def test_select_metrics_fill_their_columns_as_means_over_micro_batches_and_ranks():
+    parts = [_part({"grad_share": [0.2, 0.4], "warmup": [1.0, 1.0], "threshold": [0.5]}),
+             _part({"grad_share": [0.6], "warmup": [0.0], "threshold": [1.5], "my_metric": [7.0]})]
+    selected = select_means(parts)
+    assert selected == pytest.approx({"grad_share": 0.4, "warmup": 2 / 3, "threshold": 1.0, "my_metric": 7.0})
+    row = step_row(3, parts, select_method="ict", dropped=0, selected=selected)
+    assert row["select_grad_share"] == pytest.approx(0.4) and row["select_threshold"] == pytest.approx(1.0)
+    assert row["select_warmup"] is True  # a boolean column: true in most micro-batches
+    assert "select_my_metric" not in row  # no such column: logged as forkwatch/select/my_metric only
+    assert set(row) <= set(STEPS.names)
+
+
+def test_without_a_selector_the_select_columns_are_absent_and_group_js_is_null():
+    row = step_row(1, [_part({})], select_method=None, dropped=2, selected={})
+    assert not [k for k in row if k.startswith("select_") and k != "select_method"]
+    assert row["group_js_mean"] is None and row["dropped_records"] == 2 and row["n_tokens"] == 4
