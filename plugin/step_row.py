@@ -53,7 +53,7 @@ def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | Non
         col = SELECT_PREFIX + name
         if col in _SELECT_COLUMNS:  # a boolean column holds "true in most micro-batches"
             row[col] = bool(value > 0.5) if pa.types.is_boolean(_SELECT_COLUMNS[col]) else value
-    ranks = np.concatenate([p["effective_rank"] for p in parts])
+    ranks = np.concatenate([p.get("effective_rank", np.zeros(0)) for p in parts])
     ranks = ranks[np.isfinite(ranks)]
     row["entropy_spectrum"] = spectrum_counts(ent)
     row["effective_rank_mean"] = float(ranks.mean()) if ranks.size else None  # null: not measured this step
