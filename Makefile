@@ -5,15 +5,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.forkwatch-installed
 # The tested torch. On a machine with no torch yet this avoids pulling the newest CUDA build by default.
 TORCH  ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
 
 .PHONY: test demo lint setup browser clean
 
 setup: $(STAMP)
 
+# DeepSpeed (the ZeRO-3 tests) compiles nothing with DS_BUILD_OPS=0 and must see the installed torch: no build
+# isolation, which would fetch a second torch.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation "$(DEEPSPEED)"
+	$(BIN)/pip install -e ".[dev,test]"
 	touch $(STAMP)
 
 lint: $(STAMP)

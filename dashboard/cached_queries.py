@@ -91,6 +91,12 @@ def completion_tokens(log_dir: str, run_id: str, step: int, completion_id: int) 
     return tokens.merge(forks[["position", "sampled_rank", "alt_texts", "alt_probs"]], on="position", how="left")
 
 
+@st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
+def truth_marks(log_dir: str, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """Ground-truth decision points of one completion, where the run's task wrote them (the demo's does)."""
+    return _run(queries.truth_marks, log_dir, run_id, step, completion_id)
+
+
 @st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
 def top_fork_tokens(log_dir: str, run_id: str, steps: tuple[int, ...], limit: int) -> pd.DataFrame:
     return _run(queries.top_fork_tokens, log_dir, run_id, list(steps), limit)

@@ -5,6 +5,8 @@ steps and the overlap of their top-entropy positions with the first scoring."""
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import streamlit as st
 from forkwatch.dashboard import cached_queries, charts, lens_views, page_frame, url_state
@@ -61,6 +63,34 @@ def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> Non
         return
     st.html(legend_html(stat, tokens))
     st.html(token_html(tokens, stat))
+    _truth_view(log_dir, run, step, int(completion["completion_id"]), tokens)
+
+
+_TRUTH_STYLE = {  # (is_decision, is_fork) -> background: agreement green, a missed decision red, an extra fork grey
+    (True, True): "#a1d99b", (True, False): "#fc9272", (False, True): "#d9d9d9", (False, False): "transparent",
+}
+
+
+def _truth_view(log_dir: str, run: str, step: int, completion_id: int, tokens: pd.DataFrame) -> None:
+    """Where the run's task knows its decision points (a `truth` annotation, e.g. the demo's), the completion again
+    with each decision point and each fork marked, so the two can be compared token by token."""
+    marks = cached_queries.truth_marks(log_dir, run, step, completion_id)
+    if marks.empty:
+        return
+    decision = dict(zip(marks["position"], marks["is_decision"], strict=True))
+    spans, n_dec, n_hit = [], 0, 0
+    for row in tokens.itertuples(index=False):
+        is_dec, is_fork = bool(decision.get(row.position, False)), bool(row.is_fork)
+        n_dec, n_hit = n_dec + is_dec, n_hit + (is_dec and is_fork)
+        text = html.escape(str(row.text) if isinstance(row.text, str) else f"#{row.token_id}") or "∅"
+        border = "border-bottom:2px solid #238b45;" if is_dec else ""
+        spans.append(f'<span class="fw-truth" style="background:{_TRUTH_STYLE[is_dec, is_fork]};{border}" '
+                     f'title="position {row.position}{" · decision point" if is_dec else ""}'
+                     f'{" · fork" if is_fork else ""}">{text}</span>')
+    st.markdown(f"**Ground truth:** {n_dec} decision point(s) in this completion (underlined), {n_hit} of them "
+                "marked as forks by forkwatch. Green: decision point and fork; red: a decision point forkwatch "
+                "missed; grey: a fork where only one token was correct.")
+    st.html('<div class="fw-truth-view" style="font-family:monospace;line-height:1.8">' + "".join(spans) + "</div>")
 
 
 def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:

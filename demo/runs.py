@@ -1,7 +1,8 @@
 """The demo's run matrix: several GRPO runs of the warm-up model, each with forkwatch attached, into one log dir.
 
-Each run is a plain `trl.GRPOTrainer` plus the one-line `forkwatch.attach(...)`, exactly what a user writes. Only the
-learning rate and the token selector differ between runs, so the dashboard compares like with like.
+Each run is a plain `trl.GRPOTrainer` plus the one-line `forkwatch.attach(...)`, exactly what a user writes. Each run
+changes one thing from plain GRPO at the stable rate (the reward and rate, the entropy bonus, or the token selector),
+so the dashboard compares like with like and each verdict has one cause.
 """
 
 from __future__ import annotations
@@ -24,24 +25,34 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    # The whole demo at 80 steps: 54 s on 2 quiet cores, ~5-6 min when other jobs load them (100 steps took 6 min 1 s
-    # there). The collapse is flagged at step 22.
-    steps: int = 80
-    # 8 prompts x 4 rollouts: with 4 x 8 the step-to-step entropy swings with how easy the few prompts happen to be
+    steps: int = 50  # every run but the collapse
+    # Preference-driven collapse is gradual: at the stable rate every decision point has lost its entropy after
+    # 90-120 steps (docs/experiments.md); this cap leaves a margin, and the run stops at its alarm (on_alarm).
+    collapse_steps: int = 200
+    # The explosion run's cap, also kept by --quick: its alarm fires at step ~15 and the stop comes a few steps later.
+    explosion_steps: int = 50
+    # forkwatch ends a run when a collapse or explosion alarm fires, as a user watching for them would set it: the
+    # alarmed runs stop within a step or two of their alarm instead of training on for nothing.
+    on_alarm: str = "stop"
     prompts_per_step: int = 8  # x num_generations completions per optimizer step
     num_generations: int = 4
     max_completion_length: int = task.MAX_COMPLETION_CHARS + 3  # room for EOS; longer means the format broke
-    # Tuned on 2 CPU cores (docs/experiments.md): at 3e-4 reward rises while entropy stays near its early level;
-    # 2e-3 is past what the tiny model tolerates.
+    # Every run uses this rate: each verdict then has one cause. At 1e-3 and above this tiny model breaks within a
+    # few steps whatever the reward (docs/experiments.md).
     stable_lr: float = 3e-4
-    collapse_lr: float = 2e-3
-    # A constant rate: the first N steps of a run do not depend on its length, so `--quick` replays the start of
-    # the default runs.
-    lr_scheduler: str = "constant"
+    # TRL's entropy bonus (GRPOConfig.entropy_coef) at 1.0: as heavy as the policy loss itself, where 0.001-0.01 is
+    # the usual range.
+    explosion_entropy_coef: float = 1.0
+    # A short linear warm-up, then a constant rate: the first N steps of a run do not depend on its length, so
+    # `--quick` replays the start of the default runs. Without the warm-up, Adam's first step moves every weight by
+    # the full rate (its update is the gradient's sign), which at 1e-3 broke the model in one step.
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 10
     n_prompts: int = 2000
-    # The high rate ends in an alarm at every seed we tried, but which one is chaotic: at seed 1 mean entropy
-    # collapses (flagged at step 22), at seed 0 it explodes (docs/experiments.md has the tally).
-    seed: int = 1
+    seed: int = 0
+
+
+REWARDS = {"items": task.reward_fn, "items_alphabetical": task.alphabetical_reward_fn}
 
 
 @dataclass(frozen=True)
@@ -49,17 +60,35 @@ class RunSpec:
     name: str  # run id and folder name under the log dir
     select: str | None  # forkwatch selector; None = plain GRPO, forkwatch only watches
     learning_rate: float
-    note: str
+    note: str  # one sentence: what the run shows
+    expect: str  # the verdict the run is designed to get from `forkwatch check`
+    reward: str = "items"  # a key of REWARDS
+    entropy_coef: float = 0.0
+    steps: int | None = None  # None: GRPOSettings.steps
 
 
 def demo_runs(s: GRPOSettings) -> list[RunSpec]:
-    """The five runs of `forkwatch demo`: two plain GRPO learning rates, then three selectors at the stable one."""
+    """The runs of `forkwatch demo`: one designed collapse, one designed explosion, plain GRPO, three selectors."""
     return [
-        RunSpec("grpo_lr_high", None, s.collapse_lr, "plain GRPO at a learning rate that collapses entropy"),
-        RunSpec("grpo", None, s.stable_lr, "plain GRPO at a stable learning rate"),
-        RunSpec("high_entropy", "high_entropy", s.stable_lr, "gradient only on the top 20 % entropy tokens"),
-        RunSpec("ict", "ict", s.stable_lr, "ICT: gradient on the top 10 % group-JS tokens per completion"),
-        RunSpec("random", "random", s.stable_lr, "control: gradient on a random 10 % of tokens"),
+        RunSpec(
+            "grpo_alphabetical", None, s.stable_lr,
+            "a reward that slightly prefers one correct order (up to +0.1 for alphabetical): GRPO divides by each "
+            "group's reward spread, so the small bonus is a full-size signal; every decision point converges on one "
+            "choice and entropy collapses",
+            "collapse", reward="items_alphabetical", steps=s.collapse_steps,
+        ),
+        RunSpec(
+            "grpo_entropy_bonus", None, s.stable_lr,
+            f"TRL's entropy bonus set too high (entropy_coef={s.explosion_entropy_coef:g}): the bonus outweighs "
+            "the reward, the forced tokens lose their certainty and entropy explodes",
+            "explosion", entropy_coef=s.explosion_entropy_coef, steps=s.explosion_steps,
+        ),
+        RunSpec("grpo", None, s.stable_lr, "plain GRPO at a stable learning rate, every correct order rewarded alike",
+                "healthy"),
+        RunSpec("high_entropy", "high_entropy", s.stable_lr, "gradient only on the top 20 % entropy tokens",
+                "healthy"),
+        RunSpec("ict", "ict", s.stable_lr, "ICT: gradient on the top 10 % group-JS tokens per completion", "healthy"),
+        RunSpec("random", "random", s.stable_lr, "control: gradient on a random 10 % of tokens", "healthy"),
     ]
 
 
@@ -103,12 +132,14 @@ def train_run(
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
-        max_steps=settings.steps,
+        max_steps=spec.steps or settings.steps,
         learning_rate=spec.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.lr_warmup_steps,
         report_to="none",
         use_cpu=True,
         seed=settings.seed,
+        entropy_coef=spec.entropy_coef,
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
@@ -116,14 +147,15 @@ def train_run(
     trainer = GRPOTrainer(
         model=model,
         args=args,
-        reward_funcs=task.reward_fn,
+        reward_funcs=REWARDS[spec.reward],
         train_dataset=Dataset.from_dict({"prompt": [p.prompt for p in problems]}),
         processing_class=tok,
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    trainer.add_callback(_Bar(spec.name, settings.steps, bar_position, progress))
-    attach(trainer, log_dir=str(log_dir), run_name=spec.name, select=spec.select, seed=settings.seed)
+    trainer.add_callback(_Bar(spec.name, spec.steps or settings.steps, bar_position, progress))
+    attach(trainer, log_dir=str(log_dir), run_name=spec.name, select=spec.select, seed=settings.seed,
+           on_alarm=settings.on_alarm)
     trainer.train()
     return trainer
 

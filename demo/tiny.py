@@ -2,7 +2,7 @@
 
 Tests, the demo and the benchmarks all build their models here, so "a tiny Qwen2-style model" means one thing.
 Load a saved tokenizer with `PreTrainedTokenizerFast.from_pretrained` and pass it as `processing_class`:
-`AutoTokenizer` turns a char-level tokenizer next to a Qwen2 `config.json` into a byte-level one (DESIGN.md).
+`AutoTokenizer` turns a char-level tokenizer next to a Qwen2 `config.json` into a byte-level one, and spaces vanish.
 """
 
 from __future__ import annotations

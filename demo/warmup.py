@@ -1,8 +1,8 @@
-"""A brief supervised warm-up that teaches a tiny Qwen2-style model the demo task's format, cached on disk.
+"""A brief supervised warm-up that teaches a tiny Qwen2-style model the demo task, cached on disk.
 
-GRPO needs a policy that already gets some answers right (a group whose rewards are all equal carries no signal),
-so the randomly initialised model first imitates written-out solutions for a few hundred steps. It stops while it
-still makes mistakes: that uncertainty is what the GRPO runs then sharpen, or collapse.
+Each training example writes a problem's items in a fresh random order, so the model learns that every order is
+correct: at a decision point it spreads its probability over the items not yet written, and everywhere else (the
+rest of a name, the comma, EOS) it becomes near-certain. That is the shape GRPO then sharpens, keeps, or collapses.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,28 +31,36 @@ class WarmupSettings:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 64
     lr: float = 3e-3
-    n_problems: int = 5000
     seed: int = 0
 
     def key(self) -> str:
         """A short hash of everything that shapes the warm-up model (settings + the task's alphabet)."""
-        blob = json.dumps({**asdict(self), "chars": task.CHARS, "task": "arith2-v1"}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "chars": task.CHARS, "words": task.WORDS, "task": "items-v1"}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _batch(problems: list[task.Problem], tok: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+def _examples(n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` (prompt, completion) pairs: random items, written in a random order (each of the 120 equally likely)."""
+    out = []
+    for p in task.make_problems(n, seed=rng.randrange(2**31)):
+        order = rng.sample(p.keys, len(p.keys))
+        out.append((p.prompt, task.SEP.join(task.BY_KEY[k] for k in order)))
+    return out
+
+
+def _batch(problems: list[tuple[str, str]], tok: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
     """Prompt + completion + EOS, right-padded; the loss sees only the completion and EOS.
 
     The prompt is tokenized on its own exactly as GRPOTrainer does (`tok(text=prompts)`, no BOS), so the model
     learns to continue the very token sequences it will be sampled from.
     """
     rows, labels = [], []
-    for p in problems:
-        prompt_ids = tok(p.prompt)["input_ids"]
-        completion_ids = tok(p.completion)["input_ids"] + [tok.eos_token_id]
+    for prompt, completion in problems:
+        prompt_ids = tok(prompt)["input_ids"]
+        completion_ids = tok(completion)["input_ids"] + [tok.eos_token_id]
         rows.append(prompt_ids + completion_ids)
         labels.append([-100] * len(prompt_ids) + completion_ids)
     width = max(map(len, rows))
@@ -74,18 +83,16 @@ def train(settings: WarmupSettings, *, progress: bool = True) -> tuple[torch.nn.
         layers=settings.layers,
         heads=settings.heads,
         kv_heads=settings.kv_heads,
-        max_positions=64,
+        max_positions=96,
         seed=settings.seed,
     )
-    problems = task.make_problems(settings.n_problems, seed=settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # short linear ramp
     model.train()
     bar = tqdm(range(settings.steps), desc="warm-up (supervised)", disable=not progress, unit="step")
     for _ in bar:
-        idx = torch.randint(len(problems), (settings.batch_size,), generator=gen).tolist()
-        loss = model(**_batch([problems[i] for i in idx], tok)).loss
+        loss = model(**_batch(_examples(settings.batch_size, rng), tok)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -64,17 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "demo",
         help="train a tiny model offline with GRPO + forkwatch, then open the dashboard",
-        description="Build a tiny model and tokenizer in code, teach it a small arithmetic task, train it with "
-        "GRPO + forkwatch in several runs (one that collapses, healthy ones, ICT, high-entropy, random), then serve "
-        "the dashboard. Runs on the CPU, no network.",
+        description="Build a tiny model and tokenizer in code, teach it a small task with known decision points, "
+        "train it with GRPO + forkwatch in several runs (one designed to collapse, one to explode, healthy ones, "
+        "ICT, high-entropy, random), check them, then serve the dashboard. Runs on the CPU, no network.",
     )
     s.add_argument("--out", default="demo_runs", help="output folder (log dir and cached warm-up model)")
-    s.add_argument("--steps", type=int, default=None, help="GRPO steps per run")
-    s.add_argument("--quick", action="store_true", help="a tiny version for tests (seconds)")
+    s.add_argument("--steps", type=int, default=None, help="GRPO steps per run (the collapse run keeps its own cap)")
+    s.add_argument("--quick", action="store_true",
+                   help="cut the healthy runs to 20 steps (the alarmed ones still stop at their alarm)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the GRPO runs (default 0; the warm-up is shared)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model gains nothing from more, and on a busy machine "
+                   "extra threads slow it down)")
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8501)
-    s.set_defaults(target="forkwatch.demo.run:main")
+    s.set_defaults(target="forkwatch.cli:demo")
     return p
 
 
@@ -209,6 +214,43 @@ def _jsonify_nested(df: Any) -> Any:
         if out[col].dtype == object and out[col].map(lambda v: isinstance(v, dict | list | np.ndarray)).any():
             out[col] = out[col].map(cell)
     return out
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`forkwatch demo`: the demo's pipeline returns values (demo/pipeline.py); the terminal output is here."""
+    from forkwatch.demo import pipeline
+
+    try:
+        settings = pipeline.settings_from_args(args)
+    except ValueError as e:
+        print(f"forkwatch demo: {e}")
+        return 2
+    specs = pipeline.demo_runs(settings.grpo)
+    steps = ", ".join(f"{s.name} {s.steps or settings.grpo.steps}" for s in specs)
+    print(f"forkwatch demo: writing to {args.out}: {len(specs)} GRPO runs, seed {settings.grpo.seed}, CPU "
+          f"(steps: {steps})")
+    try:
+        result = pipeline.run_demo(settings, args.out, threads=args.threads)
+    except KeyboardInterrupt:
+        print(f"\nforkwatch demo: interrupted; the runs written so far stay readable in {args.out}/logs")
+        return 130
+    print(f"warm-up model: {result.model_dir}")
+    print(f"trained in {result.seconds:.0f} s ({result.cpu_seconds:.0f} s CPU). "
+          f"Health (forkwatch check {result.log_dir}):")
+    print("\n".join(result.verdict_lines))
+    print("What each run shows (designed verdict):")
+    for s in result.specs:
+        print(f"  {s.name:<20} {s.expect.upper():<10} {s.note} (lr {s.learning_rate:g})")
+    if result.forks is not None:
+        print("\n".join(result.forks.lines()))
+    if args.no_dashboard:
+        print(f"dashboard: forkwatch dashboard {result.log_dir}")
+        return 0
+    # serves until Ctrl-C, then returns 0
+    try:
+        return dashboard(argparse.Namespace(log_dir=str(result.log_dir), host=args.host, port=args.port))
+    except KeyboardInterrupt:  # a second Ctrl-C while streamlit shuts down
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

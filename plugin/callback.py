@@ -252,7 +252,8 @@ class ForkwatchCallback(TrainerCallback):
         if faults:
             logger.warning("forkwatch: errors during this run (training was not affected): %s", faults)
         writer.update_meta(group_js_split_groups=self.monitor.split_groups,
-                           group_js_fallbacks=dict(self.monitor.group_js_fallbacks))
+                           group_js_fallbacks=dict(self.monitor.group_js_fallbacks),
+                           fork_fallbacks=dict(self.monitor.fork_fallbacks))
         writer.close(status)
 
     # ------------------------------------------------------------------ helpers

@@ -43,8 +43,9 @@ class ForkwatchConfig:
         default="auto",
         metadata={
             "help": "Compute ICT's group Jensen-Shannon score, from the logits of each decoding step during "
-            "generation (an extra no-grad backbone pass over the generation batch where that cannot be done, e.g. "
-            "vLLM or tool-calling loops). 'auto': only when the selector needs it."
+            "generation; where that cannot be done (vLLM, custom rollouts, tool-calling loops) from the loss pass's "
+            "own hidden states, or an extra no-grad backbone pass when a micro-batch holds only part of the "
+            "generation batch. 'auto': only when the selector needs it."
         },
     )
     group_js_chunk: int = field(

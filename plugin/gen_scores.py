@@ -1,30 +1,54 @@
-"""group_js scored during `model.generate`, from the next-token logits each decoding forward already returns.
+"""Per-position evidence taken during `model.generate`, from the next-token logits each decoding forward already
+returns: ICT's group_js, and the top-k alternatives with the sampled token's rank that forks record.
 
-The G rollouts of a prompt are decoded in lockstep, so at decode step t every sibling's p_{j,t} = softmax(z_{j,t}/T)
-exists at once: a forward hook on the causal LM (armed only while TRL's `_generate_single_turn` runs for training)
-scores u_{i,t} there, O(B x V) per step, and keeps only the (B,) scores of each step. No backbone pass, no
-vocabulary projection, no (B, T, V) storage. Step 0 is the prefill forward (its last position predicts completion
-token 0); step t >= 1 is fed the token sampled at t-1, which is how the hook learns which rows have finished.
+A forward hook on the causal LM (armed only while TRL's `_generate_single_turn` runs for training) sees each decode
+step's (B, V) logits z. The G rollouts of a prompt are decoded in lockstep, so every sibling's p_{j,t} = softmax(z/T)
+exists at once and u_{i,t} is scored there, O(B x V) per step; the top-k of each row is kept too (B x k per step),
+and the rank of the sampled token once it is fed back at the next step. The probabilities are normalised here, from
+generation's own logits: the loss pass's log-probs can differ from the sampler's (dropout, numerics), and a top-k
+that sums past 1 would be wrong. No backbone pass, no projection through the
+LM head (which under ZeRO-3 or FSDP2 is sharded outside the forward), no (B, T, V) storage. Step 0 is the prefill
+forward (its last position predicts completion token 0); step t >= 1 is fed the token sampled at t-1, which is how
+the hook learns which rows have finished and which token each row drew.
+
+The alternatives are those of the policy that sampled the token (the distribution it was drawn from): the loss pass
+of the first optimizer step on a batch sees the same distribution up to float rounding.
 
 `take` checks the result against TRL's generation batch (rows, steps, the fed tokens against `completion_ids`) and
-returns None with a reason where it cannot vouch for it; the monitor then falls back to its extra pass.
+returns None with a reason where it cannot vouch for it; the monitor then falls back (gathered head, extra pass).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from forkwatch.plugin import metrics
+from forkwatch.plugin.batch_rules import group_of
+
+
+@dataclass
+class GenEvidence:
+    """Per-position evidence for TRL's (B, T) completion tokens, taken from generation's own logits. Each field is
+    None when it was not asked for."""
+
+    group_js: torch.Tensor | None = None  # (B, T) float32, 0 off the mask
+    alt_ids: torch.Tensor | None = None  # (B, T, k) int64: the k most likely next tokens
+    alt_probs: torch.Tensor | None = None  # (B, T, k) float32: their probabilities under softmax(z / T)
+    rank: torch.Tensor | None = None  # (B, T) int64: the sampled token's rank in the whole vocabulary (0 = top)
 
 
 class GenScorer:
-    def __init__(self, *, temperature: float, num_generations: int, rank: int, chunk: int) -> None:
+    def __init__(self, *, temperature: float, num_generations: int, rank: int, chunk: int, group_js: bool = True,
+                 top_k: int | None = None) -> None:
         self.temperature = temperature
         self.num_generations = num_generations
         self.rank = rank
         self.chunk = chunk
+        self.group_js = group_js
+        self.top_k = top_k  # None: no alternatives
         self.eos: torch.Tensor | None = None  # TRL's eos ids, set by the monitor
         self.seconds = 0.0  # hook time since the last `take` (host time: kernels are queued, not waited for)
         self.reset()
@@ -34,7 +58,12 @@ class GenScorer:
         self.armed = False
         self.calls = 0  # `_generate_single_turn` calls in this generation batch
         self.reason: str | None = None  # why this batch cannot be served (first reason wins)
+        self.steps = 0
         self.scores: list[torch.Tensor] = []  # per step (B,)
+        self.top_ids: list[torch.Tensor] = []  # per step (B, k)
+        self.top_probs: list[torch.Tensor] = []  # per step (B, k)
+        self.ranks: list[torch.Tensor] = []  # per step but the last (B,): known once the sampled token is fed back
+        self.last_z: torch.Tensor | None = None  # (B, V) the latest step's logits, until its token is known
         self.fed: list[torch.Tensor] = []  # per decode step (B,): the token sampled at the previous step
         self.active: list[torch.Tensor] = []  # per step (B,) bool
         self.groups: torch.Tensor | None = None
@@ -44,6 +73,7 @@ class GenScorer:
     def invalidate(self, reason: str) -> None:
         self.reason = self.reason or reason
         self.armed = False
+        self.last_z = None
 
     def arm(self) -> None:
         self.calls += 1
@@ -64,11 +94,12 @@ class GenScorer:
             return
         z = logits[:, -1].detach()  # (B, V): raw next-token logits (logit scale / softcap applied by the model)
         b = z.size(0)
-        if not self.scores:  # prefill: predicts completion token 0; every row is active
-            first, g = self.rank * b // self.num_generations, self.num_generations
-            # group = global_row // G, as the monitor's group_id, renumbered from 0 (no host sync)
-            self.groups = (self.rank * b + torch.arange(b, device=z.device)) // g - first
-            self.n_groups = (self.rank * b + b - 1) // g - first + 1
+        if not self.steps:  # prefill: predicts completion token 0; every row is active
+            # the monitor's group rule, renumbered from 0 (no host sync)
+            first, last = group_of(self.rank * b, self.num_generations), group_of(self.rank * b + b - 1,
+                                                                                  self.num_generations)
+            self.groups = group_of(self.rank * b + torch.arange(b, device=z.device), self.num_generations) - first
+            self.n_groups = last - first + 1
             self.finished = torch.zeros(b, dtype=torch.bool, device=z.device)
             if self.eos.device != z.device:
                 self.eos = self.eos.to(z.device)
@@ -79,28 +110,36 @@ class GenScorer:
                 return
             tok = ids[:, 0]
             self.fed.append(tok)
+            if self.last_z is not None:
+                self.ranks.append(metrics.rank_of(self.last_z, tok))
             # sticky: generate keeps feeding finished rows pad tokens, which are excluded from P̄ and score 0
             self.finished |= torch.isin(tok, self.eos)
+        self.steps += 1
         active = ~self.finished
         self.active.append(active)
-        self.scores.append(
-            metrics.group_js_step(z, active, self.groups, self.n_groups, self.temperature, chunk=self.chunk)
-        )
+        if self.group_js:
+            self.scores.append(
+                metrics.group_js_step(z, active, self.groups, self.n_groups, self.temperature, chunk=self.chunk))
+        if self.top_k is not None:
+            ids_k, probs_k = metrics.topk_probs(z, self.top_k, self.temperature)
+            self.top_ids.append(ids_k)
+            self.top_probs.append(probs_k)
+            self.last_z = z
         self.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
-    def take(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
-        """(B, T) scores for TRL's `completion_ids` / `completion_mask` (0 off the mask), or (None, reason)."""
-        scores, fed, active, reason = self.scores, self.fed, self.active, self.reason
+    def take(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[GenEvidence | None, str | None]:
+        """Evidence for TRL's `completion_ids` / `completion_mask` (B, T), or (None, reason)."""
+        steps, fed, active, reason = self.steps, self.fed, self.active, self.reason
+        scores, top_ids, top_probs, ranks, last_z = self.scores, self.top_ids, self.top_probs, self.ranks, self.last_z
         self.reset()
         if reason is not None:
             return None, reason
-        if not scores:
+        if not steps:
             return None, "no_logits"  # generation did not run through the hooked model (custom rollout_func, ...)
         b, t = ids.shape
-        u = torch.stack(scores, 1)  # (B, S)
-        s = u.size(1)
-        if u.size(0) != b:
+        s = steps
+        if active[0].numel() != b:
             return None, "rows"
         # the tokens generate fed back must be TRL's completion tokens, row for row (no chunking or reordering)
         n = min(s - 1, t)
@@ -114,29 +153,61 @@ class GenScorer:
             return None, "steps"
         if s > t and bool(torch.stack(active[t:], 1).any()):
             return None, "steps"
-        if s < t:
-            u = torch.cat([u, u.new_zeros(b, t - s)], 1)
-        return u[:, :t] * mask.to(u.dtype), None
+        out = GenEvidence()
+        keep = mask.bool()
+        if self.group_js:
+            out.group_js = _fit(torch.stack(scores, 1), t) * mask.to(torch.float32)  # (B, T)
+        if self.top_k is not None:
+            if s <= t:  # the last step's token was never fed back: it is TRL's completion token s-1
+                ranks.append(metrics.rank_of(last_z, ids[:, s - 1]))
+            out.alt_ids = _fit(torch.stack(top_ids, 1), t)  # (B, T, k)
+            out.alt_probs = _fit(torch.stack(top_probs, 1), t) * keep.unsqueeze(-1)
+            out.rank = _fit(torch.stack(ranks, 1), t) * keep
+        return out, None
+
+
+def _fit(x: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, S, ...) per-step values -> (B, T, ...): cut, or padded with zeros past the last step."""
+    s = x.size(1)
+    if s >= t:
+        return x[:, :t]
+    return torch.cat([x, x.new_zeros((x.size(0), t - s, *x.shape[2:]))], 1)
 
 
 @torch.no_grad()
-def extra_pass(trainer, backbone, project, out: dict[str, Any], mask: torch.Tensor, groups: torch.Tensor, *,
-               chunk: int) -> torch.Tensor:
-    """The fallback: one extra no-grad backbone pass over the generation batch, then `metrics.group_js`.
+def extra_pass(trainer, model: torch.nn.Module, backbone: torch.nn.Module, out: dict[str, Any]) -> torch.Tensor:
+    """The fallback's extra no-grad pass over the generation batch -> (B, T, H) the hidden states that predict each
+    completion token (then `metrics.group_js` through the gathered head).
 
-    mask (B, T): the loss mask, taken as "active" (a rollout TRL masks, e.g. truncated under
-    mask_truncated_completions, leaves P̄ here, while during generation it counts until it ends); groups (B,) long.
+    Under FSDP2 the pass starts at the causal LM (only the root's forward gathers the root's own parameters;
+    `logits_to_keep=1` keeps the head to one position) and a forward hook on the backbone takes the states. Elsewhere
+    it calls the backbone alone: ZeRO-3 gathers per submodule, and an extra call of its partitioned head outside the
+    engine's forward breaks the next backward.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     pids, cids = out["prompt_ids"], out["completion_ids"]
     p, t = pids.size(1), cids.size(1)
     input_ids = torch.cat([pids, cids], 1)
     attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     bs = trainer.args.per_device_train_batch_size
     devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-    hidden = []
+    hidden: list[torch.Tensor] = []
+
+    def take(module, args, output):
+        hs = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden.append(hs[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting completion token t
+
+    handle = backbone.register_forward_hook(take)
     # fork_rng: a dropout layer in this extra pass must not move the global RNG TRL's shuffle draws from
-    with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
-        for s in range(0, input_ids.size(0), bs):
-            h = backbone(input_ids=input_ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
-            hidden.append(h.last_hidden_state[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting token t
-    return metrics.group_js(torch.cat(hidden), mask, groups, project, chunk=chunk)
+    try:
+        with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
+            for s in range(0, input_ids.size(0), bs):
+                batch = dict(input_ids=input_ids[s : s + bs], attention_mask=attn[s : s + bs], use_cache=False)
+                if isinstance(model, FSDPModule):
+                    model(**batch, logits_to_keep=1)
+                else:
+                    backbone(**batch)
+    finally:
+        handle.remove()
+    return torch.cat(hidden)

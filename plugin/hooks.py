@@ -1,13 +1,15 @@
-"""The TRL 1.16 seams (DESIGN.md, "Where the data comes from"): instance-level wrappers and module hooks only.
+"""The TRL 1.16 seams: instance-level wrappers and module hooks only.
 
 - the fused LM head is re-added with `log_sum_sq_probs` (Rényi-2 for free; log-probs and entropies unchanged);
 - `_calculate_rewards` / `_generate_and_score_completions`: per-completion facts, row ids, group_js;
-- `_generate_single_turn` (only with group_js): arms a forward hook on the causal LM that scores group_js from each
-  decoding step's logits (gen_scores.py) while TRL generates for training;
+- `_generate_single_turn`: arms a forward hook on the causal LM that takes group_js and the fork alternatives from
+  each decoding step's logits (gen_scores.py) while TRL generates for training;
 - `_compute_loss`: brackets each loss micro-batch; forward hooks on the model and its backbone, registered for that
-  call only, see the fused outputs (with gradient) and the hidden states (for top-k at forks);
+  call only, see the fused outputs (with gradient) and the hidden states (for the fallbacks: forks and group_js of
+  batches generation did not serve, projected through the gathered head, head.py);
 - `get_high_entropy_mask` (only with a selector): the selection seam.
-Every wrapper calls TRL first or always; a fault in forkwatch is counted and training goes on.
+Every wrapper calls TRL first or always. A recording fault is counted and training goes on; the selection (mask and
+loss term) runs outside the fault guards, so it is either computed or training stops with an error naming the cause.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from forkwatch.plugin.metrics import Projector
+from forkwatch.plugin.head import HeadProjector
 from forkwatch.plugin.monitor import Monitor
 
 
@@ -27,29 +28,9 @@ def target_model(trainer) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
 
 
-def make_projector(model: torch.nn.Module, temperature: float) -> Projector:
-    """(N, H) hidden -> (N, V) logits / T, as TRL's fused head computes them (logit scale, softcap)."""
-    cfg = model.config.get_text_config()
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        scale = getattr(cfg, name, None) if scale is None else scale
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
-    scale = 1.0 if scale is None else float(scale)
-
-    def project(h: torch.Tensor) -> torch.Tensor:
-        head = model.get_output_embeddings()  # looked up per call: PEFT/FSDP may replace it
-        w, b = head.weight, head.bias
-        z = F.linear(h.to(w.dtype), w, b).float()
-        # each of these is a pass over (N, V): skipped when it would change nothing
-        if scale != 1.0:
-            z = z * scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return z / temperature if temperature != 1.0 else z
-
-    return project
+def make_projector(model: torch.nn.Module, temperature: float) -> HeadProjector:
+    """(N, H) hidden -> (N, V) logits / T, as TRL's fused head computes them; usable inside `materialised()`."""
+    return HeadProjector(model, temperature)
 
 
 def install(trainer, monitor: Monitor) -> Callable[[], None]:
@@ -97,10 +78,14 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         return _generate_and_score_completions
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    watch_backbone = monitor.backbone is not None and monitor.config.record_tokens and monitor.config.record_forks
+    # the hidden states serve the fallbacks: forks without generation-time alternatives, group_js scored at the loss
+    watch_backbone = monitor.backbone is not None and (monitor.forks_on or monitor.group_js_on)
 
     def model_hook(module, args, kwargs, output):
         if monitor._mb is None:
+            return
+        if monitor.selector is not None:  # the selection reads these log-probs: a capture fault must not hide
+            monitor.on_model_forward(kwargs, output)
             return
         with guard("model_forward"):
             monitor.on_model_forward(kwargs, output)
@@ -125,9 +110,10 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
             finally:
                 for h in handles:
                     h.remove()
-            extra = None
+            # the selector's loss term is part of the objective: computed apart from recording, never guarded
+            extra = monitor.selection_loss()
             with guard("loss_end"):
-                extra = monitor.end_micro_batch()
+                monitor.end_micro_batch()
             return loss if extra is None else loss + extra
 
         return _compute_loss
@@ -159,11 +145,9 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
 
         def selection(original):
             def get_high_entropy_mask(entropies, mask, threshold):
-                weights = None
-                with guard("select"):
-                    weights = monitor.select(entropies, mask)
-                # a failed selector trains this micro-batch densely (weight 1) rather than stopping the run
-                return weights if weights is not None else mask.float()
+                # not guarded: a selection that cannot be computed stops training (monitor.select names the cause);
+                # training densely instead would silently give the user plain GRPO
+                return monitor.select(entropies, mask)
 
             return get_high_entropy_mask
 

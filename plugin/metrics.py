@@ -1,4 +1,4 @@
-"""Pure torch math on per-token quantities (see METHODS.md). Natural log; B completions, T positions, V vocab, H hidden.
+"""Pure torch math on per-token quantities. Natural log; B completions, T positions, V vocab, H hidden.
 
 No function here builds (B, T, V) logits: full distributions are projected from hidden states a chunk at a time
 through `project`, a callable (N, H) -> (N, V) temperature-scaled logits that the TRL glue builds from the model,
@@ -50,6 +50,27 @@ def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values
 
 
 @torch.no_grad()
+def rank_of(z: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Rank of `token` in each row of logits z (0 = most likely; ties share the better rank).
+    z (N, V), token (N,) long -> (N,) int64. Temperature does not change a rank."""
+    return (z > z.gather(-1, token.unsqueeze(-1))).sum(-1)
+
+
+@torch.no_grad()
+def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of softmax(z / temperature) and their probabilities.
+    z (N, V) logits -> ids (N, k) int64, probs (N, k) float32. Only k probabilities are normalised, and the
+    normaliser logsumexp(z) = m + log Σ exp(z - m) takes its max m from the top-k (one pass over V fewer)."""
+    z = z.float()
+    if temperature != 1.0:
+        z = z / temperature
+    top = torch.topk(z, min(k, z.size(-1)), dim=-1)
+    m = top.values[:, :1]  # (N, 1)
+    lse = m + (z - m).exp().sum(-1, keepdim=True).log()
+    return top.indices, (top.values - lse).exp()
+
+
+@torch.no_grad()
 def topk_alternatives(
     hidden: torch.Tensor, sampled: torch.Tensor, project: Projector, k: int, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,11 +80,11 @@ def topk_alternatives(
     """
     ids, probs, ranks = [], [], []
     for start in range(0, hidden.size(0), chunk):
-        z = project(hidden[start : start + chunk]).float()  # (n, V) logits; softmax is shift-invariant, so the
-        top = torch.topk(z, min(k, z.size(-1)), dim=-1)  # top-k and ranks come from z, and only k probabilities
-        ranks.append((z > z.gather(-1, sampled[start : start + chunk].unsqueeze(-1))).sum(-1))  # are normalised
-        ids.append(top.indices)
-        probs.append((top.values - torch.logsumexp(z, dim=-1, keepdim=True)).exp())
+        z = project(hidden[start : start + chunk]).float()  # (n, V) temperature-scaled logits
+        top_ids, top_p = topk_probs(z, k)
+        ranks.append(rank_of(z, sampled[start : start + chunk]))
+        ids.append(top_ids)
+        probs.append(top_p)
     if len(ids) == 1:
         return ids[0], probs[0], ranks[0]
     if not ids:
@@ -90,7 +111,7 @@ def group_js(
 
     hidden (B, T, H): the state that predicts completion token t of each row; mask (B, T): 1 while a rollout is
     active; groups (B,) long. -> (B, T) float32 in [0, ln 2], 0 where fewer than two rollouts are active or off the
-    mask. P̄ includes the rollout itself (METHODS.md). Holds at most G x chunk x V probabilities at once (plus one
+    mask. P̄ includes the rollout itself (our reading). Holds at most G x chunk x V probabilities at once (plus one
     chunk x V mixture). arXiv:2606.19771.
     """
     out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)

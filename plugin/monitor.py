@@ -13,11 +13,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from forkwatch.plugin import metrics
+from forkwatch.plugin.batch_rules import eos_ids, group_of, response_mask
 from forkwatch.plugin.captures import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 from forkwatch.plugin.gen_scores import GenScorer, extra_pass
 from forkwatch.plugin.hidden_rank import completion_ranks
@@ -60,12 +62,15 @@ class Monitor:
         self.split_groups = 0  # groups whose rollouts were not all on this rank (group_js over local siblings)
         # group_js is scored during generation (gen_scores.py); the extra pass serves what that cannot, by reason
         self.group_js_fallbacks: Counter[str] = Counter()
+        # fork alternatives come from generation's logits too; where they cannot, from the gathered head
+        self.forks_on = config.record_tokens and config.record_forks and config.fork_fraction > 0
+        self.fork_fallbacks: Counter[str] = Counter()
         self.gen_scorer: GenScorer | None = None
-        if self.group_js_on:
+        if self.group_js_on or self.forks_on:
             self.gen_scorer = GenScorer(temperature=trainer.temperature, num_generations=trainer.num_generations,
-                                        rank=self.rank, chunk=config.group_js_chunk)
-            eos = getattr(trainer, "eos_token_ids", None) or [trainer.processing_class.eos_token_id]
-            self.gen_scorer.eos = torch.tensor(sorted(eos))
+                                        rank=self.rank, chunk=config.group_js_chunk, group_js=self.group_js_on,
+                                        top_k=config.fork_top_k if self.forks_on else None)
+            self.gen_scorer.eos = torch.tensor(eos_ids(trainer))
         self._mb: MicroBatch | None = None
         self._rank_left: dict[int, int] = {}  # step -> completions whose effective rank this rank may still measure
 
@@ -99,25 +104,24 @@ class Monitor:
     def on_generation(self, out: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tr = self.trainer
-        ids, cmask = out["completion_ids"], out["completion_mask"]
-        mask = cmask if "tool_mask" not in out else cmask * out["tool_mask"]
+        ids = out["completion_ids"]
+        mask = response_mask(out)
         b, t = ids.shape
         device = ids.device
         ga = tr.args.gradient_accumulation_steps
         gen_key = tr.state.global_step * ga + tr._step % ga
         global_row = self.rank * b + torch.arange(b, device=device)
         cid = gen_key * ROW_BITS + global_row
-        gid = gen_key * ROW_BITS + global_row // tr.num_generations
+        gid = gen_key * ROW_BITS + group_of(global_row, tr.num_generations)
         out["forkwatch_row_id"] = cid
         out["forkwatch_group_id"] = gid
-        if self.group_js_on:
-            out["forkwatch_group_js"] = self._group_js(out, mask, gid)
+        if self.gen_scorer is not None:
+            self._gen_evidence(out, mask, gid)
 
         # Per-completion facts stay on the device as (b,) tensors: no per-row Python and no text decoding here
         # (the sampled rows are decoded on the writer's thread when their step is handed over).
         if self._eos is None or self._eos.device != device:
-            eos = sorted(getattr(tr, "eos_token_ids", None) or [tr.processing_class.eos_token_id])
-            self._eos = torch.tensor(eos, device=device)
+            self._eos = torch.tensor(eos_ids(tr), device=device)
         # TRL cuts a completion after its first EOS; no EOS means it hit max_completion_length (truncated)
         is_eos = torch.isin(ids, self._eos)
         has_eos = is_eos.any(1)
@@ -144,22 +148,67 @@ class Monitor:
         )
         self._acc().seconds += time.perf_counter() - t0
 
-    def _group_js(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
-        """The scores taken during generation; else one extra no-grad backbone pass, then chunked JS per group."""
+    def _gen_evidence(self, out: dict[str, Any], mask: torch.Tensor, gid: torch.Tensor) -> None:
+        """Per-position evidence as extra per-row tensors of the generation batch (they survive TRL's shuffle and
+        split into the loss micro-batches): generation's own scores, else the fallbacks. Every rank takes the same
+        path (the fallbacks gather the sharded head, a collective), so one rank that cannot vouch for its
+        generation-time evidence sends all ranks to the fallback for this batch."""
         tr = self.trainer
-        groups = torch.unique(gid, return_inverse=True)[1]
-        counts = torch.bincount(groups)
-        self.split_groups += int((counts < tr.num_generations).sum())
+        if self.group_js_on:
+            groups = torch.unique(gid, return_inverse=True)[1]
+            self.split_groups += int((torch.bincount(groups) < tr.num_generations).sum())
         self._acc().seconds += self.gen_scorer.seconds
         self.gen_scorer.seconds = 0.0
-        scores, reason = self.gen_scorer.take(out["completion_ids"], mask)
-        if scores is not None:
-            return scores
+        evidence, reason = self.gen_scorer.take(out["completion_ids"], mask)
+        if self.world > 1:
+            ok = torch.tensor([evidence is not None], dtype=torch.int32, device=mask.device)
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if evidence is not None and not bool(ok):
+                evidence, reason = None, "other_rank"
+        if evidence is not None:
+            if self.group_js_on:
+                out["forkwatch_group_js"] = evidence.group_js
+            if self.forks_on:
+                out["forkwatch_alt_ids"], out["forkwatch_alt_probs"] = evidence.alt_ids, evidence.alt_probs
+                out["forkwatch_alt_rank"] = evidence.rank
+            return
+        if self.forks_on:  # the loss pass projects its forks through the gathered head
+            self.fork_fallbacks[reason] += 1
+        if not self.group_js_on:
+            return
         self.group_js_fallbacks[reason] += 1
+        at_loss = self._group_js_at_loss_pass()
         if self.group_js_fallbacks[reason] == 1:
-            logger.info("forkwatch: group_js from an extra backbone pass (generation-time scores unusable: %s)",
-                        reason)
-        return extra_pass(tr, self.backbone, self.project, out, mask, groups, chunk=self.config.group_js_chunk)
+            logger.info("forkwatch: group_js from %s (generation-time scores unusable: %s)",
+                        "the loss pass's hidden states" if at_loss else "an extra backbone pass", reason)
+        if at_loss:  # scored in the loss pass (`_loss_pass_group_js`): no second pass through the backbone
+            out["forkwatch_group_js_pending"] = torch.ones(mask.size(0), dtype=torch.bool, device=mask.device)
+            return
+        hidden = extra_pass(tr, self.project.model, self.backbone, out)
+        with self.project.materialised() as project:
+            out["forkwatch_group_js"] = metrics.group_js(hidden, mask, groups, project, chunk=self.config.group_js_chunk)
+
+    def _group_js_at_loss_pass(self) -> bool:
+        """Whether the loss pass can score group_js from its own hidden states: when its one micro-batch is this
+        rank's whole generation batch (every sibling present) under the weights that generated it."""
+        tr = self.trainer
+        return (self.backbone is not None and tr.args.steps_per_generation == 1 and tr.num_iterations == 1
+                and tr.args.gradient_accumulation_steps == 1)
+
+    def _loss_pass_group_js(self, mb: MicroBatch) -> None:
+        """group_js of a generation batch the fallback left to the loss pass (`forkwatch_group_js_pending`), from the
+        states the backbone computed for the loss, through the gathered head (a collective: every rank calls this
+        for every such micro-batch)."""
+        inputs = mb.inputs
+        if "forkwatch_group_js_pending" not in inputs or inputs.get("forkwatch_group_js") is not None or not mb.hidden:
+            return
+        mask = response_mask(inputs)
+        p, t = inputs["prompt_ids"].size(1), mask.size(1)
+        hidden = _cat(mb.hidden)[:, p - 1 : p - 1 + t]  # (B, T, H): the states that predicted each token
+        groups = torch.unique(inputs["forkwatch_group_id"], return_inverse=True)[1]
+        with self.project.materialised() as project:
+            inputs["forkwatch_group_js"] = metrics.group_js(hidden, mask, groups, project,
+                                                            chunk=self.config.group_js_chunk)
 
     # ------------------------------------------------------------------ loss pass
     def begin_micro_batch(self, inputs: dict[str, Any]) -> None:
@@ -187,7 +236,24 @@ class Monitor:
         from forkwatch.plugin.registry import SelectionInput
 
         tr, mb = self.trainer, self._mb
+        name = self.config.select
+        if not (tr.model.training and torch.is_grad_enabled()):
+            return mask.float()  # an evaluation loss: nothing is optimised, every token counts (as TRL's eval)
+        if mb is None or not mb.logps:
+            raise RuntimeError(
+                f"forkwatch: select={name!r} cannot compute its selection for this micro-batch: the loss pass was not "
+                f"captured (faults so far: {dict(self.faults.counts)}; the first of each is logged above). Training "
+                "stops rather than train this step without the selection; fix the logged error, or set select=None.")
         inputs = mb.inputs
+        if self.selector.needs_group_js:
+            self._loss_pass_group_js(mb)
+        if self.selector.needs_group_js and inputs.get("forkwatch_group_js") is None:
+            cause = (f"the generation hook failed (faults: {dict(self.faults.counts)}; logged above)"
+                     if self.faults.counts else "it was not computed for this generation batch")
+            raise RuntimeError(
+                f"forkwatch: select={name!r} scores tokens by group_js, which is missing for this micro-batch: {cause}. "
+                "Training stops rather than train this step densely; fix the logged error, or choose a selector that "
+                "does not need group_js (e.g. select='high_entropy').")
         t = mask.size(1)
         logprob = _cat(mb.logps)[:, -t:]
         old = inputs.get("old_per_token_logps")
@@ -247,21 +313,35 @@ class Monitor:
             return
         self.select_gen.set_state(torch.load(path, weights_only=True))
 
+    def selection_loss(self) -> torch.Tensor | None:
+        """The selector's loss_delta for this micro-batch, aggregated like TRL (None when it has none). Runs before and
+        apart from recording: a recording fault never drops a term of the objective."""
+        mb = self._mb
+        sel = None if mb is None else mb.selection
+        if sel is None or sel.loss_delta is None:
+            return None
+        from forkwatch.plugin.policy_loss import aggregate_like_trl
+
+        inputs = mb.inputs
+        return aggregate_like_trl(sel.loss_delta, response_mask(inputs), self.trainer, inputs)
+
     @torch.no_grad()
-    def end_micro_batch(self) -> torch.Tensor | None:
-        """Record the micro-batch; returns the selector's loss_delta aggregated like TRL (or None)."""
+    def end_micro_batch(self) -> None:
+        """Record the micro-batch (after `selection_loss`)."""
         mb, self._mb = self._mb, None
         if mb is None or not mb.logps:
-            return None
+            return
         t0 = time.perf_counter()
         cfg, inputs = self.config, mb.inputs
         cids = inputs["completion_ids"]
         t = cids.size(1)
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = response_mask(inputs)
         valid = mask.bool()
         lp = _cat(mb.logps)[:, -t:].float()  # no_grad: what is computed from these carries no graph
         ent = _cat(mb.entropies)[:, -t:].float()
         renyi2 = -_cat(mb.log_sum_sq)[:, -t:].float()
+        if self.group_js_on:
+            self._loss_pass_group_js(mb)
         gjs = inputs.get("forkwatch_group_js")
         sel = mb.selection
         weights = sel.weights.detach().float() if sel is not None else None  # None: every token weighs 1
@@ -289,18 +369,16 @@ class Monitor:
                 series["effective_rank"] = self._effective_ranks(step, mb, mask, ok & gen.sampled[local])
         acc.add(**series)
         if gen is not None and self._recording(step):
-            pick = (ok & gen.sampled[local] & ~gen.recorded[local]).nonzero().squeeze(1)  # micro-batch rows
-            if pick.numel():
-                gen.recorded[local[pick]] = True
-                self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid)
-        extra = None
-        if sel is not None and sel.loss_delta is not None:
-            from forkwatch.plugin.policy_loss import aggregate_like_trl
-
-            with torch.enable_grad():
-                extra = aggregate_like_trl(sel.loss_delta, mask, self.trainer, inputs)
+            # forks without generation-time alternatives are projected through the head, gathered on every rank
+            # alike (a collective) whether or not this rank has a fork to record
+            fallback = self.forks_on and "forkwatch_alt_ids" not in inputs and bool(mb.hidden)
+            with self.project.materialised() if fallback else nullcontext() as project:
+                pick = (ok & gen.sampled[local] & ~gen.recorded[local]).nonzero().squeeze(1)  # micro-batch rows
+                if pick.numel():
+                    gen.recorded[local[pick]] = True
+                    self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid,
+                                 project)
         acc.seconds += time.perf_counter() - t0
-        return extra
 
     def rank_due(self, step: int) -> bool:
         """Whether the effective rank of hidden states is measured at `step` (the backbone is hooked for it)."""
@@ -318,10 +396,10 @@ class Monitor:
         values = completion_ranks(_cat(mb.hidden), mask, rows) if rows else []
         return torch.tensor(values, dtype=torch.float32, device=mask.device)
 
-    def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid) -> None:
+    def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid, project) -> None:
         """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks.
-        Tokens and completions keep references, copied out at the step's hand-off; only the forks' top-k alternatives
-        are computed here, since they need the LM head's weights before the optimizer step changes them."""
+        Tokens and completions keep references, copied out at the step's hand-off. Fork alternatives are looked up in
+        what generation recorded; `project` (the gathered head, or None) serves batches generation could not."""
         cfg = self.config
         b, t = lp.shape
         acc.completions.append(CompletionBatch(gen=self.gen, gen_rows=gen_rows, idx=idx, entropy=ent, mask=valid,
@@ -335,14 +413,21 @@ class Monitor:
             is_fork=forks, advantages=inputs["advantages"], mask=valid, completion_id=row_ids,
             token_id=inputs["completion_ids"],
         ))
-        if cfg.record_forks and mb.hidden and self.project is not None:
+        if not self.forks_on:
+            return
+        row, pos = (forks & take).nonzero().unbind(1)  # (F,) each, row-major
+        if "forkwatch_alt_ids" in inputs:
+            alt_ids, alt_probs = inputs["forkwatch_alt_ids"][row, pos], inputs["forkwatch_alt_probs"][row, pos]
+            rank = inputs["forkwatch_alt_rank"][row, pos]
+        elif project is not None:
             p = inputs["prompt_ids"].size(1)
             hidden = _cat(mb.hidden)[:, p - 1 : p - 1 + t]  # (B, T, H): the states that predicted each token
-            row, pos = (forks & take).nonzero().unbind(1)  # (F,) each, row-major
             alt_ids, alt_probs, rank = metrics.topk_alternatives(
-                hidden[row, pos], inputs["completion_ids"][row, pos], self.project, cfg.fork_top_k)
-            acc.forks.append(ForkBatch(completion_id=row_ids[row], position=pos, sampled_rank=rank, alt_ids=alt_ids,
-                                       alt_probs=alt_probs))
+                hidden[row, pos], inputs["completion_ids"][row, pos], project, cfg.fork_top_k)
+        else:
+            return
+        acc.forks.append(ForkBatch(completion_id=row_ids[row], position=pos, sampled_rank=rank, alt_ids=alt_ids,
+                                   alt_probs=alt_probs))
 
 
 def _cat(xs: list[torch.Tensor]) -> torch.Tensor:

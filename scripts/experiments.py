@@ -1,13 +1,13 @@
-"""The experiments of docs/experiments.md: several seeds of plain GRPO and of token-selection methods on the demo task.
+"""Selector comparisons on the demo task: several seeds of plain GRPO and of token-selection methods.
 
-    python scripts/experiments.py train --log-dir experiments/stable              # 3 seeds x 4 methods, ~15 min
-    python scripts/experiments.py train --log-dir experiments/high --lr 2e-3 --seeds 0
-    python scripts/experiments.py report --log-dir experiments/stable --img docs/img/stable
+    python scripts/experiments.py train --log-dir experiments/selectors --seeds 0 1 2 3 4
+    python scripts/experiments.py report --log-dir experiments/selectors --img docs/img/selectors
 
 `train` uses the demo's warm-up model and GRPO settings (demo/runs.py), changing only the method and the seed, and
-after each run scores the trained policy on 512 held-out problems (heldout.json). `report` draws entropy and reward
-curves (mean over seeds of a rolling mean, with the seeds' range shaded) and prints a Markdown table. Plotting needs
-matplotlib (`pip install -e ".[experiments]"`).
+after each run scores the trained policy on 256 fresh samples (heldout.json: accuracy, and where its entropy
+sits: at decision points or at forced tokens). `report` draws entropy and reward curves (mean over seeds of a
+rolling mean, with the seeds' range shaded) and prints a Markdown table. Plotting needs matplotlib
+(`pip install -e ".[experiments]"`).
 """
 
 from __future__ import annotations
@@ -35,14 +35,13 @@ def train(args: argparse.Namespace) -> None:
     scores_path = log_dir / "heldout.json"
     scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
     model, tok = warmup.load(model_dir)
-    scores["warmup"] = {"sampled": evaluate.heldout(model, tok), "greedy": evaluate.heldout(model, tok, greedy=True)}
+    scores["warmup"] = evaluate.heldout(model, tok)
     for seed in args.seeds:
         for method in args.methods:
-            spec = runs.RunSpec(f"{method}-s{seed}", METHODS[method], lr, f"{method}, seed {seed}")
+            spec = runs.RunSpec(f"{method}-s{seed}", METHODS[method], lr, f"{method}, seed {seed}", "healthy")
             trainer = runs.train_run(spec, model_dir=model_dir, log_dir=log_dir, settings=replace(settings, seed=seed),
                                      work_dir=log_dir / ".trainer")
-            scores[spec.name] = {"sampled": evaluate.heldout(trainer.model, tok),
-                                 "greedy": evaluate.heldout(trainer.model, tok, greedy=True)}
+            scores[spec.name] = evaluate.heldout(trainer.model, tok)
             scores_path.write_text(json.dumps(scores, indent=2))
             print(spec.name, scores[spec.name], flush=True)
 
@@ -92,26 +91,31 @@ def report(args: argparse.Namespace) -> None:
             ax.plot(steps, curves.mean(0), color=color, label=f"{method} ({len(rs)} seeds)")
             ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15, linewidth=0)
     axes[0].set(title="mean token entropy (nats)", xlabel="GRPO step")
-    axes[1].set(title="mean reward (1 = right answer, +0.1 format)", xlabel="GRPO step")
+    axes[1].set(title="mean reward (1 = every item once)", xlabel="GRPO step")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{log_dir.name}: rolling mean over {WINDOW} steps, mean over seeds, seeds' range shaded", fontsize=9)
     fig.tight_layout()
     fig.savefig(f"{img}_curves.png")
     print(f"wrote {img}_curves.png\n")
 
-    print("| run | entropy first / last (ratio) | reward first / last | held-out acc. sampled / greedy | check |")
-    print("|---|---|---|---|---|")
-    base = heldout.get("warmup")
-    if base:
-        print(f"| warm-up model | | | {base['sampled']['accuracy']:.3f} / {base['greedy']['accuracy']:.3f} | |")
+    print("| run | entropy first / last (ratio) | reward first / last | accuracy (fresh samples) | entropy at "
+          "decisions / forced | check |")
+    print("|---|---|---|---|---|---|")
+
+    def held(h: dict | None) -> str:
+        if not h:
+            return "n/a | n/a"
+        return f"{h['accuracy']:.3f} | {h['decision_entropy']:.3f} / {h['forced_entropy']:.4f}"
+
+    if "warmup" in heldout:
+        print(f"| warm-up model | | | {held(heldout['warmup'])} | |")
     for rs in groups.values():
         for r in rs:
             s = _series(con, r)
             e0, e1 = s["entropy"][:EDGE].mean(), s["entropy"][-EDGE:].mean()
             r0, r1 = s["reward"][:EDGE].mean(), s["reward"][-EDGE:].mean()
-            h = heldout.get(r)
-            acc = f"{h['sampled']['accuracy']:.3f} / {h['greedy']['accuracy']:.3f}" if h else "n/a"
-            print(f"| {r} | {e0:.3f} / {e1:.3f} ({e1 / e0:.2f}) | {r0:.3f} / {r1:.3f} | {acc} | {verdicts.get(r)} |")
+            print(f"| {r} | {e0:.3f} / {e1:.3f} ({e1 / e0:.2f}) | {r0:.3f} / {r1:.3f} | {held(heldout.get(r))} | "
+                  f"{verdicts.get(r)} |")
 
 
 def main(argv: list[str] | None = None) -> None:

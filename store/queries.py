@@ -196,6 +196,16 @@ def prompt_history(con: duckdb.DuckDBPyConnection, run_id: str, prompt: str) -> 
     ).df()
 
 
+def truth_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """The ground-truth annotation of one completion (store/truth.py), in position order; no rows when the
+    run has none."""
+    return con.execute(
+        "SELECT position, is_decision, on_path FROM truth WHERE run_id = ? AND step = ? AND completion_id = ? "
+        "ORDER BY position",
+        [run_id, step, completion_id],
+    ).df()
+
+
 # --------------------------------------------------------------------------- collapse lenses
 # The entropy spectrum (steps.entropy_spectrum, bins of store/spectrum.py), the hidden states' effective rank
 # (steps.effective_rank_mean), the roles of forking tokens (vocab.role, store/roles.py) and the probes (the same

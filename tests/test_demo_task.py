@@ -1,56 +1,110 @@
-"""The demo task: written-out solutions follow operator precedence, the reward checks the final answer, and the
-warm-up model is cached under a key of its settings."""
+"""The demo task: every order of the items is correct, the truth function finds exactly the decision points, the
+reward checks the items (and, for the collapse run, prefers one order), and the warm-up model is cached."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from forkwatch.demo import task
+from forkwatch.demo.truth import completion_truth
 from forkwatch.demo.warmup import WarmupSettings, cached_warmup
 
-
-def test_multiplication_after_addition_is_done_first():
-    p = task.solve(7, "+", 5, "*", 2)
-    assert (p.prompt, p.completion, p.answer) == ("7+5*2=", "5*2=10;7+10=17", 17)
+PROMPT = "gather hbkcf:"  # heron, bison, koala, camel, finch
 
 
-def test_left_to_right_otherwise_and_negative_results_are_written_out():
-    p = task.solve(2, "-", 9, "+", 3)
-    assert (p.completion, p.answer) == ("2-9=-7;-7+3=-4", -4)
+def test_problem_writes_the_items_in_the_prompts_order():
+    p = task.problem("hbkcf")
+    assert (p.prompt, p.completion) == (PROMPT, "heron,bison,koala,camel,finch")
 
 
-def test_every_problem_fits_the_completion_budget_and_matches_python_arithmetic():
-    problems = task.make_problems(2000, seed=0)
-    assert max(len(p.completion) for p in problems) <= task.MAX_COMPLETION_CHARS
-    assert max(len(p.prompt) for p in problems) == 6
-    assert all(p.answer == eval(p.prompt[:-1]) for p in problems)  # noqa: S307 (digits and + - * only)
-    assert set("".join(p.prompt + p.completion for p in problems)) <= set(task.CHARS)
+def test_completions_are_long_and_decision_points_are_a_minority():
+    problems = task.make_problems(500, seed=0)
+    lengths = [len(p.completion) + 1 for p in problems]  # + EOS
+    assert min(lengths) >= 30
+    shares = [len(task.decision_points(p.prompt, p.completion)) / (len(p.completion) + 1) for p in problems]
+    assert 0.10 <= sum(shares) / len(shares) <= 0.20
 
 
-def test_generator_is_reproducible_from_its_seed():
+def test_generator_is_reproducible_from_its_seed_and_uses_distinct_items():
     assert task.make_problems(50, seed=3) == task.make_problems(50, seed=3)
     assert task.make_problems(50, seed=3) != task.make_problems(50, seed=4)
+    assert all(len(set(p.keys)) == task.N_ITEMS for p in task.make_problems(200, seed=1))
+    assert set("".join(p.prompt + p.completion for p in task.make_problems(200, seed=1))) <= set(task.CHARS)
+
+
+def test_valid_next_at_the_start_is_every_item():
+    assert task.valid_next(PROMPT, "") == set("hbkcf")
+
+
+def test_valid_next_inside_a_name_is_its_next_letter_then_a_comma():
+    assert task.valid_next(PROMPT, "ko") == {"a"}
+    assert task.valid_next(PROMPT, "koala") == {","}
+
+
+def test_valid_next_after_a_comma_excludes_the_items_already_written():
+    assert task.valid_next(PROMPT, "koala,") == set("hbcf")
+    assert task.valid_next(PROMPT, "koala,finch,bison,heron,") == {"c"}  # the last item is forced
+
+
+def test_valid_next_is_eos_after_the_last_item_and_empty_off_the_path():
+    assert task.valid_next(PROMPT, "koala,finch,bison,heron,camel") == {task.EOS}
+    assert task.valid_next(PROMPT, "koala,koala") == set()  # an item twice
+    assert task.valid_next(PROMPT, "tiger") == set()  # not in the prompt
+    assert task.valid_next(PROMPT, "kola") == set()  # misspelt
+    assert task.valid_next(PROMPT, "koala,finch,bison,heron,camel,") == set()  # a sixth item
+
+
+def test_decision_points_are_the_starts_of_the_first_four_names():
+    completion = "koala,finch,bison,heron,camel"
+    assert task.decision_points(PROMPT, completion) == [0, 6, 12, 18]
+    assert [completion[i] for i in task.decision_points(PROMPT, completion)] == list("kfbh")
+
+
+def test_decision_points_hold_for_every_correct_order():
+    for order in itertools.permutations("hbkcf"):
+        completion = ",".join(task.BY_KEY[k] for k in order)
+        points = task.decision_points(PROMPT, completion)
+        starts = [i for i in range(len(completion)) if i == 0 or completion[i - 1] == ","]
+        assert points == starts[:4], order
+
+
+def test_decision_points_stop_at_the_first_wrong_token():
+    # "koala,k": the second k repeats an item; its position was still a decision (the model chose wrongly there).
+    assert task.decision_points(PROMPT, "koala,koala,finch") == [0, 6]
+    assert task.decision_points(PROMPT, "tiger,koala") == [0]
+    assert task.decision_points(PROMPT, "") == [0]  # an immediate EOS: the first position was a choice
+
+
+def test_truth_marks_the_path_up_to_and_including_the_first_wrong_token():
+    decision, on_path = completion_truth(PROMPT, "koala,kx", 9)
+    assert [i for i, d in enumerate(decision) if d] == [0, 6]
+    assert on_path == [True] * 7 + [False] * 2
 
 
 @pytest.mark.parametrize(
-    ("completion", "reward"),
+    ("completion", "reward", "alphabetical"),
     [
-        ("5*2=10;7+10=17", task.CORRECT_REWARD + task.FORMAT_REWARD),
-        ("7+5=12;12*2=17", task.CORRECT_REWARD + task.FORMAT_REWARD),  # only the final answer is verified
-        ("=17", task.CORRECT_REWARD),  # the answer follows the last "="; no steps, no format reward
-        ("17", 0.0),
-        ("5*2=10;7+10=24", task.FORMAT_REWARD),
-        ("5*2=10;7+10=1", task.FORMAT_REWARD),
-        ("5*2=10;7+10=", 0.0),
-        ("", 0.0),
+        # 2 of the 4 neighbouring pairs (bison<koala, camel<finch) are in alphabetical order: half the bonus
+        ("heron,bison,koala,camel,finch", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
+        ("koala,heron,finch,camel,bison", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
+        ("bison,camel,finch,heron,koala", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS),
+        ("bison,camel,finch,heron", 0.0, 0.0),  # an item missing
+        ("bison,camel,finch,heron,koala,tiger", 0.0, 0.0),  # an item too many
+        ("bison,bison,finch,heron,koala", 0.0, 0.0),
+        ("bison,camel,finch,heron,koal", 0.0, 0.0),
+        ("", 0.0, 0.0),
     ],
 )
-def test_reward_is_correctness_plus_a_small_format_reward(completion, reward):
-    assert task.reward_fn(["7+5*2="], [completion]) == [pytest.approx(reward)]
+def test_reward_is_one_for_every_correct_order_and_the_bonus_grows_with_alphabetical_pairs(completion, reward, alphabetical):
+    assert task.reward_fn([PROMPT], [completion]) == [pytest.approx(reward)]
+    assert task.alphabetical_reward_fn([PROMPT], [completion]) == [pytest.approx(alphabetical)]
 
 
-def test_reward_refuses_a_prompt_that_is_not_from_the_task():
+@pytest.mark.parametrize("prompt", ["import os", "gather hbkc:", "gather hbkcc:", "gather hbkcz:", "hbkcf"])
+def test_reward_refuses_a_prompt_that_is_not_from_the_task(prompt):
     with pytest.raises(ValueError, match="not a demo prompt"):
-        task.score("import os", "1")
+        task.score(prompt, "bison")
 
 
 def test_warmup_cache_key_changes_with_the_settings():

@@ -1,0 +1,57 @@
+"""Optional ground-truth annotations next to a run's records, and the `truth` view over them.
+
+A task that knows where its decision points are (the demo's does) writes, per recorded token, whether more than one
+token was correct there: `LOG_DIR/<run>/truth/*.parquet` with the columns of `TRUTH`. forkwatch never writes these
+itself; the view is empty when no run has them, so pages and queries may always read it. A part that cannot be read
+is skipped with a warning, as the record tables' parts are.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+TRUTH_VIEW = "truth"
+TRUTH_DIR = "truth"  # folder inside a run's folder
+TRUTH = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("step", pa.int32()),
+        pa.field("completion_id", pa.int64()),
+        pa.field("position", pa.int32()),
+        pa.field("is_decision", pa.bool_()),  # more than one token was correct at this position
+        pa.field("on_path", pa.bool_()),  # the completion was still correct up to this position
+    ]
+)
+_SQL_TYPES = {"run_id": "VARCHAR", "step": "INTEGER", "completion_id": "BIGINT", "position": "INTEGER",
+              "is_decision": "BOOLEAN", "on_path": "BOOLEAN"}
+
+
+def truth_parts(log_dir: str | Path) -> list[Path]:
+    """The readable truth parts of every run under log_dir, with the columns of TRUTH."""
+    out = []
+    for path in sorted(Path(log_dir).glob(f"*/{TRUTH_DIR}/*.parquet")):
+        try:
+            names = set(pq.read_schema(path).names)
+        except (OSError, ValueError) as e:
+            logger.warning("forkwatch: skipping annotation part %s: %s", path, e)
+            continue
+        if not set(TRUTH.names) <= names:
+            logger.warning("forkwatch: skipping annotation part %s: it lacks %s", path, sorted(set(TRUTH.names) - names))
+            continue
+        out.append(path.resolve())
+    return out
+
+
+def truth_view_sql(parts: list[Path]) -> str:
+    """The body of the `truth` view over `parts` (empty, with TRUTH's columns, when there are none)."""
+    if not parts:
+        cols = ", ".join(f"CAST(NULL AS {_SQL_TYPES[n]}) AS {n}" for n in TRUTH.names)
+        return f"SELECT {cols} WHERE false"
+    files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+    return f"SELECT {', '.join(TRUTH.names)} FROM read_parquet([{files}], hive_partitioning=false)"
