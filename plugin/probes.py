@@ -129,9 +129,25 @@ class ProbeRunner:
 
         self.scored = True
         tr = self.trainer
-        return score_probes(target_model(tr), self.probes or [], step, temperature=tr.temperature, k=self.top_k,
-                            device=tr.accelerator.device)
+        model = target_model(tr)
+        try:
+            return score_probes(model, self.probes or [], step, temperature=tr.temperature, k=self.top_k,
+                                device=tr.accelerator.device)
+        finally:
+            reshard(model)
 
     def meta(self) -> list[dict]:
         """run.json's `probes`: each probe's id, token counts and text."""
         return [p.to_meta(self.tokenizer) for p in self.probes or []]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Under FSDP2, free the parameters a forward without backward left gathered: the root unit does not reshard
+    after its forward (the backward that would comes only in training), so after the probes the full embedding and
+    LM head would stay in memory until the next training step. A no-op elsewhere (ZeRO-3 releases after each
+    module's forward by itself)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
