@@ -12,8 +12,18 @@ from forkwatch.dashboard import cached_queries, page_entropy, page_forks, page_l
 
 st.set_page_config(page_title="forkwatch", page_icon="🍴", layout="wide")
 
+RUNS = st.Page(page_runs.render, title="Runs", icon="🏁", url_path="runs")
+
+
+def _root() -> None:
+    """The root URL: Streamlit serves its default page there and nowhere else (so `/runs` would be "Page not
+    found"); instead the root forwards to the Runs page at its own address, keeping the query (`?run=...`)."""
+    st.switch_page(RUNS, query_params={k: st.query_params.get_all(k) for k in st.query_params})
+
+
 PAGES = [
-    st.Page(page_runs.render, title="Runs", icon="🏁", url_path="runs", default=True),
+    st.Page(_root, title="forkwatch", url_path="home", default=True, visibility="hidden"),
+    RUNS,
     st.Page(page_entropy.render, title="Entropy", icon="📉", url_path="entropy"),
     st.Page(page_forks.render, title="Forks", icon="🍴", url_path="forks"),
     st.Page(page_law.render, title="Law", icon="📐", url_path="law"),

@@ -117,6 +117,44 @@ def prompt_history(log_dir: str, run_id: str, prompt: str) -> pd.DataFrame:
     return _run(queries.prompt_history, log_dir, run_id, prompt)
 
 
+# --- the collapse lenses ---
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def entropy_spectrum(log_dir: str, run_id: str) -> pd.DataFrame:
+    return _run(queries.entropy_spectrum, log_dir, run_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def effective_rank_series(log_dir: str, run_id: str) -> pd.DataFrame:
+    return _run(queries.effective_rank_series, log_dir, run_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def fork_roles_by_step(log_dir: str, run_id: str) -> pd.DataFrame:
+    return _run(queries.fork_roles_by_step, log_dir, run_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def probe_list(log_dir: str, run_id: str) -> pd.DataFrame:
+    return _run(queries.probe_list, log_dir, run_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=32, show_spinner=False)
+def probe_tokens(log_dir: str, run_id: str, probe_id: int) -> pd.DataFrame:
+    return _run(queries.probe_tokens, log_dir, run_id, probe_id)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=16, show_spinner=False)
+def probe_top_overlap(log_dir: str, run_id: str, fraction: float) -> pd.DataFrame:
+    return _run(queries.probe_top_overlap, log_dir, run_id, fraction)
+
+
+@st.cache_data(ttl=TTL_S, max_entries=8, show_spinner=False)
+def run_curves(log_dir: str) -> pd.DataFrame:
+    return _run(queries.run_curves, log_dir)
+
+
 # --- the SQL page: text a person typed, run only through the sandbox ---
 
 SQL_TIMEOUT_S = 10.0

@@ -33,15 +33,18 @@ def flag_hover(run_id: str, f: Flag) -> str:
 
 
 def entropy_figure(series: dict[str, pd.DataFrame], flags: dict[str, list[Flag]]) -> go.Figure:
-    """Mean entropy with its p10–p90 band and Rényi-2; group JS, reward and completion length aligned below; the
-    steps where a health rule fired marked on every panel, with the evidence on hover. One colour per run."""
+    """Mean entropy with its p10–p90 band and Rényi-2; group JS (only when a run has it: an empty panel would only
+    show axes), reward and completion length aligned below; the steps where a health rule fired marked on every
+    panel, with the evidence on hover. One colour per run."""
+    has_gjs = any("group_js_mean" in df and df["group_js_mean"].notna().any() for df in series.values())
+    panels = ["entropy (nats): mean, p10–p90 band, Rényi-2 dashed", *(["group JS (mean)"] if has_gjs else []),
+              "reward (mean)", "completion length (mean tokens)"]
+    n = len(panels)
     fig = make_subplots(
-        rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.4, 0.2, 0.2, 0.2],
-        subplot_titles=(
-            "entropy (nats): mean, p10–p90 band, Rényi-2 dashed", "group JS (mean)", "reward (mean)",
-            "completion length (mean tokens)",
-        ),
+        rows=n, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.4] + [0.6 / (n - 1)] * (n - 1),
+        subplot_titles=panels,
     )  # fmt: skip
+    row_of = {title.split(" ")[0]: i + 1 for i, title in enumerate(panels)}
     for i, (run_id, df) in enumerate(series.items()):
         c = COLORS[i % len(COLORS)]
         x = df["step"].to_numpy()
@@ -56,9 +59,9 @@ def entropy_figure(series: dict[str, pd.DataFrame], flags: dict[str, list[Flag]]
         lines = [
             (1, "entropy_mean", f"{run_id} entropy", "solid", True),
             (1, "renyi2_mean", f"{run_id} Rényi-2", "dash", False),
-            (2, "group_js_mean", f"{run_id} group JS", "solid", False),
-            (3, "reward_mean", f"{run_id} reward", "solid", False),
-            (4, "completion_length_mean", f"{run_id} length", "solid", False),
+            *([(row_of["group"], "group_js_mean", f"{run_id} group JS", "solid", False)] if has_gjs else []),
+            (row_of["reward"], "reward_mean", f"{run_id} reward", "solid", False),
+            (row_of["completion"], "completion_length_mean", f"{run_id} length", "solid", False),
         ]
         for row, col, name, dash, legend in lines:
             fig.add_trace(
@@ -69,8 +72,8 @@ def entropy_figure(series: dict[str, pd.DataFrame], flags: dict[str, list[Flag]]
                 row=row, col=1,
             )  # fmt: skip
         _mark_flags(fig, run_id, df, flags.get(run_id, []))
-    fig.update_layout(height=760, margin={"t": 40, "b": 30, "l": 50, "r": 20}, hovermode="closest")
-    fig.update_xaxes(title_text="step", row=4, col=1)
+    fig.update_layout(height=760 if has_gjs else 640, margin={"t": 40, "b": 30, "l": 50, "r": 20}, hovermode="closest")
+    fig.update_xaxes(title_text="step", row=n, col=1)
     return fig
 
 

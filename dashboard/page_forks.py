@@ -1,6 +1,7 @@
 """Forks: where the model is still deciding. One completion's tokens coloured by a statistic, gradient tokens
 marked, exact values and top-k alternatives on hover; the token texts that fork most often and how that changes
-over steps; the same prompt followed across steps."""
+over steps; the same prompt followed across steps; the roles of forking tokens per step; the probes' tokens across
+steps and the overlap of their top-entropy positions with the first scoring."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import html
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import cached_queries, charts, page_frame, url_state
+from forkwatch.dashboard import cached_queries, charts, lens_views, page_frame, url_state
 from forkwatch.dashboard.step_sample import sample_steps
 from forkwatch.dashboard.token_html import STATS, legend_html, token_html
 
@@ -129,3 +130,5 @@ def render() -> None:
         history = cached_queries.prompt_history(log_dir, run, completion["prompt"])
         st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
+    lens_views.fork_roles_section(log_dir, run)
+    lens_views.probes_section(log_dir, runs, run)

@@ -1,10 +1,11 @@
-"""Runs: every run with its health badge, steps, tokens, selection method and status; choose one or several."""
+"""Runs: every run with its health badge, entropy and reward curves, steps, tokens, selection method and status; a
+picture per run with its alarms marked; choose one or several."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import cached_queries, page_frame
+from forkwatch.dashboard import cached_queries, lens_views, page_frame
 from forkwatch.dashboard.charts import flag_lines
 
 
@@ -12,12 +13,15 @@ def render() -> None:
     st.title("Runs")
     log_dir, runs = page_frame.require_runs()
     reports = {r.run_id: cached_queries.health(log_dir, r.run_id, r.meta) for r in runs.itertuples(index=False)}
+    entropy_curves, reward_curves = lens_views.curve_columns(log_dir, runs["run_id"].tolist())
     table = pd.DataFrame(
         {
             "health": [page_frame.badge(reports[r].verdict) for r in runs["run_id"]],
             "run": runs["run_id"],
             "name": runs["name"],
             "status": runs["status"],
+            "entropy": entropy_curves,
+            "reward": reward_curves,
             "steps": runs["n_steps"],
             "last step": runs["max_step"],
             "tokens": runs["n_tokens"],
@@ -28,7 +32,12 @@ def render() -> None:
             "updated": runs["updated_at"],
         }
     )
-    st.dataframe(table, hide_index=True, width="stretch", key="runs_table")
+    st.dataframe(
+        table, hide_index=True, width="stretch", key="runs_table",
+        column_config={"entropy": st.column_config.LineChartColumn("entropy", help="mean token entropy per step"),
+                       "reward": st.column_config.LineChartColumn("reward", help="mean reward per step")},
+    )  # fmt: skip
+    lens_views.run_pictures(log_dir, runs["run_id"].tolist(), reports)
     for r in runs[runs["faults"] > 0].itertuples(index=False):
         st.warning(f"Run `{r.run_id}`: {r.faults} recording fault(s) — {r.faults_detail}. Training was not affected; "
                    "the records of those places may have gaps (run.json has the counts).")

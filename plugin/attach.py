@@ -63,7 +63,14 @@ def attach(trainer, **options) -> ForkwatchCallback:
         trainer, config, selector=selector, project=make_projector(target, trainer.temperature),
         backbone=target.base_model,
     )
-    callback = ForkwatchCallback(config, trainer=trainer, monitor=monitor, install=lambda: install(trainer, monitor))
+    probes = None
+    if config.probe_every > 0:  # built here: probe texts that do not encode are refused at attach
+        from forkwatch.plugin.probes import ProbeRunner
+
+        probes = ProbeRunner(trainer, pairs=config.probes, every=config.probe_every, count=config.probe_count,
+                             top_k=config.fork_top_k)
+    callback = ForkwatchCallback(config, trainer=trainer, monitor=monitor, probes=probes,
+                                 install=lambda: install(trainer, monitor))
     callback.install()
     # First in the list: our on_log must add forkwatch/... to `logs` before report_to integrations see them.
     trainer.callback_handler.callbacks.insert(0, callback)

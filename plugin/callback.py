@@ -25,9 +25,11 @@ from typing import Any
 
 from forkwatch.plugin.config import ForkwatchConfig
 from forkwatch.plugin.pending import Pending
+from forkwatch.plugin.probes import ProbeRunner
 from forkwatch.plugin.record_columns import to_host
 from forkwatch.plugin.step_row import SELECT_PREFIX, select_means, step_row
 from forkwatch.store.health import ALARM_KINDS, LiveMonitor
+from forkwatch.store.roles import roles_of
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -42,10 +44,12 @@ def new_run_id() -> str:
 
 
 class ForkwatchCallback(TrainerCallback):
-    def __init__(self, config: ForkwatchConfig, *, trainer, monitor, install: Callable[[], Callable[[], None]]) -> None:
+    def __init__(self, config: ForkwatchConfig, *, trainer, monitor, install: Callable[[], Callable[[], None]],
+                 probes: ProbeRunner | None = None) -> None:
         self.config = config
         self.trainer = trainer
         self.monitor = monitor
+        self.probes = probes  # None: probes are off
         self._install = install  # installs the seams; returns their uninstall
         # runtime state
         self.uninstall: Callable[[], None] | None = None
@@ -101,6 +105,9 @@ class ForkwatchCallback(TrainerCallback):
         if state.is_world_process_zero and self.resume_step is None:
             with self.monitor.faults.guard("vocab"):
                 self._write_vocab()
+        if self.probes is not None and self.probes.probes is not None and self.resume_step is None:
+            with self.monitor.faults.guard("probes"):
+                self._score_probes(0)  # the policy before training: what the later scorings are compared with
         self._alarm_scalars = {}
         # the rules were checked at attach (ForkwatchConfig): building the monitor cannot fail on them here
         self._health = LiveMonitor(cfg.health_rules, vocab_size=self._vocab_size())
@@ -113,6 +120,9 @@ class ForkwatchCallback(TrainerCallback):
         with ledger.guard("step_end"):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
+            if self.probes is not None:
+                with ledger.guard("probes"):
+                    self._probe_step(step)
             summary["dropped"] = ledger.total_dropped()
             summary["faults"] = ledger.faults
             summary["rank"] = self.monitor.rank
@@ -150,7 +160,7 @@ class ForkwatchCallback(TrainerCallback):
         row["time"] = dt.datetime.now(dt.timezone.utc)
         self._pending.add(step, row=row)
         scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time") and not k.startswith(SELECT_PREFIX)
-                   and v is not None}
+                   and v is not None and not isinstance(v, list)}
         scalars.update({f"select/{k}": v for k, v in selected.items()})
         scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
         return scalars
@@ -257,7 +267,26 @@ class ForkwatchCallback(TrainerCallback):
         tok = getattr(proc, "tokenizer", proc)
         n = len(tok)
         texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-        self.writer.put("vocab", {"token_id": list(range(n)), "text": texts})
+        self.writer.put("vocab", {"token_id": list(range(n)), "text": texts, "role": roles_of(texts)})
+
+    def _probe_step(self, step: int) -> None:
+        """Every rank, at the end of a step: score the probes when due (taking the default probes first if needed)."""
+        runner = self.probes
+        if not runner.due(step):
+            return
+        if runner.probes is None and not runner.take_defaults(self.monitor.gen):
+            return
+        self._score_probes(step)
+
+    def _score_probes(self, step: int) -> None:
+        """Every rank scores (the forwards are collectives under ZeRO-3 / FSDP2); rank 0 writes the rows, and the
+        probes' texts into run.json the first time."""
+        first = not self.probes.scored
+        columns = self.probes.score(step)
+        if self.monitor.rank == 0:
+            self.writer.put("probes", columns)
+            if first:
+                self.writer.update_meta(probes=self.probes.meta())
 
     def _meta(self) -> dict[str, Any]:
         import torch

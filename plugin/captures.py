@@ -120,7 +120,8 @@ class CompletionBatch:
 class StepAccumulator:
     """Everything one rank saw in the loss passes of one optimizer step."""
 
-    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated")  # per token / per completion
+    # per token / per completion; effective_rank: per measured completion (only on due steps)
+    SERIES = ("entropy", "renyi2", "group_js", "rewards", "lengths", "truncated", "effective_rank")
     COUNTS = ("n_forks", "n_selected")
 
     # per micro-batch: (series names, their sizes, their values joined into one 1-D tensor)

@@ -61,6 +61,25 @@ class ForkwatchConfig:
     )
     fork_top_k: int = field(default=5, metadata={"help": "Alternatives (token id, probability) stored per fork."})
 
+    # --- collapse lenses (docs/collapse-lenses.md); the entropy spectrum is always recorded ---
+    effective_rank_every: int = field(
+        default=10,
+        metadata={"help": "Every this many steps, the effective rank of recorded completions' final-layer hidden "
+                  "states (arXiv:2509.23808), from the loss pass's own backbone output; 0 turns it off."},
+    )
+    effective_rank_completions: int = field(
+        default=4, metadata={"help": "Recorded completions per rank whose effective rank is measured on a due step."}
+    )
+    probes: list[tuple[str, str]] | None = field(
+        default=None,
+        metadata={"help": "(prompt, completion) texts scored teacher-forced, without gradient, before training and "
+                  "every `probe_every` steps (table `probes`); None: the first `probe_count` recorded completions."},
+    )
+    probe_every: int = field(
+        default=10, metadata={"help": "Steps between two scorings of the probes; 0 turns probes off."}
+    )
+    probe_count: int = field(default=4, metadata={"help": "How many recorded completions become probes by default."})
+
     # --- how much is recorded (step aggregates always cover every token) ---
     record_every_steps: int = field(
         default=1, metadata={"help": "Record completions and tokens at steps 1, 1+k, 1+2k, ..."}
@@ -150,6 +169,24 @@ class ForkwatchConfig:
             raise ValueError(f"health_rules={self.health_rules!r}: pass a HealthRules, a dict of its fields, or None")
         if self.on_alarm not in ("log", "stop"):
             raise ValueError(f"on_alarm={self.on_alarm!r}: pass 'log' or 'stop'")
+        self._validate_lenses()
+
+    def _validate_lenses(self) -> None:
+        for name in ("effective_rank_every", "probe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}: pass an integer >= 0, e.g. 10 (0 turns it off)")
+        for name in ("effective_rank_completions", "probe_count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: pass an integer >= 1, e.g. 4")
+        if self.probes is not None:
+            ok = isinstance(self.probes, (list, tuple)) and self.probes and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) and x for x in p)
+                for p in self.probes)
+            if not ok:
+                raise ValueError(f"probes={self.probes!r}: pass a list of (prompt, completion) pairs of non-empty "
+                                 "strings, e.g. [('2+3=', '5')], or None for the first recorded completions")
 
     def selector_options(self) -> dict[str, Any]:
         """Options for `get_selector`: fraction / warmup_steps only when set, so the method's defaults apply."""

@@ -106,7 +106,7 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
                 monitor.begin_micro_batch(inputs)
                 if monitor._mb is not None:  # hooked for this pass only: generation's forwards stay on the fast path
                     handles.append(policy.register_forward_hook(model_hook, with_kwargs=True))
-                    if watch_backbone:
+                    if watch_backbone or (monitor.backbone is not None and monitor.rank_due(monitor.step_now())):
                         handles.append(monitor.backbone.register_forward_hook(backbone_hook))
             try:
                 loss = original(model, inputs)

@@ -22,6 +22,7 @@ from forkwatch.plugin import metrics
 from forkwatch.plugin.batch_rules import eos_ids, group_of, response_mask
 from forkwatch.plugin.captures import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 from forkwatch.plugin.gen_scores import GenScorer, extra_pass
+from forkwatch.plugin.hidden_rank import completion_ranks
 from forkwatch.store.ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,13 @@ class Monitor:
             self.gen_scorer.eos = torch.tensor(eos_ids(trainer))
         self._mb: MicroBatch | None = None
         self._local_evidence: tuple[Any, str | None] | None = None  # from on_generation, for share_evidence
+        self._rank_left: dict[int, int] = {}  # step -> completions whose effective rank this rank may still measure
 
     # ------------------------------------------------------------------ helpers
+    def step_now(self) -> int:
+        """The step number the current optimizer step will be logged under."""
+        return self._step()
+
     def _step(self) -> int:
         return self.trainer.state.global_step + 1  # the step number TRL logs after this optimizer step
 
@@ -393,6 +399,9 @@ class Monitor:
             local = local.clamp(0, b - 1)
             rows = local[ok]
             series.update(rewards=gen.reward[rows], lengths=gen.length[rows], truncated=gen.truncated[rows])
+        if gen is not None and mb.hidden and self.rank_due(step):
+            with self.faults.guard("effective_rank"):
+                series["effective_rank"] = self._effective_ranks(step, mb, mask, ok & gen.sampled[local])
         acc.add(**series)
         if gen is not None and self._recording(step):
             # forks without generation-time alternatives are projected through the head, gathered on every rank
@@ -405,6 +414,22 @@ class Monitor:
                     self._record(acc, pick, local[pick], mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid,
                                  project)
         acc.seconds += time.perf_counter() - t0
+
+    def rank_due(self, step: int) -> bool:
+        """Whether the effective rank of hidden states is measured at `step` (the backbone is hooked for it)."""
+        every = self.config.effective_rank_every
+        return every > 0 and step % every == 0 and self._rank_left.get(step, 1) > 0
+
+    def _effective_ranks(self, step: int, mb: MicroBatch, mask: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+        """Effective rank of up to the step's remaining budget of recorded rows, from the loss pass's backbone output
+        (full activations under every sharded stack: only parameters are sharded). -> (n,) float32."""
+        left = self._rank_left.setdefault(step, self.config.effective_rank_completions)
+        rows = recorded.nonzero().squeeze(1)[:left].tolist()
+        self._rank_left[step] = left - len(rows)
+        for old in [s for s in self._rank_left if s < step]:
+            del self._rank_left[old]
+        values = completion_ranks(_cat(mb.hidden), mask, rows) if rows else []
+        return torch.tensor(values, dtype=torch.float32, device=mask.device)
 
     def _record(self, acc, idx, gen_rows, mb, inputs, lp, ent, renyi2, gjs, weights, forks, valid, project) -> None:
         """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch): completions, tokens, forks.

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 from forkwatch.plugin.metrics import PERCENTILES, summarize_many
 from forkwatch.store.schema import STEPS
+from forkwatch.store.spectrum import spectrum_counts
 
 SELECT_PREFIX = "select_"  # metric m of the selector fills the STEPS column select_<m>, when the schema has one
 
@@ -52,6 +53,10 @@ def step_row(step: int, parts: list[dict[str, Any]], *, select_method: str | Non
         col = SELECT_PREFIX + name
         if col in _SELECT_COLUMNS:  # a boolean column holds "true in most micro-batches"
             row[col] = bool(value > 0.5) if pa.types.is_boolean(_SELECT_COLUMNS[col]) else value
+    ranks = np.concatenate([p.get("effective_rank", np.zeros(0)) for p in parts])
+    ranks = ranks[np.isfinite(ranks)]
+    row["entropy_spectrum"] = spectrum_counts(ent)
+    row["effective_rank_mean"] = float(ranks.mean()) if ranks.size else None  # null: not measured this step
     if not gjs.size:  # not computed this step: null, not NaN
         row.update(dict.fromkeys(("group_js_mean", *(f"group_js_p{round(q * 100)}" for q in PERCENTILES))))
     return row

@@ -34,21 +34,23 @@ _BSS_INTS = ("token_id",) if int(pa.__version__.split(".")[0]) >= 17 else ()
 
 
 def sort_rows(t: pa.Table) -> pa.Table:
-    """`t` ordered by step, then completion_id and position where the table has them (a no-op when already so)."""
+    """`t` ordered by step, then completion_id (probe_id for probes) and position where the table has them (a no-op
+    when already so)."""
     if "step" not in t.column_names or t.num_rows < 2:
         return t
-    keys = [k for k in ("step", "completion_id", "position") if k in t.column_names]
+    unit = next((k for k in ("completion_id", "probe_id") if k in t.column_names), None)
+    keys = [k for k in ("step", unit, "position") if k is not None and k in t.column_names]
     if t["step"].null_count:  # vocab rows may carry no step: let Arrow order them (nulls last)
         return t.sort_by([(k, "ascending") for k in keys])
     step = t["step"].to_numpy()
     same_step = step[1:] == step[:-1]
     ordered = not np.any(step[1:] < step[:-1])
-    if ordered and "completion_id" in t.column_names:
-        cid = t["completion_id"].to_numpy()
+    if ordered and unit is not None:
+        cid = t[unit].to_numpy()
         ordered = not np.any(same_step & (cid[1:] < cid[:-1]))
-    if ordered and "position" in t.column_names:
-        pos, cid = t["position"].to_numpy(), t["completion_id"].to_numpy()
-        ordered = not np.any(same_step & (cid[1:] == cid[:-1]) & (pos[1:] < pos[:-1]))
+        if ordered and "position" in t.column_names:
+            pos = t["position"].to_numpy()
+            ordered = not np.any(same_step & (cid[1:] == cid[:-1]) & (pos[1:] < pos[:-1]))
     return t if ordered else t.sort_by([(k, "ascending") for k in keys])
 
 

@@ -204,3 +204,144 @@ def truth_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completi
         "ORDER BY position",
         [run_id, step, completion_id],
     ).df()
+
+
+# --------------------------------------------------------------------------- collapse lenses
+# The entropy spectrum (steps.entropy_spectrum, bins of store/spectrum.py), the hidden states' effective rank
+# (steps.effective_rank_mean), the roles of forking tokens (vocab.role, store/roles.py) and the probes (the same
+# tokens scored teacher-forced across training, table `probes`).
+
+
+def entropy_spectrum(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """One row per (step, bin): bin (0-based, store/spectrum.py), count, share of the step's tokens."""
+    return con.execute(
+        """
+        WITH s AS (
+            SELECT step, entropy_spectrum AS h FROM steps WHERE run_id = ? AND entropy_spectrum IS NOT NULL
+            QUALIFY row_number() OVER (PARTITION BY step ORDER BY time DESC) = 1
+        ),
+        b AS (SELECT step, generate_subscripts(h, 1) - 1 AS bin, unnest(h) AS count FROM s)
+        SELECT step, CAST(bin AS INTEGER) AS bin, CAST(count AS BIGINT) AS count,
+               count / nullif(sum(count) OVER (PARTITION BY step), 0) AS share
+        FROM b ORDER BY step, bin
+        """,
+        [run_id],
+    ).df()
+
+
+def effective_rank_series(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The steps whose hidden-state effective rank was measured: step, effective_rank_mean, entropy_mean."""
+    return con.execute(
+        """
+        SELECT step, effective_rank_mean, entropy_mean FROM steps
+        WHERE run_id = ? AND effective_rank_mean IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY step ORDER BY time DESC) = 1
+        ORDER BY step
+        """,
+        [run_id],
+    ).df()
+
+
+def fork_roles_by_step(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """Share of each step's forks by functional role (store/roles.py): step, role, n_forks, share.
+
+    The role comes from the vocab table's `role` column; a run written before that column existed has it NULL, and
+    its roles are computed here from the token text by the same rules."""
+    from .roles import role_of
+
+    counts = con.execute(
+        """
+        WITH c AS (SELECT step, token_id, count(*) AS n FROM tokens WHERE run_id = $run AND is_fork GROUP BY ALL),
+        v AS (
+            SELECT token_id, any_value(text) AS text, any_value(role) AS role FROM vocab
+            WHERE run_id = $run AND token_id IN (SELECT token_id FROM c) GROUP BY token_id
+        )
+        SELECT c.step, c.token_id, c.n, v.text, v.role FROM c LEFT JOIN v USING (token_id)
+        """,
+        {"run": run_id},
+    ).df()
+    if counts.empty:
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "role": pd.Series(dtype="object"),
+                             "n_forks": pd.Series(dtype="int64"), "share": pd.Series(dtype="float64")})
+    missing = counts["role"].isna()
+    counts.loc[missing, "role"] = [role_of(t) for t in counts.loc[missing, "text"]]
+    out = counts.groupby(["step", "role"], as_index=False)["n"].sum().rename(columns={"n": "n_forks"})
+    out["n_forks"] = out["n_forks"].astype("int64")
+    out["share"] = out["n_forks"] / out.groupby("step")["n_forks"].transform("sum")
+    return out.sort_values(["step", "role"], ignore_index=True)
+
+
+def probe_list(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The probes of a run: probe_id, n_tokens (per scoring), n_steps scored, first_step, last_step."""
+    return con.execute(
+        """
+        SELECT probe_id, CAST(max(position) + 1 AS INTEGER) AS n_tokens, count(DISTINCT step) AS n_steps,
+               min(step) AS first_step, max(step) AS last_step
+        FROM probes WHERE run_id = ? GROUP BY probe_id ORDER BY probe_id
+        """,
+        [run_id],
+    ).df()
+
+
+def probe_tokens(con: duckdb.DuckDBPyConnection, run_id: str, probe_id: int) -> pd.DataFrame:
+    """One probe's tokens at every step it was scored: step, position, token_id, text, entropy, renyi2, logprob,
+    top_ids, top_probs."""
+    return con.execute(
+        """
+        WITH p AS (SELECT * FROM probes WHERE run_id = $run AND probe_id = $probe),
+        v AS (
+            SELECT token_id, any_value(text) AS text FROM vocab
+            WHERE run_id = $run AND token_id IN (SELECT token_id FROM p) GROUP BY token_id
+        )
+        SELECT p.step, p.position, p.token_id, coalesce(v.text, '#' || p.token_id) AS text, p.entropy, p.renyi2,
+               p.logprob, p.top_ids, p.top_probs
+        FROM p LEFT JOIN v USING (token_id) ORDER BY p.step, p.position
+        """,
+        {"run": run_id, "probe": probe_id},
+    ).df()
+
+
+def probe_top_overlap(con: duckdb.DuckDBPyConnection, run_id: str, fraction: float = 0.2) -> pd.DataFrame:
+    """How many of each step's top-`fraction` entropy positions of the probes were top positions at the probes' first
+    scoring (arXiv:2506.01939 reports 86 % before vs after RLVR): step, overlap (shared / top positions, over all
+    probes), n_top, n_probes. A probe's top set has ceil(fraction × its tokens) positions, ties broken by position."""
+    return con.execute(
+        """
+        WITH r AS (
+            SELECT probe_id, step, position,
+                   row_number() OVER (PARTITION BY probe_id, step ORDER BY entropy DESC, position) AS rk,
+                   count(*) OVER (PARTITION BY probe_id, step) AS n
+            FROM probes WHERE run_id = $run
+        ),
+        top AS (SELECT probe_id, step, position FROM r WHERE rk <= ceil($fraction * n)),
+        first AS (SELECT probe_id, min(step) AS step FROM top GROUP BY probe_id),
+        ref AS (SELECT probe_id, position FROM top JOIN first USING (probe_id, step))
+        SELECT t.step, count(ref.position) / count(*) AS overlap, count(*) AS n_top,
+               count(DISTINCT t.probe_id) AS n_probes
+        FROM top t LEFT JOIN ref ON ref.probe_id = t.probe_id AND ref.position = t.position
+        GROUP BY t.step ORDER BY t.step
+        """,
+        {"run": run_id, "fraction": fraction},
+    ).df()
+
+
+def run_curves(con: duckdb.DuckDBPyConnection, points: int = 120) -> pd.DataFrame:
+    """Each run's entropy and reward curves for a picture per run: run_id, step, entropy_mean, reward_mean, at most
+    about `points` evenly spaced steps per run (always its first and last)."""
+    return con.execute(
+        """
+        WITH s AS (
+            SELECT run_id, step, entropy_mean, reward_mean FROM steps
+            QUALIFY row_number() OVER (PARTITION BY run_id, step ORDER BY time DESC) = 1
+        ),
+        n AS (
+            SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i,
+                   count(*) OVER (PARTITION BY run_id) AS total
+            FROM s
+        )
+        SELECT run_id, step, entropy_mean, reward_mean FROM n
+        WHERE i % greatest(1, ceil(total / $points)::BIGINT) = 0 OR i = total - 1
+        ORDER BY run_id, step
+        """,
+        {"points": points},
+    ).df()

@@ -72,6 +72,11 @@ STEPS = pa.schema(
         pa.field("truncated_fraction", _F32),
         pa.field("forkwatch_seconds", _F32),  # wall time forkwatch itself spent in this step
         pa.field("dropped_records", pa.int64()),  # cumulative records dropped so far (queue full, disk errors)
+        # Added (additive, still version 1): the collapse lenses (docs/collapse-lenses.md).
+        # Counts of the step's response-token entropies per bin of store/spectrum.py (EDGES), every rank's tokens.
+        pa.field("entropy_spectrum", pa.list_(pa.int32())),
+        # Mean effective rank of recorded completions' final-layer hidden states; null on steps not measured.
+        pa.field("effective_rank_mean", _F32),
     ]
 )
 
@@ -130,6 +135,24 @@ VOCAB = pa.schema(
         pa.field("step", pa.int32()),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("text", pa.string()),
+        pa.field("role", pa.dictionary(pa.int8(), pa.string())),  # added, still version 1: store/roles.py ROLES
+    ]
+)
+
+# The same (prompt, completion) tokens scored teacher-forced every `probe_every` steps (plugin/probes.py); the
+# probes' texts are in run.json under `probes`.
+PROBES = pa.schema(
+    [
+        _RUN_ID,
+        _STEP,
+        pa.field("probe_id", pa.int32(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),  # 0-based index in the probe's completion
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("logprob", _F32),
+        pa.field("entropy", _F32),
+        pa.field("renyi2", _F32),
+        pa.field("top_ids", pa.list_(pa.int32())),  # the top-k next tokens, most likely first
+        pa.field("top_probs", pa.list_(_F32)),
     ]
 )
 
@@ -167,4 +190,5 @@ TABLES: dict[str, pa.Schema] = {
     "tokens": TOKENS,
     "forks": FORKS,
     "vocab": VOCAB,
+    "probes": PROBES,
 }

@@ -270,7 +270,7 @@ def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]
     con.execute(f"CREATE OR REPLACE VIEW runs AS SELECT {casts} FROM _forkwatch_runs ORDER BY run_id")
     con.execute(
         "CREATE OR REPLACE VIEW token_text AS "
-        "SELECT t.*, v.text FROM tokens t LEFT JOIN vocab v ON v.run_id = t.run_id AND v.token_id = t.token_id"
+        "SELECT t.*, v.text, v.role FROM tokens t LEFT JOIN vocab v ON v.run_id = t.run_id AND v.token_id = t.token_id"
     )
     # Optional ground truth written by a task that knows its decision points (store/truth.py).
     snap.parts[truth.TRUTH_VIEW] = truth.truth_parts(snap.log_dir)

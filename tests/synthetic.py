@@ -12,6 +12,8 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+from forkwatch.store.roles import roles_of
+from forkwatch.store.spectrum import spectrum_counts
 
 KINDS = ("collapse", "healthy", "explosion")
 # The law the collapsing run follows: R = −A·exp(H) + B, ceiling B − A.
@@ -154,17 +156,27 @@ def write_run(
     method: str = "ict",
     seed: int = 0,
     status: str | None = "finished",
+    lenses: bool = True,
+    group_js: bool = True,
 ) -> None:
     """Write a whole run through the real RunWriter. `token_steps`: how many steps get per-token records (all by
-    default). `status=None` leaves the run open (as if still being written)."""
+    default). `status=None` leaves the run open (as if still being written). `lenses=False` writes no entropy spectrum,
+effective rank, roles or probes (a run of a forkwatch without them); `group_js=False` no group JS."""
     from forkwatch.store import RunWriter
 
     rng = np.random.default_rng(seed)
     series = step_series(kind, n_steps, seed=seed)
     n_comp = n_groups * group_size
     w = RunWriter(log_dir, run_id, meta={"select": method, "model": "tiny", "vocab_size": len(VOCAB)})
-    w.put("vocab", {"step": 0, "token_id": np.arange(len(VOCAB), dtype=np.int32), "text": VOCAB})
-    w.put("steps", _steps_columns(series, n_comp * length, n_comp, method))
+    w.put("vocab", {"step": 0, "token_id": np.arange(len(VOCAB), dtype=np.int32), "text": VOCAB,
+                    **({"role": roles_of(VOCAB)} if lenses else {})})
+    steps = _steps_columns(series, n_comp * length, n_comp, method)
+    if not group_js:
+        steps = {k: v for k, v in steps.items() if not k.startswith("group_js")}
+    if lenses:
+        steps |= _lens_columns(series, n_comp * length, rng)
+        w.put("probes", _probe_columns(series, rng))
+    w.put("steps", steps)
     for step in range(n_steps if token_steps is None else min(token_steps, n_steps)):
         completions, tokens, forks = _token_step(
             step, float(series["entropy_mean"][step]), n_groups, group_size, length, step * n_comp, rng
@@ -175,6 +187,47 @@ def write_run(
     w.flush()
     if status is not None:
         w.close(status=status)
+
+
+def _lens_columns(series: dict[str, np.ndarray], n_tokens: int, rng) -> dict:
+    """The steps' entropy spectrum (a histogram of entropies drawn around each step's mean: a heavy tail that drains
+    as the mean falls) and an effective rank measured every 5 steps that follows the entropy loosely."""
+    ent = series["entropy_mean"].astype(np.float64)
+    spectra = []
+    for mean in ent:
+        confident = rng.random(n_tokens) < np.clip(0.9 - 0.5 * mean, 0.3, 0.95)
+        draws = np.where(confident, np.exp(rng.normal(np.log(1e-3), 1.5, n_tokens)),
+                         rng.exponential(max(mean, 1e-3) * 2, n_tokens))
+        spectra.append(spectrum_counts(draws))
+    rank = np.where(series["step"] % 5 == 0, 20 + 30 * np.tanh(ent) + rng.normal(0, 1, ent.size), np.nan)
+    return {"entropy_spectrum": spectra,
+            "effective_rank_mean": [None if np.isnan(r) else float(r) for r in rank]}
+
+
+PROBE_TOKENS = ((44, 36, 37, 27, 38, 28, 40), (41, 42, 43, 36, 29, 40))  # ids into VOCAB
+
+
+def _probe_columns(series: dict[str, np.ndarray], rng) -> dict:
+    """Two probes scored every 5 steps: per-position entropies that shrink with the run's mean entropy, the
+    highest-entropy positions mostly staying where they were."""
+    cols: dict = {k: [] for k in ("step", "probe_id", "position", "token_id", "logprob", "entropy", "renyi2",
+                                  "top_ids", "top_probs")}
+    base = [rng.exponential(0.5, len(t)) for t in PROBE_TOKENS]
+    for step, mean in zip(series["step"], series["entropy_mean"], strict=True):
+        if step % 5:
+            continue
+        for pid, ids in enumerate(PROBE_TOKENS):
+            ent = base[pid] * float(mean) * rng.uniform(0.7, 1.3, len(ids))
+            cols["step"] += [int(step)] * len(ids)
+            cols["probe_id"] += [pid] * len(ids)
+            cols["position"] += list(range(len(ids)))
+            cols["token_id"] += list(ids)
+            cols["entropy"] += ent.tolist()
+            cols["renyi2"] += (0.6 * ent).tolist()
+            cols["logprob"] += (-0.5 * ent).tolist()
+            cols["top_ids"] += [[t, 0] for t in ids]
+            cols["top_probs"] += [[0.9, 0.05]] * len(ids)
+    return cols
 
 
 def write_sample_runs(log_dir: str | Path, **kwargs) -> list[str]:

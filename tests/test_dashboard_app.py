@@ -22,6 +22,7 @@ def log_dir(tmp_path_factory) -> Path:
     write_sample_runs(d, n_steps=40, token_steps=4)
     write_run(d, "fresh", "healthy", n_steps=0, status=None)  # no steps yet, still being written
     write_run(d, "live", "healthy", n_steps=12, token_steps=1, status=None)
+    write_run(d, "without_lenses", "healthy", n_steps=10, token_steps=1, lenses=False, group_js=False)  # nothing optional
     return d
 
 
@@ -67,6 +68,18 @@ def figures(at: AppTest) -> list[dict]:
     return [json.loads(e.proto.spec) for e in at.get("plotly_chart")]
 
 
+def values(v) -> list:
+    """A plotly array from a figure's JSON: a list, or numpy data encoded as {'dtype', 'bdata'[, 'shape']}."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        import numpy as np
+
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return a.reshape([int(n) for n in str(v["shape"]).split(",")]).tolist() if "shape" in v else a.tolist()
+    return list(v)
+
+
 def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
@@ -75,7 +88,7 @@ def test_runs_page_lists_every_run_with_a_health_badge(monkeypatch, log_dir):
     at = app(monkeypatch, log_dir)
     assert at.title[0].value == "Runs"
     table = at.dataframe[0].value
-    assert set(table["run"]) == {"collapse", "healthy", "explosion", "fresh", "live"}
+    assert set(table["run"]) == {"collapse", "healthy", "explosion", "fresh", "live", "without_lenses"}
     health = dict(zip(table["run"], table["health"], strict=True))
     assert "collapse" in health["collapse"] and "explosion" in health["explosion"]
     assert "healthy" in health["healthy"] and "too few steps" in health["fresh"]
@@ -107,7 +120,7 @@ def test_choosing_runs_puts_them_in_the_url(monkeypatch, log_dir):
 def test_entropy_page_overlays_runs_and_marks_flags(monkeypatch, log_dir):
     at = app(monkeypatch, log_dir, "page_entropy.py", run=["collapse", "healthy"])
     assert at.multiselect(key="entropy_runs").value == ["collapse", "healthy"]
-    [fig] = figures(at)
+    fig = figures(at)[0]  # the step-series chart; the collapse lenses follow
     names = {t.get("name") for t in fig["data"]}
     assert {"collapse entropy", "healthy entropy", "collapse health flags"} <= names
     flags = next(t for t in fig["data"] if t.get("name") == "collapse health flags")
@@ -120,7 +133,56 @@ def test_entropy_page_says_when_a_run_has_no_steps_or_is_live(monkeypatch, log_d
     at = app(monkeypatch, log_dir, "page_entropy.py", run=["fresh", "live"])
     assert "`fresh` has no steps yet" in texts(at.warning)
     assert "`live` is still being written" in texts(at.info)
-    assert len(figures(at)) == 1
+    names = {t.get("name") for fig in figures(at) for t in fig["data"]}
+    assert "live entropy" in names and not any(str(n).startswith("fresh") for n in names)
+
+
+def test_entropy_page_draws_the_spectrum_and_the_effective_rank(monkeypatch, log_dir):
+    at = app(monkeypatch, log_dir, "page_entropy.py", run="collapse")
+    figs = figures(at)
+    heat = [f for f in figs if f["data"][0]["type"] == "heatmap"]
+    assert len(heat) == 1 and len(values(heat[0]["data"][0]["x"])) == 40  # step x bin
+    rank = next(f for f in figs if any(t.get("name") == "collapse effective rank" for t in f["data"]))
+    measured = [y for t in rank["data"] if t.get("name") == "collapse effective rank" for y in values(t["y"])
+                if y is not None and y == y]
+    assert len(measured) == 8  # every 5 of 40 steps
+
+
+def test_entropy_page_says_why_a_view_has_nothing_to_draw(monkeypatch, log_dir):
+    at = app(monkeypatch, log_dir, "page_entropy.py", run="without_lenses")
+    info = texts(at.info)
+    assert "`without_lenses`: no entropy spectrum recorded" in info and "`without_lenses`: no effective rank to draw" in info
+    assert "group JS not recorded for `without_lenses`" in texts(at.caption)
+    [fig] = figures(at)  # only the step series, and without an empty group-JS panel
+    assert not any("group JS" in a["text"] for a in fig["layout"]["annotations"])
+
+
+def test_forks_page_draws_fork_roles_and_a_probe_across_steps(monkeypatch, log_dir):
+    at = app(monkeypatch, log_dir, "page_forks.py", run="collapse", step="2")
+    figs = figures(at)
+    roles = next(f for f in figs if any(t.get("stackgroup") == "roles" for t in f["data"]))
+    assert {t["name"] for t in roles["data"]} <= {"number", "operator", "connective", "grammar", "formatting", "other"}
+    heat = next(f for f in figs if f["data"][0]["type"] == "heatmap")
+    assert len(values(heat["data"][0]["y"])) == 8 and len(values(heat["data"][0]["x"])) == 7  # 8 scorings x 7 tokens
+    assert "shared with their first scoring" in texts(at.caption)
+    at.selectbox(key="forks_probe_collapse").set_value(1).run()
+    heat = next(f for f in figures(at) if f["data"][0]["type"] == "heatmap")
+    assert len(values(heat["data"][0]["x"])) == 6
+
+
+def test_forks_page_says_why_without_probes(monkeypatch, log_dir):
+    at = app(monkeypatch, log_dir, "page_forks.py", run="without_lenses")
+    assert "`without_lenses` has no probe scores" in texts(at.info)
+
+
+def test_runs_page_draws_curves_and_a_picture_per_run(monkeypatch, log_dir):
+    at = app(monkeypatch, log_dir)
+    table = at.dataframe[0].value
+    curves = dict(zip(table["run"], table["entropy"], strict=True))
+    assert len(curves["collapse"]) == 40 and len(curves["fresh"]) == 0
+    [fig] = figures(at)
+    assert sum(t.get("name") == "entropy" for t in fig["data"]) == 5  # the runs with steps
+    assert any(t.get("name") == "flags" for t in fig["data"])
 
 
 def test_forks_page_shows_the_token_view_with_values_and_alternatives(monkeypatch, log_dir):
@@ -130,7 +192,7 @@ def test_forks_page_shows_the_token_view_with_values_and_alternatives(monkeypatc
     view = next(h.proto.body for h in at.get("html") if "fw-tokens" in h.proto.body)
     assert 'class="fw-token' in view and "fw-grad" in view and "fw-fork" in view
     assert "entropy " in view and "logprob " in view and "alternatives (top-k):" in view
-    assert len(figures(at)) == 3  # prompt across steps, top fork texts, their trend
+    assert len(figures(at)) == 6  # prompt across steps, top fork texts, their trend; fork roles, probe, overlap
 
 
 def test_forks_page_colours_by_the_chosen_stat(monkeypatch, log_dir):
@@ -144,8 +206,7 @@ def test_forks_page_finds_a_prompt_and_follows_it(monkeypatch, log_dir):
     at.radio(key="forks_mode").set_value("prompt").run()
     at.text_input(key="forks_prompt_query").input("1 + 2").run()
     assert at.selectbox(key="forks_prompt").value == "What is 1 + 2?"
-    completion = at.selectbox[-1]
-    assert completion.key.startswith("forks_completion_")
+    completion = next(s for s in at.selectbox if s.key.startswith("forks_completion_"))
     assert "What is 1 + 2?" in completion.format_func(completion.value)
     at.text_input(key="forks_prompt_query").input("no such prompt").run()
     assert "No prompt of run `healthy` contains" in texts(at.warning)

@@ -122,7 +122,7 @@ def _shot(page, name: str) -> Path:
 
 def test_runs_page_draws_the_table(server, page):
     url, _ = server
-    _open(page, f"{url}/?run=collapse&run=explosion", "Runs")  # the default page lives at the root
+    _open(page, f"{url}/?run=collapse&run=explosion", "Runs")  # the root forwards to /runs
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     expect(page.locator('[data-testid="stExpander"]')).to_have_count(2)  # retries until drawn, then asserts
     page.get_by_text("collapse.mean", exact=False).first.wait_for()
@@ -171,6 +171,50 @@ def test_sql_page_runs_an_example(server, page):
     # Streamlit may draw it a moment after the table: expect() retries, and fails when it never comes
     expect(page.get_by_role("button", name="Download CSV")).to_have_count(1)
     _shot(page, "sql")
+
+
+@pytest.mark.parametrize(("path", "title"), [
+    ("runs", "Runs"), ("entropy", "Entropy"), ("forks", "Forks"), ("law", "Entropy–reward law"), ("sql", "SQL"),
+])
+def test_every_page_answers_at_its_own_url(server, page, path, title):
+    url, _ = server
+    _open(page, f"{url}/{path}?run=collapse", title)
+
+
+def test_the_root_url_forwards_to_runs_keeping_the_query(server, page):
+    url, _ = server
+    _open(page, f"{url}/?run=healthy", "Runs")
+    page.wait_for_url("**/runs?run=healthy")
+
+
+def test_runs_page_draws_a_picture_per_run_with_alarms(server, page):
+    url, _ = server
+    _open(page, f"{url}/runs?run=collapse", "Runs")
+    page.get_by_role("heading", name="Each run at a glance").wait_for()
+    # 3 runs x (entropy, reward) curves, plus the x markers of the runs whose health rules fired
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 7")
+    _shot(page, "runs_pictures")
+
+
+def test_entropy_page_draws_the_spectrum_and_the_effective_rank(server, page):
+    url, _ = server
+    _open(page, f"{url}/entropy?run=collapse", "Entropy")
+    page.get_by_role("heading", name="Entropy spectrum").wait_for()
+    page.get_by_role("heading", name="Effective rank of hidden states").wait_for()
+    page.locator(".js-plotly-plot .heatmaplayer image").first.wait_for(state="attached")  # the step x bin map
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3")
+    _shot(page, "entropy_lenses")
+
+
+def test_forks_page_draws_fork_roles_and_probes(server, page):
+    url, _ = server
+    _open(page, f"{url}/forks?run=collapse&step=2", "Forks")
+    page.get_by_role("heading", name="Roles of forking tokens").wait_for()
+    page.get_by_role("heading", name="Probes: the same tokens across training").wait_for()
+    page.locator(".js-plotly-plot .heatmaplayer image").first.wait_for(state="attached")  # token x step
+    page.get_by_text("shared with their first scoring", exact=False).first.wait_for()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 6")
+    _shot(page, "forks_lenses")
 
 
 def test_ctrl_c_stops_the_dashboard_cleanly(log_dir):

@@ -134,3 +134,35 @@ def test_forks_page_marks_the_ground_truth_next_to_the_forks(demo_out, monkeypat
 
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+def test_demo_runs_carry_the_collapse_lenses_and_the_dashboard_draws_them(demo_out, monkeypatch):
+    pytest.importorskip("streamlit.testing.v1")
+    import streamlit as st
+    from forkwatch.dashboard.launch import LOG_DIR_ENV
+    from streamlit.testing.v1 import AppTest
+
+    con = connect(str(demo_out[0] / "logs"))
+    spectra = con.execute("SELECT run_id, step, n_tokens, entropy_spectrum FROM steps").fetchall()
+    assert spectra and all(sum(h) == n for _, _, n, h in spectra)  # every step of every run
+    ranks = con.execute("SELECT run_id, step FROM steps WHERE effective_rank_mean IS NOT NULL").fetchall()
+    assert {r for r, _ in ranks} == set(RUNS) and all(s % 10 == 0 for _, s in ranks)
+    assert not queries.fork_roles_by_step(con, "grpo").empty
+    probes = queries.probe_list(con, "grpo")
+    assert len(probes) == 4 and (probes["first_step"] == 1).all() and (probes["n_steps"] >= 2).all()
+
+    monkeypatch.setenv(LOG_DIR_ENV, str(demo_out[0] / "logs"))
+    for page, headings in (("page_entropy", ("Entropy spectrum", "Effective rank of hidden states")),
+                           ("page_forks", ("Roles of forking tokens", "Probes: the same tokens across training"))):
+        at = AppTest.from_string(f"from forkwatch.dashboard import {page}\n{page}.render()\n", default_timeout=60)
+        at.query_params["run"] = "grpo"
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert set(headings) <= {h.value for h in at.subheader}
+        infos = " ".join(str(i.value) for i in at.info)
+        for why in ("no entropy spectrum", "no effective rank", "has no fork recorded", "has no probe scores"):
+            assert why not in infos, infos
+        heat = [e for e in at.get("plotly_chart") if '"type":"heatmap"' in e.proto.spec.replace(" ", "")]
+        assert heat, page  # the spectrum (Entropy) and the probe (Forks) heat maps
+    st.cache_data.clear()
+    st.cache_resource.clear()

@@ -19,7 +19,7 @@ from forkwatch.store import connect
 
 BACKENDS = ("ddp", "zero3", "fsdp2", "fsdp2_root")
 SHARDED = BACKENDS[1:]
-CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass")
+CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass", "lenses")
 # generation batches served by the fallbacks (group_js, forks) in each configuration's 2 steps
 FALLBACKS = {"ict_fallback": ({"no_logits": 2}, {"no_logits": 2}), "ict_extra_pass": ({"no_logits": 1}, {"no_logits": 1})}
 PORTS = dict(zip(BACKENDS, (29621, 29623, 29625, 29627), strict=True))
@@ -119,3 +119,25 @@ def test_ict_keeps_the_same_tokens_as_ddp(runs, backend, config):
             continue
         cutoff = scores[kept_ref[rows]].min()
         np.testing.assert_allclose(scores[differs], cutoff, atol=1e-5, err_msg=str((step, cid)))
+
+
+PROBES = ("SELECT step, probe_id, position, token_id, logprob, entropy, renyi2, top_ids FROM probes WHERE run_id = ? "
+          "ORDER BY step, probe_id, position")
+LENS_STEPS = "SELECT step, n_tokens, entropy_spectrum, effective_rank_mean FROM steps WHERE run_id = ? ORDER BY step"
+
+
+@pytest.mark.parametrize("backend", SHARDED)
+def test_probes_spectrum_and_effective_rank_equal_ddp(runs, backend):
+    ref, got = _table(runs, PROBES, "ddp", "lenses"), _table(runs, PROBES, backend, "lenses")
+    assert sorted(set(ref["step"])) == [0, 1, 2] and len(got) == len(ref) == 3 * 3  # 3 scorings x (1 + 2 tokens)
+    keys = ["step", "probe_id", "position", "token_id"]
+    assert (ref[keys].to_numpy() == got[keys].to_numpy()).all()
+    cols = ["logprob", "entropy", "renyi2"]
+    np.testing.assert_allclose(got[cols].to_numpy(float), ref[cols].to_numpy(float), atol=2e-5, rtol=1e-4)
+    s_ref, s_got = _table(runs, LENS_STEPS, "ddp", "lenses"), _table(runs, LENS_STEPS, backend, "lenses")
+    assert s_ref["step"].tolist() == s_got["step"].tolist() == [1, 2]
+    for a, b, n in zip(s_ref["entropy_spectrum"], s_got["entropy_spectrum"], s_got["n_tokens"], strict=True):
+        assert sum(b) == n and np.abs(np.array(a) - np.array(b)).sum() <= 2  # a token on a bin edge may move
+    rank_ref, rank_got = s_ref["effective_rank_mean"].to_numpy(float), s_got["effective_rank_mean"].to_numpy(float)
+    assert np.isfinite(rank_ref).all() and (rank_ref >= 1).all()
+    np.testing.assert_allclose(rank_got, rank_ref, rtol=1e-3)

@@ -34,3 +34,15 @@ def test_without_a_selector_the_select_columns_are_absent_and_group_js_is_null()
     row = step_row(1, [_part({})], select_method=None, dropped=2, selected={})
     assert not [k for k in row if k.startswith("select_") and k != "select_method"]
     assert row["group_js_mean"] is None and row["dropped_records"] == 2 and row["n_tokens"] == 4
+
+
+def test_spectrum_counts_every_rank_and_effective_rank_is_their_mean_or_null():
+    from forkwatch.store.spectrum import spectrum_counts
+
+    a, b = _part({}), _part({}, n=6)
+    a["effective_rank"], b["effective_rank"] = np.array([3.0, 5.0]), np.array([np.nan, 10.0])
+    row = step_row(2, [a, b], select_method=None, dropped=0, selected={})
+    assert row["entropy_spectrum"] == spectrum_counts(np.concatenate([a["entropy"], b["entropy"]]))
+    assert sum(row["entropy_spectrum"]) == row["n_tokens"] == 10
+    assert row["effective_rank_mean"] == pytest.approx(6.0)  # NaN (a row without two states) left out
+    assert step_row(3, [_part({})], select_method=None, dropped=0, selected={})["effective_rank_mean"] is None

@@ -1,0 +1,153 @@
+"""Probes: fixed (prompt, completion) pairs scored teacher-forced, without gradient, every few steps.
+
+Each step samples new completions, so a recorded token is never scored twice; a probe's tokens are, at every
+`probe_every` steps, with the policy as it is then: their entropy, Rényi-2, log-prob and top-k, in the `probes`
+table. Given explicitly (`attach(..., probes=[(prompt, completion), ...])`) or, by default, the first completions
+recorded.
+
+One probe per forward (no padding: a plain forward does not derive positions from a left-padded mask), through the
+causal LM itself, so the stack's own forward hooks gather sharded weights (ZeRO-3, FSDP2): every rank must score the
+same probes the same number of times, which the callback guarantees by broadcasting them and scoring on all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from forkwatch.plugin.probe_scores import probe_scores
+
+
+@dataclass(frozen=True)
+class Probe:
+    probe_id: int
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+    def to_meta(self, tokenizer=None) -> dict:
+        """What run.json says about the probe: its id, token counts and, with a tokenizer, its text."""
+        out = {"probe_id": self.probe_id, "prompt_tokens": len(self.prompt_ids),
+               "completion_tokens": len(self.completion_ids)}
+        if tokenizer is not None:
+            out["prompt"] = tokenizer.decode(list(self.prompt_ids), skip_special_tokens=False)
+            out["completion"] = tokenizer.decode(list(self.completion_ids), skip_special_tokens=False)
+        return out
+
+
+def encode_probes(pairs: list[tuple[str, str]], tokenizer) -> list[Probe]:
+    """Probes from (prompt, completion) texts. The prompt is taken as the model reads it (apply any chat template
+    before passing it); neither part gets special tokens added."""
+    out = []
+    for i, (prompt, completion) in enumerate(pairs):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if not p or not c:
+            raise ValueError(f"probes[{i}]: the prompt and the completion must each encode to at least one token "
+                             f"(got {len(p)} and {len(c)}); pass non-empty texts")
+        out.append(Probe(i, tuple(p), tuple(c)))
+    return out
+
+
+def probe_from_row(probe_id: int, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                   length: int) -> Probe | None:
+    """A probe from one generated row: the prompt's unpadded ids, the completion's first `length` tokens (up to and
+    including its EOS). None for an empty completion."""
+    p = prompt_ids[prompt_mask.bool()].tolist()
+    c = completion_ids[: int(length)].tolist()
+    return Probe(probe_id, tuple(p), tuple(c)) if p and c else None
+
+
+@torch.no_grad()
+def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temperature: float, k: int,
+                 device: torch.device | str) -> dict[str, list]:
+    """Score each probe with `model` (a causal LM) -> columns of the `probes` table (without run_id), one row per
+    completion token of each probe. The model is put in eval mode for the forwards and restored after."""
+    cols: dict[str, list] = {c: [] for c in ("step", "probe_id", "position", "token_id", "logprob", "entropy",
+                                             "renyi2", "top_ids", "top_probs")}
+    was_training = model.training
+    model.eval()
+    try:
+        for probe in probes:
+            ids = torch.tensor([probe.prompt_ids + probe.completion_ids], device=device)  # (1, P + T)
+            t = len(probe.completion_ids)
+            # logits at positions P-1 … P+T-2 predict completion tokens 0 … T-1
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=t + 1).logits[0, :-1]  # (T, V)
+            s = probe_scores(logits, ids[0, -t:], temperature=temperature, k=k)
+            cols["step"] += [step] * t
+            cols["probe_id"] += [probe.probe_id] * t
+            cols["position"] += list(range(t))
+            cols["token_id"] += list(probe.completion_ids)
+            for name in ("logprob", "entropy", "renyi2"):
+                cols[name] += getattr(s, name).cpu().tolist()
+            cols["top_ids"] += s.top_ids.cpu().tolist()
+            cols["top_probs"] += s.top_probs.cpu().tolist()
+    finally:
+        model.train(was_training)
+    return cols
+
+
+class ProbeRunner:
+    """When and what to score, for one trainer: the probes given at attach, or the first `count` completions this
+    run records (rank 0's, broadcast so that every rank scores the same probes: the forwards are collectives under
+    ZeRO-3 and FSDP2). Due at the first step with probes and then every `every` steps."""
+
+    def __init__(self, trainer, *, pairs: list[tuple[str, str]] | None, every: int, count: int, top_k: int) -> None:
+        self.trainer, self.every, self.count, self.top_k = trainer, every, count, top_k
+        proc = trainer.processing_class
+        self.tokenizer = getattr(proc, "tokenizer", proc)
+        self.probes: list[Probe] | None = encode_probes(pairs, self.tokenizer) if pairs else None
+        self.scored = False  # scored at least once this run (the first scoring is always due)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (not self.scored or step % self.every == 0)
+
+    def take_defaults(self, gen) -> bool:
+        """Make the first `count` recorded completions of `gen` (a GenBatch, or None on a rank without one) the
+        probes, unless probes exist already. Called on every rank at the same step. -> whether there are probes."""
+        if self.probes is not None:
+            return True
+        found: list[Probe] = []
+        if gen is not None and self.trainer.accelerator.process_index == 0:
+            rows = gen.sampled.nonzero().squeeze(1).tolist()
+            for row in rows:
+                if len(found) == self.count:
+                    break
+                probe = probe_from_row(len(found), gen.prompt_ids[row], gen.prompt_mask[row],
+                                       gen.completion_ids[row], int(gen.length[row]))
+                if probe is not None:
+                    found.append(probe)
+        if self.trainer.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            found = broadcast_object_list([found], from_process=0)[0]
+        self.probes = found or None
+        return self.probes is not None
+
+    def score(self, step: int) -> dict[str, list]:
+        """Score every probe with the policy as it is now (all ranks) -> the `probes` columns."""
+        from forkwatch.plugin.hooks import target_model
+
+        self.scored = True
+        tr = self.trainer
+        model = target_model(tr)
+        try:
+            return score_probes(model, self.probes or [], step, temperature=tr.temperature, k=self.top_k,
+                                device=tr.accelerator.device)
+        finally:
+            reshard(model)
+
+    def meta(self) -> list[dict]:
+        """run.json's `probes`: each probe's id, token counts and text."""
+        return [p.to_meta(self.tokenizer) for p in self.probes or []]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Under FSDP2, free the parameters a forward without backward left gathered: the root unit does not reshard
+    after its forward (the backward that would comes only in training), so after the probes the full embedding and
+    LM head would stay in memory until the next training step. A no-op elsewhere (ZeRO-3 releases after each
+    module's forward by itself)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

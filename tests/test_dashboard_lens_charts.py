@@ -1,0 +1,78 @@
+"""dashboard/lens_charts.py: each figure draws what its query returned (and only that)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from forkwatch.dashboard import lens_charts
+from forkwatch.store.health import Flag
+from forkwatch.store.spectrum import N_BINS, bins_below
+
+
+def _spectrum(steps: int) -> pd.DataFrame:
+    rows = []
+    for s in range(1, steps + 1):
+        counts = np.zeros(N_BINS)
+        counts[0], counts[12] = 90 + s, 10 - s  # the tail drains
+        for b, c in enumerate(counts):
+            rows.append({"step": s, "bin": b, "count": c, "share": c / counts.sum()})
+    return pd.DataFrame(rows)
+
+
+def test_spectrum_heatmap_is_steps_by_bins_cropped_to_log_vocab():
+    fig = lens_charts.spectrum_figure(_spectrum(5), vocab_size=40)
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (bins_below(40), 5)
+    assert np.isnan(z[1]).all()  # empty bins are blank, not log(0)
+    assert z[12, 0] > z[12, -1]  # the drained tail is darker at the end
+    assert math.isclose(float(np.asarray(fig.data[0].customdata)[0, 0]), 91 / 100)
+
+
+def test_effective_rank_figure_puts_rank_on_a_second_axis():
+    df = pd.DataFrame({"step": [1, 2, 3], "entropy_mean": [1.0, 0.8, 0.5], "effective_rank_mean": [9.0, None, 7.0]})
+    fig = lens_charts.effective_rank_figure({"r": df})
+    assert [t.name for t in fig.data] == ["r entropy", "r effective rank"]
+    assert fig.data[1].yaxis == "y2"
+
+
+def test_fork_roles_figure_stacks_only_present_roles():
+    roles = pd.DataFrame({"step": [1, 1, 2], "role": ["number", "connective", "number"], "n_forks": [3, 1, 2],
+                          "share": [0.75, 0.25, 1.0]})
+    fig = lens_charts.fork_roles_figure(roles)
+    assert {t.name for t in fig.data} == {"number", "connective"}
+    connective = next(t for t in fig.data if t.name == "connective")
+    assert list(connective.y) == [0.25, 0.0]
+
+
+def test_probe_heatmap_rows_are_steps_and_columns_tokens():
+    tokens = pd.DataFrame({"step": [1, 1, 1, 4, 4, 4], "position": [0, 1, 2] * 2, "text": ["4", "2", "."] * 2,
+                           "entropy": [0.1, 0.2, 0.3, 0.01, 0.02, 0.03]})
+    fig = lens_charts.probe_heatmap_figure(tokens)
+    assert list(fig.data[0].x) == ["0:'4'", "1:'2'", "2:'.'"]
+    assert np.asarray(fig.data[0].z).shape == (2, 3)
+
+
+def test_run_pictures_mark_flags_on_the_entropy_curve():
+    curves = pd.DataFrame({"run_id": ["a"] * 4 + ["b"] * 4, "step": [1, 2, 3, 4] * 2,
+                           "entropy_mean": [1, 0.5, 0.1, 0.05, 1, 1, 1, 1], "reward_mean": [0.0] * 8})
+    flag = Flag(rule="collapse.mean", fired_at=3, until=4, steps=[3, 4], values=[0.1, 0.05], threshold=0.2,
+                message="m")
+    fig = lens_charts.run_pictures_figure(curves, {"a": [flag]}, ["a", "b"])
+    marks = [t for t in fig.data if t.name == "flags"]
+    assert len(marks) == 1 and list(marks[0].x) == [3] and list(marks[0].y) == [0.1]
+    assert len([t for t in fig.data if t.name == "entropy"]) == 2
+
+
+def test_entropy_figure_leaves_out_the_group_js_panel_when_no_run_has_it():
+    from forkwatch.dashboard.charts import entropy_figure
+
+    df = pd.DataFrame({"step": [1, 2], "entropy_mean": [1.0, 0.9], "entropy_p10": [0.1, 0.1],
+                       "entropy_p90": [2.0, 1.8], "renyi2_mean": [0.8, 0.7], "group_js_mean": [None, None],
+                       "reward_mean": [0.1, 0.2], "completion_length_mean": [10.0, 11.0]})
+    titles = [a.text for a in entropy_figure({"r": df}, {}).layout.annotations]
+    assert not any("group JS" in t for t in titles) and len(titles) == 3
+    with_gjs = df.assign(group_js_mean=[0.1, 0.05])
+    titles = [a.text for a in entropy_figure({"r": with_gjs}, {}).layout.annotations]
+    assert any("group JS" in t for t in titles) and len(titles) == 4
