@@ -61,7 +61,11 @@ def serve(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -> 
         except subprocess.TimeoutExpired:
             logger.warning("streamlit did not stop within 10 s; terminating it")
             proc.terminate()
-            proc.wait()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # bounded: a stop request never hangs the command
+                proc.wait()
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)

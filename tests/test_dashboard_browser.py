@@ -222,6 +222,7 @@ def test_ctrl_c_stops_the_dashboard_cleanly(log_dir):
     url, proc = _start(log_dir)
     try:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        # a hang guard, not a speed bound: on a loaded 2-core machine Streamlit's own shutdown can take seconds
+        assert proc.wait(timeout=90) == 0
     finally:
         _stop(proc)
