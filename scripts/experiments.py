@@ -149,6 +149,44 @@ def _plot(con, groups: dict[tuple[str, str], list[str]], path: Path, title: str)
     sys.stdout.write(f"wrote {path}\n")
 
 
+# Where a run's kept tokens sit, against the task's ground truth (demo/truth.py), in completions with a non-zero
+# advantage (the only ones with a gradient) after the sparse selectors' warm-up. Each on-path token is one of: the
+# mistake (the last on-path token of a wrong completion: the first wrong token, or an early EOS), a decision point,
+# a forced token; after the mistake a token is off path. For plain GRPO every token is kept: its row is the base rate.
+_KEPT_SQL = """
+WITH t AS (
+    SELECT t.selected > 0 AS kept, x.on_path, x.is_decision,
+           c.reward < 1 AND t.position = max(CASE WHEN x.on_path THEN t.position END)
+               OVER (PARTITION BY t.step, t.completion_id) AS mistake
+    FROM tokens t
+    JOIN truth x USING (run_id, step, completion_id, position)
+    JOIN completions c USING (run_id, step, completion_id)
+    JOIN steps s USING (run_id, step)
+    WHERE t.run_id = ? AND c.advantage <> 0 AND s.select_warmup IS DISTINCT FROM true
+)
+SELECT avg(mistake::INT) FILTER (kept),
+       avg((is_decision AND NOT mistake)::INT) FILTER (kept),
+       avg((on_path AND NOT is_decision AND NOT mistake)::INT) FILTER (kept),
+       avg((NOT on_path)::INT) FILTER (kept),
+       avg(kept::INT) FILTER (is_decision AND NOT mistake),
+       avg(kept::INT) FILTER (mistake)
+FROM t
+"""
+_KEPT_COLS = ("mistake", "decision", "forced", "off path", "decisions kept", "mistakes kept")
+
+
+def _kept_where(con, log_dir: Path, name: str) -> tuple[float, ...]:
+    from forkwatch.demo import truth
+    from forkwatch.store.truth import TRUTH_DIR
+
+    if not (log_dir / name / TRUTH_DIR / "part-0.parquet").exists():
+        truth.annotate(log_dir, name)
+        from forkwatch.store.views import refresh_views
+
+        refresh_views(con, log_dir)
+    return tuple(np.nan if v is None else v for v in con.execute(_KEPT_SQL, [name]).fetchone())
+
+
 def report(args: argparse.Namespace) -> None:
     from forkwatch.store import connect
     from forkwatch.store.check import check_runs
@@ -198,6 +236,13 @@ def report(args: argparse.Namespace) -> None:
           f"{_ms([h['forced_entropy'] for h in hs], '.3f')} | {_ms(col('select_grad_share', 'late'))} | "
           f"{_ms(col('select_kept_p_mean', 'late'))} | {_ms(col('select_kept_entropy_mean', 'late'))} | "
           f"{_ms(col('select_entropy_overlap', 'late'))} | {vtext} |\n")
+
+    w("\nWhere the kept tokens are (completions with a non-zero advantage, after the warm-up): shares of the kept "
+      "tokens, then the share of all decision points / mistakes that are kept.\n\n")
+    w(f"| variant | lr | {' | '.join(_KEPT_COLS)} |\n|---|---|{'---|' * len(_KEPT_COLS)}\n")
+    for (variant, lr), rs in groups.items():
+        rows = np.asarray([_kept_where(con, log_dir, r) for r in rs], dtype=np.float64)  # (seeds, columns)
+        w(f"| {variant} | {lr} | {' | '.join(_ms(list(rows[:, j])) for j in range(rows.shape[1]))} |\n")
 
 
 def main(argv: list[str] | None = None) -> None:
