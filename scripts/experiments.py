@@ -200,8 +200,13 @@ def report(args: argparse.Namespace) -> None:
     groups = _groups([n for n in names if n in held])  # finished runs only
 
     if args.img:
-        for lr in sorted({lr for _, lr in groups}, key=float, reverse=True):
-            chosen = {k: v for k, v in groups.items() if k[1] == lr or (k[0] in ("grpo", "ict") and lr != "0.0003")}
+        rates = [lr for _, lr in groups]
+        main_lr = max(set(rates), key=rates.count)  # the rate of the full grid; ablation rates have fewer variants
+        for lr in sorted(set(rates), key=float, reverse=True):
+            # An ablation rate's figure also shows its variants at the main rate, for reference.
+            ablated = {v for v, r in groups if r == lr}
+            chosen = {k: rs for k, rs in groups.items() if k[1] == lr or (lr != main_lr and k[1] == main_lr
+                                                                          and k[0] in ablated)}
             _plot(con, chosen, Path(f"{args.img}_lr{lr}.png"), f"{log_dir.name}, lr {lr}")
 
     w = sys.stdout.write
