@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--cache", default="demo_runs", help="folder of the cached warm-up model (shared with the demo)")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     t.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["grpo", "high_entropy", "ict", "random"])
-    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--steps", type=int, default=150)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's stable one)")
     t.set_defaults(func=train)
