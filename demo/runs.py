@@ -65,6 +65,7 @@ class RunSpec:
     reward: str = "items"  # a key of REWARDS
     entropy_coef: float = 0.0
     steps: int | None = None  # None: GRPOSettings.steps
+    select_options: dict | None = None  # keyword options of the selector (attach's select_options)
 
 
 def demo_runs(s: GRPOSettings) -> list[RunSpec]:
@@ -155,7 +156,7 @@ def train_run(
         trainer.remove_callback(cb)
     trainer.add_callback(_Bar(spec.name, spec.steps or settings.steps, bar_position, progress))
     attach(trainer, log_dir=str(log_dir), run_name=spec.name, select=spec.select, seed=settings.seed,
-           on_alarm=settings.on_alarm)
+           on_alarm=settings.on_alarm, **({"select_options": spec.select_options} if spec.select_options else {}))
     trainer.train()
     return trainer
 

@@ -1,12 +1,21 @@
 """Selector comparisons on the demo task: several seeds of plain GRPO and of token-selection methods.
 
     python scripts/experiments.py train --log-dir experiments/selectors --seeds 0 1 2 3 4
+    python scripts/experiments.py train --log-dir experiments/selectors --seeds 0 1 2 3 4 --lr 1e-4 \
+        --variants grpo ict
     python scripts/experiments.py report --log-dir experiments/selectors --img docs/img/selectors
 
-`train` uses the demo's warm-up model and GRPO settings (demo/runs.py), changing only the method and the seed, and
-after each run scores the trained policy on 256 fresh samples (heldout.json: accuracy, and where its entropy
-sits: at decision points or at forced tokens). `report` draws entropy and reward curves (mean over seeds of a
-rolling mean, with the seeds' range shaded) and prints a Markdown table. Plotting needs matplotlib
+`train` uses the demo's warm-up model and GRPO settings (demo/runs.py), changing only the variant (plain GRPO or a
+selector with its options), the seed and, optionally, the learning rate. All seeds share the one cached warm-up model
+(the demo's, `WarmupSettings()`): the seed changes the GRPO prompts, the sampling and the selectors' draws. Runs are
+attached with `on_alarm="log"`, so an alarm is recorded but never ends a run early. After each run the trained policy
+is scored on 256 fresh samples (`heldout/<run>.json`: accuracy, and where its entropy sits: at decision points or at
+forced tokens). A run whose heldout file exists is skipped, so an interrupted grid resumes, and two processes may
+share a log dir if they train different runs. Run names are `<variant>-lr<rate>-s<seed>`.
+
+`report` prints, per variant and rate, a Markdown table over seeds (mean ± standard deviation): reward and entropy
+over the first and last steps, held-out accuracy, and the selection diagnostics of the steps table; and draws entropy
+and reward curves (mean over seeds of a rolling mean, seeds' range shaded). Plotting needs matplotlib
 (`pip install -e ".[experiments]"`).
 """
 
@@ -14,44 +23,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-METHODS = {"grpo": None, "high_entropy": "high_entropy", "ict": "ict", "random": "random"}  # run prefix -> selector
+# variant -> (selector, its select_options); None = plain GRPO, forkwatch only watches
+VARIANTS: dict[str, tuple[str | None, dict]] = {
+    "grpo": (None, {}),
+    "high_entropy": ("high_entropy", {}),
+    "ict": ("ict", {}),
+    "random": ("random", {}),
+    # ICT with TRL's normaliser (weights 0/1) instead of the mean over kept tokens: tests whether the kept-token
+    # normalisation is what makes ICT lose this task.
+    "ict_norm_all": ("ict", {"normalize": "all"}),
+}
 WINDOW = 10  # steps in the rolling mean of the curves (one step holds only a few prompts: noisy)
 EDGE = 20  # steps averaged for the "first" and "last" columns of the table
 
 
+def run_name(variant: str, lr: float, seed: int) -> str:
+    return f"{variant}-lr{lr:g}-s{seed}"
+
+
 def train(args: argparse.Namespace) -> None:
+    import torch
     from forkwatch.demo import evaluate, runs, warmup
 
+    # The tiny model gains nothing from more threads, and the grid runs two processes on a shared 2-core machine.
+    torch.set_num_threads(args.threads)
     log_dir = Path(args.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    settings = runs.GRPOSettings(steps=args.steps)
+    held_dir = log_dir / "heldout"
+    held_dir.mkdir(parents=True, exist_ok=True)
+    settings = replace(runs.GRPOSettings(steps=args.steps), on_alarm="log")
     lr = args.lr or settings.stable_lr
-    model_dir = warmup.cached_warmup(args.cache, warmup.WarmupSettings())
-    scores_path = log_dir / "heldout.json"
-    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
-    model, tok = warmup.load(model_dir)
-    scores["warmup"] = evaluate.heldout(model, tok)
+    model_dir = warmup.cached_warmup(args.cache, warmup.WarmupSettings(), progress=False)
+    if not (held_dir / "warmup.json").exists():
+        model, tok = warmup.load(model_dir)
+        (held_dir / "warmup.json").write_text(json.dumps(evaluate.heldout(model, tok), indent=2))
+    _, tok = warmup.load(model_dir)
     for seed in args.seeds:
-        for method in args.methods:
-            spec = runs.RunSpec(f"{method}-s{seed}", METHODS[method], lr, f"{method}, seed {seed}", "healthy")
+        for variant in args.variants:
+            name = run_name(variant, lr, seed)
+            out = held_dir / f"{name}.json"
+            if out.exists():
+                continue
+            select, options = VARIANTS[variant]
+            spec = runs.RunSpec(name, select, lr, f"{variant}, lr {lr:g}, seed {seed}", "healthy",
+                                select_options=options or None)
             trainer = runs.train_run(spec, model_dir=model_dir, log_dir=log_dir, settings=replace(settings, seed=seed),
-                                     work_dir=log_dir / ".trainer")
-            scores[spec.name] = evaluate.heldout(trainer.model, tok)
-            scores_path.write_text(json.dumps(scores, indent=2))
-            print(spec.name, scores[spec.name], flush=True)
+                                     work_dir=log_dir / ".trainer", progress=False)
+            scores = evaluate.heldout(trainer.model, tok)
+            out.write_text(json.dumps(scores, indent=2))
+            sys.stdout.write(f"{name} accuracy {scores['accuracy']:.3f}\n")
+            sys.stdout.flush()
 
 
-def _series(con, run_id: str) -> dict[str, np.ndarray]:
+_SERIES = ("entropy_mean", "reward_mean", "select_grad_share", "select_kept_p_mean", "select_kept_entropy_mean",
+           "select_entropy_overlap", "select_warmup")
+
+
+def _series(con, name: str) -> dict[str, np.ndarray]:
+    """One run's per-step columns, by run name (NaN where a column is null: plain GRPO has no diagnostics)."""
     rows = con.sql(
-        "SELECT step, entropy_mean, reward_mean FROM steps WHERE run_id = ? ORDER BY step", params=[run_id]
+        f"SELECT s.step, {', '.join('s.' + c for c in _SERIES)} FROM steps s JOIN runs r USING (run_id) "
+        "WHERE r.name = ? ORDER BY s.step",
+        params=[name],
     ).fetchall()
-    a = np.asarray(rows, dtype=np.float64)
-    return {"step": a[:, 0], "entropy": a[:, 1], "reward": a[:, 2]}
+    a = np.asarray([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+    return {"step": a[:, 0], **{c: a[:, i + 1] for i, c in enumerate(_SERIES)}}
 
 
 def _rolling(x: np.ndarray, w: int) -> np.ndarray:
@@ -63,75 +104,167 @@ def _rolling(x: np.ndarray, w: int) -> np.ndarray:
     return out
 
 
-def report(args: argparse.Namespace) -> None:
+def _ms(xs: list[float], fmt: str = ".2f") -> str:
+    """Mean ± standard deviation over seeds (n - 1 in the denominator), or n/a."""
+    a = np.asarray([x for x in xs if x is not None and np.isfinite(x)], dtype=np.float64)
+    if a.size == 0:
+        return "n/a"
+    sd = a.std(ddof=1) if a.size > 1 else 0.0
+    return f"{a.mean():{fmt}} ± {sd:{fmt}}"
+
+
+def _groups(names: list[str]) -> dict[tuple[str, str], list[str]]:
+    """(variant, rate) -> run names, in VARIANTS order then rate."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for n in sorted(names, key=lambda n: (list(VARIANTS).index(n.split("-lr")[0]), n)):
+        variant, rest = n.split("-lr", 1)
+        out.setdefault((variant, rest.rsplit("-s", 1)[0]), []).append(n)
+    return out
+
+
+def _plot(con, groups: dict[tuple[str, str], list[str]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=90)
+    for ((variant, lr), rs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                          strict=False):
+        series = [_series(con, r) for r in rs]
+        n = min(s["step"].size for s in series)
+        steps = series[0]["step"][:n]
+        for ax, key in zip(axes, ("entropy_mean", "reward_mean"), strict=True):
+            curves = np.stack([_rolling(s[key][:n], WINDOW) for s in series])
+            ax.plot(steps, curves.mean(0), color=color, label=f"{variant}, lr {lr} ({len(rs)} seeds)")
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15, linewidth=0)
+    axes[0].set(title="mean token entropy (nats)", xlabel="GRPO step")
+    axes[1].set(title="mean reward (1 = every item once)", xlabel="GRPO step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: rolling mean over {WINDOW} steps, mean over seeds, seeds' range shaded", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    sys.stdout.write(f"wrote {path}\n")
+
+
+# Where a run's kept tokens sit, against the task's ground truth (demo/truth.py), in completions with a non-zero
+# advantage (the only ones with a gradient) after the sparse selectors' warm-up. Each on-path token is one of: the
+# mistake (the last on-path token of a wrong completion: the first wrong token, or an early EOS), a decision point,
+# a forced token; after the mistake a token is off path. For plain GRPO every token is kept: its row is the base rate.
+_KEPT_SQL = """
+WITH t AS (
+    SELECT t.selected > 0 AS kept, x.on_path, x.is_decision,
+           c.reward < 1 AND t.position = max(CASE WHEN x.on_path THEN t.position END)
+               OVER (PARTITION BY t.step, t.completion_id) AS mistake
+    FROM tokens t
+    JOIN truth x USING (run_id, step, completion_id, position)
+    JOIN completions c USING (run_id, step, completion_id)
+    JOIN steps s USING (run_id, step)
+    WHERE t.run_id = ? AND c.advantage <> 0 AND s.select_warmup IS DISTINCT FROM true
+)
+SELECT avg(mistake::INT) FILTER (kept),
+       avg((is_decision AND NOT mistake)::INT) FILTER (kept),
+       avg((on_path AND NOT is_decision AND NOT mistake)::INT) FILTER (kept),
+       avg((NOT on_path)::INT) FILTER (kept),
+       avg(kept::INT) FILTER (is_decision AND NOT mistake),
+       avg(kept::INT) FILTER (mistake)
+FROM t
+"""
+_KEPT_COLS = ("mistake", "decision", "forced", "off path", "decisions kept", "mistakes kept")
+
+
+def _kept_where(con, log_dir: Path, name: str) -> tuple[float, ...]:
+    from forkwatch.demo import truth
+    from forkwatch.store.truth import TRUTH_DIR
+
+    if not (log_dir / name / TRUTH_DIR / "part-0.parquet").exists():
+        truth.annotate(log_dir, name)
+        from forkwatch.store.views import refresh_views
+
+        refresh_views(con, log_dir)
+    return tuple(np.nan if v is None else v for v in con.execute(_KEPT_SQL, [name]).fetchone())
+
+
+def report(args: argparse.Namespace) -> None:
     from forkwatch.store import connect
     from forkwatch.store.check import check_runs
 
     log_dir = Path(args.log_dir)
     con = connect(log_dir)
-    run_ids = [r[0] for r in con.sql("SELECT DISTINCT run_id FROM steps ORDER BY run_id").fetchall()]
-    verdicts = {r["run_id"]: r["report"].verdict for r in check_runs(log_dir)}
-    heldout = json.loads((log_dir / "heldout.json").read_text()) if (log_dir / "heldout.json").exists() else {}
-    groups = {m: [r for r in run_ids if r.rsplit("-s", 1)[0] == m] for m in METHODS}
-    groups = {m: rs for m, rs in groups.items() if rs}
+    names = [r[0] for r in con.sql("SELECT DISTINCT name FROM runs ORDER BY name").fetchall()]
+    verdicts = {r["name"]: r["report"].verdict for r in check_runs(log_dir)}
+    held_dir = log_dir / "heldout"
+    held = {p.stem: json.loads(p.read_text()) for p in held_dir.glob("*.json")}
+    groups = _groups([n for n in names if n in held])  # finished runs only
 
-    img = Path(args.img)
-    img.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for (method, rs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
-        series = [_series(con, r) for r in rs]
-        n = min(s["step"].size for s in series)
-        steps = series[0]["step"][:n]
-        for ax, key in zip(axes, ("entropy", "reward"), strict=True):
-            curves = np.stack([_rolling(s[key][:n], WINDOW) for s in series])
-            ax.plot(steps, curves.mean(0), color=color, label=f"{method} ({len(rs)} seeds)")
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15, linewidth=0)
-    axes[0].set(title="mean token entropy (nats)", xlabel="GRPO step")
-    axes[1].set(title="mean reward (1 = every item once)", xlabel="GRPO step")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{log_dir.name}: rolling mean over {WINDOW} steps, mean over seeds, seeds' range shaded", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(f"{img}_curves.png")
-    print(f"wrote {img}_curves.png\n")
+    if args.img:
+        rates = [lr for _, lr in groups]
+        main_lr = max(set(rates), key=rates.count)  # the rate of the full grid; ablation rates have fewer variants
+        for lr in sorted(set(rates), key=float, reverse=True):
+            # An ablation rate's figure also shows its variants at the main rate, for reference.
+            ablated = {v for v, r in groups if r == lr}
+            chosen = {k: rs for k, rs in groups.items() if k[1] == lr or (lr != main_lr and k[1] == main_lr
+                                                                          and k[0] in ablated)}
+            _plot(con, chosen, Path(f"{args.img}_lr{lr}.png"), f"{log_dir.name}, lr {lr}")
 
-    print("| run | entropy first / last (ratio) | reward first / last | accuracy (fresh samples) | entropy at "
-          "decisions / forced | check |")
-    print("|---|---|---|---|---|---|")
+    w = sys.stdout.write
+    w(f"\nMean ± s.d. over seeds. First / last: mean over steps 1-{EDGE} / the last {EDGE}. Selection diagnostics: "
+      f"mean over the steps after the sparse selectors' dense warm-up (steps 11+ for ict and random).\n\n")
+    w("| variant | lr | seeds | reward first | reward last | accuracy (256 fresh) | entropy first | entropy last | "
+      "entropy at decisions / forced (fresh) | grad share | kept p(y) | kept entropy | overlap top-entropy | "
+      "verdicts |\n")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    if "warmup" in held:
+        h = held["warmup"]
+        w(f"| warm-up model | | | | | {h['accuracy']:.2f} | | | {h['decision_entropy']:.2f} / "
+          f"{h['forced_entropy']:.4f} | | | | | |\n")
+    for (variant, lr), rs in groups.items():
+        ss = [_series(con, r) for r in rs]
+        late = [s["select_warmup"] != 1.0 for s in ss]  # ict and random train densely for 10 steps first
 
-    def held(h: dict | None) -> str:
-        if not h:
-            return "n/a | n/a"
-        return f"{h['accuracy']:.3f} | {h['decision_entropy']:.3f} / {h['forced_entropy']:.4f}"
+        def col(key: str, part: str, ss=ss, late=late) -> list[float]:
+            if part == "first":
+                return [s[key][:EDGE].mean() for s in ss]
+            if part == "last":
+                return [s[key][-EDGE:].mean() for s in ss]
+            return [np.nanmean(s[key][m]) if np.isfinite(s[key][m]).any() else np.nan for s, m in zip(ss, late,
+                                                                                                    strict=True)]
 
-    if "warmup" in heldout:
-        print(f"| warm-up model | | | {held(heldout['warmup'])} | |")
-    for rs in groups.values():
-        for r in rs:
-            s = _series(con, r)
-            e0, e1 = s["entropy"][:EDGE].mean(), s["entropy"][-EDGE:].mean()
-            r0, r1 = s["reward"][:EDGE].mean(), s["reward"][-EDGE:].mean()
-            print(f"| {r} | {e0:.3f} / {e1:.3f} ({e1 / e0:.2f}) | {r0:.3f} / {r1:.3f} | {held(heldout.get(r))} | "
-                  f"{verdicts.get(r)} |")
+        hs = [held[r] for r in rs]
+        vs = [verdicts.get(r, "?") for r in rs]
+        vtext = ", ".join(f"{v} {vs.count(v)}" for v in sorted(set(vs)))
+        w(f"| {variant} | {lr} | {len(rs)} | {_ms(col('reward_mean', 'first'))} | {_ms(col('reward_mean', 'last'))} | "
+          f"{_ms([h['accuracy'] for h in hs])} | {_ms(col('entropy_mean', 'first'), '.3f')} | "
+          f"{_ms(col('entropy_mean', 'last'), '.3f')} | {_ms([h['decision_entropy'] for h in hs])} / "
+          f"{_ms([h['forced_entropy'] for h in hs], '.3f')} | {_ms(col('select_grad_share', 'late'))} | "
+          f"{_ms(col('select_kept_p_mean', 'late'))} | {_ms(col('select_kept_entropy_mean', 'late'))} | "
+          f"{_ms(col('select_entropy_overlap', 'late'))} | {vtext} |\n")
+
+    w("\nWhere the kept tokens are (completions with a non-zero advantage, after the warm-up): shares of the kept "
+      "tokens, then the share of all decision points / mistakes that are kept.\n\n")
+    w(f"| variant | lr | {' | '.join(_KEPT_COLS)} |\n|---|---|{'---|' * len(_KEPT_COLS)}\n")
+    for (variant, lr), rs in groups.items():
+        rows = np.asarray([_kept_where(con, log_dir, r) for r in rs], dtype=np.float64)  # (seeds, columns)
+        w(f"| {variant} | {lr} | {' | '.join(_ms(list(rows[:, j])) for j in range(rows.shape[1]))} |\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train seeds x methods into a log dir")
+    t = sub.add_parser("train", help="train seeds x variants into a log dir")
     t.add_argument("--log-dir", required=True)
     t.add_argument("--cache", default="demo_runs", help="folder of the cached warm-up model (shared with the demo)")
-    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    t.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    t.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["grpo", "high_entropy", "ict", "random"])
+    t.add_argument("--steps", type=int, default=150)
+    t.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's stable one)")
     t.set_defaults(func=train)
     r = sub.add_parser("report", help="curves (PNG) and a Markdown table from a log dir")
     r.add_argument("--log-dir", required=True)
-    r.add_argument("--img", required=True, help="path prefix of the PNG, e.g. docs/img/stable")
+    r.add_argument("--img", default=None, help="path prefix of the PNGs, e.g. docs/img/selectors (none: no plots)")
     r.set_defaults(func=report)
     args = p.parse_args(argv)
     args.func(args)
