@@ -50,7 +50,10 @@ def serve(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -> 
     """Run the app on `log_dir` (an existing folder) until it exits or Ctrl-C / SIGTERM stops it (then 0)."""
     proc = subprocess.Popen(command(host=host, port=port), env=environment(log_dir))
     # SIGTERM (a service manager, a test's terminate()) takes the Ctrl-C path, so Streamlit is never left orphaned.
+    # SIGINT is set explicitly too: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Ctrl-C (or a test's SIGINT) would then do nothing.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_int = signal.signal(signal.SIGINT, _interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -69,6 +72,7 @@ def serve(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -> 
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _interrupt(signum, frame) -> None:
