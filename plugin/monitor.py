@@ -77,14 +77,11 @@ class Monitor:
 
     # ------------------------------------------------------------------ helpers
     def step_now(self) -> int:
-        """The step number the current optimizer step will be logged under."""
-        return self._step()
-
-    def _step(self) -> int:
-        return self.trainer.state.global_step + 1  # the step number TRL logs after this optimizer step
+        """The step number the current optimizer step will be logged under (TRL logs global_step + 1)."""
+        return self.trainer.state.global_step + 1
 
     def _acc(self) -> StepAccumulator:
-        step = self._step()
+        step = self.step_now()
         acc = self.steps.get(step)
         if acc is None:
             acc = self.steps[step] = StepAccumulator()
@@ -382,7 +379,7 @@ class Monitor:
         weights = sel.weights.detach().float() if sel is not None else None  # None: every token weighs 1
         ent_valid = ent[valid]
         forks = metrics.fork_mask(ent, valid, cfg.fork_fraction, values=ent_valid)
-        step = self._step()
+        step = self.step_now()
         acc = self._acc()
         # tokens that get any gradient: every response token when nothing selects
         n_selected = valid.sum() if weights is None else ((weights != 0) & valid).sum()
