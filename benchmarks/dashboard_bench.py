@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/dashboard_bench.py [--rows 20000000] [--log-dir DIR] [--repeat 5]
 
-The run (tokens, completions, forks, steps, vocab, values distributed like real ones: store/synthetic.py) is written
-once to benchmarks/out/dashboard/ and reused by later invocations; `--log-dir` measures an existing log directory
+The run (tokens, completions, forks, steps, vocab, values distributed like real ones: tests/synthetic_records.py) is
+written once to benchmarks/out/dashboard/ and reused by later invocations; `--log-dir` measures an existing log directory
 instead (e.g. one kept by `store_bench.py --out DIR --keep`; pages whose tables it lacks are measured on no rows).
 Each page's figure is the sum of its queries on one connection, as the app holds it: the first call ("cold": first
 visit after the connection was built) and the median of `--repeat` further calls ("warm"); Streamlit's own result
@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,10 @@ from forkwatch.store import RunWriter, connect, queries
 from forkwatch.store.health import HealthRules, evaluate
 from forkwatch.store.law import fit_entropy_law
 from forkwatch.store.sandbox import open_sandboxed
-from forkwatch.store.synthetic import VOCAB_SIZE, step_batches, vocab_columns
+
+# The synthetic records live with the tests, their other user: a fixture, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic_records import VOCAB_SIZE, step_batches, vocab_columns  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).parent / "out" / "dashboard"
 RUN = "bench"

@@ -1,5 +1,5 @@
 """Store benchmark: writer throughput, bytes per token row on disk, and DuckDB latency of the dashboard's two
-typical queries, on a synthetic run whose values are distributed like real ones (store/synthetic.py).
+typical queries, on a synthetic run whose values are distributed like real ones (tests/synthetic_records.py).
 
     .venv/bin/python benchmarks/store_bench.py --rows 20000000 [--out DIR] [--keep]
     .venv/bin/python benchmarks/store_bench.py --small-steps 10000 [--rows-per-step 100]
@@ -18,13 +18,17 @@ import argparse
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from forkwatch.store import RunWriter, connect, queries
-from forkwatch.store.synthetic import VOCAB_SIZE, step_batches, vocab_columns
+
+# The synthetic records live with the tests, their other user: a fixture, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic_records import VOCAB_SIZE, step_batches, vocab_columns  # noqa: E402
 
 
 def _timed(fn, repeat: int) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from forkwatch.store import RunWriter
 from forkwatch.store.ledger import Ledger
-from forkwatch.store.synthetic import step_batches
+from synthetic_records import step_batches
 
 from forkwatch.cli import main
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from forkwatch.store import TABLES, VIEWS, RunWriter, connect, queries, stat_relative_tolerance
-from forkwatch.store.synthetic import step_batches, vocab_columns
 from forkwatch.store.writer import round_mantissa
+from synthetic_records import step_batches, vocab_columns
 
 
 def _write_run(log_dir, run_id="r1", steps=3, **kw):

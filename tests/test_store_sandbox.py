@@ -9,7 +9,7 @@ import duckdb
 import pytest
 from forkwatch.store import RunWriter
 from forkwatch.store.sandbox import QueryFailed, QueryTimeout, StatementRefused, open_sandboxed
-from forkwatch.store.synthetic import step_batches
+from synthetic_records import step_batches
 
 DENIED = "file system operations are disabled"
 

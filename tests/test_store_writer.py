@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from forkwatch.store import RunWriter, connect
 from forkwatch.store import part_file as parts_mod
-from forkwatch.store.synthetic import step_batches
+from synthetic_records import step_batches
 
 
 def _tokens(step: int, n: int, cid: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""Synthetic records distributed like real ones, for tests, the store benchmark and dashboard development.
+"""Synthetic records distributed like real ones, for the store tests and the store and dashboard benchmarks.
 
 Token entropies of a trained policy are mostly near zero with a heavy tail (Wang et al., arXiv:2506.01939: over half below
 0.01 nats, 80th percentile ~0.67 nats on Qwen3-8B math rollouts). Here: 60 % lognormal between ~1e-4 and ~1e-2 nats, 40 % spread
