@@ -38,3 +38,9 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_runs .pytest_cache .ruff_cache
+
+# The wheels benchmarks/gpu.py needs on a GPU machine without TRL, DuckDB or datasets and with no package index
+# (BENCHMARKS.md, "GPU"): into benchmarks/out/wheels/, checked to fit what travels.
+.PHONY: gpu-wheels
+gpu-wheels: $(STAMP)
+	benchmarks/gpu_wheels.sh

@@ -6,6 +6,9 @@ tied embeddings; built in code from a Qwen2Config), bf16, generation through the
     .venv/bin/python benchmarks/gpu.py --out benchmarks/out/gpu                   # one H200: <= 6 minutes in all
     .venv/bin/python benchmarks/gpu.py --out /tmp/gpu --config tiny --device cpu --rounds 1 --steps 1   # the dry run
 
+A GPU machine without TRL, DuckDB or datasets gets them as wheels (`make gpu-wheels`; BENCHMARKS.md, "GPU", has the
+device command).
+
 Method (as benchmarks/realistic.py): one trainer alive at a time, a fresh `GRPOTrainer` on a deep copy of the same
 initial weights per (round, variant), the first `--warmup` steps of each dropped, variants interleaved with their
 order rotated per round. A step is timed from `on_step_begin` to the end of its `on_log` (logging_steps=1, so TRL's
@@ -203,6 +206,14 @@ def build_model(config: str, device: str, completion_length: int):
     return model.to(torch.bfloat16) if device == "cuda" else model
 
 
+def grpo_args(opts, output_dir: Path):
+    """The tests' GRPO config at this run's sizes; TRL's defaults otherwise (gradient checkpointing on)."""
+    return conftest.tiny_grpo_config(
+        str(output_dir), max_steps=opts.warmup + opts.steps, use_cpu=opts.device == "cpu", bf16=opts.device == "cuda",
+        per_device_train_batch_size=opts.completions, num_generations=opts.generations,
+        max_completion_length=opts.completion_length, use_vllm=False, learning_rate=1e-6, logging_steps=1)
+
+
 def run_variant(opts, model, tokenizer, variant: str, rnd: int, tmp: Path, clock: HookClock, deadline: float) -> Run:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
@@ -216,11 +227,7 @@ def run_variant(opts, model, tokenizer, variant: str, rnd: int, tmp: Path, clock
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    args = conftest.tiny_grpo_config(
-        str(tmp / "out"), max_steps=opts.warmup + opts.steps, use_cpu=opts.device == "cpu", bf16=opts.device == "cuda",
-        per_device_train_batch_size=opts.completions, num_generations=opts.generations,
-        max_completion_length=opts.completion_length, use_vllm=False, learning_rate=1e-6, logging_steps=1)
-    trainer = GRPOTrainer(model=copy.deepcopy(model), args=args, reward_funcs=[conftest.digit_reward],
+    trainer = GRPOTrainer(model=copy.deepcopy(model), args=grpo_args(opts, tmp / "out"), reward_funcs=[conftest.digit_reward],
                           train_dataset=Dataset.from_dict({"prompt": prompts(256)}), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     fw = VARIANTS[variant]
@@ -335,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--completions", type=int, help="completions per step (the config's default if unset)")
     ap.add_argument("--generations", type=int, help="completions per prompt (the config's default if unset)")
     ap.add_argument("--completion-length", type=int, help="max tokens per completion (the config's default if unset)")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="wall seconds for the whole run, from the start")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="wall seconds for the whole run, from the start")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
     opts = ap.parse_args(argv)
     for key in ("completions", "generations", "completion_length"):
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     complete = [rnd for rnd in range(opts.rounds)
                 if all(any(r.round == rnd and len(r.wall) == opts.warmup + opts.steps and r.variant == n for r in runs)
                        for n in names)]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = grpo_args(opts, Path(tmp))
     result = {
         "meta": {
             "config": opts.config, "shape": CONFIGS[opts.config]["shape"], "device": opts.device,
@@ -395,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "generations": opts.generations, "completion_length": opts.completion_length, "rounds": opts.rounds,
             "rounds_done": len(complete), "steps": opts.steps, "warmup": opts.warmup, "budget_s": opts.budget_s,
             "stopped_early": stopped_early, "elapsed_s": time.perf_counter() - started,
+            "grpo": {k: getattr(args, k) for k in ("gradient_checkpointing", "loss_type", "steps_per_generation",
+                                                   "num_iterations", "beta", "temperature", "use_vllm")},
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": versions(),
         },
         "variants": summarise(runs, names, opts.warmup),
