@@ -15,13 +15,15 @@ order rotated per round. A step is timed from `on_step_begin` to the end of its 
 and forkwatch's per-step logging are inside it), with `torch.cuda.synchronize()` at both ends. Peak GPU memory is
 `torch.cuda.max_memory_allocated()` over each trainer's whole run (reset before it is built; the weights it starts
 from stay on the CPU). forkwatch's own time per hook is the host wall time inside each of its entry points, no
-synchronisation added: GPU work a hook only enqueues shows in the step time, not in its hook's figure. Store bytes
+synchronisation added: GPU work a hook only enqueues shows in the step time, not in its hook's figure, and a hook
+that copies to the host (`.item()`, `.cpu()`) also counts the wait for GPU work queued before it (`--hook-sync`
+synchronises around every hook instead: each hook's own GPU time, step times no longer comparable). Store bytes
 per step: the Parquet parts of the run's per-step tables (tokens, forks, completions, steps) on disk after
 `train()` closed the writer, over the steps trained; the vocabulary, written once per run, is given apart.
 
 `--budget-s` bounds the whole run from `main`'s start (the model build included; Python's start and torch's import,
-a few seconds, are not): no (round, variant) is started that the runs so far say
-would not end in time, a running one stops after the step that passes the deadline, and what was measured is written.
+a few seconds, are not): no (round, variant) is started that the runs so far say would not end in time, a running
+one stops after the step that passes the deadline, and what was measured is written.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def wide_tokenizer(vocab_size: int):
 
 
 def prompts(n: int) -> list[str]:
-    """Distinct prompts of about 40 characters (one token each)."""
+    """Distinct prompts of about 40 characters (40 tokens: one per character)."""
     return [f"Question {i}: what is {i % 97}+{i % 13}? Answer:" for i in range(n)]
 
 
@@ -128,11 +130,13 @@ class Run:
 
 
 class HookClock:
-    """Host wall time inside each forkwatch entry point, totalled per hook (the class methods are wrapped while the
-    clock is installed and restored after)."""
+    """Wall time inside each forkwatch entry point, totalled per hook (the class methods are wrapped while the clock
+    is installed and restored after). With `sync`, the GPU is synchronised on entry and exit, so a hook's figure is
+    its own GPU work too and none of the work queued before it, at the cost of stalling the step at every hook."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: bool = False) -> None:
         self.total: dict[str, float] = {}
+        self.sync = torch.cuda.synchronize if sync else (lambda: None)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[HookClock]:
@@ -156,10 +160,12 @@ class HookClock:
     def _timed(self, fn, key: str):
         @functools.wraps(fn)
         def wrapper(*a, **k):
+            self.sync()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                self.sync()
                 self.total[key] = self.total.get(key, 0.0) + time.perf_counter() - t0
 
         return wrapper
@@ -175,8 +181,9 @@ def make_step_timer(run: Run, clock: HookClock, device: str, deadline: float):
             torch.cuda.synchronize()
 
     class StepTimer(TrainerCallback):
-        t0: float | None = None
-        hooks0: dict[str, float] = {}
+        def __init__(self) -> None:
+            self.t0: float | None = None  # set while a step is under way
+            self.hooks0: dict[str, float] = {}
 
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
@@ -309,7 +316,9 @@ def markdown(result: dict[str, Any]) -> str:
     watched = [name for name in rows if VARIANTS[name] is not None]
     hooks = sorted({k for r in rows.values() for k in r["hook_ms_per_step"]})
     if hooks:
-        lines += ["", "forkwatch's host time per hook, ms per step (median over the timed steps):", "",
+        how = ("GPU synchronised around each hook (step times inflated)" if meta["hook_sync"]
+               else "host wall time, no synchronisation added")
+        lines += ["", f"forkwatch's time per hook, ms per step (median over the timed steps; {how}):", "",
                   "| hook | " + " | ".join(watched) + " |", "|---|" + "---|" * len(watched)]
         for k in hooks:
             lines.append(f"| {k} | " + " | ".join(num(rows[n]["hook_ms_per_step"].get(k), ".2f") for n in watched) + " |")
@@ -344,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--completion-length", type=int, help="max tokens per completion (the config's default if unset)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="wall seconds for the whole run, from the start")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's default")
+    ap.add_argument("--hook-sync", action="store_true",
+                    help="synchronise the GPU around each forkwatch hook: per-hook GPU time, but step times inflated")
     opts = ap.parse_args(argv)
     for key in ("completions", "generations", "completion_length"):
         if getattr(opts, key) is None:
@@ -354,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if opts.completions % opts.generations:
         ap.error(f"--completions {opts.completions} is not a multiple of --generations {opts.generations}")
+    if opts.hook_sync and opts.device != "cuda":
+        ap.error("--hook-sync synchronises a GPU: it needs --device cuda")
     if opts.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but torch sees no GPU: run with --device cpu")
     return opts
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - started)
     runs: list[Run] = []
     stopped_early = False
-    clock = HookClock()
+    clock = HookClock(sync=opts.hook_sync)
     with clock.installed():
         for rnd in range(opts.rounds):
             order = names[rnd % len(names):] + names[: rnd % len(names)]
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device_name": torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu",
             "dtype": "bf16" if opts.device == "cuda" else "fp32", "completions": opts.completions,
             "generations": opts.generations, "completion_length": opts.completion_length, "rounds": opts.rounds,
-            "rounds_done": len(complete), "steps": opts.steps, "warmup": opts.warmup, "budget_s": opts.budget_s,
+            "rounds_done": len(complete), "steps": opts.steps, "warmup": opts.warmup, "budget_s": opts.budget_s, "hook_sync": opts.hook_sync,
             "stopped_early": stopped_early, "elapsed_s": time.perf_counter() - started,
             "grpo": {k: getattr(args, k) for k in ("gradient_checkpointing", "loss_type", "steps_per_generation",
                                                    "num_iterations", "beta", "temperature", "use_vllm")},
