@@ -122,6 +122,7 @@ class Run:
     round: int
     wall: list[float] = field(default_factory=list)  # per step, warm-up included
     hook_seconds: list[dict[str, float]] = field(default_factory=list)  # per step: hook -> seconds
+    start_bytes: int | None = None  # GPU memory still allocated when the trainer is built: > 0 is a leak
     peak_bytes: int | None = None
     step_bytes: int = 0  # the per-step tables' parts on disk
     vocab_bytes: int = 0
@@ -234,6 +235,7 @@ def run_variant(opts, model, tokenizer, variant: str, rnd: int, tmp: Path, clock
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        run.start_bytes = torch.cuda.memory_allocated()
     trainer = GRPOTrainer(model=copy.deepcopy(model), args=grpo_args(opts, tmp / "out"), reward_funcs=[conftest.digit_reward],
                           train_dataset=Dataset.from_dict({"prompt": prompts(256)}), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
@@ -275,6 +277,7 @@ def summarise(runs: list[Run], names: list[str], warmup: int) -> dict[str, dict[
             "step_s_round_medians": [statistics.median(r.wall[warmup:]) for r in mine if r.wall[warmup:]],
             "step_s_all": timed,
             "peak_gpu_bytes": max(peaks) if peaks else None,
+            "gpu_bytes_at_start": max((r.start_bytes for r in mine if r.start_bytes is not None), default=None),
             "forkwatch_ms_per_step": (
                 statistics.median(sum(h.values()) for h in hook_steps) * 1e3 if hook_steps else None),
             "hook_ms_per_step": {k: statistics.median(h.get(k, 0.0) for h in hook_steps) * 1e3 for k in hooks},

@@ -39,7 +39,7 @@ def test_dry_run_measures_every_variant_and_writes_json_and_table(gpu_bench, tmp
     for name, row in rows.items():
         assert row["timed_steps"] == 1, name
         assert row["step_s_median"] > 0, name
-        assert row["peak_gpu_bytes"] is None  # on the CPU: no GPU memory to report
+        assert row["peak_gpu_bytes"] is None and row["gpu_bytes_at_start"] is None  # on the CPU: no GPU memory
     assert rows["plain"]["step_x_plain"] == 1.0
     assert rows["plain"]["store_bytes_per_step"] is None and rows["plain"]["forkwatch_ms_per_step"] is None
     for name in ("attach", "ict", "high_entropy"):
