@@ -16,7 +16,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "corpus"))
 import shapes  # noqa: E402
-
 from forkwatch.store.health import HealthReport, HealthRules, judge  # noqa: E402
 
 DOCS = ROOT / "docs" / "experiments.md"
