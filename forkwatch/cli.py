@@ -4,7 +4,7 @@ Each subcommand asks the part that owns the work for values (store/ returns Data
 prints) and formats them here; errors are one line on stderr with a non-zero exit, never a traceback. Parts are
 imported lazily so that `forkwatch sql` never loads torch. Exit codes: 0 fine; 1 the query or the data (`check`: a
 run raised a collapse or explosion alarm; warnings do not fail it); 2 the directory or the arguments. Each
-subcommand's function is bound to its parser (`set_defaults(run=...)`): no dispatch through strings.
+subcommand's function is bound to its parser (`set_defaults(handler=...)`): no dispatch through strings.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("runs", help="list the runs in a log directory", description="List the runs in LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
-    s.set_defaults(run=runs)
+    s.set_defaults(handler=runs)
 
     s = sub.add_parser(
         "sql",
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
     s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before the query is interrupted")
     s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows printed at most (table format)")
-    s.set_defaults(run=sql)
+    s.set_defaults(handler=sql)
 
     s = sub.add_parser(
         "check",
@@ -79,13 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rules", metavar="FILE|JSON",
                    help="re-judge with these rules instead of each run's own: a JSON object of HealthRules fields "
                    "(the others keep their defaults), or a file holding one")
-    s.set_defaults(run=check)
+    s.set_defaults(handler=check)
 
     s = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard for LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
     s.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine only)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
-    s.set_defaults(run=dashboard)
+    s.set_defaults(handler=dashboard)
 
     s = sub.add_parser(
         "demo",
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
     s.add_argument("--host", default=DEFAULT_HOST)
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
-    s.set_defaults(run=demo)
+    s.set_defaults(handler=demo)
     return p
 
 
@@ -154,8 +154,8 @@ def runs(args: argparse.Namespace) -> int:
         con.close()
     except (duckdb.Error, OSError) as e:
         return _error(str(e).strip().splitlines()[0], EXIT_FAIL)
-    print(_table(df[["name", "run_id", "steps", "recorded_tokens", "last_step", "status", "health", "dropped",
-                     "faults"]]))
+    print(_table(df[["name", "run_id", "steps", "recorded_tokens", "last_step", "status", "dropped", "faults",
+                     "health"]]))
     for row in df[df["faults"] > 0].itertuples(index=False):
         print(f"! {row.run_id}: {row.faults} recording fault(s) — {row.faults_detail}")
     return EXIT_OK
@@ -305,7 +305,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    return int(args.handler(args) or 0)
 
 
 if __name__ == "__main__":
