@@ -80,7 +80,7 @@ class HealthReport:
         for severity in ("alarm", "warning"):
             found = [f for f in self.flags if f.severity == severity]
             if found:
-                return min(found, key=lambda f: (f.fired_at, f.kind != "collapse", f.rule))
+                return min(found, key=_rank)
         return None
 
     @property
@@ -106,6 +106,11 @@ class HealthReport:
             "ignored": self.ignored,
             "notes": self.notes,
         }
+
+
+def _rank(f: Flag) -> tuple:
+    """Earlier first; at the same step a collapse before an explosion, then by rule, an alarm before a warning."""
+    return f.fired_at, f.kind != "collapse", f.rule, f.severity != "alarm"
 
 
 # --------------------------------------------------------------------------- the series
@@ -313,7 +318,9 @@ def judge(data: Any, rules: HealthRules | None = None, *, vocab_size: int | None
                 lambda i: ["entropy near log V: sampling is close to uniform over the vocabulary"],
             )
         flags += _saturation(steps, ent, reward, early, armed, rules, cols)
-    flags.sort(key=lambda f: (f.fired_at, f.rule, f.severity))
+    # in the order `deciding` ranks them, so the first alarm a caller meets in `flags` (or in a LiveMonitor batch) is
+    # the one that decides the verdict
+    flags.sort(key=_rank)
     report = HealthReport("healthy", flags, law, n, round(early, 6), ignored, notes)
     if report.alarm:
         report.verdict = report.deciding.kind

@@ -9,8 +9,8 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 from forkwatch.store.health import HealthRules, LiveMonitor, judge
-from forkwatch.store.run_meta import rules_of_run
 from forkwatch.store.law import fit_entropy_law
+from forkwatch.store.run_meta import rules_of_run
 from synthetic import LAW_A, LAW_B, step_series
 
 
