@@ -12,12 +12,12 @@ steps that had them are reported in `HealthReport.ignored`, never raised. numpy 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from forkwatch.store.health_evidence import EVIDENCE_FOR, Evidence, early_level, evidence, supporting
 from forkwatch.store.health_rules import HealthRules
 from forkwatch.store.law import LawFit, fit_entropy_law
 
@@ -134,23 +134,6 @@ def last_row_per_step(steps: np.ndarray) -> np.ndarray:
     return order[keep & np.isfinite(steps[order])]
 
 
-def _early(values: np.ndarray, k: int) -> tuple[float, int]:
-    """The early level (median of the first k finite values) and the index from which it is known."""
-    idx = np.flatnonzero(np.isfinite(values))[:k]
-    if idx.size < k:
-        return math.nan, values.size
-    return float(np.median(values[idx])), int(idx[-1])
-
-
-def _trailing_median(x: np.ndarray, w: int) -> np.ndarray:
-    """Median of each step's trailing window of w steps (fewer at the start), NaN ignored: causal smoothing."""
-    padded = np.concatenate([np.full(w - 1, np.nan), x])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, w)  # (n, w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window: NaN, which satisfies nothing
-        return np.nanmedian(windows, axis=1)
-
-
 def _sustained(cond: np.ndarray, n: int) -> list[tuple[int, int, int]]:
     """Episodes of `cond` lasting at least n: (start, fire index = start + n − 1, end exclusive)."""
     out = []
@@ -160,81 +143,6 @@ def _sustained(cond: np.ndarray, n: int) -> list[tuple[int, int, int]]:
         if end - start >= n:
             out.append((int(start), int(start + n - 1), int(end)))
     return out
-
-
-# --------------------------------------------------------------------------- evidence of harm
-
-
-@dataclass
-class _Evidence:
-    """Per-step evidence arrays (bool) with the numbers a statement quotes, all causal."""
-
-    held: dict[str, np.ndarray]
-    say: dict[str, Any]  # name -> function(index) -> statement
-
-
-def _evidence(cols: dict[str, np.ndarray | None], rules: HealthRules, n: int) -> _Evidence:
-    w = rules.evidence_window
-    held: dict[str, np.ndarray] = {}
-    say: dict[str, Any] = {}
-    idx = np.arange(n)
-    reward = cols.get("reward_mean")
-    if reward is not None:
-        r0, ready = _early(reward, rules.early_steps)
-        rs = _trailing_median(reward, w)
-        with np.errstate(invalid="ignore"):
-            move = np.fmax.accumulate(np.where(np.isfinite(rs), np.abs(rs - r0), np.nan))  # largest move so far
-            best = np.fmax.accumulate(rs)
-            gain = np.full(n, np.nan)
-            gain[w:] = rs[w:] - rs[:-w]  # this window's median against the one before it
-            diffs = np.concatenate([[np.nan], np.abs(np.diff(reward))])
-            # per-step noise from successive differences (robust: MAD), and the standard error of a window median
-            sigma = 1.4826 * _trailing_median(diffs, 2 * w) / math.sqrt(2)
-            se = 1.2533 * sigma / math.sqrt(w)
-            stall_thr = rules.reward_stall_fraction * move
-            drop_thr = np.fmax(rules.reward_drop_fraction * move, rules.noise_z * se)
-            known = idx >= max(ready, w)
-            held["reward_not_improving"] = known & (gain <= stall_thr)
-            held["reward_falling"] = known & (best - rs > drop_thr) & (move > 0)
-        say["reward_not_improving"] = lambda i: (
-            f"reward not improving: {gain[i]:+.4g} over the last {w} steps (needs > {stall_thr[i]:.4g}, "
-            f"{rules.reward_stall_fraction:g} × its largest move {move[i]:.4g})")
-        say["reward_falling"] = lambda i: (
-            f"reward falling: {rs[i]:.4g}, {best[i] - rs[i]:.4g} below its best {best[i]:.4g} (threshold "
-            f"{drop_thr[i]:.4g})")
-    length = cols.get("completion_length_mean")
-    if length is not None:
-        l0, ready = _early(length, rules.early_steps)
-        ls = _trailing_median(length, w)
-        with np.errstate(invalid="ignore"):
-            held["length_collapsed"] = (idx >= ready) & (ls < rules.length_collapse_fraction * l0)
-            held["length_runaway"] = (idx >= ready) & (ls > rules.length_runaway_factor * l0)
-        say["length_collapsed"] = lambda i: (
-            f"completions collapsing: length {ls[i]:.4g} < {rules.length_collapse_fraction:g} × early {l0:.4g}")
-        say["length_runaway"] = lambda i: (
-            f"completions running away: length {ls[i]:.4g} > {rules.length_runaway_factor:g} × early {l0:.4g}")
-    trunc = cols.get("truncated_fraction")
-    if trunc is not None:
-        t0, ready = _early(trunc, rules.early_steps)
-        ts = _trailing_median(trunc, w)
-        with np.errstate(invalid="ignore"):
-            held["truncation_runaway"] = (idx >= ready) & (ts > t0 + rules.truncation_rise)
-        say["truncation_runaway"] = lambda i: (
-            f"completions hitting the length cap: truncated {ts[i]:.1%} > early {t0:.1%} + {rules.truncation_rise:g}")
-    tail = cols.get(rules.tail_column)
-    if tail is not None:
-        with np.errstate(invalid="ignore"):
-            held["tail_gone"] = tail < rules.tail_floor
-        say["tail_gone"] = lambda i: f"the tail is gone: {rules.tail_column} {tail[i]:.4g} < tail_floor {rules.tail_floor:g}"
-    return _Evidence(held, say)
-
-
-# Which evidence corroborates which signal (docs/methods.md gives each one's reason).
-EVIDENCE_FOR = {
-    "collapse.mean": ("reward_not_improving", "reward_falling", "length_collapsed", "tail_gone"),
-    "collapse.tail": ("reward_not_improving", "reward_falling", "length_collapsed"),
-    "explosion.mean": ("reward_falling", "length_runaway", "truncation_runaway"),
-}
 
 
 # --------------------------------------------------------------------------- the judgement
@@ -278,11 +186,11 @@ def judge(data: Any, rules: HealthRules | None = None, *, vocab_size: int | None
     if n < rules.min_steps:
         notes.append(f"{n} finite entropy step(s), fewer than min_steps={rules.min_steps}: no verdict yet")
         return HealthReport("insufficient_data", [], law, n, None, ignored, notes)
-    early, ready = _early(ent, rules.early_steps)
+    early, ready = early_level(ent, rules.early_steps)
     # No rule fires before min_steps finite steps (nor before the early level is known), so that a flag's step never
     # depends on how long the series was when it was judged.
     armed = np.arange(steps.size) >= max(ready, int(finite_at[rules.min_steps - 1]))
-    ev = _evidence(cols, rules, steps.size)
+    ev = evidence(cols, rules, steps.size)
     flags: list[Flag] = []
     with np.errstate(invalid="ignore"):
         if early > 0:
@@ -294,7 +202,7 @@ def judge(data: Any, rules: HealthRules | None = None, *, vocab_size: int | None
             )
         tail = cols[rules.tail_column]
         if tail is not None:
-            early_tail, tail_ready = _early(tail, rules.early_steps)
+            early_tail, tail_ready = early_level(tail, rules.early_steps)
             if early_tail > rules.tail_floor:  # a tail that never rose above the floor did not "vanish"
                 flags += _signal_flags(
                     "collapse.tail", armed & (np.arange(steps.size) >= tail_ready) & (tail < rules.tail_floor),
@@ -327,22 +235,6 @@ def judge(data: Any, rules: HealthRules | None = None, *, vocab_size: int | None
     return report
 
 
-def _supporting(cols: dict[str, np.ndarray | None], rules: HealthRules, i: int) -> dict[str, float]:
-    """Reward, length and truncation at the fire step (trailing window median) beside their early levels."""
-    out = {}
-    for name in ("reward_mean", "completion_length_mean", "truncated_fraction"):
-        col = cols.get(name)
-        if col is None:
-            continue
-        before, ready = _early(col, rules.early_steps)
-        now = col[max(0, i - rules.evidence_window + 1) : i + 1]
-        now = now[np.isfinite(now)]
-        if ready <= i and now.size:
-            out[f"{name}_early"] = round(before, 6)
-            out[f"{name}_at_flag"] = round(float(np.median(now)), 6)
-    return out
-
-
 def _episodes(
     rule: str, severity: str, cond: np.ndarray, steps: np.ndarray, values: np.ndarray, threshold: float,
     rules: HealthRules, cols: dict[str, np.ndarray | None], text: str, evidence_at: Any,
@@ -358,7 +250,7 @@ def _episodes(
                 message=text.format(
                     start=int(steps[start]), end=int(steps[end - 1]), n=end - start, thr=threshold, last=values[end - 1]
                 ),
-                evidence=evidence_at(fire), supporting=_supporting(cols, rules, fire),
+                evidence=evidence_at(fire), supporting=supporting(cols, rules, fire),
             )
         )  # fmt: skip
     return flags
@@ -366,7 +258,7 @@ def _episodes(
 
 def _signal_flags(
     rule: str, signal: np.ndarray, steps: np.ndarray, values: np.ndarray, threshold: float, rules: HealthRules,
-    ev: _Evidence, cols: dict[str, np.ndarray | None], text: str,
+    ev: Evidence, cols: dict[str, np.ndarray | None], text: str,
 ) -> list[Flag]:
     """A signal's warnings (the signal alone) and alarms (the signal with evidence of harm, sustained together)."""
     names = [e for e in EVIDENCE_FOR[rule] if e in ev.held]
@@ -414,7 +306,7 @@ def _saturation(
 ) -> list[Flag]:
     if reward is None or not early > 0:
         return []
-    r0, ready = _early(reward, rules.early_steps)
+    r0, ready = early_level(reward, rules.early_steps)
     ceiling, valid = _prefix_law(ent, reward, rules)
     room = ceiling - r0
     w = rules.saturation_window
