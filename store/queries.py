@@ -15,6 +15,13 @@ import pandas as pd
 LAST_ROW_PER_STEP = "QUALIFY row_number() OVER (PARTITION BY run_id, step ORDER BY time DESC) = 1"
 
 
+def _defined(column: str) -> str:
+    """A stored value as SQL NULL where it is NaN (parts written before forkwatch stored "undefined" as NULL): an
+    aggregate then skips it instead of turning NaN (DuckDB orders NaN above every number, and avg() of one NaN is
+    NaN). `column` is always a name written here, never user input."""
+    return f"CASE WHEN isnan({column}) THEN NULL ELSE {column} END"
+
+
 def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """One row per run: run_id, name, status, steps (distinct steps recorded), recorded_tokens (token rows written:
     the sampled subset `record_tokens` keeps, not every trained token; see `run_overview`'s trained_tokens),
@@ -180,8 +187,9 @@ def find_prompts(con: duckdb.DuckDBPyConnection, run_id: str, text: str, limit: 
 def prompt_history(con: duckdb.DuckDBPyConnection, run_id: str, prompt: str) -> pd.DataFrame:
     """One prompt followed across steps: its completions' reward, entropy and length per step."""
     return con.execute(
-        """
-        SELECT step, count(*) AS n_completions, avg(reward) AS reward_mean, avg(entropy_mean) AS entropy_mean,
+        f"""
+        SELECT step, count(*) AS n_completions, avg({_defined("reward")}) AS reward_mean,
+               avg({_defined("entropy_mean")}) AS entropy_mean,
                avg(length) AS length_mean, avg(CAST(truncated AS DOUBLE)) AS truncated_fraction,
                min(completion_id) AS first_completion_id
         FROM completions WHERE run_id = $run AND prompt = $prompt GROUP BY step ORDER BY step

@@ -56,8 +56,9 @@ def test_the_demo_runs_get_their_designed_verdicts():
         assert report.verdict == d.label, (d.name, report.verdict, report.flags)
 
 
-def _live_flags(data: dict[str, np.ndarray], rules: HealthRules, sizes: np.random.Generator) -> list[tuple]:
-    monitor = LiveMonitor(rules)
+def _live_flags(data: dict[str, np.ndarray], rules: HealthRules, sizes: np.random.Generator,
+                vocab_size: int | None = None) -> list[tuple]:
+    monitor = LiveMonitor(rules, vocab_size=vocab_size)
     rows = [{k: float(v[i]) for k, v in data.items()} for i in range(data["step"].size)]
     seen, i = [], 0
     while i < len(rows):
@@ -74,12 +75,14 @@ def _live_flags(data: dict[str, np.ndarray], rules: HealthRules, sizes: np.rando
                          ids=["default", "no_evidence_sustain_1"])
 def test_live_monitor_raises_exactly_the_flags_of_the_batch_judgement_on_every_corpus_series(rules):
     sizes = np.random.default_rng(0)
-    for spec in shapes.SPECS:
-        data = shapes.series(spec.name)
-        live = _live_flags(data, rules, sizes)
-        batch = [f.key for f in judge(data, rules).flags]
-        assert len(live) == len(set(live)), f"{spec.name}: a flag reported twice"
-        assert sorted(live) == sorted(batch), spec.name
+    cases = [(s.name, shapes.series(s.name), None) for s in shapes.SPECS]
+    cases += [(d.name, d.data, d.vocab_size) for d in shapes.load_demo()]
+    for name, data, vocab_size in cases:
+        live = _live_flags(data, rules, sizes, vocab_size)
+        batch = [f.key for f in judge(data, rules, vocab_size=vocab_size).flags]
+        assert len(live) == len(set(live)), f"{name}: a flag reported twice"
+        assert sorted(live) == sorted(batch), name
+    assert len(cases) >= len(shapes.SPECS)
 
 
 def test_the_results_table_in_docs_is_the_one_the_script_prints():
