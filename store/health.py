@@ -122,7 +122,12 @@ def _column(data: Any, name: str) -> np.ndarray | None:
     if col is None:
         return None
     # pandas' NA / None (a NULL diagnostic) become NaN here: "undefined" never satisfies a condition
-    return np.asarray(col, dtype=np.float64)
+    values = np.asarray(col, dtype=np.float64)
+    if name == "step":
+        return values
+    # The steps table stores these as float32: the live monitor's values (Python floats) are rounded the same way,
+    # so a value on a threshold compares alike during training and when read back from disk.
+    return values.astype(np.float32).astype(np.float64)
 
 
 def last_row_per_step(steps: np.ndarray) -> np.ndarray:

@@ -88,3 +88,22 @@ def test_live_monitor_raises_exactly_the_flags_of_the_batch_judgement_on_every_c
 def test_the_results_table_in_docs_is_the_one_the_script_prints():
     text = (ROOT / "docs" / "experiments.md").read_text()
     assert health_corpus.table() in text, "run: .venv/bin/python scripts/health_corpus.py --write-docs"
+
+
+def test_check_reads_back_the_live_monitors_flags_from_the_stored_steps(tmp_path):
+    """Every corpus series written as a run's steps (float32 on disk) and judged by `check` raises the flags the live
+    monitor raised on the values as the plugin hands them over (Python floats)."""
+    from forkwatch.store import RunWriter
+    from forkwatch.store.check import check_runs
+
+    live = {}
+    for spec in shapes.SPECS:
+        data = shapes.series(spec.name)
+        w = RunWriter(tmp_path, spec.name, meta={"config": {}})
+        w.put("steps", {k: v.astype(np.int32) if k == "step" else v.astype(np.float32) for k, v in data.items()})
+        w.close()
+        monitor = LiveMonitor()
+        rows = [{k: float(v[i]) for k, v in data.items()} for i in range(data["step"].size)]
+        live[spec.name] = sorted(f.key for i in range(0, len(rows), 5) for f in monitor.update_many(rows[i : i + 5]))
+    for r in check_runs(tmp_path):
+        assert sorted(f.key for f in r["report"].flags) == live[r["run_id"]], r["run_id"]
