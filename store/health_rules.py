@@ -72,7 +72,7 @@ class HealthRules:
                   "by this fraction of the largest move from its early level (and by more than noise)."},
     )
     noise_z: float = field(
-        default=4.0,
+        default=5.0,
         metadata={"help": "A reward move counts only beyond noise_z standard errors of the window median (the "
                   "per-step noise measured over the last two windows)."},
     )

@@ -135,3 +135,11 @@ def test_runs_shows_the_same_verdict_as_check(tmp_path, capsys):
     label = capsys.readouterr().out.splitlines()[0].split(": ", 1)[1].split("  (")[0]
     assert main(["runs", str(log_dir)]) == 0
     assert label in capsys.readouterr().out
+
+
+def test_check_help_describes_warnings_alarms_their_evidence_and_tuning(capsys):
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "ALARM" in out and "evidence of harm" in out and "--rules" in out
+    assert "run.json" in out and "docs/methods.md" in out
