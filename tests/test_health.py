@@ -247,3 +247,15 @@ def test_a_stored_run_is_judged_with_its_own_rules_or_the_defaults_saying_so():
     assert old.source == "default" and old.rules == HealthRules() and "default rules" in old.note
     bad = rules_of_run(json.dumps({"config": {"health_rules": {"nope": 1}}}))
     assert bad.source == "default" and "nope" in bad.note
+
+
+@pytest.mark.parametrize("n", [3, 30])
+def test_trailing_median_is_the_same_with_and_without_gaps_in_the_series(n):
+    from forkwatch.store.health_evidence import trailing_median
+
+    x = np.random.default_rng(0).normal(size=n)
+    expected = [np.median(x[max(0, i - 9) : i + 1]) for i in range(n)]
+    assert trailing_median(x, 10) == pytest.approx(expected)  # the fast path (no NaN)
+    x[1] = np.nan
+    with_gap = [np.nanmedian(x[max(0, i - 9) : i + 1]) for i in range(n)]
+    assert trailing_median(x, 10) == pytest.approx(with_gap, nan_ok=True)
