@@ -57,7 +57,10 @@ def test_check_json_lists_verdicts_flags_and_law(log_dir, capsys):
         "collapse": "collapse", "explosion": "explosion", "healthy": "healthy",
     }  # fmt: skip
     flag = runs["collapse"]["flags"][0]
-    assert {"rule", "fired_at", "steps", "values", "threshold", "message"} <= flag.keys()
+    assert {"rule", "severity", "fired_at", "steps", "values", "threshold", "message", "evidence"} <= flag.keys()
+    first_alarm = next(f for f in runs["collapse"]["flags"] if f["severity"] == "alarm")
+    assert runs["collapse"]["severity"] == "alarm" and runs["collapse"]["rules_source"] == "default"
+    assert (runs["collapse"]["rule"], runs["collapse"]["fired_at"]) == (first_alarm["rule"], first_alarm["fired_at"])
     assert runs["collapse"]["law"]["ceiling"] is not None
 
 
