@@ -25,7 +25,7 @@ from pathlib import Path
 from forkwatch.dashboard.sql_examples import EXAMPLES
 from forkwatch.dashboard.step_sample import sample_steps
 from forkwatch.store import RunWriter, connect, queries
-from forkwatch.store.health import HealthRules, evaluate
+from forkwatch.store.health import HealthRules, judge
 from forkwatch.store.law import fit_entropy_law
 from forkwatch.store.sandbox import open_sandboxed
 
@@ -88,10 +88,10 @@ def pages(log_dir: Path) -> dict[str, Callable[[], object]]:
     def runs_page(c):
         overview = queries.run_overview(c)
         for r in overview["run_id"]:
-            evaluate(queries.step_series(c, r), rules)
+            judge(queries.step_series(c, r), rules)
 
     def entropy_page(c):
-        evaluate(queries.step_series(c, RUN), rules)
+        judge(queries.step_series(c, RUN), rules)
 
     def forks_page(c):
         queries.token_steps(c, RUN)

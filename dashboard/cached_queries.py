@@ -18,8 +18,10 @@ import pandas as pd
 import streamlit as st
 from forkwatch.dashboard.launch import LOG_DIR_ENV
 from forkwatch.store import connect, queries
-from forkwatch.store.health import HealthReport, HealthRules, evaluate, vocab_size_from_meta
+from forkwatch.store.check import judge_run
+from forkwatch.store.health import HealthReport
 from forkwatch.store.law import LawFit, fit_entropy_law
+from forkwatch.store.run_meta import rules_of_run
 from forkwatch.store.sandbox import SandboxedConnection, SandboxError, open_sandboxed
 
 TTL_S = 15  # seconds a snapshot (and a query result) is reused: new steps of a live run appear within this
@@ -61,13 +63,15 @@ def steps(log_dir: str, run_id: str) -> pd.DataFrame:
 
 @st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
 def health(log_dir: str, run_id: str, meta: str | None) -> HealthReport:
-    return evaluate(steps(log_dir, run_id), HealthRules(), vocab_size=vocab_size_from_meta(meta))
+    """The run's verdict as `forkwatch check` gives it: judged with the rules it was trained under (`meta`, its
+    run.json), the defaults when it has none (the report's first note says which)."""
+    return judge_run(steps(log_dir, run_id), meta)[0]
 
 
 @st.cache_data(ttl=TTL_S, max_entries=64, show_spinner=False)
-def law(log_dir: str, run_id: str, fraction: float) -> LawFit:
+def law(log_dir: str, run_id: str, meta: str | None, fraction: float) -> LawFit:
     s = steps(log_dir, run_id)
-    r = HealthRules()
+    r = rules_of_run(meta).rules
     return fit_entropy_law(
         s["entropy_mean"], s["reward_mean"], min_points=r.law_min_points, min_r2=r.law_min_r2, fraction=fraction
     )
@@ -157,8 +161,6 @@ def run_curves(log_dir: str) -> pd.DataFrame:
 
 # --- the SQL page: text a person typed, run only through the sandbox ---
 
-SQL_TIMEOUT_S = 10.0
-SQL_MAX_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class SqlResult:
 
 @st.cache_resource(ttl=TTL_S, max_entries=2, show_spinner=False)
 def _sandbox(log_dir: str) -> SandboxedConnection:
-    return open_sandboxed(log_dir, timeout_s=SQL_TIMEOUT_S, max_rows=SQL_MAX_ROWS)
+    return open_sandboxed(log_dir)  # the sandbox's own limits (time, rows): the same as `forkwatch sql`
 
 
 @st.cache_data(ttl=TTL_S, max_entries=32, show_spinner="Running the query…")

@@ -20,9 +20,11 @@ logger = logging.getLogger(__name__)
 
 APP = Path(__file__).with_name("app.py")
 LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
+# Where the app listens unless told otherwise: this machine only (the SQL page runs text a person typed).
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8501
 
 
-def command(*, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+def command(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> list[str]:
     """The `streamlit run` command line of the app (the log directory goes in the environment: `environment`)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
@@ -39,14 +41,7 @@ def environment(log_dir: str | Path) -> dict[str, str]:
     return os.environ | {LOG_DIR_ENV: str(Path(log_dir).resolve())}
 
 
-def main(args) -> int:
-    """`forkwatch dashboard` (kept for callers that hold an argparse namespace): see forkwatch.cli.dashboard."""
-    from forkwatch.cli import dashboard
-
-    return dashboard(args)
-
-
-def serve(log_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8501) -> int:
+def serve(log_dir: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     """Run the app on `log_dir` (an existing folder) until it exits or Ctrl-C / SIGTERM stops it (then 0)."""
     proc = subprocess.Popen(command(host=host, port=port), env=environment(log_dir))
     # SIGTERM (a service manager, a test's terminate()) takes the Ctrl-C path, so Streamlit is never left orphaned.

@@ -9,7 +9,7 @@ import html
 
 import pandas as pd
 import streamlit as st
-from forkwatch.dashboard import cached_queries, charts, lens_views, page_frame, url_state
+from forkwatch.dashboard import cached_queries, forks_charts, forks_sections, page_frame, url_state
 from forkwatch.dashboard.step_sample import sample_steps
 from forkwatch.dashboard.token_html import STATS, legend_html, token_html
 
@@ -105,11 +105,11 @@ def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:
         return
     left, right = st.columns([2, 3])
     with left:
-        st.plotly_chart(charts.fork_share_figure(top), key="forks_top_chart", width="stretch")
+        st.plotly_chart(forks_charts.fork_share_figure(top), key="forks_top_chart", width="stretch")
     with right:
         trend = cached_queries.fork_tokens_by_step(log_dir, run, sample, tuple(top["text"].head(6)))
         st.caption("share of each step's forks taken by the 6 most frequent fork texts")
-        st.plotly_chart(charts.fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
+        st.plotly_chart(forks_charts.fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
 
 
 def render() -> None:
@@ -128,7 +128,7 @@ def render() -> None:
         _token_view(log_dir, run, step, completion)
         st.subheader("This prompt across steps")
         history = cached_queries.prompt_history(log_dir, run, completion["prompt"])
-        st.plotly_chart(charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
+        st.plotly_chart(forks_charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
-    lens_views.fork_roles_section(log_dir, run)
-    lens_views.probes_section(log_dir, runs, run)
+    forks_sections.fork_roles_section(log_dir, run)
+    forks_sections.probes_section(log_dir, runs, run)

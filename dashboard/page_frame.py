@@ -9,14 +9,11 @@ import pandas as pd
 import streamlit as st
 from forkwatch.dashboard import cached_queries, url_state
 from forkwatch.dashboard.launch import LOG_DIR_ENV
+from forkwatch.store.check import verdict_label
+from forkwatch.store.health import HealthReport
 
-BADGES = {
-    "healthy": "🟢 healthy",
-    "saturation": "🟡 saturation",
-    "collapse": "🔴 collapse",
-    "explosion": "🔴 explosion",
-    "insufficient_data": "⚪ too few steps",
-}
+# One mark per severity: an alarm red, a warning yellow (shown with its rule, never as a plain "healthy").
+SEVERITY_MARKS = {"alarm": "🔴", "warning": "🟡", "none": "🟢"}
 
 
 def require_runs() -> tuple[str, pd.DataFrame]:
@@ -89,5 +86,8 @@ def chosen_runs(key: str) -> tuple[str, pd.DataFrame, list[str]]:
     return log_dir, runs, run_notes(runs, picked)
 
 
-def badge(verdict: str) -> str:
-    return BADGES.get(verdict, verdict)
+def badge(report: HealthReport) -> str:
+    """The run's verdict as the Runs table and the pages show it: the same words as `forkwatch check`."""
+    if report.verdict == "insufficient_data":
+        return "⚪ too few steps"
+    return f"{SEVERITY_MARKS[report.severity]} {verdict_label(report).lower()}"

@@ -4,7 +4,7 @@ reason no fit is shown (arXiv:2505.22617)."""
 from __future__ import annotations
 
 import streamlit as st
-from forkwatch.dashboard import cached_queries, charts, page_frame
+from forkwatch.dashboard import cached_queries, law_charts, page_frame
 
 
 def render() -> None:
@@ -17,7 +17,8 @@ def render() -> None:
         help="The paper found the first ~15 % of steps enough to predict the ceiling.",
     )  # fmt: skip
     points = {r: cached_queries.steps(log_dir, r) for r in shown}
-    fits = {r: cached_queries.law(log_dir, r, fraction) for r in shown}
+    meta = dict(zip(runs["run_id"], runs["meta"], strict=True))
+    fits = {r: cached_queries.law(log_dir, r, meta[r], fraction) for r in shown}
     cols = st.columns(len(shown))
     for col, r in zip(cols, shown, strict=True):
         fit = fits[r]
@@ -25,7 +26,7 @@ def render() -> None:
             st.markdown(f"**{r}**")
             if fit.ok:
                 st.metric("ceiling b − a", f"{fit.ceiling:.4g}")
-                st.caption(f"a = {fit.a:.4g} · b = {fit.b:.4g} · R² = {fit.r2:.3f} · {fit.n_points} points")
+                st.caption(fit.describe())
             else:
-                st.warning(f"No fit shown: {fit.reason}.")
-    st.plotly_chart(charts.law_figure(points, fits), key="law_chart", width="stretch")
+                st.warning(f"No fit shown: {fit.describe()}.")
+    st.plotly_chart(law_charts.law_figure(points, fits), key="law_chart", width="stretch")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import streamlit as st
 from forkwatch.dashboard import cached_queries, page_frame
 from forkwatch.dashboard.sql_examples import EXAMPLES
+from forkwatch.store.sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S
+from forkwatch.store.views import VIEWS
 
 
 def _use_example(sql: str) -> None:
@@ -27,8 +29,8 @@ def render() -> None:
             f"re-read every {cached_queries.TTL_S} s (or on Reload)."
         )
     st.caption(
-        "One read-only SELECT over the views runs, steps, completions, tokens, forks, vocab and token_text; "
-        f"at most {cached_queries.SQL_MAX_ROWS:,} rows, {cached_queries.SQL_TIMEOUT_S:g} s."
+        f"One read-only SELECT over the views {', '.join(VIEWS)}; at most {DEFAULT_MAX_ROWS:,} rows, "
+        f"{DEFAULT_TIMEOUT_S:g} s."
     )
     cols = st.columns(len(EXAMPLES))
     for i, (col, (label, sql)) in enumerate(zip(cols, EXAMPLES.items(), strict=True)):
@@ -44,7 +46,7 @@ def render() -> None:
         st.error(result.error)
         return
     df = result.frame
-    note = f" (cut at {cached_queries.SQL_MAX_ROWS:,})" if result.truncated else ""
+    note = f" (cut at {DEFAULT_MAX_ROWS:,})" if result.truncated else ""
     st.caption(f"{len(df):,} row(s){note}")
     st.dataframe(df, hide_index=True, width="stretch", key="sql_result")
     st.download_button(

@@ -3,13 +3,13 @@
 Each subcommand asks the part that owns the work for values (store/ returns DataFrames and reports, and never
 prints) and formats them here; errors are one line on stderr with a non-zero exit, never a traceback. Parts are
 imported lazily so that `forkwatch sql` never loads torch. Exit codes: 0 fine; 1 the query or the data (`check`: a
-run collapsed or exploded); 2 the directory or the arguments.
+run raised a collapse or explosion alarm; warnings do not fail it); 2 the directory or the arguments. Each
+subcommand's function is bound to its parser (`set_defaults(handler=...)`): no dispatch through strings.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import json
 import logging
@@ -20,7 +20,29 @@ from typing import Any
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
+CHECK_HELP = """\
+Each run is judged with the health rules it was trained under (run.json: config.health_rules; runs written
+before forkwatch stored them are judged with the defaults, and the report says so). A rule has two levels:
+
+  WARNING  an entropy signal alone: mean entropy fell below collapse_fraction x its early level (collapse.mean),
+           the tail percentile fell below tail_floor (collapse.tail), or mean entropy rose above
+           explosion_factor x its early level (explosion.mean). Printed with what it saw; exit code unchanged.
+  ALARM    the same signal with evidence of harm at the same steps: for a collapse, reward not improving or
+           falling, completions collapsing in length, or the tail gone; for an explosion, reward falling,
+           completions running away in length or hitting the length cap. Mean entropy above
+           explosion_log_vocab_fraction x log V is an alarm by itself. Any alarm: exit 1.
+
+The verdict names the first alarm (the one that stops a run under on_alarm="stop"), its rule and step; the
+same as the live alarm. Tune with --rules (e.g. --rules '{"evidence_window": 50}'); every threshold and its
+meaning: docs/methods.md, "Health: warnings and alarms", or HealthRules.help().
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
+    from forkwatch.dashboard.launch import DEFAULT_HOST, DEFAULT_PORT
+    from forkwatch.store.sandbox import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S
+    from forkwatch.store.views import VIEWS
+
     p = argparse.ArgumentParser(
         prog="forkwatch",
         description="Inspect the per-token entropy, divergence and fork records of GRPO runs.",
@@ -29,37 +51,41 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("runs", help="list the runs in a log directory", description="List the runs in LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
-    s.set_defaults(target="forkwatch.cli:runs")
+    s.set_defaults(handler=runs)
 
     s = sub.add_parser(
         "sql",
         help="run one read-only SQL statement over a log directory",
-        description="Run one read-only SQL statement over the views runs, steps, completions, tokens, forks, vocab "
-        "and token_text, in a sandbox that can read only LOG_DIR.",
+        description=f"Run one read-only SQL statement over the views {', '.join(VIEWS)}, in a sandbox that can "
+        "read only LOG_DIR.",
     )
     s.add_argument("log_dir", metavar="LOG_DIR")
     s.add_argument("query", metavar="SQL")
     s.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    s.add_argument("--timeout", type=float, default=10.0, help="seconds before the query is interrupted")
-    s.add_argument("--max-rows", type=int, default=1000, help="rows printed at most (table format)")
-    s.set_defaults(target="forkwatch.cli:sql")
+    s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds before the query is interrupted")
+    s.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows printed at most (table format)")
+    s.set_defaults(handler=sql)
 
     s = sub.add_parser(
         "check",
-        help="health verdict per run; exit 1 when a run collapsed or exploded",
+        help="health verdict per run; exit 1 when a run raised a collapse or explosion alarm",
         description="Apply the health rules (collapse, explosion, saturation, entropy-reward law) to each run and "
-        "print the verdict with its evidence. Exits 1 when any checked run collapsed or exploded.",
+        "print the verdict with its evidence. Exits 1 when any checked run raised an alarm.",
+        epilog=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("log_dir", metavar="LOG_DIR")
     s.add_argument("--run", help="check only this run (id or name)")
     s.add_argument("--json", action="store_true", help="print the verdicts as JSON")
-    s.set_defaults(target="forkwatch.cli:check")
+    s.add_argument("--rules", metavar="FILE|JSON",
+                   help="re-judge with these rules instead of each run's own: a JSON object of HealthRules fields "
+                   "(the others keep their defaults), or a file holding one")
+    s.set_defaults(handler=check)
 
     s = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard for LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8501)
-    s.set_defaults(target="forkwatch.cli:dashboard")
+    s.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine only)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.set_defaults(handler=dashboard)
 
     s = sub.add_parser(
         "demo",
@@ -77,9 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: the tiny model gains nothing from more, and on a busy machine "
                    "extra threads slow it down)")
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8501)
-    s.set_defaults(target="forkwatch.cli:demo")
+    s.add_argument("--host", default=DEFAULT_HOST)
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.set_defaults(handler=demo)
     return p
 
 
@@ -108,8 +134,8 @@ def _check_dir(log_dir: str) -> int | None:
 
 
 def runs(args: argparse.Namespace) -> int:
-    """List the runs in LOG_DIR: name, steps, tokens, status, dropped records and faults; then each run with
-    faults, by rank and place."""
+    """List the runs in LOG_DIR: name, steps, recorded tokens (token rows written), status, health verdict,
+    dropped records and faults; then each run with faults, by rank and place."""
     import duckdb
 
     from forkwatch.store import connect, queries
@@ -117,13 +143,19 @@ def runs(args: argparse.Namespace) -> int:
     _quiet_logging()
     if (code := _check_dir(args.log_dir)) is not None:
         return code
+    from forkwatch.store.check import judge_run, verdict_label
+
     try:
         con = connect(args.log_dir)
         df = queries.list_runs(con)
+        # the same verdict as `forkwatch check` and the dashboard: each run judged with its own rules
+        df["health"] = [verdict_label(judge_run(queries.step_series(con, r.run_id), r.meta)[0])
+                        for r in df.itertuples(index=False)]
         con.close()
     except (duckdb.Error, OSError) as e:
         return _error(str(e).strip().splitlines()[0], EXIT_FAIL)
-    print(_table(df[["name", "run_id", "steps", "tokens", "last_step", "status", "dropped", "faults"]]))
+    print(_table(df[["name", "run_id", "steps", "recorded_tokens", "last_step", "status", "dropped", "faults",
+                     "health"]]))
     for row in df[df["faults"] > 0].itertuples(index=False):
         print(f"! {row.run_id}: {row.faults} recording fault(s) — {row.faults_detail}")
     return EXIT_OK
@@ -159,14 +191,32 @@ def sql(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rules_arg(text: str | None) -> Any:
+    """--rules: a JSON object, or a file holding one, of HealthRules fields -> HealthRules (None: each run's own)."""
+    if text is None:
+        return None
+    from forkwatch.store.health_rules import HealthRules
+
+    path = Path(text)
+    raw = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
+    try:
+        values = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"--rules {text!r}: neither a JSON object nor a file holding one ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--rules {text!r}: give a JSON object of rule fields, e.g. '{{\"sustain_steps\": 5}}'")
+    return HealthRules.from_dict(values)
+
+
 def check(args: argparse.Namespace) -> int:
-    """Each run's health verdict with its evidence; exit 1 when a checked run collapsed or exploded, 2 when the
-    directory is missing or holds no run, or --run names no run."""
+    """Each run's health verdict with its evidence; exit 1 when a checked run raised an alarm (warnings do not
+    fail), 2 when the directory is missing or holds no run, --run names no run, or --rules is not valid."""
     from forkwatch.store.check import check_runs, format_report
 
     try:
-        results = check_runs(args.log_dir, getattr(args, "run", None))
-    except (FileNotFoundError, LookupError) as e:
+        rules = _rules_arg(getattr(args, "rules", None))
+        results = check_runs(args.log_dir, getattr(args, "run", None), rules)
+    except (FileNotFoundError, LookupError, ValueError) as e:
         print(f"forkwatch check: {e}", file=sys.stderr)
         return EXIT_USAGE
     if getattr(args, "json", False):
@@ -186,7 +236,7 @@ def dashboard(args: argparse.Namespace) -> int:
     if not log_dir.is_dir():
         print(f"forkwatch dashboard: log directory {str(log_dir)!r} does not exist", file=sys.stderr)
         return EXIT_USAGE
-    host, port = getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8501)
+    host, port = getattr(args, "host", launch.DEFAULT_HOST), getattr(args, "port", launch.DEFAULT_PORT)
     print(f"forkwatch dashboard: serving {log_dir} on http://{host}:{port} (Ctrl-C stops)", file=sys.stderr)
     return launch.serve(log_dir, host=host, port=port)
 
@@ -255,9 +305,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    module_name, func_name = args.target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(args) or 0)
+    return int(args.handler(args) or 0)
 
 
 if __name__ == "__main__":

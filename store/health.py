@@ -1,116 +1,63 @@
-"""Run-level health rules: entropy collapse, explosion and saturation, and the entropy–performance law.
+"""Run-level health: the one judgement of a run's step series (`judge`), used by the trainer's live alarms
+(`LiveMonitor`, fed step by step), `forkwatch check`, `forkwatch runs` and the dashboard's badges and pictures.
 
-Pure functions over a step series (the `steps` table), one implementation for `forkwatch check`, the dashboard and
-the trainer callback's live alarms (`LiveMonitor`). No torch here: numpy only.
-
-The law is R = −a·exp(H) + b (Cui et al., arXiv:2505.22617), fitted by least squares to (mean entropy, mean reward)
-pairs; its predicted ceiling at H → 0 is b − a. Non-finite values (NaN, ±inf) are ignored, and the steps that had
-them are reported in `HealthReport.ignored`, never raised.
+A rule has an entropy *signal* (collapse.mean, collapse.tail, explosion.mean) and, for an alarm, *evidence of
+harm* (docs/methods.md, "Health: warnings and alarms"). Every condition at a step uses only that step and the
+steps before it (early levels, trailing windows, a law fitted on the steps so far), so a rule fires at the same step
+whether the series is judged whole afterwards or one hand-off at a time during training: the live alarm and
+`check` agree on the kind, the rule and the step. Non-finite values (NaN, ±inf) never satisfy a condition; the
+steps that had them are reported in `HealthReport.ignored`, never raised. numpy only (no torch).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from forkwatch.store.law import MIN_POINTS, MIN_R2, LawFit, fit_entropy_law
+from forkwatch.store.health_evidence import EVIDENCE_FOR, Evidence, early_level, evidence, supporting
+from forkwatch.store.health_rules import HealthRules
+from forkwatch.store.law import LawFit, fit_entropy_law
 
-__all__ = [
-    "Flag", "HealthReport", "HealthRules", "LiveMonitor", "evaluate", "vocab_size_from_meta",
-]
+__all__ = ["ALARM_KINDS", "RULE_KINDS", "Flag", "HealthReport", "HealthRules", "LiveMonitor", "judge"]
 
 RULE_KINDS = ("collapse", "explosion", "saturation")
-ALARM_KINDS = ("collapse", "explosion")  # the kinds that fail `forkwatch check` and may stop training
+ALARM_KINDS = ("collapse", "explosion")  # the kinds whose alarms fail `forkwatch check` and may stop training
+SEVERITIES = ("warning", "alarm")
 _EVIDENCE_CAP = 50  # steps kept per flag: enough to see the episode, small enough to print
 
 
 @dataclass(frozen=True)
-class HealthRules:
-    # --- history ---
-    early_steps: int = field(
-        default=5, metadata={"help": "The early level of a series is the median of its first `early_steps` finite steps."}
-    )
-    min_steps: int = field(
-        default=8, metadata={"help": "Fewer finite entropy steps than this gives the verdict 'insufficient_data'."}
-    )
-    sustain_steps: int = field(
-        default=3, metadata={"help": "A rule fires only when its condition holds this many consecutive steps."}
-    )
-    # --- collapse ---
-    collapse_fraction: float = field(
-        default=0.2, metadata={"help": "Collapse when mean entropy < collapse_fraction × its early level."}
-    )
-    tail_column: str = field(
-        default="entropy_p90", metadata={"help": "The high-entropy tail percentile watched by the tail rule."}
-    )
-    tail_floor: float = field(
-        default=0.05,
-        metadata={"help": "Collapse when the tail percentile (nats) drops below this floor, having started above it."},
-    )
-    # --- explosion ---
-    explosion_factor: float = field(
-        default=2.0, metadata={"help": "Explosion when mean entropy > explosion_factor × its early level."}
-    )
-    explosion_log_vocab_fraction: float = field(
-        default=0.5,
-        metadata={"help": "Explosion when mean entropy > this fraction of log(vocab size) (only when V is known)."},
-    )
-    # --- saturation and the law ---
-    law_min_points: int = field(
-        default=MIN_POINTS, metadata={"help": "The law fit refuses a ceiling from fewer (entropy, reward) points."}
-    )
-    law_min_r2: float = field(default=MIN_R2, metadata={"help": "The law fit refuses a ceiling when R² is below this."})
-    saturation_gap: float = field(
-        default=0.1,
-        metadata={
-            "help": "Saturation when (ceiling − reward) ≤ saturation_gap × (ceiling − early reward), i.e. 90 % of "
-            "the improvement the law predicts is used up, while entropy still falls."
-        },
-    )
-    saturation_window: int = field(
-        default=10, metadata={"help": "Steps over which the entropy trend is measured for saturation."}
-    )
-    saturation_min_drop: float = field(
-        default=0.05,
-        metadata={"help": "'Still falling': entropy dropped ≥ this fraction of its early level over the window."},
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("early_steps", "min_steps", "sustain_steps", "law_min_points", "saturation_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HealthRules.{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0 < self.collapse_fraction < 1:
-            raise ValueError(f"HealthRules.collapse_fraction must be in (0, 1), got {self.collapse_fraction!r}")
-        if self.explosion_factor <= 1:
-            raise ValueError(f"HealthRules.explosion_factor must be > 1, got {self.explosion_factor!r}")
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Each threshold's documentation, by name (for CLIs, config docs and the dashboard)."""
-        return {f.name: f.metadata["help"] for f in fields(cls)}
-
-
-@dataclass(frozen=True)
 class Flag:
-    """One rule that fired, with the evidence: the steps where its condition held and the values it saw there."""
+    """One rule that fired: its severity, the steps where its condition held and the values seen there, and for an
+    alarm the evidence of harm that held when it fired (for a warning: what evidence was missing)."""
 
     rule: str  # "collapse.mean" | "collapse.tail" | "explosion.mean" | "explosion.log_vocab" | "saturation"
+    severity: str  # "warning" | "alarm"
     fired_at: int  # the step at which the condition had held `sustain_steps` steps
     until: int  # the last step of the episode (the condition may still hold there)
     steps: list[int]
     values: list[float]
     threshold: float
     message: str
-    supporting: dict[str, float] = field(default_factory=dict)
+    evidence: list[str] = field(default_factory=list)  # readable statements, as of `fired_at`
+    supporting: dict[str, float] = field(default_factory=dict)  # early level and value at `fired_at` per column
 
     @property
     def kind(self) -> str:
-        """The verdict this flag supports: "collapse", "explosion" or "saturation"."""
+        """The kind this flag is about: "collapse", "explosion" or "saturation"."""
         return self.rule.split(".")[0]
+
+    @property
+    def is_alarm(self) -> bool:
+        return self.severity == "alarm"
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """What identifies a flag across judgements of a growing series: (rule, severity, fired_at)."""
+        return self.rule, self.severity, self.fired_at
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"kind": self.kind}
@@ -118,7 +65,7 @@ class Flag:
 
 @dataclass
 class HealthReport:
-    verdict: str
+    verdict: str  # "collapse" | "explosion" (an alarm fired) | "healthy" (warnings allowed) | "insufficient_data"
     flags: list[Flag]
     law: LawFit
     n_steps: int  # finite entropy steps seen
@@ -127,12 +74,31 @@ class HealthReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def deciding(self) -> Flag | None:
+        """The flag that decides the verdict: the first alarm (the one that stops a run under on_alarm="stop"), or
+        without alarms the first warning."""
+        for severity in ("alarm", "warning"):
+            found = [f for f in self.flags if f.severity == severity]
+            if found:
+                return min(found, key=_rank)
+        return None
+
+    @property
+    def severity(self) -> str:
+        """"alarm", "warning" or "none"."""
+        return self.deciding.severity if self.deciding else "none"
+
+    @property
     def alarm(self) -> bool:
-        return self.verdict in ALARM_KINDS
+        return self.severity == "alarm"
 
     def to_dict(self) -> dict[str, Any]:
+        d = self.deciding
         return {
             "verdict": self.verdict,
+            "severity": self.severity,
+            "rule": d.rule if d else None,
+            "fired_at": d.fired_at if d else None,
             "flags": [f.to_dict() for f in self.flags],
             "law": self.law.to_dict(),
             "n_steps": self.n_steps,
@@ -141,12 +107,36 @@ class HealthReport:
             "notes": self.notes,
         }
 
+
+def _rank(f: Flag) -> tuple:
+    """Earlier first; at the same step a collapse before an explosion, then by rule, an alarm before a warning."""
+    return f.fired_at, f.kind != "collapse", f.rule, f.severity != "alarm"
+
+
+# --------------------------------------------------------------------------- the series
+
+
 def _column(data: Any, name: str) -> np.ndarray | None:
     # A mapping of columns, or a pandas DataFrame (not imported here: store stays light).
     col = data.get(name) if isinstance(data, Mapping) else data[name] if name in getattr(data, "columns", ()) else None
     if col is None:
         return None
-    return np.asarray(col, dtype=np.float64)
+    # pandas' NA / None (a NULL diagnostic) become NaN here: "undefined" never satisfies a condition
+    values = np.asarray(col, dtype=np.float64)
+    if name == "step":
+        return values
+    # The steps table stores these as float32: the live monitor's values (Python floats) are rounded the same way,
+    # so a value on a threshold compares alike during training and when read back from disk.
+    return values.astype(np.float32).astype(np.float64)
+
+
+def last_row_per_step(steps: np.ndarray) -> np.ndarray:
+    """Indices that sort `steps` and keep the last row of a repeated step (a resumed run may re-log one): the same
+    rule as queries' `LAST_ROW_PER_STEP` (the last row written wins), for series already in memory."""
+    order = np.argsort(steps, kind="stable")
+    keep = np.ones(order.size, dtype=bool)
+    keep[:-1] = steps[order][1:] != steps[order][:-1]
+    return order[keep & np.isfinite(steps[order])]
 
 
 def _sustained(cond: np.ndarray, n: int) -> list[tuple[int, int, int]]:
@@ -160,199 +150,217 @@ def _sustained(cond: np.ndarray, n: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _early(values: np.ndarray, k: int) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite[:k])) if finite.size else math.nan
+# --------------------------------------------------------------------------- the judgement
 
 
-def _flags_for(
-    rule: str, cond: np.ndarray, steps: np.ndarray, values: np.ndarray, threshold: float, sustain: int, text: str
-) -> list[Flag]:
-    flags = []
-    for start, fire, end in _sustained(cond, sustain):
-        sl = slice(start, min(end, start + _EVIDENCE_CAP))
-        flags.append(
-            Flag(
-                rule=rule,
-                fired_at=int(steps[fire]),
-                until=int(steps[end - 1]),
-                steps=[int(s) for s in steps[sl]],
-                values=[round(float(v), 6) for v in values[sl]],
-                threshold=round(float(threshold), 6),
-                message=text.format(
-                    start=int(steps[start]), end=int(steps[end - 1]), n=end - start, thr=threshold, last=values[end - 1]
-                ),
-            )
-        )
-    return flags
-
-
-def _supporting(cols: dict[str, np.ndarray | None], k: int, end: int) -> dict[str, float]:
-    """Explosion's usual company: longer and truncated completions, falling reward (early level → at the episode)."""
-    out = {}
-    for name in ("completion_length_mean", "truncated_fraction", "reward_mean"):
-        col = cols.get(name)
-        if col is None:
-            continue
-        before, now = _early(col, k), col[max(0, end - k) : end]
-        now = now[np.isfinite(now)]
-        if math.isfinite(before) and now.size:
-            out[f"{name}_early"] = round(before, 6)
-            out[f"{name}_at_flag"] = round(float(np.median(now)), 6)
-    return out
-
-
-def evaluate(data: Any, rules: HealthRules | None = None, *, vocab_size: int | None = None) -> HealthReport:
-    """Apply the health rules to one run's step series.
-
-    `data`: a DataFrame or a mapping of columns with at least `step` and `entropy_mean`; `entropy_p90` (the tail
-    column), `reward_mean`, `completion_length_mean` and `truncated_fraction` are used when present. `vocab_size`
-    (from run.json, when known) enables the log-V explosion rule.
-    """
-    rules = rules or HealthRules()
+def _prepare(data: Any, rules: HealthRules) -> tuple[np.ndarray, dict[str, np.ndarray | None], dict[str, list[int]]]:
     steps_raw = _column(data, "step")
     if steps_raw is None or _column(data, "entropy_mean") is None:
-        raise ValueError("evaluate() needs the columns 'step' and 'entropy_mean' (the steps table has both)")
-    names = ("entropy_mean", rules.tail_column, "reward_mean", "completion_length_mean", "truncated_fraction")
-    # Sort by step and keep the last row of a repeated step (a resumed run may re-log one).
-    order = np.argsort(steps_raw, kind="stable")
-    keep = np.ones(order.size, dtype=bool)
-    keep[:-1] = steps_raw[order][1:] != steps_raw[order][:-1]
-    idx = order[keep & np.isfinite(steps_raw[order])]
+        raise ValueError("judge() needs the columns 'step' and 'entropy_mean' (the steps table has both)")
+    idx = last_row_per_step(steps_raw)
     steps = steps_raw[idx].astype(np.int64)
     cols: dict[str, np.ndarray | None] = {}
     ignored: dict[str, list[int]] = {}
-    for name in names:
+    for name in ("entropy_mean", rules.tail_column, "reward_mean", "completion_length_mean", "truncated_fraction"):
         col = _column(data, name)
         cols[name] = None if col is None else col[idx]
         if cols[name] is not None and not np.isfinite(cols[name]).all():
             ignored[name] = [int(s) for s in steps[~np.isfinite(cols[name])]]
+    return steps, cols, ignored
 
+
+def judge(data: Any, rules: HealthRules | None = None, *, vocab_size: int | None = None) -> HealthReport:
+    """Judge one run's step series with `rules` (the run's own, from run.json, wherever a stored run is judged).
+
+    `data`: a DataFrame or a mapping of columns with at least `step` and `entropy_mean`; the tail column
+    (`entropy_p90`), `reward_mean`, `completion_length_mean` and `truncated_fraction` are used when present.
+    `vocab_size` (from run.json, when known) enables the log-V explosion alarm.
+    """
+    rules = rules or HealthRules()
+    steps, cols, ignored = _prepare(data, rules)
     ent = cols["entropy_mean"]
     assert ent is not None
-    finite = np.isfinite(ent)
     reward = cols["reward_mean"]
     law = fit_entropy_law(
         ent, reward if reward is not None else np.full_like(ent, np.nan),
         min_points=rules.law_min_points, min_r2=rules.law_min_r2,
     )
     notes = [f"{len(v)} non-finite {k} value(s) ignored" for k, v in ignored.items()]
-    n = int(finite.sum())
+    finite_at = np.flatnonzero(np.isfinite(ent))
+    n = int(finite_at.size)
     if n < rules.min_steps:
         notes.append(f"{n} finite entropy step(s), fewer than min_steps={rules.min_steps}: no verdict yet")
         return HealthReport("insufficient_data", [], law, n, None, ignored, notes)
-
-    early = _early(ent, rules.early_steps)
-    # Comparisons with NaN are False, so a non-finite step breaks an episode instead of extending it: rules fire on
-    # values that were actually seen.
+    early, ready = early_level(ent, rules.early_steps)
+    # No rule fires before min_steps finite steps (nor before the early level is known), so that a flag's step never
+    # depends on how long the series was when it was judged.
+    armed = np.arange(steps.size) >= max(ready, int(finite_at[rules.min_steps - 1]))
+    ev = evidence(cols, rules, steps.size)
     flags: list[Flag] = []
-    if early > 0:
-        thr = rules.collapse_fraction * early
-        flags += _flags_for(
-            "collapse.mean", ent < thr, steps, ent, thr, rules.sustain_steps,
-            "mean entropy fell below {thr:.4g} nats (collapse_fraction × early level "
-            f"{early:.4g}) for {{n}} steps, {{start}}–{{end}} (last {{last:.4g}})",
-        )
-    tail = cols[rules.tail_column]
-    if tail is not None:
-        early_tail = _early(tail, rules.early_steps)
-        if early_tail > rules.tail_floor:  # a tail that never rose above the floor did not "vanish"
-            flags += _flags_for(
-                "collapse.tail", tail < rules.tail_floor, steps, tail, rules.tail_floor, rules.sustain_steps,
-                f"{rules.tail_column} fell below tail_floor {{thr:.4g}} nats (early {early_tail:.4g}) for {{n}} "
-                "steps, {start}–{end} (last {last:.4g})",
+    with np.errstate(invalid="ignore"):
+        if early > 0:
+            thr = rules.collapse_fraction * early
+            flags += _signal_flags(
+                "collapse.mean", armed & (ent < thr), steps, ent, thr, rules, ev, cols,
+                "mean entropy fell below {thr:.4g} nats (collapse_fraction × early level "
+                f"{early:.4g}) for {{n}} steps, {{start}}–{{end}} (last {{last:.4g}})",
             )
-    explosion: list[Flag] = []
-    if early > 0:
-        thr = rules.explosion_factor * early
-        explosion += _flags_for(
-            "explosion.mean", ent > thr, steps, ent, thr, rules.sustain_steps,
-            "mean entropy rose above {thr:.4g} nats (explosion_factor × early level "
-            f"{early:.4g}) for {{n}} steps, {{start}}–{{end}} (last {{last:.4g}})",
-        )
-    if vocab_size and vocab_size > 1:
-        thr = rules.explosion_log_vocab_fraction * math.log(vocab_size)
-        explosion += _flags_for(
-            "explosion.log_vocab", ent > thr, steps, ent, thr, rules.sustain_steps,
-            f"mean entropy rose above {{thr:.4g}} nats ({rules.explosion_log_vocab_fraction:g} × log V, "
-            f"V={vocab_size}) for {{n}} steps, {{start}}–{{end}} (last {{last:.4g}})",
-        )
-    for f in explosion:
-        end = int(np.searchsorted(steps, f.until)) + 1
-        flags.append(Flag(**{**asdict(f), "supporting": _supporting(cols, rules.early_steps, end)}))
-    flags += _saturation(steps, ent, reward, law, early, rules)
-    flags.sort(key=lambda f: (f.fired_at, f.rule))
-    return HealthReport(_verdict(flags), flags, law, n, round(early, 6), ignored, notes)
+        tail = cols[rules.tail_column]
+        if tail is not None:
+            early_tail, tail_ready = early_level(tail, rules.early_steps)
+            if early_tail > rules.tail_floor:  # a tail that never rose above the floor did not "vanish"
+                flags += _signal_flags(
+                    "collapse.tail", armed & (np.arange(steps.size) >= tail_ready) & (tail < rules.tail_floor),
+                    steps, tail, rules.tail_floor, rules, ev, cols,
+                    f"{rules.tail_column} fell below tail_floor {{thr:.4g}} nats (early {early_tail:.4g}) for {{n}} "
+                    "steps, {start}–{end} (last {last:.4g})",
+                )
+        if early > 0:
+            thr = rules.explosion_factor * early
+            flags += _signal_flags(
+                "explosion.mean", armed & (ent > thr), steps, ent, thr, rules, ev, cols,
+                "mean entropy rose above {thr:.4g} nats (explosion_factor × early level "
+                f"{early:.4g}) for {{n}} steps, {{start}}–{{end}} (last {{last:.4g}})",
+            )
+        if vocab_size and vocab_size > 1:
+            thr = rules.explosion_log_vocab_fraction * math.log(vocab_size)
+            flags += _episodes(
+                "explosion.log_vocab", "alarm", armed & (ent > thr), steps, ent, thr, rules, cols,
+                f"mean entropy rose above {{thr:.4g}} nats ({rules.explosion_log_vocab_fraction:g} × log V, "
+                f"V={vocab_size}) for {{n}} steps, {{start}}–{{end}} (last {{last:.4g}})",
+                lambda i: ["entropy near log V: sampling is close to uniform over the vocabulary"],
+            )
+        flags += _saturation(steps, ent, reward, early, armed, rules, cols)
+    # in the order `deciding` ranks them, so the first alarm a caller meets in `flags` (or in a LiveMonitor batch) is
+    # the one that decides the verdict
+    flags.sort(key=_rank)
+    report = HealthReport("healthy", flags, law, n, round(early, 6), ignored, notes)
+    if report.alarm:
+        report.verdict = report.deciding.kind
+    return report
+
+
+def _episodes(
+    rule: str, severity: str, cond: np.ndarray, steps: np.ndarray, values: np.ndarray, threshold: float,
+    rules: HealthRules, cols: dict[str, np.ndarray | None], text: str, evidence_at: Any,
+) -> list[Flag]:
+    flags = []
+    for start, fire, end in _sustained(cond, rules.sustain_steps):
+        sl = slice(start, min(end, start + _EVIDENCE_CAP))
+        flags.append(
+            Flag(
+                rule=rule, severity=severity, fired_at=int(steps[fire]), until=int(steps[end - 1]),
+                steps=[int(s) for s in steps[sl]], values=[round(float(v), 6) for v in values[sl]],
+                threshold=round(float(threshold), 6),
+                message=text.format(
+                    start=int(steps[start]), end=int(steps[end - 1]), n=end - start, thr=threshold, last=values[end - 1]
+                ),
+                evidence=evidence_at(fire), supporting=supporting(cols, rules, fire),
+            )
+        )  # fmt: skip
+    return flags
+
+
+def _signal_flags(
+    rule: str, signal: np.ndarray, steps: np.ndarray, values: np.ndarray, threshold: float, rules: HealthRules,
+    ev: Evidence, cols: dict[str, np.ndarray | None], text: str,
+) -> list[Flag]:
+    """A signal's warnings (the signal alone) and alarms (the signal with evidence of harm, sustained together)."""
+    names = [e for e in EVIDENCE_FOR[rule] if e in ev.held]
+
+    def held_at(i: int) -> list[str]:
+        return [ev.say[e](i) for e in names if ev.held[e][i]]
+
+    if not rules.alarm_needs_evidence:
+        return _episodes(rule, "alarm", signal, steps, values, threshold, rules, cols, text,
+                         lambda i: held_at(i) or ["alarm_needs_evidence=False: the signal alone is an alarm"])
+    harm = np.zeros(signal.size, dtype=bool)
+    for e in names:
+        harm |= ev.held[e]
+    alarms = _episodes(rule, "alarm", signal & harm, steps, values, threshold, rules, cols, text, held_at)
+    missing = "no evidence of harm yet (looked for: " + ", ".join(EVIDENCE_FOR[rule]) + ")"
+    warned = _episodes(rule, "warning", signal, steps, values, threshold, rules, cols, text, lambda i: [missing])
+    # a signal whose evidence was already there when it fired is an alarm only, not also a warning at the same step
+    fired = {f.fired_at for f in alarms}
+    return alarms + [f for f in warned if f.fired_at not in fired]
+
+
+def _prefix_law(ent: np.ndarray, reward: np.ndarray, rules: HealthRules) -> tuple[np.ndarray, np.ndarray]:
+    """The law R = −a·exp(H) + b fitted at every step on the steps so far (running least-squares sums): its
+    ceiling b − a and whether the fit passes the same tests as `fit_entropy_law` (enough points, a > 0, R²)."""
+    with np.errstate(over="ignore"):
+        x = np.exp(ent)
+    ok = np.isfinite(x) & np.isfinite(reward)
+    x, r = np.where(ok, x, 0.0), np.where(ok, reward, 0.0)
+    n = np.cumsum(ok)
+    sx, sr, sxx, sxr, srr = (np.cumsum(v) for v in (x, r, x * x, x * r, r * r))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vx, vr, cxr = n * sxx - sx * sx, n * srr - sr * sr, n * sxr - sx * sr
+        slope = cxr / vx
+        b = (sr - slope * sx) / n
+        r2 = cxr * cxr / (vx * vr)
+        valid = (n >= rules.law_min_points) & (vx > 1e-12 * n * n) & (vr > 1e-12 * n * n) & (-slope > 0)
+        valid &= r2 >= rules.law_min_r2
+    ceiling = np.where(valid, b + slope, np.nan)  # b − a with a = −slope
+    return ceiling, valid
 
 
 def _saturation(
-    steps: np.ndarray, ent: np.ndarray, reward: np.ndarray | None, law: LawFit, early: float, rules: HealthRules
+    steps: np.ndarray, ent: np.ndarray, reward: np.ndarray | None, early: float, armed: np.ndarray,
+    rules: HealthRules, cols: dict[str, np.ndarray | None],
 ) -> list[Flag]:
-    if reward is None or law.ceiling is None or not early > 0:
+    if reward is None or not early > 0:
         return []
-    r0 = _early(reward, rules.early_steps)
-    room = law.ceiling - r0
-    if not room > 0:
-        return []
-    gap = (law.ceiling - reward) / room
+    r0, ready = early_level(reward, rules.early_steps)
+    ceiling, valid = _prefix_law(ent, reward, rules)
+    room = ceiling - r0
     w = rules.saturation_window
-    # Entropy still falling: the drop over the trailing window, relative to the early level.
-    drop = np.full(ent.size, np.nan)
+    drop = np.full(ent.size, np.nan)  # entropy still falling: the drop over the trailing window / early level
     if ent.size >= w:
         drop[w - 1 :] = (ent[: ent.size - w + 1] - ent[w - 1 :]) / early
-    cond = (gap <= rules.saturation_gap) & (drop >= rules.saturation_min_drop)
-    return _flags_for(
-        "saturation", cond, steps, reward, law.ceiling - rules.saturation_gap * room, rules.sustain_steps,
-        f"reward reached {{thr:.4g}} or more (within saturation_gap of the law's ceiling {law.ceiling:.4g}) while "
-        "entropy kept falling, {n} steps, {start}–{end} (last reward {last:.4g})",
-    )
-
-
-def _verdict(flags: list[Flag]) -> str:
-    alarms = [f for f in flags if f.kind in ALARM_KINDS]
-    if alarms:  # the most recent alarm says where the run is now (collapse wins a tie)
-        return max(alarms, key=lambda f: (f.fired_at, f.kind == "collapse")).kind
-    return "saturation" if flags else "healthy"
-
-
-def vocab_size_from_meta(meta: Mapping[str, Any] | str | None) -> int | None:
-    """The vocabulary size recorded in run.json (`vocab_size` at the top or under `model`), when there is one."""
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except ValueError:
-            return None
-    if not isinstance(meta, Mapping):
-        return None
-    for where in (meta, meta.get("model"), meta.get("config")):
-        if isinstance(where, Mapping) and isinstance(where.get("vocab_size"), int) and where["vocab_size"] > 1:
-            return int(where["vocab_size"])
-    return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = (ceiling - reward) / room
+        cond = armed & valid & (np.arange(ent.size) >= ready) & (room > 0)
+        cond &= (gap <= rules.saturation_gap) & (drop >= rules.saturation_min_drop)
+    episodes = _sustained(cond, rules.sustain_steps)
+    flags = []
+    for start, fire, end in episodes:
+        c = float(ceiling[fire])
+        thr = c - rules.saturation_gap * (c - r0)
+        flags += _episodes(
+            "saturation", "warning", np.isin(np.arange(ent.size), np.arange(start, end)), steps, reward, thr,
+            rules, cols,
+            f"reward reached {{thr:.4g}} or more (within saturation_gap of the law's ceiling {c:.4g}, fitted on "
+            "the steps so far) while entropy kept falling, {n} steps, {start}–{end} (last reward {last:.4g})",
+            lambda i: ["the entropy–reward law predicts little reward left to gain by lowering entropy further"],
+        )
+    return flags
 
 
 class LiveMonitor:
-    """The same rules, fed one step at a time (the trainer callback's live alarms).
+    """`judge`, fed during training: each hand-off's steps rows are appended and the series judged again; the flags
+    not reported before come back once each (warnings and alarms), at the step they fired. Because every condition
+    is causal (see the module docstring), these are exactly the flags `judge` finds on the whole series afterwards.
 
-    `update(row)` takes one step's values (a mapping with `step`, `entropy_mean`, and optionally the other columns
-    `evaluate` reads) and returns the flags that became active at this step, each once: a rule is reported again only
-    after its condition has cleared. `update_many(rows)` does the same for several steps with one evaluation. Re-evaluating the whole series keeps one implementation; it costs O(steps) per
-    step: about 1.5 ms per update at 5,000 steps on one core.
+    The plugin calls: `LiveMonitor(rules, vocab_size=V)`, `update_many(rows) -> list[Flag]` (act on
+    `flag.is_alarm`: only alarms stop training), `active_kinds()` (alarms active at the last step, by kind) and
+    `active_kinds("warning")`. Judging the whole series keeps one implementation; it costs O(steps × window) per
+    hand-off (hand-offs are ≥ worker_interval_s apart).
     """
 
     def __init__(self, rules: HealthRules | None = None, *, vocab_size: int | None = None) -> None:
         self.rules = rules or HealthRules()
         self.vocab_size = vocab_size
         self._series: dict[str, list[float]] = {}
-        self._active: set[str] = set()
+        self._reported: set[tuple[str, str, int]] = set()
         self.report: HealthReport | None = None
 
     def update(self, row: Mapping[str, Any]) -> list[Flag]:
         return self.update_many([row])
 
     def update_many(self, rows: list[Mapping[str, Any]]) -> list[Flag]:
-        """Append several steps' rows, evaluate once, and return the flags that became active within them (an
-        episode that fired and cleared inside `rows` included): the same episodes as `update` row by row, at the
-        cost of one evaluation."""
+        """Append several steps' rows, judge once, and return the flags not reported before (an episode that fired
+        and cleared inside `rows` included)."""
         if not rows:
             return []
         if any("step" not in row for row in rows):
@@ -361,13 +369,9 @@ class LiveMonitor:
             self._append(row)
         if "entropy_mean" not in self._series:
             return []
-        self.report = evaluate(self._series, self.rules, vocab_size=self.vocab_size)
-        steps = self._series["step"]
-        first, last = steps[-len(rows)], steps[-1]
-        # An episode already active before these rows is not new; one that fired among them is.
-        new = [f for f in self.report.flags
-               if f.until >= first and (f.fired_at >= first or f.rule not in self._active)]
-        self._active = {f.rule for f in self.report.flags if f.until == last}
+        self.report = judge(self._series, self.rules, vocab_size=self.vocab_size)
+        new = [f for f in self.report.flags if f.key not in self._reported]
+        self._reported |= {f.key for f in new}
         return new
 
     def _append(self, row: Mapping[str, Any]) -> None:
@@ -376,13 +380,18 @@ class LiveMonitor:
             try:
                 v = float(value)
             except (TypeError, ValueError):
-                continue  # not a number (e.g. select_method): not used by the rules
+                continue  # not a number (e.g. select_method) or undefined (None): not used by the rules
             self._series.setdefault(name, [math.nan] * n).append(v)
         for col in self._series.values():  # a column missing from this row gets NaN, keeping columns aligned
             if len(col) == n:
                 col.append(math.nan)
 
-    def active_kinds(self) -> dict[str, bool]:
-        """For each kind of rule (collapse, explosion, saturation): whether a rule of it is active at the last step."""
-        kinds = {rule.split(".")[0] for rule in self._active}
+    def active_kinds(self, severity: str = "alarm") -> dict[str, bool]:
+        """For each kind (collapse, explosion, saturation): whether a flag of it with this severity is active at the
+        last step."""
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity={severity!r}: choose one of {SEVERITIES}")
+        flags = self.report.flags if self.report else []
+        last = max(self._series.get("step", [math.nan]), default=math.nan)
+        kinds = {f.kind for f in flags if f.severity == severity and f.until == last}
         return {k: k in kinds for k in RULE_KINDS}

@@ -36,6 +36,13 @@ class LawFit:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """The fit in one line, the same in the terminal and on the dashboard (the one place it is worded)."""
+        if not self.ok:
+            return f"no ceiling ({self.reason})"
+        return (f"R = -a·exp(H) + b with a = {self.a:.4g}, b = {self.b:.4g}: ceiling {self.ceiling:.4g}, "
+                f"R² {self.r2:.3f}, {self.n_points} points")
+
 
 MIN_POINTS = 8  # fewer (entropy, reward) pairs than this give no ceiling: two parameters need some spread to pin
 MIN_R2 = 0.6  # below this the exponential does not describe the run well enough to quote its ceiling

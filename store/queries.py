@@ -10,16 +10,29 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
+# "The last row written wins" for a step logged twice (a resumed run re-logs the steps after its checkpoint): the one
+# rule every query over `steps` applies (health.last_row_per_step is the same rule over a series in memory).
+LAST_ROW_PER_STEP = "QUALIFY row_number() OVER (PARTITION BY run_id, step ORDER BY time DESC) = 1"
+
+
+def _defined(column: str) -> str:
+    """A stored value as SQL NULL where it is NaN (parts written before forkwatch stored "undefined" as NULL): an
+    aggregate then skips it instead of turning NaN (DuckDB orders NaN above every number, and avg() of one NaN is
+    NaN). `column` is always a name written here, never user input."""
+    return f"CASE WHEN isnan({column}) THEN NULL ELSE {column} END"
+
 
 def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """One row per run: run_id, name, status, steps (distinct steps recorded), tokens (token rows), last_step,
-    dropped, faults (all ranks), faults_detail (per rank and place), created_at."""
+    """One row per run: run_id, name, status, steps (distinct steps recorded), recorded_tokens (token rows written:
+    the sampled subset `record_tokens` keeps, not every trained token; see `run_overview`'s trained_tokens),
+    last_step, dropped, faults (all ranks), faults_detail (per rank and place), created_at, meta (run.json)."""
     return con.execute(
         """
         WITH s AS (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS max_step FROM steps GROUP BY run_id),
-             t AS (SELECT run_id, count(*) AS tokens FROM tokens GROUP BY run_id)
-        SELECT r.run_id, r.name, coalesce(s.steps, 0) AS steps, coalesce(t.tokens, 0) AS tokens, r.status,
-               coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.faults, r.faults_detail, r.created_at
+             t AS (SELECT run_id, count(*) AS recorded_tokens FROM tokens GROUP BY run_id)
+        SELECT r.run_id, r.name, coalesce(s.steps, 0) AS steps, coalesce(t.recorded_tokens, 0) AS recorded_tokens,
+               r.status, coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.faults, r.faults_detail,
+               r.created_at, r.meta
         FROM runs r LEFT JOIN s USING (run_id) LEFT JOIN t USING (run_id)
         ORDER BY r.created_at NULLS LAST, r.run_id
         """
@@ -27,24 +40,10 @@ def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 
 def step_series(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
-    """Every column of the steps table for one run, one row per step (the last row written wins on a duplicate)."""
+    """Every column of the steps table for one run, one row per step (LAST_ROW_PER_STEP). A diagnostic undefined at
+    a step (NULL in the part) is NaN here, pandas' missing value; pages draw it as a gap with its reason."""
     return con.execute(
-        "SELECT * FROM steps WHERE run_id = ? QUALIFY row_number() OVER (PARTITION BY step ORDER BY time DESC) = 1 "
-        "ORDER BY step",
-        [run_id],
-    ).df()
-
-
-def token_step_aggregates(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
-    """Per-step aggregates computed from the recorded token rows of one run (entropy mean/p90, forks, tokens)."""
-    return con.execute(
-        """
-        SELECT step, count(*) AS n_tokens, avg(entropy) AS entropy_mean,
-               quantile_cont(entropy, 0.9) AS entropy_p90, avg(renyi2) AS renyi2_mean,
-               avg(group_js) AS group_js_mean, avg(is_fork::INTEGER) AS fork_fraction,
-               avg(selected) AS selected_mean
-        FROM tokens WHERE run_id = ? GROUP BY step ORDER BY step
-        """,
+        f"SELECT * FROM steps WHERE run_id = ? {LAST_ROW_PER_STEP} ORDER BY step",
         [run_id],
     ).df()
 
@@ -75,18 +74,20 @@ def completion_tokens(con: duckdb.DuckDBPyConnection, run_id: str, step: int, co
 
 
 def run_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """One row per run: identity, status, metadata and what its steps table holds (steps, tokens, method)."""
+    """One row per run: identity, status, metadata and what its steps table holds: n_steps, trained_tokens (every
+    response token trained on, the sum of steps.n_tokens; `list_runs`' recorded_tokens counts the rows kept), the
+    selection method."""
     return con.execute(
         """
         WITH s AS (
             SELECT CAST(run_id AS VARCHAR) AS run_id, count(DISTINCT step) AS n_steps, min(step) AS first_step,
-                   max(step) AS max_step, CAST(sum(n_tokens) AS BIGINT) AS n_tokens,
+                   max(step) AS max_step, CAST(sum(n_tokens) AS BIGINT) AS trained_tokens,
                    CAST(arg_max(select_method, step) AS VARCHAR) AS select_method
             FROM steps GROUP BY ALL
         )
         SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.faults,
                r.faults_detail, r.meta,
-               coalesce(s.n_steps, 0) AS n_steps, s.first_step, s.max_step, coalesce(s.n_tokens, 0) AS n_tokens,
+               coalesce(s.n_steps, 0) AS n_steps, s.first_step, s.max_step, coalesce(s.trained_tokens, 0) AS trained_tokens,
                s.select_method
         FROM runs r LEFT JOIN s USING (run_id)
         ORDER BY r.run_id
@@ -186,8 +187,9 @@ def find_prompts(con: duckdb.DuckDBPyConnection, run_id: str, text: str, limit: 
 def prompt_history(con: duckdb.DuckDBPyConnection, run_id: str, prompt: str) -> pd.DataFrame:
     """One prompt followed across steps: its completions' reward, entropy and length per step."""
     return con.execute(
-        """
-        SELECT step, count(*) AS n_completions, avg(reward) AS reward_mean, avg(entropy_mean) AS entropy_mean,
+        f"""
+        SELECT step, count(*) AS n_completions, avg({_defined("reward")}) AS reward_mean,
+               avg({_defined("entropy_mean")}) AS entropy_mean,
                avg(length) AS length_mean, avg(CAST(truncated AS DOUBLE)) AS truncated_fraction,
                min(completion_id) AS first_completion_id
         FROM completions WHERE run_id = $run AND prompt = $prompt GROUP BY step ORDER BY step
@@ -215,10 +217,10 @@ def truth_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completi
 def entropy_spectrum(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
     """One row per (step, bin): bin (0-based, store/spectrum.py), count, share of the step's tokens."""
     return con.execute(
-        """
+        f"""
         WITH s AS (
             SELECT step, entropy_spectrum AS h FROM steps WHERE run_id = ? AND entropy_spectrum IS NOT NULL
-            QUALIFY row_number() OVER (PARTITION BY step ORDER BY time DESC) = 1
+            {LAST_ROW_PER_STEP}
         ),
         b AS (SELECT step, generate_subscripts(h, 1) - 1 AS bin, unnest(h) AS count FROM s)
         SELECT step, CAST(bin AS INTEGER) AS bin, CAST(count AS BIGINT) AS count,
@@ -232,10 +234,10 @@ def entropy_spectrum(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFram
 def effective_rank_series(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
     """The steps whose hidden-state effective rank was measured: step, effective_rank_mean, entropy_mean."""
     return con.execute(
-        """
+        f"""
         SELECT step, effective_rank_mean, entropy_mean FROM steps
         WHERE run_id = ? AND effective_rank_mean IS NOT NULL
-        QUALIFY row_number() OVER (PARTITION BY step ORDER BY time DESC) = 1
+        {LAST_ROW_PER_STEP}
         ORDER BY step
         """,
         [run_id],
@@ -304,7 +306,9 @@ def probe_tokens(con: duckdb.DuckDBPyConnection, run_id: str, probe_id: int) -> 
 def probe_top_overlap(con: duckdb.DuckDBPyConnection, run_id: str, fraction: float = 0.2) -> pd.DataFrame:
     """How many of each step's top-`fraction` entropy positions of the probes were top positions at the probes' first
     scoring (arXiv:2506.01939 reports 86 % before vs after RLVR): step, overlap (shared / top positions, over all
-    probes), n_top, n_probes. A probe's top set has ceil(fraction × its tokens) positions, ties broken by position."""
+    probes), n_top, n_probes. A probe's top set has max(1, ceil(round(fraction × its tokens, 9)))
+    positions, ties broken by position: the plugin's keep count (the rounding keeps 0.07 × 100 =
+    7.000000000000001 at 7)."""
     return con.execute(
         """
         WITH r AS (
@@ -313,7 +317,7 @@ def probe_top_overlap(con: duckdb.DuckDBPyConnection, run_id: str, fraction: flo
                    count(*) OVER (PARTITION BY probe_id, step) AS n
             FROM probes WHERE run_id = $run
         ),
-        top AS (SELECT probe_id, step, position FROM r WHERE rk <= ceil($fraction * n)),
+        top AS (SELECT probe_id, step, position FROM r WHERE rk <= greatest(1, ceil(round($fraction * n, 9)))),
         first AS (SELECT probe_id, min(step) AS step FROM top GROUP BY probe_id),
         ref AS (SELECT probe_id, position FROM top JOIN first USING (probe_id, step))
         SELECT t.step, count(ref.position) / count(*) AS overlap, count(*) AS n_top,
@@ -329,10 +333,10 @@ def run_curves(con: duckdb.DuckDBPyConnection, points: int = 120) -> pd.DataFram
     """Each run's entropy and reward curves for a picture per run: run_id, step, entropy_mean, reward_mean, at most
     about `points` evenly spaced steps per run (always its first and last)."""
     return con.execute(
-        """
+        f"""
         WITH s AS (
             SELECT run_id, step, entropy_mean, reward_mean FROM steps
-            QUALIFY row_number() OVER (PARTITION BY run_id, step ORDER BY time DESC) = 1
+            {LAST_ROW_PER_STEP}
         ),
         n AS (
             SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i,

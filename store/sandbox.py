@@ -129,11 +129,16 @@ class SandboxedConnection:
         self.close()
 
 
+# The limits of a statement a person typed, for the CLI's `sql` and the dashboard's SQL page alike.
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_ROWS = 10_000
+
+
 def open_sandboxed(
     log_dir: str | os.PathLike[str],
     *,
-    timeout_s: float = 10.0,
-    max_rows: int | None = 10_000,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
     memory_limit: str = "1GB",
     threads: int = 2,
 ) -> SandboxedConnection:

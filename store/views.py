@@ -1,4 +1,4 @@
-"""DuckDB views over a log directory: runs, steps, completions, tokens, forks, vocab and token_text.
+"""DuckDB views over a log directory (`VIEWS`: runs, the tables of the schema, token_text and truth).
 
 Views are built over an explicit list of validated part files rather than a glob, for three reasons:
 - a truncated or corrupt part (a crash, a full disk, a copy in progress) would make DuckDB fail the whole glob; here
@@ -34,7 +34,7 @@ from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
 
-VIEWS = ("runs", *TABLES, "token_text")
+VIEWS = ("runs", *TABLES, "token_text", truth.TRUTH_VIEW)  # every view `connect` makes: the one list
 
 # path -> (size, mtime_ns, column names or None when the part is unusable)
 _footer_cache: dict[str, tuple[int, int, frozenset[str] | None]] = {}
@@ -285,7 +285,7 @@ def _runs_load_schema() -> pa.Schema:
 
 
 def connect(log_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the views runs, steps, completions, tokens, forks, vocab, token_text.
+    """An in-memory DuckDB connection with the views of `VIEWS`.
 
     The views are a snapshot of the parts present now; call `refresh_views(con, log_dir)` to see newer ones."""
     con = duckdb.connect(":memory:")

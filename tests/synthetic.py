@@ -158,16 +158,21 @@ def write_run(
     status: str | None = "finished",
     lenses: bool = True,
     group_js: bool = True,
+    health_rules: dict | None = None,
 ) -> None:
     """Write a whole run through the real RunWriter. `token_steps`: how many steps get per-token records (all by
     default). `status=None` leaves the run open (as if still being written). `lenses=False` writes no entropy spectrum,
-effective rank, roles or probes (a run of a forkwatch without them); `group_js=False` no group JS."""
+effective rank, roles or probes (a run of a forkwatch without them); `group_js=False` no group JS. `health_rules`:
+    the rules the run was "trained under", in run.json as the plugin writes them (config.health_rules)."""
     from forkwatch.store import RunWriter
 
     rng = np.random.default_rng(seed)
     series = step_series(kind, n_steps, seed=seed)
     n_comp = n_groups * group_size
-    w = RunWriter(log_dir, run_id, meta={"select": method, "model": "tiny", "vocab_size": len(VOCAB)})
+    meta = {"select": method, "model": "tiny", "vocab_size": len(VOCAB)}
+    if health_rules is not None:
+        meta["config"] = {"health_rules": health_rules}
+    w = RunWriter(log_dir, run_id, meta=meta)
     w.put("vocab", {"step": 0, "token_id": np.arange(len(VOCAB), dtype=np.int32), "text": VOCAB,
                     **({"role": roles_of(VOCAB)} if lenses else {})})
     steps = _steps_columns(series, n_comp * length, n_comp, method)

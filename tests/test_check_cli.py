@@ -21,10 +21,12 @@ def test_check_exits_1_and_prints_evidence_when_a_run_collapsed_or_exploded(log_
     assert main(["check", str(log_dir)]) == 1
     out = capsys.readouterr().out
     assert "collapse: COLLAPSE" in out and "explosion: EXPLOSION" in out and "healthy: HEALTHY" in out
-    assert "[collapse.mean] fired at step" in out
-    assert "evidence: steps" in out and "threshold" in out
-    assert "supporting: completion_length_mean_early=" in out  # explosion's company
-    assert "law R = -a·exp(H) + b: a=" in out  # the collapsing run follows the law
+    assert "ALARM [collapse.mean] fired at step" in out
+    assert "signal: steps" in out and "threshold" in out
+    assert "evidence: reward falling" in out  # the explosion's evidence of harm
+    assert "at the flag: reward_mean_early=" in out
+    assert "law: R = -a·exp(H) + b with a = " in out  # the collapsing run follows the law
+    assert "judged with the default rules: run.json records none" in out
 
 
 def test_check_reports_a_run_with_faults_prominently(tmp_path, capsys):
@@ -55,7 +57,10 @@ def test_check_json_lists_verdicts_flags_and_law(log_dir, capsys):
         "collapse": "collapse", "explosion": "explosion", "healthy": "healthy",
     }  # fmt: skip
     flag = runs["collapse"]["flags"][0]
-    assert {"rule", "fired_at", "steps", "values", "threshold", "message"} <= flag.keys()
+    assert {"rule", "severity", "fired_at", "steps", "values", "threshold", "message", "evidence"} <= flag.keys()
+    first_alarm = next(f for f in runs["collapse"]["flags"] if f["severity"] == "alarm")
+    assert runs["collapse"]["severity"] == "alarm" and runs["collapse"]["rules_source"] == "default"
+    assert (runs["collapse"]["rule"], runs["collapse"]["fired_at"]) == (first_alarm["rule"], first_alarm["fired_at"])
     assert runs["collapse"]["law"]["ceiling"] is not None
 
 
@@ -79,3 +84,65 @@ def test_run_without_steps_is_insufficient_data_not_an_alarm(tmp_path, capsys):
     write_run(tmp_path, "fresh", "healthy", n_steps=0, status=None)
     assert main(["check", str(tmp_path)]) == 0
     assert "fresh: INSUFFICIENT_DATA" in capsys.readouterr().out
+
+
+def _one_run(tmp_path, rules: dict | None):
+    from synthetic import write_run
+
+    write_run(tmp_path, "r", "healthy", n_steps=40, token_steps=1, health_rules=rules)
+    return tmp_path
+
+
+# The healthy series' noise (±10 %) crosses 1.01 × its early level: an alarm under these rules, nothing by default.
+TOUCHY = {"explosion_factor": 1.01, "sustain_steps": 1, "alarm_needs_evidence": False}
+
+
+def test_check_judges_a_run_with_the_rules_it_was_trained_under(tmp_path, capsys):
+    log_dir = _one_run(tmp_path, TOUCHY)
+    assert main(["check", str(log_dir)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("r: EXPLOSION (alarm: explosion.mean at step ")
+    assert "judged with the rules the run was trained under (run.json: sustain_steps=1, explosion_factor=1.01" in out
+
+
+def test_check_rules_re_judges_with_other_rules_and_says_so(tmp_path, capsys):
+    log_dir = _one_run(tmp_path, TOUCHY)
+    assert main(["check", str(log_dir), "--rules", "{}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("r: HEALTHY") and "re-judged with the rules given to --rules (the defaults)" in out
+    path = tmp_path / "rules.json"
+    path.write_text('{"explosion_factor": 1.01, "sustain_steps": 1, "alarm_needs_evidence": false}')
+    _one_run(tmp_path / "plain", None)
+    assert main(["check", str(tmp_path / "plain"), "--rules", str(path)]) == 1
+
+
+def test_check_refuses_bad_rules_naming_the_field(tmp_path, capsys):
+    log_dir = _one_run(tmp_path, None)
+    assert main(["check", str(log_dir), "--rules", '{"colapse_fraction": 0.1}']) == 2
+    err = capsys.readouterr().err
+    assert "colapse_fraction" in err and "valid names" in err
+    assert main(["check", str(log_dir), "--rules", "not json"]) == 2
+
+
+def test_a_warning_is_printed_but_does_not_fail_check(tmp_path, capsys):
+    log_dir = _one_run(tmp_path, {"explosion_factor": 1.01, "sustain_steps": 1})  # evidence still required
+    assert main(["check", str(log_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("r: HEALTHY (warning: explosion.mean at step ") and "WARNING [explosion.mean]" in out
+    assert "no evidence of harm yet" in out
+
+
+def test_runs_shows_the_same_verdict_as_check(tmp_path, capsys):
+    log_dir = _one_run(tmp_path, TOUCHY)
+    main(["check", str(log_dir)])
+    label = capsys.readouterr().out.splitlines()[0].split(": ", 1)[1].split("  (")[0]
+    assert main(["runs", str(log_dir)]) == 0
+    assert label in capsys.readouterr().out
+
+
+def test_check_help_describes_warnings_alarms_their_evidence_and_tuning(capsys):
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "ALARM" in out and "evidence of harm" in out and "--rules" in out
+    assert "run.json" in out and "docs/methods.md" in out

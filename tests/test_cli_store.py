@@ -37,10 +37,11 @@ def log_dir(tmp_path_factory):
     return d
 
 
-def test_runs_lists_name_steps_tokens_status(log_dir, capsys):
+def test_runs_lists_name_steps_recorded_tokens_status_and_health(log_dir, capsys):
     assert main(["runs", str(log_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["name", "run_id", "steps", "tokens", "last_step", "status", "dropped", "faults"]
+    assert out[0].split() == ["name", "run_id", "steps", "recorded_tokens", "last_step", "status", "dropped", "faults",
+                              "health"]
     rows = {line.split()[0]: line.split() for line in out[1:] if not line.startswith("!")}
     assert rows["alpha-name"][2] == "3" and rows["alpha-name"][5] == "finished"
     assert rows["beta-name"][2] == "2" and rows["beta-name"][5] == "failed"

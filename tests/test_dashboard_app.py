@@ -92,8 +92,14 @@ def test_runs_page_lists_every_run_with_a_health_badge(monkeypatch, log_dir):
     health = dict(zip(table["run"], table["health"], strict=True))
     assert "collapse" in health["collapse"] and "explosion" in health["explosion"]
     assert "healthy" in health["healthy"] and "too few steps" in health["fresh"]
-    assert {"steps", "tokens", "selection", "status"} <= set(table.columns)
+    assert {"steps", "trained tokens", "selection", "status"} <= set(table.columns)
     assert at.multiselect(key="runs_pick").value == ["collapse"]
+    # the badge is `forkwatch check`'s verdict, word for word: same kind, rule and step
+    from forkwatch.store.check import check_runs, verdict_label
+
+    for r in check_runs(log_dir):
+        if r["report"].verdict != "insufficient_data":
+            assert health[r["run_id"]].endswith(verdict_label(r["report"]).lower()), r["run_id"]
 
 
 def test_runs_page_warns_about_a_run_with_faults_naming_rank_and_place(monkeypatch, tmp_path):
@@ -124,7 +130,8 @@ def test_entropy_page_overlays_runs_and_marks_flags(monkeypatch, log_dir):
     names = {t.get("name") for t in fig["data"]}
     assert {"collapse entropy", "healthy entropy", "collapse health flags"} <= names
     flags = next(t for t in fig["data"] if t.get("name") == "collapse health flags")
-    assert "collapse.mean" in flags["text"] and "evidence: steps" in flags["hovertext"][0]
+    assert "collapse.mean (alarm)" in flags["text"] and "signal: steps" in flags["hovertext"][0]
+    assert any("collapse.mean (alarm)" in h and "evidence: " in h for h in flags["hovertext"])
     assert any(s.get("type") == "line" for s in fig["layout"]["shapes"])  # the vertical markers
     assert "collapse.mean" in set(at.dataframe[0].value["rule"])
 

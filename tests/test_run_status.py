@@ -40,6 +40,25 @@ def test_on_alarm_stop_ends_training_at_the_alarm(make_trainer, tmp_path):
     assert "explosion" in meta["stopped_by_alarm"] and meta["status"] == "stopped"
 
 
+def test_a_run_stopped_by_its_own_rules_reads_the_same_rule_and_step_in_check(make_trainer, tmp_path, capsys):
+    from forkwatch.cli import main
+
+    # Custom rules: an alarm within a few steps (a random model's entropy sits near log V); the defaults would not
+    # even give a verdict on so few steps.
+    trainer, meta = _run(make_trainer, tmp_path, "stop")
+    assert meta["status"] == "stopped" and trainer.state.global_step < 8
+    rule, step = meta["stopped_by_alarm"].split(":")[0].split(" at step ")
+    capsys.readouterr()  # TRL's own log lines
+    assert main(["check", str(tmp_path / "runs")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"r: EXPLOSION (alarm: {rule} at step {step})"), out
+    assert "judged with the rules the run was trained under" in out
+    assert main(["check", str(tmp_path / "runs"), "--rules", "{}"]) == 0  # its steps judged with the defaults
+    assert capsys.readouterr().out.startswith("r: INSUFFICIENT_DATA")
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    assert f"EXPLOSION (alarm: {rule} at step {step})" in capsys.readouterr().out
+
+
 def test_steps_batched_into_one_hand_off_are_all_written_and_their_alarm_still_warned(make_trainer, tmp_path,
                                                                                      caplog):
     from forkwatch.store import connect

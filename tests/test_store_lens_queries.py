@@ -97,3 +97,25 @@ def test_run_curves_subsample_long_runs_keeping_first_and_last():
     assert 40 <= len(df) <= 60
     assert df["step"].iloc[0] == 1 and df["step"].iloc[-1] == 1000
     assert not any(math.isnan(x) for x in df["entropy_mean"])
+
+
+def test_probe_top_overlap_keeps_the_plugins_count_of_top_positions():
+    # 0.07 × 100 is 7.000000000000001 in floating point: the top set still has 7 positions, as the plugin keeps;
+    # and a fraction too small for one position keeps one.
+    c = duckdb.connect()
+    c.execute("CREATE TABLE probes AS SELECT 'r' AS run_id, 1 AS step, 0 AS probe_id, range::INTEGER AS position, "
+              "range * 0.01 AS entropy FROM range(100)")
+    assert queries.probe_top_overlap(c, "r", fraction=0.07)["n_top"].tolist() == [7]
+    assert queries.probe_top_overlap(c, "r", fraction=0.001)["n_top"].tolist() == [1]
+
+
+def test_prompt_history_skips_an_undefined_value_instead_of_returning_nan():
+    c = duckdb.connect()
+    c.execute("CREATE TABLE completions (run_id VARCHAR, step INTEGER, completion_id BIGINT, prompt VARCHAR, "
+              "reward FLOAT, entropy_mean FLOAT, length INTEGER, truncated BOOLEAN)")
+    c.executemany("INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+        ("r", 1, 0, "p", 1.0, 0.5, 3, False), ("r", 1, 1, "p", float("nan"), None, 3, False),
+        ("r", 1, 2, "p", 0.0, 0.7, 3, True),
+    ])
+    df = queries.prompt_history(c, "r", "p")
+    assert df["reward_mean"].tolist() == [0.5] and df["entropy_mean"].tolist() == pytest.approx([0.6])

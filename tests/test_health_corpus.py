@@ -1,0 +1,109 @@
+"""The labelled corpus (corpus/shapes.py, corpus/demo/) judges the health rules: every collapse and explosion is
+alarmed with its kind, no healthy series is alarmed (warnings allowed), at several noise seeds; the live monitor,
+fed in hand-offs of any size, raises exactly the flags `judge` finds on the whole series; and the results table in
+docs/experiments.md is the one scripts/health_corpus.py prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from forkwatch.store.health import HealthRules, LiveMonitor, judge
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "corpus"))
+sys.path.insert(0, str(ROOT / "scripts"))
+import health_corpus  # noqa: E402
+import shapes  # noqa: E402
+
+SEEDS = range(5)
+
+
+def _cases():
+    for spec in shapes.SPECS:
+        yield pytest.param(spec.name, spec.label, id=spec.name)
+
+
+def test_the_corpus_covers_every_label_with_enough_series_of_realistic_length():
+    labels = [s.label for s in shapes.SPECS]
+    assert len(shapes.SPECS) >= 20
+    assert {lab: labels.count(lab) for lab in shapes.LABELS} == {"healthy": 12, "collapse": 6, "explosion": 5}
+    assert all(150 <= s.n_steps <= 1000 and s.source for s in shapes.SPECS)
+    data = shapes.series(shapes.SPECS[0].name)
+    assert set(data) == set(shapes.COLUMNS)
+
+
+@pytest.mark.parametrize(("name", "label"), list(_cases()))
+def test_every_series_gets_its_label_at_every_noise_seed(name, label):
+    for seed in SEEDS:
+        report = judge(shapes.series(name, seed))
+        if label == "healthy":
+            assert not report.alarm, (seed, [(f.rule, f.fired_at, f.evidence) for f in report.flags if f.is_alarm])
+            assert report.verdict == "healthy"
+        else:
+            assert report.alarm and report.verdict == label, (seed, report.verdict, report.flags)
+            assert report.deciding.kind == label and report.deciding.evidence
+
+
+def test_the_demo_runs_get_their_designed_verdicts():
+    demo = shapes.load_demo()
+    if not demo:
+        pytest.skip("corpus/demo/ holds no demo run (scripts/health_corpus.py --demo writes them)")
+    for d in demo:
+        report = judge(d.data, vocab_size=d.vocab_size)
+        assert report.verdict == d.label, (d.name, report.verdict, report.flags)
+
+
+def _live_flags(data: dict[str, np.ndarray], rules: HealthRules, sizes: np.random.Generator,
+                vocab_size: int | None = None) -> list[tuple]:
+    monitor = LiveMonitor(rules, vocab_size=vocab_size)
+    rows = [{k: float(v[i]) for k, v in data.items()} for i in range(data["step"].size)]
+    seen, i = [], 0
+    while i < len(rows):
+        chunk = rows[i : i + int(sizes.integers(1, 12))]
+        for f in monitor.update_many(chunk):
+            assert f.fired_at <= chunk[-1]["step"], "a flag comes back no later than the hand-off of its step"
+            assert f.fired_at >= chunk[0]["step"], "and not later than that hand-off either: fired_at is causal"
+            seen.append(f.key)
+        i += len(chunk)
+    return seen
+
+
+@pytest.mark.parametrize("rules", [HealthRules(), HealthRules(alarm_needs_evidence=False, sustain_steps=1)],
+                         ids=["default", "no_evidence_sustain_1"])
+def test_live_monitor_raises_exactly_the_flags_of_the_batch_judgement_on_every_corpus_series(rules):
+    sizes = np.random.default_rng(0)
+    cases = [(s.name, shapes.series(s.name), None) for s in shapes.SPECS]
+    cases += [(d.name, d.data, d.vocab_size) for d in shapes.load_demo()]
+    for name, data, vocab_size in cases:
+        live = _live_flags(data, rules, sizes, vocab_size)
+        batch = [f.key for f in judge(data, rules, vocab_size=vocab_size).flags]
+        assert len(live) == len(set(live)), f"{name}: a flag reported twice"
+        assert sorted(live) == sorted(batch), name
+    assert len(cases) >= len(shapes.SPECS)
+
+
+def test_the_results_table_in_docs_is_the_one_the_script_prints():
+    text = (ROOT / "docs" / "experiments.md").read_text()
+    assert health_corpus.table() in text, "run: .venv/bin/python scripts/health_corpus.py --write-docs"
+
+
+def test_check_reads_back_the_live_monitors_flags_from_the_stored_steps(tmp_path):
+    """Every corpus series written as a run's steps (float32 on disk) and judged by `check` raises the flags the live
+    monitor raised on the values as the plugin hands them over (Python floats)."""
+    from forkwatch.store import RunWriter
+    from forkwatch.store.check import check_runs
+
+    live = {}
+    for spec in shapes.SPECS:
+        data = shapes.series(spec.name)
+        w = RunWriter(tmp_path, spec.name, meta={"config": {}})
+        w.put("steps", {k: v.astype(np.int32) if k == "step" else v.astype(np.float32) for k, v in data.items()})
+        w.close()
+        monitor = LiveMonitor()
+        rows = [{k: float(v[i]) for k, v in data.items()} for i in range(data["step"].size)]
+        live[spec.name] = sorted(f.key for i in range(0, len(rows), 5) for f in monitor.update_many(rows[i : i + 5]))
+    for r in check_runs(tmp_path):
+        assert sorted(f.key for f in r["report"].flags) == live[r["run_id"]], r["run_id"]
