@@ -213,3 +213,45 @@ def with_retries(action: Callable[[], T], *, tries: int = UPLOAD_TRIES, backoff_
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def fsspec_filesystem(loc: Location):
+    """The Location's filesystem as an fsspec filesystem (protocol "s3"), for DuckDB's `register_filesystem`.
+
+    fsspec's wrapper hands out one file object per open, and DuckDB reads row groups of one file from several
+    threads through it, each a seek then a read: with one shared position those pairs interleave and a thread reads
+    another's bytes (garbled Thrift, "Invalid data"). Here the position is per thread and a read is positional
+    (`read_at`), so concurrent readers of one handle cannot disturb each other."""
+    import threading
+
+    from fsspec.implementations.arrow import ArrowFile, ArrowFSWrapper
+
+    class PositionalFile(ArrowFile):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._local = threading.local()
+            self._size = self.stream.size()
+
+        def tell(self) -> int:
+            return getattr(self._local, "pos", 0)
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            base = {0: 0, 1: self.tell(), 2: self._size}[whence]
+            self._local.pos = base + offset
+            return self._local.pos
+
+        def read(self, length: int = -1) -> bytes:
+            pos = self.tell()
+            n = self._size - pos if length is None or length < 0 else min(length, self._size - pos)
+            data = self.stream.read_at(max(n, 0), pos) if n > 0 else b""
+            self._local.pos = pos + len(data)
+            return data
+
+    class PositionalArrowFS(ArrowFSWrapper):
+        def _open(self, path, mode="rb", block_size=None, seekable=True, **kwargs):
+            if mode != "rb":
+                return super()._open(path, mode, block_size=block_size, seekable=seekable, **kwargs)
+            stream = self.fs.open_input_file(self._strip_protocol(path))
+            return PositionalFile(self, stream, path, mode, block_size, **kwargs)
+
+    return PositionalArrowFS(loc.fs)

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import run_folder, truth
-from .location import Location, resolve
+from .location import Location, fsspec_filesystem, resolve
 from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
@@ -291,9 +291,7 @@ def attach_filesystem(con: duckdb.DuckDBPyConnection, loc: Location) -> None:
     cursor of it; it serves only the paths the views name (and, in the sandbox, nothing else: allowed_paths)."""
     if loc.is_local or "s3" in con.list_filesystems():
         return
-    from fsspec.implementations.arrow import ArrowFSWrapper  # its protocol is the filesystem's type name, "s3"
-
-    con.register_filesystem(ArrowFSWrapper(loc.fs))
+    con.register_filesystem(fsspec_filesystem(loc))
 
 
 def _runs_load_schema() -> pa.Schema:

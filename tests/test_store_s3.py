@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from forkwatch.store import RunWriter, connect, run_folder
+from forkwatch.store import RunWriter, connect, queries, run_folder
 from forkwatch.store.location import LogDirError, check_log_dir, resolve
 from forkwatch.store.sandbox import QueryFailed, open_sandboxed
 from s3_server import S3Server, weed_binary
@@ -163,6 +163,30 @@ def test_the_dashboard_reads_an_s3_log_dir(trl_run, monkeypatch):
     assert not at.error, [e.value for e in at.error]
     shown = " ".join(str(df.value.to_dict()) for df in at.dataframe)
     assert "grpo" in shown
+
+
+def test_duckdb_reads_a_many_row_group_part_on_s3_from_several_threads(s3):
+    """DuckDB reads a part's row groups in parallel through one handle; every thread must get its own bytes."""
+    from forkwatch.store.synthetic import step_batches
+
+    log_dir = f"s3://{BUCKET}/big"
+    w = RunWriter(log_dir, "r", flush_interval_s=3600)
+    for b in step_batches(steps=8, completions_per_step=64):
+        w.put("tokens", b["tokens"])
+    w.close()
+    (part,) = run_folder.list_run(log_dir, "r").table_parts("tokens")
+    table = pq.read_table(part.path, filesystem=resolve(log_dir).fs)
+    assert pq.read_metadata(part.path, filesystem=resolve(log_dir).fs).num_row_groups >= 4
+    for threads in (1, 4):
+        con = connect(log_dir)
+        con.execute(f"SET threads = {threads}")
+        for _ in range(2):  # the second read of a part comes after its footer was cached
+            assert len(queries.token_step_aggregates(con, "r")) == 8
+    got = con.execute("SELECT count(*), sum(entropy), sum(token_id) FROM tokens").fetchone()
+    expected = (table.num_rows, float(np.sum(table["entropy"].to_numpy(), dtype=np.float64)),
+                int(np.sum(table["token_id"].to_numpy(), dtype=np.int64)))
+    assert got[0] == expected[0] and got[2] == expected[2]
+    assert got[1] == pytest.approx(expected[1], rel=1e-9)
 
 
 # ------------------------------------------------------------------ two DDP ranks, one run, one prefix
