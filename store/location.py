@@ -218,10 +218,11 @@ def _one_line(e: BaseException) -> str:
 def fsspec_filesystem(loc: Location):
     """The Location's filesystem as an fsspec filesystem (protocol "s3"), for DuckDB's `register_filesystem`.
 
-    fsspec's wrapper hands out one file object per open, and DuckDB reads row groups of one file from several
-    threads through it, each a seek then a read: with one shared position those pairs interleave and a thread reads
-    another's bytes (garbled Thrift, "Invalid data"). Here the position is per thread and a read is positional
-    (`read_at`), so concurrent readers of one handle cannot disturb each other."""
+    Through fsspec's own wrapper, DuckDB read garbled bytes from parts with several row groups once their footers
+    were cached ("TProtocolException: Invalid data" / "Exceeded size limit"; tests/test_store_s3.py reproduces it):
+    DuckDB positions a handle with seek() and may read one handle from several threads, and the wrapper keeps one
+    position per handle. Here the position is per thread and every read is positional (`read_at`), so no read
+    depends on what another did to the handle."""
     import threading
 
     from fsspec.implementations.arrow import ArrowFile, ArrowFSWrapper
