@@ -117,6 +117,8 @@ def test_the_cli_reads_an_s3_log_dir(trl_run):
     assert "grpo" in out.stdout
     out = subprocess.run([*cli, "runs", f"s3://{BUCKET}/nothing-here"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no runs" in out.stderr
+    out = subprocess.run([*cli, "sql", "gs://bucket/runs", "SELECT 1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unsupported scheme 'gs:'" in out.stderr
 
 
 def test_the_sandbox_keeps_every_guarantee_on_s3(trl_run, tmp_path):
