@@ -1,6 +1,10 @@
 """Dashboard benchmark: the named queries (and health rules) each page runs, timed on a 20M-token synthetic run.
 
     .venv/bin/python benchmarks/dashboard_bench.py [--rows 20000000] [--log-dir DIR] [--repeat 5]
+    .venv/bin/python benchmarks/dashboard_bench.py --rows 20000000 --s3    # the run in a local S3 server
+
+`--s3` starts SeaweedFS on 127.0.0.1 (benchmarks/local_s3.py), writes the run there, measures the pages reading it
+from object storage, and stops the server; `--log-dir s3://bucket/prefix` measures a run already in any S3 store.
 
 The run (tokens, completions, forks, steps, vocab, values distributed like real ones: tests/synthetic_records.py) is
 written once to benchmarks/out/dashboard/ and reused by later invocations; `--log-dir` measures an existing log directory
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from forkwatch.dashboard.sql_examples import EXAMPLES
 from forkwatch.dashboard.step_sample import sample_steps
-from forkwatch.store import RunWriter, connect, queries
+from forkwatch.store import RunWriter, connect, queries, run_folder
 from forkwatch.store.health import HealthRules, judge
 from forkwatch.store.law import fit_entropy_law
 from forkwatch.store.sandbox import open_sandboxed
@@ -37,7 +41,7 @@ DEFAULT_DIR = Path(__file__).parent / "out" / "dashboard"
 RUN = "bench"
 
 
-def write_run(log_dir: Path, rows: int, completions_per_step: int = 64, pool: int = 16) -> None:
+def write_run(log_dir: Path | str, rows: int, completions_per_step: int = 64, pool: int = 16) -> None:
     """Replay a pool of realistic steps with fresh step numbers and completion ids until `rows` token rows."""
     batches = list(step_batches(steps=pool, completions_per_step=completions_per_step))
     w = RunWriter(log_dir, RUN, meta={"model": "synthetic", "vocab_size": VOCAB_SIZE}, max_queue_rows=10**9)
@@ -73,7 +77,7 @@ def _timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     return cold, statistics.median(times)
 
 
-def pages(log_dir: Path) -> dict[str, Callable[[], object]]:
+def pages(log_dir: Path | str) -> dict[str, Callable[[], object]]:
     """Each page's queries, as the page runs them for one run (one step, one completion on Forks)."""
     con = connect(log_dir)
     steps = queries.step_series(con, RUN)
@@ -150,12 +154,22 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=20_000_000, help="token rows of the synthetic run")
-    p.add_argument("--log-dir", type=Path, default=None, help="measure this log dir (run 'bench') instead")
+    p.add_argument("--log-dir", default=None, help="measure this log dir (run 'bench') instead: a folder or "
+                                                   "s3://bucket/prefix")
+    p.add_argument("--s3", action="store_true", help="write the run to a local SeaweedFS S3 server and read it there")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
+    if args.s3:
+        from local_s3 import local_s3
 
-    log_dir = args.log_dir or DEFAULT_DIR
-    if not (log_dir / RUN).is_dir():
+        with local_s3("forkwatch-bench") as url:
+            measure(f"{url}/dashboard", args)
+    else:
+        measure(args.log_dir or DEFAULT_DIR, args)
+
+
+def measure(log_dir: Path | str, args: argparse.Namespace) -> None:
+    if RUN not in run_folder.run_dirs(log_dir):
         t0 = time.perf_counter()
         write_run(log_dir, args.rows)
         print(f"wrote {args.rows:,} token rows to {log_dir} in {time.perf_counter() - t0:.0f} s")

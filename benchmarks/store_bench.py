@@ -3,6 +3,11 @@ typical queries, on a synthetic run whose values are distributed like real ones 
 
     .venv/bin/python benchmarks/store_bench.py --rows 20000000 [--out DIR] [--keep]
     .venv/bin/python benchmarks/store_bench.py --small-steps 10000 [--rows-per-step 100]
+    .venv/bin/python benchmarks/store_bench.py --rows 20000000 --s3          # the same run to a local S3 server
+    .venv/bin/python benchmarks/store_bench.py --rows 20000000 --out s3://bucket/prefix   # any S3 (AWS_* env)
+
+`--s3` starts SeaweedFS on 127.0.0.1 (benchmarks/local_s3.py; `weed` from the `test` extra), writes the run there,
+measures as on disk, and stops it. On S3 the log dir is a fresh prefix and is not removed (`--out`).
 
 `--small-steps N` measures instead what the writer thread costs per small training step (the tiny CPU runs: ~100
 token rows a step): N steps of tokens, forks, completions and a steps row, put as the plugin puts them, then
@@ -15,16 +20,18 @@ run <= 0.5 s, every token of one completion at one step <= 0.1 s, at 20M rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
-from forkwatch.store import RunWriter, connect, queries
+from forkwatch.store import RunWriter, connect, queries, run_folder
 
 # The synthetic records live with the tests, their other user: a fixture, not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -85,7 +92,7 @@ def small_steps(n_steps: int, rows_per_step: int, out: Path) -> None:
         for table in ("completions", "tokens", "forks", "steps"):
             w.put(table, dict(src[table], step=[step] if table == "steps" else step))
         if step % 500 == 499:  # bound the queue without waiting on every step (the plugin never waits)
-            while w._queued_rows > 10 * rows_per_step:
+            while w._q.qsize() > 40:  # ten steps of puts still queued
                 time.sleep(0.001)
     w.flush()  # writes everything buffered, as close() would, while the thread (and its CPU counter) still lives
     cpu, wall = _thread_cpu_s(tid), time.perf_counter() - t0
@@ -103,15 +110,26 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2_000_000, help="token rows to write (the issue's figure: 20M)")
     p.add_argument("--completions-per-step", type=int, default=64)
     p.add_argument("--pool", type=int, default=24, help="distinct synthetic steps generated, then reused")
-    p.add_argument("--out", type=Path, default=None, help="log dir (default: a temp dir, removed at the end)")
+    p.add_argument("--out", default=None, help="log dir, a folder or s3://bucket/prefix (default: a temp dir, "
+                                                "removed at the end)")
+    p.add_argument("--s3", action="store_true", help="write to a local SeaweedFS S3 server started for the run")
     p.add_argument("--keep", action="store_true", help="keep the log dir")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--small-steps", type=int, default=0, help="measure the writer's cost per small step instead")
     p.add_argument("--rows-per-step", type=int, default=100, help="token rows per step of --small-steps")
     args = p.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.s3:
+            from local_s3 import local_s3
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="forkwatch-bench-"))
-    if out.exists():
+            args.out = f"{stack.enter_context(local_s3('forkwatch-bench'))}/{uuid.uuid4().hex[:8]}"
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    on_s3 = str(args.out or "").startswith("s3://")
+    out = args.out if on_s3 else Path(args.out or tempfile.mkdtemp(prefix="forkwatch-bench-"))
+    if not on_s3 and out.exists():
         shutil.rmtree(out)
     if args.small_steps:
         small_steps(args.small_steps, args.rows_per_step, out)
@@ -153,13 +171,14 @@ def main() -> None:
         w2.put("steps", b["steps"])
     w2.close()
 
-    token_files = list((out / "bench" / "tokens").rglob("*.parquet"))
-    token_bytes = sum(f.stat().st_size for f in token_files)
+    token_files = run_folder.list_run(out, "bench").table_parts("tokens")
+    token_bytes = sum(f.size for f in token_files)
     print(f"steps: {step}, token parts: {len(token_files)}")
     print(
         f"writer throughput: {total / write_s / 1e6:.2f} M token rows/s ({total:,} rows in {write_s:.1f} s, one thread)"
     )
-    print(f"bytes per token row on disk: {token_bytes / total:.2f} ({token_bytes / 2**20:.0f} MiB)")
+    print(f"bytes per token row {'in object storage' if on_s3 else 'on disk'}: {token_bytes / total:.2f} "
+          f"({token_bytes / 2**20:.0f} MiB) in {out}")
 
     t0 = time.perf_counter()
     con = connect(out)
@@ -182,7 +201,7 @@ def main() -> None:
     for name, (first, med) in results.items():
         print(f"{name}: first {first * 1000:.0f} ms, median {med * 1000:.0f} ms")
     print(f"python {platform.python_version()}, {platform.machine()}")
-    if not args.keep and args.out is None:
+    if not args.keep and args.out is None and not on_s3:
         shutil.rmtree(out)
 
 

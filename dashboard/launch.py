@@ -38,7 +38,9 @@ def command(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> list[str]:
 
 def environment(log_dir: str | Path) -> dict[str, str]:
     """The child's environment: this process's, with the log directory the app reads."""
-    return os.environ | {LOG_DIR_ENV: str(Path(log_dir).resolve())}
+    from forkwatch.store.location import resolve
+
+    return os.environ | {LOG_DIR_ENV: resolve(log_dir).url}  # an absolute folder, or s3://bucket/prefix
 
 
 def serve(log_dir: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:

@@ -3,14 +3,13 @@ show; the run picker (kept in the URL); and the notes for runs with no steps or 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import streamlit as st
 from forkwatch.dashboard import cached_queries, url_state
 from forkwatch.dashboard.launch import LOG_DIR_ENV
 from forkwatch.store.check import verdict_label
 from forkwatch.store.health import HealthReport
+from forkwatch.store.location import resolve
 
 # One mark per severity: an alarm red, a warning yellow (shown with its rule, never as a plain "healthy").
 SEVERITY_MARKS = {"alarm": "🔴", "warning": "🟡", "none": "🟢"}
@@ -22,7 +21,7 @@ def require_runs() -> tuple[str, pd.DataFrame]:
     if log_dir is None:
         st.error(f"No log directory given: start the app with `forkwatch dashboard LOG_DIR` (or set {LOG_DIR_ENV}).")
         st.stop()
-    if not Path(log_dir).is_dir():
+    if not resolve(log_dir).exists():
         st.error(f"The log directory `{log_dir}` does not exist.")
         st.stop()
     try:

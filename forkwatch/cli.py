@@ -121,9 +121,19 @@ def _quiet_logging() -> None:
 
 
 def _check_dir(log_dir: str) -> int | None:
-    from forkwatch.store import run_folder
+    from forkwatch.store import location, run_folder
 
     path = Path(log_dir)
+    if log_dir.startswith("s3://") or ":" in log_dir.split("/", 1)[0]:  # an URL: the store says what it holds
+        try:
+            loc = location.resolve(log_dir)
+            if not loc.exists():
+                return _error(f"no such bucket: {log_dir}", EXIT_USAGE)
+        except (location.LogDirError, OSError) as e:
+            return _error(str(e), EXIT_USAGE)
+        if not run_folder.run_dirs(loc):
+            return _error(f"no runs in {log_dir} (a run is a folder with a run.json)", EXIT_USAGE)
+        return None
     if not path.exists():
         return _error(f"no such directory: {log_dir}", EXIT_USAGE)
     if not path.is_dir():
@@ -231,9 +241,15 @@ def check(args: argparse.Namespace) -> int:
 def dashboard(args: argparse.Namespace) -> int:
     """Serve the dashboard on LOG_DIR until Ctrl-C (exit 0); 2 when the directory does not exist."""
     from forkwatch.dashboard import launch
+    from forkwatch.store import location
 
-    log_dir = Path(args.log_dir)
-    if not log_dir.is_dir():
+    try:  # a local folder or s3://bucket/prefix
+        log_dir = location.resolve(args.log_dir).url
+        missing = not location.resolve(log_dir).exists()
+    except (location.LogDirError, OSError) as e:
+        print(f"forkwatch dashboard: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if missing:
         print(f"forkwatch dashboard: log directory {str(log_dir)!r} does not exist", file=sys.stderr)
         return EXIT_USAGE
     host, port = getattr(args, "host", launch.DEFAULT_HOST), getattr(args, "port", launch.DEFAULT_PORT)

@@ -9,6 +9,7 @@ import warnings
 
 from forkwatch.plugin.callback import ForkwatchCallback
 from forkwatch.plugin.config import ForkwatchConfig
+from forkwatch.store.location import resolve
 from packaging.version import Version
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def attach(trainer, **options) -> ForkwatchCallback:
     if unknown:
         raise ValueError(f"unknown forkwatch option(s) {unknown}; valid options: {sorted(valid)}")
     config = ForkwatchConfig(**options)  # every option checked here (ValueError naming the fix), none at train start
+    resolve(config.log_dir).probe()  # an unreachable bucket or bad credentials: refused now, not after training
 
     if not isinstance(trainer, GRPOTrainer):
         raise ValueError(f"forkwatch.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from forkwatch.store.arrow_columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
 from forkwatch.store.health import HealthRules
+from forkwatch.store.location import check_log_dir
 from forkwatch.store.run_folder import check_run_id
 from forkwatch.store.writer import DEFAULT_QUEUE_ROWS
 
@@ -14,7 +15,9 @@ from forkwatch.store.writer import DEFAULT_QUEUE_ROWS
 @dataclass
 class ForkwatchConfig:
     # --- where the run is written ---
-    log_dir: str = field(default="runs", metadata={"help": "Folder holding one sub-folder per run."})
+    log_dir: str = field(
+        default="runs", metadata={"help": "Folder holding one sub-folder per run, or s3://bucket/prefix."}
+    )
     run_name: str | None = field(
         default=None,
         metadata={
@@ -133,8 +136,7 @@ class ForkwatchConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad value and the fix."""
-        if not isinstance(self.log_dir, str) or not self.log_dir:
-            raise ValueError(f"log_dir={self.log_dir!r}: pass a folder path, e.g. log_dir='runs'")
+        check_log_dir(self.log_dir)  # a folder or s3://bucket/prefix; any other scheme is refused
         if self.run_name is not None:
             check_run_id(self.run_name, "run_name")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .health import HealthReport, HealthRules, judge
+from .location import resolve
 from .run_meta import RunRules, given_rules, rules_of_run, vocab_size_from_meta
 
 
@@ -31,18 +32,18 @@ def check_runs(log_dir: str | Path, run: str | None = None, rules: HealthRules |
     Raises FileNotFoundError for a missing directory, LookupError when there is no run (or no such run)."""
     from . import connect, queries
 
-    path = Path(log_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"log directory {str(path)!r} does not exist")
+    path = resolve(log_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"log directory {path.url!r} does not exist")
     con = connect(path)
     try:
         runs = queries.run_overview(con)
         if runs.empty:
-            raise LookupError(f"no forkwatch run in {str(path)!r}")
+            raise LookupError(f"no forkwatch run in {path.url!r}")
         if run is not None:
             runs = runs[(runs["run_id"] == run) | (runs["name"] == run)]
             if runs.empty:
-                raise LookupError(f"no run {run!r} in {str(path)!r}")
+                raise LookupError(f"no run {run!r} in {path.url!r}")
         out = []
         for row in runs.itertuples(index=False):
             report, chosen = judge_run(queries.step_series(con, row.run_id), row.meta, rules)

@@ -27,9 +27,6 @@ class PartBuffers:
         self._tables: dict[str, list[pa.Table]] = {t: [] for t in tables}
         self._rows: dict[str, int] = dict.fromkeys(tables, 0)
 
-    def rows(self, table: str) -> int:
-        return self._rows[table]
-
     def add(self, table: str, t: pa.Table) -> list[pa.Table]:
         """Buffer `t`; return the parts (sorted tables) due now, in the order to write them."""
         due = []

@@ -9,7 +9,6 @@ share row groups of at most `row_group_rows` rows (a lookup of one small step de
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,8 +67,17 @@ def row_groups(step: np.ndarray, row_group_rows: int) -> list[tuple[int, int]]:
     return out
 
 
-def write_part_file(path: Path, t: pa.Table, *, row_group_rows: int) -> None:
-    """Write the (sorted) table `t` to `path` as one Parquet file tagged with the schema version."""
+def encode_part(t: pa.Table, *, row_group_rows: int) -> pa.Buffer:
+    """The (sorted) table `t` as the bytes of one Parquet file, tagged with the schema version. Encoded in memory so
+    the store writes it in one go (one upload on S3) and can retry that without encoding again."""
+    sink = pa.BufferOutputStream()
+    write_part_file(sink, t, row_group_rows=row_group_rows)
+    return sink.getvalue()
+
+
+def write_part_file(path: str | pa.NativeFile, t: pa.Table, *, row_group_rows: int) -> None:
+    """Write the (sorted) table `t` to `path` (a local path or an output stream) as one Parquet file tagged with the
+    schema version."""
     t = t.replace_schema_metadata({**(t.schema.metadata or {}), VERSION_KEY: str(SCHEMA_VERSION).encode()})
     encodings = {
         **{f.name: "BYTE_STREAM_SPLIT" for f in t.schema if pa.types.is_floating(f.type) or f.name in _BSS_INTS},

@@ -1,6 +1,7 @@
 """Where things live under a log directory, and how part files are named. Shared by the writer and the readers.
+The log directory is a Location (store/location.py): a local folder or an S3 prefix, listed and read the same way.
 
-    LOG_DIR/<run_id>/run.json                      run metadata, written by rank 0 (tmp + rename)
+    LOG_DIR/<run_id>/run.json                      run metadata, written whole by rank 0's writer thread
     LOG_DIR/<run_id>/rank-001.json                 what ranks > 0 report (dropped counts, status)
     LOG_DIR/<run_id>/tokens/part-r000-s000100-000149-<attempt>-000007.parquet
     LOG_DIR/<run_id>/forks/part-r000-s000100-000149-<attempt>-000008.parquet
@@ -9,7 +10,8 @@
     LOG_DIR/<run_id>/vocab/part-r000-<attempt>-000001.parquet
     LOG_DIR/<run_id>/superseded/<attempt>/...      parts moved aside when a run resumed from an earlier step
 
-Parts are written under a hidden temp name (`.part-...tmp`) and renamed, so a finished name is always a whole file.
+A part is written whole or not at all (Location.put_whole: temp name and rename on disk, one upload on S3), so a
+finished name is always a whole file.
 The step range in the names lets a resume find the parts holding steps after the checkpoint without opening them;
 the rank and the writer's attempt id keep names unique across ranks and restarts. Inside a part, rows are sorted by
 step with row groups aligned to steps (store/part_file.py), so a reader finds one step by row-group statistics.
@@ -24,8 +26,17 @@ LayoutError: readers skip that run's table with a warning saying so, a resuming 
 
 from __future__ import annotations
 
+import logging
+import os
 import re
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from .location import Location, resolve
+
+logger = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 2
 READABLE_LAYOUTS = (1, 2)
@@ -49,7 +60,7 @@ class LayoutError(ValueError):
     """A run folder laid out in a way this forkwatch does not know (written by a newer or foreign tool)."""
 
 
-def check_layout(meta: dict, where: Path) -> None:
+def check_layout(meta: dict, where: str) -> None:
     """Raise LayoutError when run.json's `layout_version` is not one this forkwatch reads."""
     found = meta.get(LAYOUT_KEY, 1)
     if found not in READABLE_LAYOUTS:
@@ -68,47 +79,117 @@ def rank_json(rank: int) -> str:
     return f"rank-{rank:03d}.json"
 
 
-def run_dirs(log_dir: Path) -> list[Path]:
-    """Folders of log_dir that hold a run (a run.json or any table folder), sorted by name."""
-    if not log_dir.is_dir():
+@dataclass
+class RunListing:
+    """Every file of one run folder, from one listing: path relative to the run folder -> its FileInfo."""
+
+    location: Location
+    run_id: str
+    files: dict[str, pafs.FileInfo] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return self.location.path(self.run_id)
+
+    def holds_run(self) -> bool:
+        """A run is a folder with a run.json or any record table's parts."""
+        return RUN_JSON in self.files or any(rel.split("/", 1)[0] in _RECORD_DIRS for rel in self.files)
+
+    def rank_files(self) -> list[tuple[int, str]]:
+        """(rank, path) of each rank-NNN.json, by rank."""
+        return sorted((int(m[1]), self.files[rel].path) for rel in self.files if (m := RANK_JSON.match(rel)))
+
+    def table_parts(self, table: str) -> list[pafs.FileInfo]:
+        """Finished part files of one table (temp files and superseded parts excluded), sorted by path.
+
+        Reads layout 2 (flat) and layout 1 (`step=NNNNNN/` folders); raises LayoutError on any other sub-folder."""
+        out = []
+        for rel, info in self.files.items():
+            head, _, rest = rel.partition("/")
+            if head != table or not rest:
+                continue
+            sub, _, name = rest.rpartition("/")
+            if info.type != pafs.FileType.File:
+                sub, name = rest, ""
+            if sub and (STEP_DIR.match(sub) is None or "/" in sub):
+                raise LayoutError(
+                    f"{self.location.display(self.path)}/{table}: unknown store layout (sub-folder {sub!r}); this "
+                    "forkwatch reads part files directly in the table folder (layout 2) or in step=NNNNNN/ folders "
+                    "(layout 1)"
+                )
+            if info.type == pafs.FileType.File and PART.match(name):
+                out.append(info)
+        return sorted(out, key=lambda i: i.path)
+
+
+_RECORD_DIRS = ("steps", "completions", "tokens", "forks")
+
+
+def list_run(where: Location | str | os.PathLike[str], run_id: str) -> RunListing:
+    """One run folder's files (one recursive listing; superseded/ left out)."""
+    loc = resolve(where)
+    listing = RunListing(loc, run_id)
+    base = loc.path(run_id)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return listing
+    for info in infos:
+        rel = info.path[len(base) + 1:]
+        if rel.split("/", 1)[0] != SUPERSEDED and (info.type == pafs.FileType.File or rel.count("/") <= 1):
+            listing.files[rel] = info  # files, and folders two deep (a table's sub-folders tell its layout)
+    return listing
+
+
+def list_runs(where: Location | str | os.PathLike[str]) -> list[RunListing]:
+    """The run folders of a log directory, each with its files, sorted by run id: one recursive listing in all
+    (on S3 a paginated list of the prefix, the cheapest way to see every part)."""
+    loc = resolve(where)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.root, allow_not_found=True, recursive=True))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    out = []
-    for d in sorted(log_dir.iterdir()):
-        if (
-            d.is_dir()
-            and not d.name.startswith(".")
-            and ((d / RUN_JSON).is_file() or any((d / t).is_dir() for t in ("steps", "completions", "tokens", "forks")))
-        ):
-            out.append(d)
-    return out
+    runs: dict[str, RunListing] = {}
+    prefix = len(loc.root.rstrip("/")) + 1
+    for info in infos:
+        rel = info.path[prefix:]
+        run_id, _, inner = rel.partition("/")
+        if not inner or run_id.startswith("."):
+            continue
+        if inner.split("/", 1)[0] == SUPERSEDED or (info.type != pafs.FileType.File and inner.count("/") > 1):
+            continue
+        runs.setdefault(run_id, RunListing(loc, run_id)).files[inner] = info
+    return [runs[r] for r in sorted(runs) if runs[r].holds_run()]
 
 
-def table_parts(run_dir: Path, table: str) -> list[Path]:
-    """Finished part files of one table of one run (temp files and superseded parts excluded), sorted.
-
-    Reads layout 2 (flat) and layout 1 (`step=NNNNNN/` folders); raises LayoutError on any other sub-folder."""
-    tdir = run_dir / table
-    if not tdir.is_dir():
-        return []
-    files = []
-    for entry in tdir.iterdir():
-        if not entry.is_dir():
-            files.append(entry)
-        elif STEP_DIR.match(entry.name):  # layout 1
-            files.extend(entry.iterdir())
-        else:
-            raise LayoutError(
-                f"{tdir}: unknown store layout (sub-folder {entry.name!r}); this forkwatch reads part files "
-                f"directly in the table folder (layout 2) or in step=NNNNNN/ folders (layout 1)"
-            )
-    return sorted(f for f in files if PART.match(f.name))
+def run_dirs(where: Location | str | os.PathLike[str]) -> list[str]:
+    """Ids of the runs under a log directory (folders with a run.json or a record table), sorted."""
+    return [r.run_id for r in list_runs(where)]
 
 
-def step_range(part: Path) -> tuple[int, int] | None:
+def read_run_json(where: Location | str | os.PathLike[str], run_id: str, name: str = RUN_JSON) -> dict[str, Any]:
+    """A run's run.json (or `name`, e.g. rank_json(1)) as a dict: THE reader of these files, on disk or S3.
+    {} when missing; an unreadable or non-object file is logged and read as {}."""
+    loc = resolve(where)
+    path = loc.path(run_id, name)
+    try:
+        meta = loc.read_json(path)
+        if meta is None:
+            return {}
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
+    except (OSError, ValueError) as e:
+        logger.warning("forkwatch: unreadable %s: %s", loc.display(path), e)
+        return {}
+
+
+def step_range(part: str) -> tuple[int, int] | None:
     """The first and last step a part holds, from its name (layout 2) or its step=NNNNNN folder (layout 1);
     None for a part not tied to steps (vocab written without steps)."""
-    m = PART.match(part.name)
+    folder, _, name = part.rpartition("/")
+    m = PART.match(name)
     if m is not None and m["first"] is not None:
         return int(m["first"]), int(m["last"])
-    d = STEP_DIR.match(part.parent.name)
+    d = STEP_DIR.match(folder.rpartition("/")[2])
     return (int(d[1]),) * 2 if d else None  # type: ignore[return-value]

@@ -8,6 +8,9 @@ Layers, each of which would stop most attacks alone:
    (a query must not reach the caller's variables), no spill files (`temp_directory=''`), memory and thread limits,
    and finally `lock_configuration=true` so no statement can undo any of it. DuckDB resolves symlinks before
    checking, and the part list holds real paths inside LOG_DIR only (views.scan drops links pointing out).
+   On S3 the parts are s3://bucket/key names, served by the log directory's own filesystem (views.attach_filesystem):
+   the same allow-list admits those keys only; no other bucket, key or URL, and DuckDB holds no credentials (they
+   stay in the pyarrow filesystem; DuckDB's secrets and httpfs are never used).
 2. A statement guard: DuckDB's own parser splits the text; exactly one statement of type SELECT is admitted
    (no COPY/EXPORT, ATTACH, INSTALL/LOAD, SET/RESET, PRAGMA, CREATE, CALL, several statements ...).
 3. A time limit: a timer thread interrupts the connection (`con.interrupt()`), and the rows returned are capped.
@@ -18,12 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from .location import Location, resolve
 from .views import Snapshot, create_views
 
 logger = logging.getLogger(__name__)
@@ -135,7 +138,7 @@ DEFAULT_MAX_ROWS = 10_000
 
 
 def open_sandboxed(
-    log_dir: str | os.PathLike[str],
+    log_dir: str | os.PathLike[str] | Location,
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_rows: int | None = DEFAULT_MAX_ROWS,
@@ -143,14 +146,15 @@ def open_sandboxed(
     threads: int = 2,
 ) -> SandboxedConnection:
     """A connection with the views over log_dir that reads only their part files and runs one SELECT at a time
-    within `timeout_s` seconds. Raises FileNotFoundError when log_dir is not a directory."""
-    root = Path(os.path.realpath(log_dir))
-    if not root.is_dir():
+    within `timeout_s` seconds. Raises FileNotFoundError when log_dir is not a directory (or its bucket does not
+    exist)."""
+    loc = resolve(log_dir)
+    if not loc.exists():
         raise FileNotFoundError(f"no such directory: {log_dir}")
     con = duckdb.connect(":memory:")
     try:
-        snap = create_views(con, root)
-        paths = [str(p) for parts in snap.parts.values() for p in parts]
+        snap = create_views(con, loc)
+        paths = [p for parts in snap.parts.values() for p in parts]
         # Order matters: the allow-list before external access goes off, everything before the lock.
         con.execute("SET temp_directory = ''")  # no spill files; DuckDB refuses this once external access is off
         con.execute("SET allowed_paths = ?", [paths])

@@ -9,10 +9,14 @@ is skipped with a warning, as the record tables' parts are.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from . import run_folder
+from .location import Location, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -32,23 +36,30 @@ _SQL_TYPES = {"run_id": "VARCHAR", "step": "INTEGER", "completion_id": "BIGINT",
               "is_decision": "BOOLEAN", "on_path": "BOOLEAN"}
 
 
-def truth_parts(log_dir: str | Path) -> list[Path]:
-    """The readable truth parts of every run under log_dir, with the columns of TRUTH."""
+def truth_parts(log_dir: str | os.PathLike[str] | Location) -> list[str]:
+    """The readable truth parts of every run under log_dir, with the columns of TRUTH (as DuckDB opens them)."""
+    loc = resolve(log_dir)
     out = []
-    for path in sorted(Path(log_dir).glob(f"*/{TRUTH_DIR}/*.parquet")):
-        try:
-            names = set(pq.read_schema(path).names)
-        except (OSError, ValueError) as e:
-            logger.warning("forkwatch: skipping annotation part %s: %s", path, e)
-            continue
-        if not set(TRUTH.names) <= names:
-            logger.warning("forkwatch: skipping annotation part %s: it lacks %s", path, sorted(set(TRUTH.names) - names))
-            continue
-        out.append(path.resolve())
+    for run in run_folder.list_runs(loc):
+        for rel, info in sorted(run.files.items()):
+            folder, _, name = rel.rpartition("/")
+            if folder != TRUTH_DIR or not name.endswith(".parquet") or info.type != pafs.FileType.File:
+                continue
+            shown = loc.display(info.path)
+            try:
+                names = set(pq.read_schema(info.path, filesystem=loc.fs).names)
+            except (OSError, ValueError) as e:
+                logger.warning("forkwatch: skipping annotation part %s: %s", shown, e)
+                continue
+            if not set(TRUTH.names) <= names:
+                logger.warning("forkwatch: skipping annotation part %s: it lacks %s", shown,
+                               sorted(set(TRUTH.names) - names))
+                continue
+            out.append(os.path.realpath(info.path) if loc.is_local else shown)
     return out
 
 
-def truth_view_sql(parts: list[Path]) -> str:
+def truth_view_sql(parts: list[str]) -> str:
     """The body of the `truth` view over `parts` (empty, with TRUTH's columns, when there are none)."""
     if not parts:
         cols = ", ".join(f"CAST(NULL AS {_SQL_TYPES[n]}) AS {n}" for n in TRUTH.names)

@@ -27,9 +27,11 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import run_folder, truth
+from .location import Location, fsspec_filesystem, resolve
 from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
@@ -43,97 +45,104 @@ _FOOTER_CACHE_MAX = 200_000
 
 @dataclass
 class Snapshot:
-    """What a set of views was built from: the readable parts per table and the parts skipped, with why."""
+    """What a set of views was built from: the readable parts per table (as DuckDB opens them: real local paths,
+    or s3://bucket/key) and the parts skipped, with why."""
 
-    log_dir: Path
-    parts: dict[str, list[Path]] = field(default_factory=dict)
+    location: Location
+    parts: dict[str, list[str]] = field(default_factory=dict)
     columns: dict[str, set[str]] = field(default_factory=dict)  # columns present in at least one part
     uniform: dict[str, bool] = field(default_factory=dict)  # every part has the same columns
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def log_dir(self) -> str:
+        return self.location.url
 
-def read_part(path: str | os.PathLike[str]) -> pa.Table:
-    """Read one part, refusing (SchemaVersionError) a part written by a schema version this forkwatch can't read."""
-    meta = pq.read_metadata(path).metadata or {}
+
+def read_part(path: str | os.PathLike[str], location: Location | None = None) -> pa.Table:
+    """Read one part, refusing (SchemaVersionError) a part written by a schema version this forkwatch can't read.
+    `path` is local, or a path on `location`'s filesystem."""
+    fs = location.fs if location is not None else None
+    meta = pq.read_metadata(path, filesystem=fs).metadata or {}
     check_version(meta.get(VERSION_KEY, b"").decode() or None, str(path))
-    return pq.read_table(path)
+    return pq.read_table(path, filesystem=fs)
 
 
-def _part_columns(path: Path, root: Path) -> frozenset[str] | None:
-    """Column names of a usable part, or None (after a warning naming the file) when it must be skipped."""
+def _part_columns(loc: Location, info: pafs.FileInfo) -> tuple[str, frozenset[str]] | None:
+    """The path DuckDB opens and the column names of a usable part, or None (after a warning naming the file) when
+    it must be skipped. Footers are cached by path, size and modification time (one read per new part)."""
+    shown = loc.display(info.path)
     try:
-        real = Path(os.path.realpath(path))
-        if not real.is_relative_to(root):  # a symlink pointing out of the log directory
-            raise ValueError(f"points outside the log directory (to {real})")
-        st = real.stat()
-        cached = _footer_cache.get(str(real))
-        if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
-            return cached[2]
+        if loc.is_local:
+            real = os.path.realpath(info.path)
+            if not Path(real).is_relative_to(loc.root):  # a symlink pointing out of the log directory
+                raise ValueError(f"points outside the log directory (to {real})")
+            st = os.stat(real)
+            key, size, mtime = real, st.st_size, st.st_mtime_ns
+        else:  # the listing's size and time: no request per part on S3
+            key, size, mtime = shown, int(info.size or 0), int(info.mtime_ns or 0)
+        cached = _footer_cache.get(key)
+        if cached is not None and cached[:2] == (size, mtime):
+            return (key, cached[2]) if cached[2] is not None else None
         try:
-            meta = pq.read_metadata(real)  # the footer only: magic bytes, schema, row groups
-            check_version((meta.metadata or {}).get(VERSION_KEY, b"").decode() or None, str(path))
+            meta = pq.read_metadata(key if loc.is_local else info.path, filesystem=loc.fs)  # the footer only
+            check_version((meta.metadata or {}).get(VERSION_KEY, b"").decode() or None, shown)
             cols: frozenset[str] | None = frozenset(meta.schema.to_arrow_schema().names)
         except SchemaVersionError as e:
             logger.warning("forkwatch: skipping part: %s", e)
             cols = None
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or garbled files
-            logger.warning("forkwatch: skipping unreadable part %s: %s", path, e)
+            logger.warning("forkwatch: skipping unreadable part %s: %s", shown, e)
             cols = None
         if len(_footer_cache) >= _FOOTER_CACHE_MAX:
             _footer_cache.clear()
-        _footer_cache[str(real)] = (st.st_size, st.st_mtime_ns, cols)
-        return cols
+        _footer_cache[key] = (size, mtime, cols)
+        return (key, cols) if cols is not None else None
     except (OSError, ValueError) as e:
-        logger.warning("forkwatch: skipping part %s: %s", path, e)
+        logger.warning("forkwatch: skipping part %s: %s", shown, e)
         return None
 
 
-def scan(log_dir: str | os.PathLike[str]) -> Snapshot:
-    """Find and validate the parts and run.json files under log_dir."""
-    root = Path(os.path.realpath(log_dir))
-    snap = Snapshot(root)
+def scan(log_dir: str | os.PathLike[str] | Location) -> Snapshot:
+    """Find and validate the parts and run.json files under log_dir (one listing of the whole log directory)."""
+    loc = resolve(log_dir)
+    snap = Snapshot(loc)
     for table in TABLES:
         snap.parts[table], snap.columns[table] = [], set()
     col_sets: dict[str, set[frozenset[str]]] = {t: set() for t in TABLES}
-    for run_dir in run_folder.run_dirs(root):
-        record, meta = _run_record(run_dir)
+    for listing in run_folder.list_runs(loc):
+        record, meta = _run_record(listing)
         snap.runs.append(record)
         for table in TABLES:
             try:
-                run_folder.check_layout(meta, run_dir / run_folder.RUN_JSON)
-                found = run_folder.table_parts(run_dir, table)
+                run_folder.check_layout(meta, loc.display(loc.path(listing.run_id, run_folder.RUN_JSON)))
+                found = listing.table_parts(table)
             except run_folder.LayoutError as e:
-                logger.warning("forkwatch: skipping %s of run %s: %s", table, run_dir.name, e)
-                snap.skipped.append((run_dir / table, "unknown layout"))
+                logger.warning("forkwatch: skipping %s of run %s: %s", table, listing.run_id, e)
+                snap.skipped.append((loc.display(loc.path(listing.run_id, table)), "unknown layout"))
                 continue
-            for part in found:
-                cols = _part_columns(part, root)
-                if cols is None:
-                    snap.skipped.append((part, "unreadable"))
+            for info in found:
+                usable = _part_columns(loc, info)
+                if usable is None:
+                    snap.skipped.append((loc.display(info.path), "unreadable"))
                     continue
-                snap.parts[table].append(Path(os.path.realpath(part)))
+                path, cols = usable
+                snap.parts[table].append(path)
                 snap.columns[table] |= cols
                 col_sets[table].add(cols)
     snap.uniform = {t: len(s) <= 1 for t, s in col_sets.items()}
     return snap
 
 
-def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_record(listing: run_folder.RunListing) -> tuple[dict[str, Any], dict[str, Any]]:
     """The `runs` row of a run, and its run.json as read (empty when missing or unreadable)."""
-    meta: dict[str, Any] = {}
-    path = run_dir / run_folder.RUN_JSON
-    if path.is_file():
-        try:
-            meta = json.loads(path.read_text())
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            logger.warning("forkwatch: unreadable %s: %s", path, e)
-            meta = {}
+    loc, run_id = listing.location, listing.run_id
+    meta = run_folder.read_run_json(loc, run_id) if run_folder.RUN_JSON in listing.files else {}
+    path = loc.display(loc.path(run_id, run_folder.RUN_JSON))
     if "schema_version" in meta:
         try:
-            check_version(meta["schema_version"], str(path))
+            check_version(meta["schema_version"], path)
         except SchemaVersionError as e:
             logger.warning("forkwatch: %s", e)
     dropped = _dropped_total(meta.get("dropped"))
@@ -142,14 +151,10 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     gathered = meta.get("faults_by_rank") if isinstance(meta.get("faults_by_rank"), dict) else {}
     faults = {int(r): _counts(c) for r, c in gathered.items() if str(r).isdigit()}
     faults[0] = _max_counts(faults.get(0, {}), _counts(meta.get("faults")))
-    for f in sorted(run_dir.iterdir()):
-        if m := run_folder.RANK_JSON.match(f.name):
-            try:
-                rank_meta = json.loads(f.read_text())
-                dropped += _dropped_total(rank_meta.get("dropped"))
-                faults[int(m[1])] = _max_counts(faults.get(int(m[1]), {}), _counts(rank_meta.get("faults")))
-            except (OSError, ValueError, AttributeError) as e:
-                logger.warning("forkwatch: unreadable %s: %s", f, e)
+    for rank, _ in listing.rank_files():
+        rank_meta = run_folder.read_run_json(loc, run_id, run_folder.rank_json(rank))
+        dropped += _dropped_total(rank_meta.get("dropped"))
+        faults[rank] = _max_counts(faults.get(rank, {}), _counts(rank_meta.get("faults")))
 
     def _int(key: str) -> int | None:
         v = meta.get(key)
@@ -160,8 +165,8 @@ def _run_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return None if v is None else str(v)
 
     return {
-        "run_id": run_dir.name,
-        "name": _str("name") or run_dir.name,
+        "run_id": run_id,
+        "name": _str("name") or run_id,
         "status": _str("status") or "unknown",
         "created_at": _str("created_at"),
         "updated_at": _str("updated_at"),
@@ -244,7 +249,7 @@ def _table_view_sql(table: str, snap: Snapshot) -> str:
     cols = ", ".join(
         f.name if f.name in present else f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema
     )
-    files = ", ".join(_sql_str(str(p)) for p in parts)
+    files = ", ".join(_sql_str(p) for p in parts)
     # No hive partitioning: `step` is a column of every part (layout 1's step=NNNNNN folders hold it too).
     opts = ["binary_as_string=true", "hive_partitioning=false"]
     if not snap.uniform[table]:
@@ -252,9 +257,10 @@ def _table_view_sql(table: str, snap: Snapshot) -> str:
     return f"SELECT {cols} FROM read_parquet([{files}], {', '.join(opts)})"
 
 
-def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]) -> Snapshot:
+def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str] | Location) -> Snapshot:
     """(Re)create every view on `con` from the parts now under log_dir; returns what they were built from."""
     snap = scan(log_dir)
+    attach_filesystem(con, snap.location)
     for table in TABLES:
         body = _table_view_sql(table, snap)
         if table == "vocab":  # ranks and resumed attempts each write the vocabulary they saw: one row per token
@@ -273,10 +279,19 @@ def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]
         "SELECT t.*, v.text, v.role FROM tokens t LEFT JOIN vocab v ON v.run_id = t.run_id AND v.token_id = t.token_id"
     )
     # Optional ground truth written by a task that knows its decision points (store/truth.py).
-    snap.parts[truth.TRUTH_VIEW] = truth.truth_parts(snap.log_dir)
+    snap.parts[truth.TRUTH_VIEW] = truth.truth_parts(snap.location)
     con.execute(f"CREATE OR REPLACE VIEW {truth.TRUTH_VIEW} AS "
                 f"{truth.truth_view_sql(snap.parts[truth.TRUTH_VIEW])}")
     return snap
+
+
+def attach_filesystem(con: duckdb.DuckDBPyConnection, loc: Location) -> None:
+    """Let DuckDB open s3:// parts through the Location's pyarrow filesystem (DuckDB's httpfs extension is not used:
+    it is a download, and it would find credentials its own way). Registered once per connection, seen by every
+    cursor of it; it serves only the paths the views name (and, in the sandbox, nothing else: allowed_paths)."""
+    if loc.is_local or "s3" in con.list_filesystems():
+        return
+    con.register_filesystem(fsspec_filesystem(loc))
 
 
 def _runs_load_schema() -> pa.Schema:
@@ -284,7 +299,7 @@ def _runs_load_schema() -> pa.Schema:
     return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_timestamp(f.type) else f for f in RUNS])
 
 
-def connect(log_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
+def connect(log_dir: str | os.PathLike[str] | Location) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views of `VIEWS`.
 
     The views are a snapshot of the parts present now; call `refresh_views(con, log_dir)` to see newer ones."""
@@ -297,6 +312,6 @@ def connect(log_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def refresh_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]) -> Snapshot:
+def refresh_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str] | Location) -> Snapshot:
     """Rebuild the views of a `connect` connection to include parts written since (not for sandboxed ones)."""
     return create_views(con, log_dir)

@@ -1,14 +1,18 @@
 """RunWriter: the training process hands it column batches; ONE background thread writes them as Parquet parts.
 
 This thread is the only background thread forkwatch runs, and its queue the only queue between the plugin and the
-disk. The training loop must never wait on the disk nor die because of it. `put` (a batch of numpy columns) and
-`submit` (a deferred producer of such batches, e.g. the decoding of sampled completions) only check a row budget and
-enqueue (O(1), no conversion); the thread runs the producers, converts to Arrow by the schema, buffers and writes.
-The thread does numpy, Arrow and file work only, never torch: torch ops on a second thread start a second OpenMP
-team that competes with the training thread's for the same cores. When the queue holds `max_queue_rows` rows, a
-producer raises, or a write fails (unwritable folder, full disk), the records are dropped, counted per table in the
-run's `Ledger` (store/ledger.py), logged once, and the counts go into run.json. Exceptions are caught at the thread
-boundary only.
+store. The training loop must never wait on the store nor die because of it. `put` (a batch of numpy columns),
+`submit` (a deferred producer of such batches, e.g. the decoding of sampled completions) and `update_meta` (fields of
+run.json) only check the row cap and enqueue (O(1), no conversion, no I/O); the thread runs the producers, converts
+to Arrow by the schema, buffers, writes parts and run.json, and on resume moves superseded parts aside before
+anything else. The thread does numpy, Arrow and file work only, never torch: torch ops on a second thread start a
+second OpenMP team that competes with the training thread's for the same cores.
+
+One row cap: `max_queue_rows` bounds the rows the writer holds, queued or buffered for a part, until they are
+written. When a put would pass it, a producer raises, or a write fails (unwritable folder, full disk, an object
+store still down after the retries of store/location.py), the records are dropped, counted per table in the run's
+`Ledger` (store/ledger.py), logged once, and the counts go into run.json.
+Exceptions are caught at the thread boundary only.
 
 When parts are written (store/part_buffers.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
@@ -16,14 +20,15 @@ every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run ke
 loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
 `part_rows` rows of a table. `flush()` writes everything buffered: call it at checkpoints and at the end, not every
 step (that would make one part per step again, ~3 ms of writer time each).
-Parts are renamed into place once complete; there is no fsync (a killed process cannot lose page-cache data; a power
-loss can lose the last parts, never corrupt the view of the others, since readers skip files whose footer is bad).
+The log directory is a local folder or an S3 prefix (store/location.py). A part is encoded in memory and written
+whole or not at all: a temp name then a rename on disk (no fsync: a killed process cannot lose page-cache data; a
+power loss can lose the last parts, never corrupt the view of the others, since readers skip files whose footer is
+bad), one upload on S3, retried with a bound.
 Statistics rounding (`stat_mantissa_bits`): see store/arrow_columns.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -33,7 +38,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -50,6 +54,7 @@ from .arrow_columns import (
     to_arrow,
 )
 from .ledger import Ledger
+from .location import UPLOAD_TRIES, Location, resolve, with_retries
 from .part_buffers import PartBuffers
 from .schema import SCHEMA_VERSION, TABLES
 
@@ -71,7 +76,20 @@ class _Flush:
         self.ok = True
 
 
-_STOP = object()
+class _Stop:
+    __slots__ = ("status",)
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+
+class _Meta:
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+
 DEFAULT_QUEUE_ROWS = 4_000_000
 Batches = Iterable[tuple[str, Mapping[str, Any]]]  # what a producer returns: (table, columns) pairs
 
@@ -108,9 +126,10 @@ class RunWriter:
     ) -> None:
         run_folder.check_run_id(run_id)
         check_mantissa_bits(stat_mantissa_bits)
-        self.log_dir = Path(log_dir)
+        self.location: Location = resolve(log_dir)
+        self.log_dir = self.location.url
         self.run_id = run_id
-        self.run_dir = self.log_dir / run_id
+        self.run_dir = self.location.path(run_id)
         self.rank = rank
         self.world_size = world_size
         self.max_queue_rows = max_queue_rows
@@ -119,27 +138,24 @@ class RunWriter:
         self.stat_mantissa_bits = None if stat_mantissa_bits == 23 else stat_mantissa_bits
         self.row_group_rows = row_group_rows
         self.attempt = uuid.uuid4().hex[:8]
+        # a disk error will not go away by waiting; an object store's often does (a restart, a network blip)
+        self._tries = 1 if self.location.is_local else UPLOAD_TRIES
 
         self.ledger = ledger if ledger is not None else Ledger()
-        self._queued_rows = 0  # rows in the queue, not yet taken by the thread (the bound of `put`)
-        self._queued_lock = threading.Lock()
+        # THE row cap: rows the writer holds, queued or buffered for a part, not yet written (or dropped).
+        self._held_rows = 0
+        self._held_lock = threading.Lock()
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._seq = 0
         self._last_step: int | None = None
         self._buffers = PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
-        self._meta_lock = threading.Lock()
-        self._meta: dict[str, Any] = {}
+        self._meta: dict[str, Any] = {}  # thread side only
 
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                self._supersede_after(resume_step)
-        except Exception as e:  # (a boundary) unwritable dir, unreadable old part: report; later writes drop too
-            self._warn_once("setup", f"forkwatch: cannot prepare {self.run_dir}: {e}; records will be dropped")
-        self._init_meta(dict(meta or {}), resume_step)
-
-        self._thread = threading.Thread(target=self._loop, name=f"forkwatch-writer-r{rank}", daemon=True)
+        # Everything touching the store (resume's moves and splits, run.json) runs on the writer thread.
+        self._thread = threading.Thread(
+            target=self._loop, args=(dict(meta or {}), resume_step), name=f"forkwatch-writer-r{rank}", daemon=True
+        )
         self._thread.start()
 
     # ---------------------------------------------------------------- caller side
@@ -163,10 +179,10 @@ class RunWriter:
             what = "a closed writer" if self._closed else f"unknown table {table!r}"
             self._drop(table, n, "put", f"forkwatch: put to {what}; records dropped")
             return False
-        with self._queued_lock:
-            full = self._queued_rows + n > self.max_queue_rows
+        with self._held_lock:
+            full = self._held_rows + n > self.max_queue_rows
             if not full:
-                self._queued_rows += n
+                self._held_rows += n
         if full or not self._thread.is_alive():
             self._drop(table, n, "full", f"forkwatch: writer queue full ({self.max_queue_rows} rows); records dropped")
             return False
@@ -183,10 +199,10 @@ class RunWriter:
         if self._closed:
             self._drop_all(item.rows, "put", "forkwatch: submit to a closed writer; records dropped")
             return False
-        with self._queued_lock:
-            full = self._queued_rows + item.n > self.max_queue_rows
+        with self._held_lock:
+            full = self._held_rows + item.n > self.max_queue_rows
             if not full:
-                self._queued_rows += item.n
+                self._held_rows += item.n
         if full or not self._thread.is_alive():
             self._drop_all(item.rows, "full", f"forkwatch: writer queue full ({self.max_queue_rows} rows); records dropped")
             return False
@@ -202,26 +218,22 @@ class RunWriter:
         return f.event.wait(timeout) and f.ok
 
     def update_meta(self, **fields: Any) -> None:
-        """Merge fields into run.json (rank 0; other ranks record them in their rank-NNN.json)."""
-        with self._meta_lock:
-            self._meta.update(fields)
-        self._write_meta()
+        """Merge fields into run.json (rank 0; other ranks record them in their rank-NNN.json). Only queued: the
+        writer thread writes the file, after the records queued before this call."""
+        if self._closed:
+            return
+        self._q.put(_Meta(dict(fields)))
 
     def close(self, status: str = "finished", timeout: float | None = 60.0) -> None:
-        """Flush, stop the thread, and record status, last step and dropped counts. Safe to call twice."""
+        """Flush, record status, last step and dropped counts, stop the thread. Safe to call twice."""
         if self._closed:
             return
         ok = self.flush(timeout)
         self._closed = True
-        self._q.put(_STOP)
+        self._q.put(_Stop(status))
         self._thread.join(timeout)
-        if not ok:
+        if not ok or self._thread.is_alive():
             self._warn_once("close", "forkwatch: writer did not finish flushing at close; some records are lost")
-        fields: dict[str, Any] = {"status": status}
-        if self._last_step is not None:
-            prev = self._meta.get("last_step")
-            fields["last_step"] = max(self._last_step, prev) if isinstance(prev, int) else self._last_step
-        self.update_meta(**fields)
 
     def __enter__(self) -> RunWriter:
         return self
@@ -231,16 +243,14 @@ class RunWriter:
 
     # ---------------------------------------------------------------- run.json
 
+    def _meta_name(self) -> str:
+        return run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank)
+
     def _init_meta(self, meta: dict[str, Any], resume_step: int | None) -> None:
         from forkwatch import __version__
 
-        path = self.run_dir / (run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank))
-        previous: dict[str, Any] = {}
-        if path.is_file():  # a resumed (or restarted) run keeps its creation time and earlier fields
-            try:
-                previous = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                logger.warning("forkwatch: ignoring unreadable %s: %s", path, e)
+        # a resumed (or restarted) run keeps its creation time and earlier fields
+        previous = run_folder.read_run_json(self.location, self.run_id, self._meta_name())
         base = {
             "run_id": self.run_id,
             "name": meta.pop("name", None) or previous.get("name") or self.run_id,
@@ -259,35 +269,51 @@ class RunWriter:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        with self._meta_lock:
-            meta = dict(self._meta)
-            meta["dropped"] = self.dropped
-            meta["faults"] = self.ledger.faults
-            meta["updated_at"] = _utcnow()
-            if self.rank != 0:
-                meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
-            path = self.run_dir / (run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank))
-            tmp = path.with_name(f".{path.name}.{self.attempt}.tmp")
-            try:
-                tmp.write_text(json.dumps(meta, indent=1, default=str))
-                os.replace(tmp, path)
-            except OSError as e:
-                self._warn_once("meta", f"forkwatch: cannot write {path}: {e}")
+        meta = dict(self._meta)
+        meta["dropped"] = self.dropped
+        meta["faults"] = self.ledger.faults
+        meta["updated_at"] = _utcnow()
+        if self.rank != 0:
+            meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
+        path = self.location.path(self.run_id, self._meta_name())
+        data = json.dumps(meta, indent=1, default=str).encode()
+        try:  # overwritten whole: readers see the previous run.json or this one
+            with_retries(lambda: self.location.put_whole(path, data), tries=self._tries)
+        except Exception as e:
+            self._warn_once("meta", f"forkwatch: cannot write {self.location.display(path)}: {e}")
+
+    def _stop(self, status: str) -> None:
+        self._write_all()
+        fields: dict[str, Any] = {"status": status}
+        if self._last_step is not None:
+            prev = self._meta.get("last_step")
+            fields["last_step"] = max(self._last_step, prev) if isinstance(prev, int) else self._last_step
+        self._meta.update(fields)
+        self._write_meta()
 
     # ---------------------------------------------------------------- resume
+
+    def _start(self, meta: dict[str, Any], resume_step: int | None) -> None:
+        """The thread's first job: move superseded parts aside (on resume), then write run.json."""
+        try:
+            if self.location.is_local:
+                os.makedirs(self.run_dir, exist_ok=True)
+            if resume_step is not None:
+                self._supersede_after(resume_step)
+        except Exception as e:  # (a boundary) unwritable dir, unreadable old part: report; later writes drop too
+            self._warn_once("setup", f"forkwatch: cannot prepare {self.location.display(self.run_dir)}: {e}; "
+                                     "records will be dropped")
+        self._init_meta(meta, resume_step)
 
     def _supersede_after(self, step: int) -> None:
         """Move this rank's parts holding steps > `step` to superseded/<attempt>/, so a resumed run does not
         duplicate the steps it re-runs. Rank 0 also moves parts of ranks >= world_size (a run resumed on fewer
         ranks). Nothing is deleted; a part mixing kept and superseded steps is split (kept rows rewritten)."""
-        dest_root = self.run_dir / run_folder.SUPERSEDED / self.attempt
+        dest_root = self.location.path(self.run_id, run_folder.SUPERSEDED, self.attempt)
         moved = 0
-        try:
-            previous = json.loads((self.run_dir / run_folder.RUN_JSON).read_text())
-        except (OSError, ValueError):  # no run.json yet, or unreadable (reported by _init_meta)
-            previous = {}
-        if isinstance(previous, dict):
-            run_folder.check_layout(previous, self.run_dir)  # a layout we do not know: move nothing
+        previous = run_folder.read_run_json(self.location, self.run_id)
+        run_folder.check_layout(previous, self.location.display(self.run_dir))  # unknown layout: move nothing
+        listing = run_folder.list_run(self.location, self.run_id)
 
         def mine(rank: int) -> bool:
             return rank == self.rank or (self.rank == 0 and rank >= self.world_size)
@@ -295,30 +321,34 @@ class RunWriter:
         for table in TABLES:
             if table == "vocab":
                 continue  # not tied to a step: earlier tokens still need their text
-            for part in run_folder.table_parts(self.run_dir, table):
-                m = run_folder.PART.match(part.name)
-                span = run_folder.step_range(part)
+            for info in listing.table_parts(table):
+                m = run_folder.PART.match(info.base_name)
+                span = run_folder.step_range(info.path)
                 if m is None or span is None or not mine(int(m["rank"])):
                     continue
                 first, last = span
                 if last <= step:
                     continue
-                rel = part.relative_to(self.run_dir)
-                dest = dest_root / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if first <= step:  # keep the rows <= step in a new part, then move the original aside
-                    t = pq.read_table(part)
+                dest = f"{dest_root}/{info.path[len(self.run_dir) + 1:]}"
+                kept = None
+                if first <= step:  # keep the rows <= step in a new part, after moving the original aside
+                    t = pq.read_table(info.path, filesystem=self.location.fs)
                     kept = t.filter(pc.less_equal(t["step"], step))
-                    self._write_part(table, kept, tmp_then=lambda p=part, d=dest: os.replace(p, d))
-                else:
-                    os.replace(part, dest)
+                with_retries(lambda s=info.path, d=dest: self.location.move(s, d), tries=self._tries)
+                if kept is not None:
+                    self._write_part(table, kept, held=False)
                 moved += 1
         if moved:
-            logger.info("forkwatch: resume at step %d: moved %d part(s) to %s", step, moved, dest_root)
+            logger.info("forkwatch: resume at step %d: moved %d part(s) to %s", step, moved,
+                        self.location.display(dest_root))
 
     # ---------------------------------------------------------------- thread side
 
-    def _loop(self) -> None:
+    def _loop(self, meta: dict[str, Any], resume_step: int | None) -> None:
+        try:
+            self._start(meta, resume_step)
+        except Exception as e:  # the thread boundary
+            self._warn_once("loop", f"forkwatch: writer error: {e!r}")
         deadline = time.monotonic() + self.flush_interval_s
         while True:
             try:
@@ -326,12 +356,13 @@ class RunWriter:
             except queue.Empty:
                 item = None
             try:
-                if item is _STOP:
-                    self._write_all()
+                if isinstance(item, _Stop):
+                    self._stop(item.status)
                     return
-                if isinstance(item, _Deferred):
-                    with self._queued_lock:
-                        self._queued_rows -= item.n
+                if isinstance(item, _Meta):
+                    self._meta.update(item.fields)
+                    self._write_meta()
+                elif isinstance(item, _Deferred):
                     self._run_producer(item)
                 elif item is None or isinstance(item, _Flush):
                     ok = self._write_all()
@@ -341,8 +372,6 @@ class RunWriter:
                         item.event.set()
                 else:
                     table, columns, n = item
-                    with self._queued_lock:
-                        self._queued_rows -= n
                     self._absorb(table, columns, n)
                     if time.monotonic() >= deadline:  # a busy queue must not postpone the timed flush
                         self._write_all()
@@ -362,18 +391,28 @@ class RunWriter:
         batches = None
         with self.ledger.guard(item.where):
             batches = list(item.producer())
+        self._release(item.n)  # from here on, the rows are held as what the producer made
         if batches is None:
             self._drop_all(item.rows, "producer", f"forkwatch: {item.where} producer failed; its records dropped")
             return
         for table, columns in batches:
+            n = 0
             try:
-                self._absorb(table, columns, n_rows(columns))
+                n = n_rows(columns)
+                self._hold(n)
+                self._absorb(table, columns, n)
             except Exception as e:  # one bad batch: drop it, keep the others
-                self._drop(table, n_rows(columns), "bad", f"forkwatch: bad {table} batch dropped: {e!r}")
+                self._drop(table, n, "bad", f"forkwatch: bad {table} batch dropped: {e!r}")
 
     def _absorb(self, table: str, columns: Mapping[str, Any], n: int) -> None:
-        t = to_arrow(table, columns, n, run_id=self.run_id, mantissa_bits=self.stat_mantissa_bits)
+        """Convert a held batch of n rows and buffer it; a part due is written (which releases its rows)."""
+        try:
+            t = to_arrow(table, columns, n, run_id=self.run_id, mantissa_bits=self.stat_mantissa_bits)
+        except Exception:
+            self._release(n)  # the caller counts the batch as dropped
+            raise
         if t.num_rows == 0:
+            self._release(n)
             return
         hi = pc.max(t["step"]).as_py()
         if hi is not None:
@@ -387,30 +426,37 @@ class RunWriter:
             ok &= self._write_part(table, t)
         return ok
 
-    def _write_part(self, table: str, t: pa.Table, *, tmp_then=None) -> bool:
-        """Write `t` (sorted by step) as one part: temp name, then rename. On failure count its rows as dropped."""
+    def _write_part(self, table: str, t: pa.Table, *, held: bool = True) -> bool:
+        """Write `t` (sorted by step) as one part, whole or not at all; on failure (after the retries an object
+        store gets) count its rows as dropped. `held`: its rows count against the row cap until now."""
         self._seq += 1
         step_range = None
         if "step" in t.column_names and t.num_rows:
             lo, hi = pc.min(t["step"]).as_py(), pc.max(t["step"]).as_py()
             step_range = None if lo is None else (lo, hi)  # vocab rows may carry no step
-        folder = self.run_dir / table
-        name = run_folder.part_name(self.rank, self.attempt, self._seq, step_range)
-        tmp = folder / f".{name}.tmp"
+        folder = self.location.path(self.run_id, table)
+        path = f"{folder}/{run_folder.part_name(self.rank, self.attempt, self._seq, step_range)}"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            part_file.write_part_file(tmp, t, row_group_rows=self.row_group_rows)
-            if tmp_then is not None:
-                tmp_then()
-            os.replace(tmp, folder / name)
+            data = part_file.encode_part(t, row_group_rows=self.row_group_rows)
+            with_retries(lambda: self.location.put_whole(path, data), tries=self._tries)
             return True
-        except Exception as e:  # disk full, permission, vanished folder: drop this part, keep the caller running
-            self._drop(table, t.num_rows, "write", f"forkwatch: cannot write {table} part in {folder}: {e}")
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+        except Exception as e:  # disk full, permission, store down: drop this part, keep the caller running
+            self._drop(table, t.num_rows, "write",
+                       f"forkwatch: cannot write {table} part in {self.location.display(folder)}: {e}")
             return False
+        finally:
+            if held:
+                self._release(t.num_rows)
 
     # ---------------------------------------------------------------- accounting
+
+    def _hold(self, n: int) -> None:
+        with self._held_lock:
+            self._held_rows += n
+
+    def _release(self, n: int) -> None:
+        with self._held_lock:
+            self._held_rows -= n
 
     def _drop(self, table: str, n: int, kind: str, message: str) -> None:
         self.ledger.drop(table, n, kind, message)

@@ -103,7 +103,7 @@ KILLED = textwrap.dedent(
                          "position": np.arange(100, dtype=np.int32), "token_id": np.zeros(100, np.int32)})
         print(step, time.monotonic(), flush=True)
         time.sleep(0.02 if steps > 100 else 0)
-    while w._queued_rows:  # every batch taken by the thread: what is not on disk now is only buffered
+    while not w._q.empty():  # every batch taken by the thread: what is not on disk now is only buffered
         time.sleep(0.01)
     time.sleep(0.3)
     print("idle", flush=True)

@@ -44,8 +44,9 @@ def test_full_queue_drops_counts_and_never_blocks(tmp_path, monkeypatch, caplog)
             if step == 0:
                 assert entered.wait(5)  # the thread holds the first batch, stuck on the "disk"
     assert slowest < 2.0  # far below the 10 s the stuck disk would cost a put that waited for it
-    # The first batch is held by the stuck thread, ten more fill the 1000-row queue, the other nine are dropped.
-    assert results == [True] * 11 + [False] * 9
+    # The cap counts every row the writer holds: the first batch (stuck in the thread) and nine queued behind it
+    # fill the 1000 rows; the other ten are dropped.
+    assert results == [True] * 10 + [False] * 10
     assert w.dropped["tokens"] == 100 * results.count(False)
     assert sum("queue full" in r.message for r in caplog.records) == 1  # logged once
     gate.set()
@@ -110,6 +111,7 @@ def test_bad_batch_is_dropped_not_raised(tmp_path):
 
 def test_run_json_fields_and_update_meta(tmp_path):
     w = RunWriter(tmp_path, "r", meta={"name": "my run", "model": "tiny", "world_size_note": 1})
+    assert w.flush(10)  # run.json is written by the writer thread, like the parts
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
     assert {k: meta[k] for k in ("run_id", "name", "status", "schema_version")} == {
         "run_id": "r",
@@ -119,6 +121,7 @@ def test_run_json_fields_and_update_meta(tmp_path):
     }
     assert "created_at" in meta and "forkwatch_version" in meta and meta["model"] == "tiny"
     w.update_meta(alarms=["collapse"], last_step=7)
+    assert w.flush(10)
     assert json.loads((tmp_path / "r" / "run.json").read_text())["alarms"] == ["collapse"]
     w.put("tokens", _tokens(3, 2))
     w.close("stopped")
@@ -195,9 +198,9 @@ def test_resume_over_a_corrupt_part_does_not_raise(tmp_path, caplog):
     part.write_bytes(b"PAR1 garbage")
     with caplog.at_level(logging.WARNING, logger="forkwatch.store.writer"):
         w2 = RunWriter(tmp_path, "r", resume_step=1)  # must split that part, cannot read it: reports, goes on
+        assert w2.put("steps", {"step": [2], "n_tokens": [1]})
+        w2.close()
     assert any("cannot prepare" in r.getMessage() for r in caplog.records)
-    assert w2.put("steps", {"step": [2], "n_tokens": [1]})
-    w2.close()
 
 
 def test_a_deferred_producer_runs_on_the_writer_thread_and_its_batches_are_written(tmp_path):
