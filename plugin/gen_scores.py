@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from forkwatch.plugin import metrics
-from forkwatch.plugin.batch_rules import group_of
+from forkwatch.plugin.trl_batch import group_of, predicting_states
 
 
 @dataclass
@@ -196,7 +196,7 @@ def extra_pass(trainer, model: torch.nn.Module, backbone: torch.nn.Module, out: 
 
     def take(module, args, output):
         hs = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        hidden.append(hs[:, p - 1 : p - 1 + t])  # (bs, T, H): states predicting completion token t
+        hidden.append(predicting_states(hs, p, t))  # (bs, T, H)
 
     handle = backbone.register_forward_hook(take)
     # fork_rng: a dropout layer in this extra pass must not move the global RNG TRL's shuffle draws from

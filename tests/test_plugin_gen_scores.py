@@ -50,7 +50,7 @@ def test_generation_time_group_js_equals_the_extra_pass_on_the_same_batch(make_t
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True)
     seen = _capture(trainer)
     trainer.train()
-    assert seen and not cb.monitor.group_js_fallbacks and not cb.monitor.faults.counts
+    assert seen and not cb.monitor.group_js_fallbacks and not cb.monitor.faults.faults
     diff = max(float((s["gen"] - s["ref"]).abs().max()) for s in seen)
     logger.info("generation-time vs extra-pass group_js: max |diff| = %.3g", diff)
     assert diff < 1e-4
@@ -75,7 +75,7 @@ def test_generation_the_hook_never_sees_falls_back_to_the_extra_pass(make_traine
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True)
     seen = _capture(trainer)
     trainer.train()
-    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 1} and not cb.monitor.faults.counts
+    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 1} and not cb.monitor.faults.faults
     assert dict(cb.monitor.fork_fallbacks) == {"no_logits": 1}  # fork alternatives from the gathered head
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     assert meta["group_js_fallbacks"] == {"no_logits": 1}  # the counts reach run.json
@@ -106,7 +106,7 @@ def test_without_generation_logits_the_loss_pass_scores_group_js_from_its_own_st
 
     trainer._generate_and_score_completions = spy
     trainer.train()
-    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.counts
+    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.faults
     con = connect(str(tmp_path / "runs"))
     for step, (row_ids, ref) in enumerate(refs, start=1):
         got = con.execute("SELECT completion_id, position, group_js FROM tokens WHERE step = ?", [step]).fetchall()
@@ -141,7 +141,7 @@ def test_generation_time_fork_alternatives_equal_a_projection_of_the_same_batch(
                           record_completions_per_step=None, stat_mantissa_bits=None)
     seen = _capture_alternatives(trainer)
     trainer.train()
-    assert seen and not cb.monitor.fork_fallbacks and not cb.monitor.faults.counts
+    assert seen and not cb.monitor.fork_fallbacks and not cb.monitor.faults.faults
     out, (probs, z, top) = seen[0]  # the reference was projected before the first optimizer step
     mask = out["completion_mask"].bool()
     ids, alt_p, rank = out["forkwatch_alt_ids"], out["forkwatch_alt_probs"], out["forkwatch_alt_rank"]
