@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/overhead.py --config tiny --variants plain,forkwatch,trl_log_completions
     .venv/bin/python benchmarks/overhead.py --config tiny --steps 300 --rounds 6 --variants forkwatch,trl_log_completions
     .venv/bin/python benchmarks/overhead.py --config tiny --steps 100 --hook-times                # forkwatch per hook
+    .venv/bin/python benchmarks/overhead.py --steps 100 --hook-times --variants forkwatch+no_probes  # the same, probes off
 
 The lead's figure (whole train() at torch's default threads, on a quiet machine): the `--steps 300 --rounds 6
 --variants forkwatch,trl_log_completions` line; every round runs plain, forkwatch and log_completions interleaved.
@@ -66,6 +67,7 @@ VARIANTS: dict[str, tuple[dict | None, dict]] = {  # name: (forkwatch options or
     "forkwatch": ({}, {}),
     "forkwatch+group_js": (dict(group_js=True), {}),
     "forkwatch+no_records": (dict(record_completions_per_step=0), {}),
+    "forkwatch+no_probes": (dict(probe_every=0), {}),
     "trl_log_completions": (None, dict(log_completions=True)),
 }
 
@@ -164,11 +166,12 @@ def hook_times(opts) -> None:
         return cb
 
     forkwatch.attach = attach_timed
+    variant = next((v for v in opts.variants.split(",") if v.startswith("forkwatch")), "forkwatch")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run_variant(opts.config, base_model(opts.config), "forkwatch", 5, Path(tmp) / "warm")
+            run_variant(opts.config, base_model(opts.config), variant, 5, Path(tmp) / "warm")
             spent.clear()
-            run_variant(opts.config, base_model(opts.config), "forkwatch", opts.steps, Path(tmp) / "timed")
+            run_variant(opts.config, base_model(opts.config), variant, opts.steps, Path(tmp) / "timed")
     finally:
         forkwatch.attach = attach
         for n, fn in originals.items():
@@ -182,7 +185,7 @@ def hook_times(opts) -> None:
     rows.update({k.split(":", 1)[1]: v for k, v in ms.items() if k.startswith(("callback:", "hook:"))})
     # the forward hooks ran inside TRL's time, which the seam rows already subtracted: they are counted once, here
     total = sum(rows.values())
-    print(f"config={opts.config} steps={opts.steps} torch_threads={torch.get_num_threads()} "
+    print(f"config={opts.config} variant={variant} steps={opts.steps} torch_threads={torch.get_num_threads()} "
           f"load={os.getloadavg()[0]:.1f}: forkwatch's training-thread CPU time, ms per step (module hooks inside "
           f"TRL's calls: {hooked:.3f})")
     for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from forkwatch.plugin.metrics import covariance
+from forkwatch.plugin.metrics import covariance, no_grad
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -49,7 +49,7 @@ class TokenBatch:
                 self.selected is None)
 
 
-@torch.no_grad()
+@no_grad
 def token_rows(steps: list[int], batches: list[TokenBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recorded tokens of same-shaped batches (batch i of step steps[i]), stacked into (K, B, T) so that the
     copy costs the same ~25 tensor ops for K micro-batches as for one. -> (N, 6) float32 statistics (STATS order),

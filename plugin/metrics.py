@@ -7,16 +7,34 @@ or (`group_js_step`) taken one position at a time from the logits generation com
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 Projector = Callable[[torch.Tensor], torch.Tensor]
 LN2 = math.log(2.0)
+F = TypeVar("F", bound=Callable)
 
 
-@torch.no_grad()
+def no_grad(fn: F) -> F:
+    """`@torch.no_grad()` without its cost where gradients are already off: torch's decorator builds and enters a
+    context on every call (~10 us), and forkwatch's hooks call these functions many times per step, almost always
+    inside TRL's generation or forkwatch's own no-grad hooks already."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@no_grad
 def covariance(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Clip-Cov score c_t = (A - mean A)(log p_t - mean log p), means over the response tokens of the batch.
 
@@ -44,7 +62,7 @@ def keep_count(n: torch.Tensor | int, fraction: float) -> torch.Tensor | int:
     return torch.where(n > 0, raw.clamp(min=1), torch.zeros_like(raw)).long()
 
 
-@torch.no_grad()
+@no_grad
 def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values: torch.Tensor | None = None
               ) -> torch.Tensor:
     """(B, T) bool: the top `fraction` of masked tokens by entropy (at least one when fraction > 0 and any token).
@@ -58,14 +76,14 @@ def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values
     return (entropy.detach().float() >= threshold) & valid
 
 
-@torch.no_grad()
+@no_grad
 def rank_of(z: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """Rank of `token` in each row of logits z (0 = most likely; ties share the better rank).
     z (N, V), token (N,) long -> (N,) int64. Temperature does not change a rank."""
     return (z > z.gather(-1, token.unsqueeze(-1))).sum(-1)
 
 
-@torch.no_grad()
+@no_grad
 def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely tokens of softmax(z / temperature) and their probabilities.
     z (N, V) logits -> ids (N, k) int64, probs (N, k) float32. Only k probabilities are normalised, and the
@@ -79,7 +97,7 @@ def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch
     return top.indices, (top.values - lse).exp()
 
 
-@torch.no_grad()
+@no_grad
 def topk_alternatives(
     hidden: torch.Tensor, sampled: torch.Tensor, project: Projector, k: int, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +126,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
 
 
-@torch.no_grad()
+@no_grad
 def group_js(
     hidden: torch.Tensor,
     mask: torch.Tensor,
@@ -150,7 +168,7 @@ def group_js(
     return out
 
 
-@torch.no_grad()
+@no_grad
 def group_js_step(
     logits: torch.Tensor, active: torch.Tensor, groups: torch.Tensor, n_groups: int, temperature: float,
     chunk: int = 64,

@@ -22,6 +22,7 @@ import torch
 from forkwatch.plugin import metrics
 from forkwatch.plugin.captures import GenBatch, StepAccumulator
 from forkwatch.plugin.gen_evidence import GenEvidence
+from forkwatch.plugin.metrics import no_grad
 from forkwatch.plugin.rank_budget import RankBudget
 from forkwatch.plugin.recording import MicroBatchValues, record
 from forkwatch.plugin.row_ids import completion_and_group_ids, generation_key, rows_in_generation
@@ -119,7 +120,7 @@ class Monitor:
         return acc
 
     # ------------------------------------------------------------------ generation batch
-    @torch.no_grad()
+    @no_grad
     def on_generation(self, out: dict[str, Any]) -> None:
         """The generation batch's row ids (into TRL's batch dict) and per-completion facts, kept on the device as
         (b,) tensors: no per-row Python and no text decoding here (the sampled rows are decoded on the writer's
@@ -222,7 +223,7 @@ class Monitor:
         mb = self._mb
         return None if mb is None else self.selection.loss(mb.selection, mb.inputs)
 
-    @torch.no_grad()
+    @no_grad
     def end_micro_batch(self) -> None:
         """The micro-batch's per-token values into the step's accumulator, and its sampled rows recorded (after
         `selection_loss`)."""

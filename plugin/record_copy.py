@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from forkwatch.plugin.captures import CompletionBatch, ForkBatch, StepAccumulator, TokenBatch, to_numpy, token_rows
+from forkwatch.plugin.metrics import no_grad
 from forkwatch.plugin.record_decode import completion_columns
 
 _np = to_numpy
@@ -43,7 +44,7 @@ class HostRecords:
             yield "forks", self.forks
 
 
-@torch.no_grad()
+@no_grad
 def to_host(records: list[tuple[int, StepAccumulator]], *, rank: int, tokenizer: Any) -> HostRecords:
     """Training thread: the recorded tokens, forks and completions of the handed-off steps, copied to numpy."""
     host = HostRecords(rank=rank, tokenizer=tokenizer)

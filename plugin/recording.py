@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from forkwatch.plugin import metrics
 from forkwatch.plugin.captures import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
+from forkwatch.plugin.metrics import no_grad
 from forkwatch.plugin.trl_batch import predicting_states
 
 
@@ -27,7 +28,7 @@ class MicroBatchValues:
     hidden: torch.Tensor | None  # (B, P + T, H) the backbone's output, when it was hooked
 
 
-@torch.no_grad()
+@no_grad
 def record(acc: StepAccumulator, mb: MicroBatchValues, *, gen: GenBatch, idx: torch.Tensor, gen_rows: torch.Tensor,
            reward_names: tuple[str, ...], tokens: bool, forks: bool, top_k: int, project: Any) -> None:
     """Rows `idx` of the micro-batch (rows `gen_rows` of the generation batch `gen`) into `acc`: completions, and

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import torch
+from forkwatch.plugin.metrics import no_grad
 from forkwatch.plugin.trl_batch import response_mask
 from forkwatch.store.ledger import Ledger
 
@@ -98,7 +99,7 @@ class SelectSeam:
         self.generator.set_state(torch.load(path, weights_only=True))
 
 
-@torch.no_grad()
+@no_grad
 def _record_metrics(sink: dict[str, list[float]], metrics: dict[str, Any], weights: torch.Tensor, inp: Any,
                     log_sum_sq: torch.Tensor) -> None:
     """The selector's metrics and the `DIAGNOSTICS` of this micro-batch into `sink` (the step's select_metrics)."""

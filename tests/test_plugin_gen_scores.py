@@ -211,3 +211,46 @@ def test_the_head_projector_gives_the_models_own_logits_over_temperature(make_tr
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if arch == "gemma2_softcap":
         assert float(want.abs().max()) < 0.5 / 0.7 + 1e-6  # the cap is really applied
+
+
+def _scripted_generation(scorer, steps: int = 5, b: int = 4, v: int = 11, eos: int = 3):
+    """Feed `scorer` a prefill and `steps - 1` decode forwards of random logits, one sampled token fed back per step
+    (row 1 draws EOS at step 2); -> (completion_ids, completion_mask) as TRL would build them."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    scorer.eos = torch.tensor([eos])
+    scorer.reset()
+    scorer.arm()
+    drawn = []
+    for s in range(steps):
+        z = torch.randn(b, 1 if s else 3, v, generator=g)
+        kwargs = {"input_ids": drawn[-1].view(b, 1)} if s else {}
+        scorer.on_forward(kwargs, SimpleNamespace(logits=z))
+        tok = torch.randint(4, v, (b,), generator=g)
+        if s == 2:
+            tok[1] = eos
+        drawn.append(tok)
+    scorer.disarm()
+    ids = torch.stack(drawn, 1)
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # after its EOS
+    return ids, mask
+
+
+def test_scoring_steps_in_batches_equals_scoring_each_step(monkeypatch):
+    from forkwatch.plugin.gen_scores import GenScorer
+
+    def evidence(pending_values: int):
+        monkeypatch.setattr(GenScorer, "PENDING_VALUES", pending_values)
+        scorer = GenScorer(temperature=0.7, num_generations=2, rank=0, chunk=64, group_js=True, top_k=3)
+        ids, mask = _scripted_generation(scorer)
+        out, reason = scorer.take(ids, mask)
+        assert reason is None
+        return out
+
+    each, together, pairs = evidence(1), evidence(2**30), evidence(2 * 4 * 11)  # every step, once, every 2 steps
+    for other in (together, pairs):
+        for name in ("group_js", "alt_ids", "alt_probs", "rank"):
+            torch.testing.assert_close(getattr(other, name), getattr(each, name), rtol=0, atol=0)
+    assert each.group_js[1, 3:].abs().sum() == 0 and each.group_js[0].abs().sum() > 0  # finished row: 0 after EOS
