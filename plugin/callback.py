@@ -129,13 +129,15 @@ class ForkwatchCallback(TrainerCallback):
         scalars: dict[str, float] = {}
         if acc is not None:
             with ledger.guard("step_row"):
-                parts = [p for p in parts if p] if state.is_world_process_zero else None
-                for p in parts or ():
+                # rank 0 builds the steps row; with on_alarm="stop" every rank does, to stop at the same step
+                rows_here = state.is_world_process_zero or self.config.on_alarm == "stop"
+                parts = [p for p in parts if p] if rows_here else None
+                for p in parts if state.is_world_process_zero else ():
                     self._rank_faults[p.get("rank", 0)] = p.get("faults", {})
                 scalars = self.handoff.add(step, acc, parts)
         if self.handoff.due():
             self._act_on(self._hand_off(), control)
-        if scalars:
+        if scalars and state.is_world_process_zero:
             with ledger.guard("log"):
                 scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
                 metrics = self.trainer._metrics["train"]
@@ -150,13 +152,16 @@ class ForkwatchCallback(TrainerCallback):
         return flags
 
     def _act_on(self, flags: list[Any], control) -> None:
-        """Rank 0: warn about each new health flag; with on_alarm="stop", an alarm ends training at this step."""
+        """Warn about each new health flag (rank 0); with on_alarm="stop", an alarm ends training at this step (on
+        every rank: each evaluated the same rows)."""
+        rank0 = self.monitor.rank == 0
         with self.monitor.faults.guard("alarms"):
             for flag in flags:
-                logger.warning("forkwatch alarm %s", describe(flag))
+                if rank0:
+                    logger.warning("forkwatch alarm %s", describe(flag))
                 if control is not None and self.config.on_alarm == "stop" and is_alarm(flag):
                     control.should_training_stop = True
-                    if not self._stopped_by_alarm:
+                    if rank0 and not self._stopped_by_alarm:
                         self.writer.update_meta(stopped_by_alarm=describe(flag))
                     self._stopped_by_alarm = True
 

@@ -46,9 +46,11 @@ class HandOff:
                  stop_on_alarm: bool = False) -> None:
         self.writer, self.ledger, self.rank, self.tokenizer = writer, ledger, rank, tokenizer
         self.interval_s, self.max_rows, self.select_method = interval_s, max_rows, select_method
-        # rank 0 only: the rules were checked at attach (ForkwatchConfig), so building them cannot fail here
-        self.health = LiveMonitor(health_rules, vocab_size=vocab_size) if rank == 0 else None
+        # Rank 0 evaluates the rules; with stop_on_alarm every rank does, over the same gathered rows, so that all
+        # ranks stop at the same step (a rank that went on alone would wait forever in the next collective). The
+        # rules were checked at attach (ForkwatchConfig), so building them cannot fail here.
         self.stop_on_alarm = stop_on_alarm
+        self.health = LiveMonitor(health_rules, vocab_size=vocab_size) if rank == 0 or stop_on_alarm else None
         self.alarm_scalars: dict[str, float] = {}  # forkwatch/alarm/<kind>: the rules as of their last evaluation
         self._records: list[tuple[int, StepAccumulator]] = []  # (step, this rank's captures with records)
         self._rows: list[dict[str, Any]] = []  # rank 0: steps rows not yet handed over
@@ -62,9 +64,10 @@ class HandOff:
 
     # ------------------------------------------------------------------ every step
     def add(self, step: int, acc: StepAccumulator, parts: list[dict[str, Any]] | None = None) -> dict[str, float]:
-        """This rank's captures of `step` wait for the next hand-off. On rank 0, `parts` is every rank's
-        `acc.collect()` (with `dropped`); the step's `steps` row waits too, and the scalars to log for the step are
-        returned (TRL's own metric buffer averages them over the logging window, exactly like TRL's `entropy`)."""
+        """This rank's captures of `step` wait for the next hand-off. `parts` (on rank 0, and on every rank with
+        stop_on_alarm) is every rank's `acc.collect()` (with `dropped`): the step's `steps` row is built from it
+        (waiting for the hand-off on rank 0) and the scalars to log for the step are returned (TRL's own metric buffer
+        averages them over the logging window, exactly like TRL's `entropy`)."""
         if acc.completions or acc.tokens or acc.forks:
             self._records.append((step, acc))
             self._token_rows += sum(t.take.numel() for t in acc.tokens)  # an upper bound from shapes: no device sync
@@ -74,7 +77,8 @@ class HandOff:
         row = steps_row(step, parts, select_method=self.select_method, selected=selected,
                         dropped=sum(p.get("dropped", 0) for p in parts))
         row["time"] = dt.datetime.now(dt.timezone.utc)
-        self._rows.append(row)
+        if self.rank == 0:  # only rank 0 writes steps rows
+            self._rows.append(row)
         self._unchecked.append(row)
         if self.stop_on_alarm:
             with self.ledger.guard("health"):
