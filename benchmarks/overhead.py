@@ -4,6 +4,12 @@
     .venv/bin/python benchmarks/overhead.py --config tiny --steps 200 --rounds 5 --threads 1
     .venv/bin/python benchmarks/overhead.py --config bigvocab --steps 40 --rounds 4
     .venv/bin/python benchmarks/overhead.py --config tiny --variants plain,forkwatch,trl_log_completions
+    .venv/bin/python benchmarks/overhead.py --config tiny --steps 300 --rounds 6 --variants forkwatch,trl_log_completions
+    .venv/bin/python benchmarks/overhead.py --config tiny --steps 100 --hook-times                # forkwatch per hook
+    .venv/bin/python benchmarks/overhead.py --steps 100 --hook-times --variants forkwatch+no_probes  # the same, probes off
+
+The lead's figure (whole train() at torch's default threads, on a quiet machine): the `--steps 300 --rounds 6
+--variants forkwatch,trl_log_completions` line; every round runs plain, forkwatch and log_completions interleaved.
 
 Method (why each piece is there):
 - The figure is the wall time of `trainer.train()` — what a user waits for — including forkwatch's `on_train_begin`
@@ -15,6 +21,8 @@ Method (why each piece is there):
   both), and the ratio is taken pair by pair; the table gives the median ratio and its min-max over rounds.
 - `--threads 0` (the default) leaves torch at its own default thread count, as a user's run is; `--threads N` pins
   it. Background threads compete with torch's intra-op threads for the cores only at the default.
+- Every round runs `plain` once and each variant against it, in an order that rotates per round, so with
+  `--variants forkwatch,trl_log_completions` the three are interleaved in every round and compared to the same plain.
 - Besides wall time: the process's CPU time (all threads, user + system) over `train()`, which load from other
   processes does not inflate, so a noisy machine still shows what forkwatch adds.
 
@@ -59,6 +67,7 @@ VARIANTS: dict[str, tuple[dict | None, dict]] = {  # name: (forkwatch options or
     "forkwatch": ({}, {}),
     "forkwatch+group_js": (dict(group_js=True), {}),
     "forkwatch+no_records": (dict(record_completions_per_step=0), {}),
+    "forkwatch+no_probes": (dict(probe_every=0), {}),
     "trl_log_completions": (None, dict(log_completions=True)),
 }
 
@@ -105,16 +114,100 @@ def run_variant(config: str, model, name: str, steps: int, tmp: Path) -> tuple[f
     return wall, cpu
 
 
+def _module_hooks() -> list[tuple[type, str]]:
+    """The methods forkwatch's forward hooks call (inside TRL's forwards)."""
+    from forkwatch.plugin.gen_scores import GenScorer
+    from forkwatch.plugin.monitor import Monitor
+
+    return [(GenScorer, "on_forward"), (Monitor, "on_model_forward"), (Monitor, "on_backbone_forward")]
+
+
+def hook_times(opts) -> None:
+    """forkwatch's CPU time on the training thread per optimizer step, by hook: `time.thread_time_ns` around each
+    entry point, which load from other processes does not inflate. A seam wrapper's own time is its total minus the
+    TRL method it wraps (timed separately by patching the class before `attach`); the module hooks that run inside
+    TRL's methods (forward hooks, the generation-time scorer) are timed on their own and reported apart."""
+    from trl import GRPOTrainer
+
+    spent: dict[str, int] = {}
+    now = time.thread_time_ns
+
+    def timer(fn, key: str):
+        def timed(*a, **k):
+            t0 = now()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] = spent.get(key, 0) + now() - t0
+
+        return timed
+
+    seams = ("_generate_and_score_completions", "_calculate_rewards", "_compute_loss", "get_high_entropy_mask",
+             "_generate_single_turn")
+    originals = {n: getattr(GRPOTrainer, n) for n in seams if hasattr(GRPOTrainer, n)}
+    for n, fn in originals.items():  # TRL's own time inside each wrapped seam
+        setattr(GRPOTrainer, n, timer(fn, "trl:" + n))
+    # forkwatch's module hooks run inside TRL's methods: timed apart, and subtracted from TRL's time
+    for owner, name in _module_hooks():
+        setattr(owner, name, timer(getattr(owner, name), f"hook:{owner.__name__}.{name}"))
+    from forkwatch.plugin.callback import ForkwatchCallback
+
+    for name in ("on_step_end", "on_log", "on_save"):
+        setattr(ForkwatchCallback, name, timer(getattr(ForkwatchCallback, name), "callback:" + name))
+    import forkwatch
+
+    attach = forkwatch.attach
+
+    def attach_timed(trainer, **kw):
+        cb = attach(trainer, **kw)
+        for n in seams:  # forkwatch's wrappers, installed on the instance
+            if n in trainer.__dict__:
+                setattr(trainer, n, timer(trainer.__dict__[n], "seam:" + n))
+        return cb
+
+    forkwatch.attach = attach_timed
+    variant = next((v for v in opts.variants.split(",") if v.startswith("forkwatch")), "forkwatch")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_variant(opts.config, base_model(opts.config), variant, 5, Path(tmp) / "warm")
+            spent.clear()
+            run_variant(opts.config, base_model(opts.config), variant, opts.steps, Path(tmp) / "timed")
+    finally:
+        forkwatch.attach = attach
+        for n, fn in originals.items():
+            setattr(GRPOTrainer, n, fn)
+    ms = {k: v / opts.steps / 1e6 for k, v in spent.items()}
+    hooked = sum(v for k, v in ms.items() if k.startswith("hook:"))
+    rows = {}
+    for n in seams:
+        if "seam:" + n in ms:
+            rows[n] = ms["seam:" + n] - ms.get("trl:" + n, 0.0)
+    rows.update({k.split(":", 1)[1]: v for k, v in ms.items() if k.startswith(("callback:", "hook:"))})
+    # the forward hooks ran inside TRL's time, which the seam rows already subtracted: they are counted once, here
+    total = sum(rows.values())
+    print(f"config={opts.config} variant={variant} steps={opts.steps} torch_threads={torch.get_num_threads()} "
+          f"load={os.getloadavg()[0]:.1f}: forkwatch's training-thread CPU time, ms per step (module hooks inside "
+          f"TRL's calls: {hooked:.3f})")
+    for k, v in sorted(rows.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<40}{v:>8.3f}")
+    print(f"  {'total':<40}{total:>8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=list(CONFIGS), default="tiny")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per train()")
-    ap.add_argument("--rounds", type=int, default=5, help="pairs per variant")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per train()")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds; each runs plain and every variant once")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
-    ap.add_argument("--variants", default="forkwatch", help=f"comma-separated, each against plain: {list(VARIANTS)}")
+    ap.add_argument("--variants", default="forkwatch,trl_log_completions",
+                    help=f"comma-separated, each against plain: {list(VARIANTS)}")
+    ap.add_argument("--hook-times", action="store_true",
+                    help="instead: forkwatch's training-thread CPU time per hook per step, one forkwatch run")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(opts.threads or DEFAULT_THREADS)
+    if opts.hook_times:
+        return hook_times(opts)
     names = [v for v in opts.variants.split(",") if v != "plain"]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -127,13 +220,14 @@ def main() -> None:
     ratios: dict[str, list[float]] = {n: [] for n in names}
     cpu_ratios: dict[str, list[float]] = {n: [] for n in names}
     started = time.perf_counter()
+    every = ["plain", *names]
     for r in range(opts.rounds):
+        order = every[r % len(every):] + every[: r % len(every)]  # rotated: drift in load falls on every variant
+        got = {v: run_variant(opts.config, model, v, opts.steps, tmp / f"r{r}-{v}") for v in order}
+        for v, (w, c) in got.items():
+            wall[v].append(w)
+            cpu[v].append(c)
         for name in names:
-            order = ["plain", name] if r % 2 == 0 else [name, "plain"]
-            got = {v: run_variant(opts.config, model, v, opts.steps, tmp / f"r{r}-{name}-{v}") for v in order}
-            for v, (w, c) in got.items():
-                wall[v].append(w)
-                cpu[v].append(c)
             ratios[name].append(got[name][0] / got["plain"][0])
             cpu_ratios[name].append(got[name][1] / got["plain"][1])
     print(f"config={opts.config} steps={opts.steps} rounds={opts.rounds} torch_threads={torch.get_num_threads()} "

@@ -113,7 +113,7 @@ def verdicts(log_dir: Path, names: list[str]) -> tuple[dict[str, str], list[str]
             continue
         rep = r["report"]
         found[name] = rep.verdict
-        alarms = [f for f in rep.flags if f.kind == rep.verdict]
+        alarms = [f for f in rep.flags if f.is_alarm and f.kind == rep.verdict]
         where = f"  {alarms[-1].rule} at step {alarms[-1].fired_at}" if alarms else ""
         early = rep.early_entropy if rep.early_entropy is not None else float("nan")
         lines.append(f"  {name:<20} {rep.verdict.upper():<12} early entropy {early:.3f}{where}")

@@ -15,7 +15,7 @@ from packaging.version import Version
 logger = logging.getLogger(__name__)
 TESTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high): the seams were verified on this range
 _SEAMS = ("_generate_and_score_completions", "_calculate_rewards", "_compute_loss", "get_high_entropy_mask",
-          "_get_per_token_logps_and_entropies", "accelerator", "temperature", "top_entropy_quantile")
+          "accelerator", "temperature", "top_entropy_quantile")
 
 
 def attach(trainer, **options) -> ForkwatchCallback:
@@ -57,12 +57,13 @@ def attach(trainer, **options) -> ForkwatchCallback:
         if selector.needs_group_js and config.group_js is False:
             raise ValueError(f"select={config.select!r} scores tokens by group_js: set group_js='auto' or True")
 
-    from forkwatch.plugin.hooks import install, make_projector, target_model
+    from forkwatch.plugin.head import HeadProjector
+    from forkwatch.plugin.hooks import install, target_model
     from forkwatch.plugin.monitor import Monitor
 
     target = target_model(trainer)
     monitor = Monitor(
-        trainer, config, selector=selector, project=make_projector(target, trainer.temperature),
+        trainer, config, selector=selector, project=HeadProjector(target, trainer.temperature),
         backbone=target.base_model,
     )
     probes = None

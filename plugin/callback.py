@@ -1,15 +1,11 @@
-"""`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab), one `steps` row per optimizer step, and the
-`forkwatch/...` scalars in the trainer's own logs. Shaped like TRL's callbacks: it overrides only the events it needs,
-only rank 0 writes rows and logs, every hook is guarded, and what it installed is removed at train end.
+"""`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab, probes, checkpoints) and the end of each step.
+Shaped like TRL's callbacks: it overrides only the events it needs, only rank 0 logs, every hook is guarded, and what
+it installed is removed at train end.
 
-What runs where at the end of a step: the `steps` row and every scalar it holds are computed on the training thread
-and logged for the step they describe. The step's recorded tokens, forks and completions wait in `Pending` until a
-hand-off, at the end of a step once `worker_interval_s` (default 1 s) has passed since the last one (so every step
-of a run whose steps take longer). A hand-off, on the training thread: the steps rows go to the writer as one batch
-and through the live health rules (whose flags `on_log` acts on at once: warning, on_alarm="stop"); the recorded
-rows cross to the host (plugin/record_columns.py) and go to the writer as one deferred job, which turns them into
-columns and decodes the text on the writer's thread. The `forkwatch/alarm/<kind>` scalars describe the series as of
-the last hand-off. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is pending.
+At the end of a step it takes the step's captures from the monitor, gathers every rank's summary on rank 0, gives
+both to the `HandOff` (plugin/handoff.py: the steps row, the scalars logged for the step, the hand-off to the writer)
+and acts on the health flags the hand-off returns: a warning in the log and, with on_alarm="stop", the end of
+training at this step. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is waiting.
 """
 
 from __future__ import annotations
@@ -24,11 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from forkwatch.plugin.config import ForkwatchConfig
-from forkwatch.plugin.pending import Pending
+from forkwatch.plugin.handoff import HandOff, describe, is_alarm
 from forkwatch.plugin.probes import ProbeRunner
-from forkwatch.plugin.record_columns import to_host
-from forkwatch.plugin.step_row import SELECT_PREFIX, select_means, step_row
-from forkwatch.store.health import ALARM_KINDS, LiveMonitor
 from forkwatch.store.roles import roles_of
 from transformers import TrainerCallback
 
@@ -57,10 +50,7 @@ class ForkwatchCallback(TrainerCallback):
         self.run_id: str | None = None
         self.resume_step: int | None = None
         self._resume_run_id: str | None = None
-        self._health: LiveMonitor | None = None
-        self._alarms: list[Any] = []
-        self._alarm_scalars: dict[str, float] = {}
-        self._pending = Pending(config.worker_interval_s)
+        self.handoff: HandOff | None = None
         self._stopped_by_alarm = False
         self._faults_written = 0  # the ledger's total when run.json was last written
         self._rank_faults: dict[int, dict[str, int]] = {}  # rank 0: every rank's fault counts, as last gathered
@@ -78,7 +68,7 @@ class ForkwatchCallback(TrainerCallback):
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             self.resume_step = int(json.load(f)["global_step"])
-        self.monitor.load_select_rng(checkpoint)
+        self.monitor.selection.load_rng(checkpoint)
         path = os.path.join(checkpoint, CHECKPOINT_FILE)
         if os.path.isfile(path):
             with open(path) as f:
@@ -108,15 +98,19 @@ class ForkwatchCallback(TrainerCallback):
         if self.probes is not None and self.probes.probes is not None and self.resume_step is None:
             with self.monitor.faults.guard("probes"):
                 self._score_probes(0)  # the policy before training: what the later scorings are compared with
-        self._alarm_scalars = {}
-        # the rules were checked at attach (ForkwatchConfig): building the monitor cannot fail on them here
-        self._health = LiveMonitor(cfg.health_rules, vocab_size=self._vocab_size())
+        proc = tr.processing_class
+        self.handoff = HandOff(
+            self.writer, ledger=self.monitor.faults, rank=acc.process_index, tokenizer=getattr(proc, "tokenizer", proc),
+            interval_s=cfg.worker_interval_s, max_rows=cfg.queue_rows, select_method=cfg.select,
+            health_rules=cfg.health_rules, vocab_size=self._vocab_size(), stop_on_alarm=cfg.on_alarm == "stop",
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         summary: dict[str, Any] = {}
         t0 = time.perf_counter()
         ledger = self.monitor.faults
+        acc = None
         with ledger.guard("step_end"):
             acc = self.monitor.take_step(step)
             summary = acc.collect()
@@ -126,7 +120,6 @@ class ForkwatchCallback(TrainerCallback):
             summary["dropped"] = ledger.total_dropped()
             summary["faults"] = ledger.faults
             summary["rank"] = self.monitor.rank
-            self._pending.add(step, acc)
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         parts = [summary]
         if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
@@ -134,58 +127,43 @@ class ForkwatchCallback(TrainerCallback):
 
             parts = gather_object([summary])
         scalars: dict[str, float] = {}
-        if state.is_world_process_zero:
+        if acc is not None:
             with ledger.guard("step_row"):
-                scalars = self._step_row(step, [p for p in parts if p])
-        if self._pending.due():
-            self._hand_off()
-        if scalars:
+                # rank 0 builds the steps row; with on_alarm="stop" every rank does, to stop at the same step
+                rows_here = state.is_world_process_zero or self.config.on_alarm == "stop"
+                parts = [p for p in parts if p] if rows_here else None
+                for p in parts if state.is_world_process_zero else ():
+                    self._rank_faults[p.get("rank", 0)] = p.get("faults", {})
+                scalars = self.handoff.add(step, acc, parts)
+        if self.handoff.due():
+            self._act_on(self._hand_off(), control)
+        if scalars and state.is_world_process_zero:
             with ledger.guard("log"):
-                scalars.update(self._alarm_scalars)  # the health rules as of the last hand-off
+                scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
                 metrics = self.trainer._metrics["train"]
                 for k, v in scalars.items():
                     metrics[LOG_PREFIX + k].append(v)
 
-    def _step_row(self, step: int, parts: list[dict[str, Any]]) -> dict[str, float]:
-        """Rank 0: the step's `steps` row (pending until the next hand-off) and the scalars to log for it, which
-        go to TRL's own metric buffer: `log` averages them over the logging window and hands them to log_history and
-        every report_to integration, exactly like TRL's `entropy`."""
-        if not parts:
-            return {}
-        for p in parts:
-            self._rank_faults[p.get("rank", 0)] = p.get("faults", {})
-        selected = select_means(parts)
-        row = step_row(step, parts, select_method=self.config.select, selected=selected,
-                       dropped=sum(p.get("dropped", 0) for p in parts))
-        row["time"] = dt.datetime.now(dt.timezone.utc)
-        self._pending.add(step, row=row)
-        scalars = {k: float(v) for k, v in row.items() if k not in ("step", "time") and not k.startswith(SELECT_PREFIX)
-                   and v is not None and not isinstance(v, list)}
-        scalars.update({f"select/{k}": v for k, v in selected.items()})
-        scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
-        return scalars
-
-    def _hand_off(self, *, health: bool = True) -> None:
-        """Give the pending steps to the writer: their steps rows as one batch (and through the health rules), their
-        recorded rows as one deferred job. Training thread; each part guarded on its own, so a fault in one does not
-        cost the others."""
-        ledger = self.monitor.faults
-        records, rows = self._pending.take()
-        if rows:
-            with ledger.guard("steps_rows"):
-                keys = dict.fromkeys(k for r in rows for k in r)
-                self.writer.put("steps", {k: [r.get(k) for r in rows] for k in keys})
-            if health and self._health is not None:
-                with ledger.guard("health"):
-                    self._alarms.extend(self._health.update_many(rows))
-                    self._alarm_scalars = {f"alarm/{k}": float(v) for k, v in self._health.active_kinds().items()}
-        if records:
-            with ledger.guard("records"):
-                proc = self.trainer.processing_class
-                host = to_host(records, rank=self.monitor.rank, tokenizer=getattr(proc, "tokenizer", proc))
-                self.writer.submit(host.batches, rows=host.rows, where="records")
-        with ledger.guard("meta"):
+    def _hand_off(self, *, health: bool = True) -> list[Any]:
+        """Run the hand-off (plugin/handoff.py), then bring run.json's fault counts up to date; -> health flags."""
+        flags = self.handoff.run(health=health)
+        with self.monitor.faults.guard("meta"):
             self._write_faults()
+        return flags
+
+    def _act_on(self, flags: list[Any], control) -> None:
+        """Warn about each new health flag (rank 0); with on_alarm="stop", an alarm ends training at this step (on
+        every rank: each evaluated the same rows)."""
+        rank0 = self.monitor.rank == 0
+        with self.monitor.faults.guard("alarms"):
+            for flag in flags:
+                if rank0:
+                    logger.warning("forkwatch %s %s", flag.severity, describe(flag))
+                if control is not None and self.config.on_alarm == "stop" and is_alarm(flag):
+                    control.should_training_stop = True
+                    if rank0 and not self._stopped_by_alarm:
+                        self.writer.update_meta(stopped_by_alarm=describe(flag))
+                    self._stopped_by_alarm = True
 
     def _write_faults(self) -> None:
         """run.json / rank-NNN.json follow the fault counts while the run goes on (rewritten only when they grow)."""
@@ -200,23 +178,10 @@ class ForkwatchCallback(TrainerCallback):
             fields["faults_by_rank"] = {str(r): c for r, c in sorted(by_rank.items())}
         self.writer.update_meta(**fields)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or logs is None:
-            return
-        with self.monitor.faults.guard("log"):
-            # the flags of the last hand-off (this step's, when it handed off): warn, and stop if asked
-            for flag in self._alarms:
-                _warn(flag)
-                if self.config.on_alarm == "stop" and flag.kind in ALARM_KINDS:
-                    control.should_training_stop = True
-                    self._stopped_by_alarm = True
-                    self.writer.update_meta(stopped_by_alarm=f"{flag.rule} at step {flag.fired_at}: {flag.message}")
-            self._alarms.clear()
-
     def on_save(self, args, state, control, **kwargs):
         if self.writer is None:
             return
-        self._hand_off()
+        self._act_on(self._hand_off(), control)
         with self.monitor.faults.guard("save"):
             self.writer.flush(timeout=60)  # the records of steps up to this checkpoint are on disk first
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -224,14 +189,11 @@ class ForkwatchCallback(TrainerCallback):
                 with open(os.path.join(ckpt, CHECKPOINT_FILE), "w") as f:
                     json.dump({"run_id": self.run_id, "step": state.global_step}, f)
             if os.path.isdir(ckpt):
-                self.monitor.save_select_rng(ckpt)  # every rank: a resume draws the same selections
+                self.monitor.selection.save_rng(ckpt)  # every rank: a resume draws the same selections
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.writer is not None:
-            self._hand_off()
-        for flag in self._alarms:  # the last steps' alarms: warned about, though no log of this run follows
-            _warn(flag)
-        self._alarms.clear()
+            self._act_on(self._hand_off(), None)  # the last steps' flags: warned about; training has ended anyway
         self.close("stopped" if self._stopped_by_alarm else "finished")
 
     def close(self, status: str) -> None:
@@ -243,10 +205,11 @@ class ForkwatchCallback(TrainerCallback):
                 uninstall()
         if self.writer is None:
             return
-        if self._pending:  # a crash or Ctrl-C: what is pending is written all the same
+        if self.handoff:  # a crash or Ctrl-C: what is waiting is written all the same
             self._hand_off(health=False)
-        with self.monitor.faults.guard("meta"):
-            self._write_faults()
+        else:
+            with self.monitor.faults.guard("meta"):
+                self._write_faults()
         writer, self.writer = self.writer, None
         faults = self.monitor.faults.faults
         if faults:
@@ -312,7 +275,3 @@ class ForkwatchCallback(TrainerCallback):
                 "learning_rate", "seed")},
         }
 
-
-def _warn(flag) -> None:
-    """A health flag as a person reads it: the rule, the step it fired at, and the rule's own account."""
-    logger.warning("forkwatch alarm %s at step %s: %s", flag.rule, flag.fired_at, flag.message)

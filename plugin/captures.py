@@ -3,7 +3,7 @@ over ALL tokens.
 
 Tensors stay on the training device while a step runs; `StepAccumulator.collect` moves the aggregates to the CPU once
 per step (after TRL's own synchronisation), so the hot path only queues device tensors. The recorded rows cross to
-the host at a hand-off (plugin/record_columns.py), on the training thread.
+the host at a hand-off (plugin/record_copy.py), on the training thread.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from forkwatch.plugin.metrics import covariance
+from forkwatch.plugin.metrics import covariance, no_grad
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The one device -> host copy of a tensor (a free view on a CPU device)."""
     return t.detach().to("cpu", non_blocking=False).numpy()
 
 
@@ -48,7 +49,7 @@ class TokenBatch:
                 self.selected is None)
 
 
-@torch.no_grad()
+@no_grad
 def token_rows(steps: list[int], batches: list[TokenBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recorded tokens of same-shaped batches (batch i of step steps[i]), stacked into (K, B, T) so that the
     copy costs the same ~25 tensor ops for K micro-batches as for one. -> (N, 6) float32 statistics (STATS order),
@@ -82,7 +83,7 @@ class ForkBatch:
 @dataclass
 class GenBatch:
     """Per-completion facts of the current generation batch (b rows, device tensors); rows of the loss micro-batches
-    are found by completion id: row = id % 2**20 - offset, valid while id // 2**20 == key."""
+    are found by completion id (plugin/row_ids.py `rows_in_generation`)."""
 
     key: int
     offset: int
@@ -148,7 +149,7 @@ class StepAccumulator:
     def collect(self) -> dict[str, Any]:
         """Picklable summary for the cross-rank gather: per-token values as numpy, counts as numbers. Everything
         crosses to the CPU in one copy (one device synchronisation)."""
-        flat = _np(torch.cat([v for _, _, v in self.values]).double()) if self.values else np.zeros(0)
+        flat = to_numpy(torch.cat([v for _, _, v in self.values]).double()) if self.values else np.zeros(0)
         found: dict[str, list[np.ndarray]] = {name: [] for name in (*self.SERIES, *self.COUNTS)}
         at = 0
         for names, sizes, _ in self.values:

@@ -102,7 +102,8 @@ class ForkwatchConfig:
         metadata={
             "help": "Steps shorter than this are handed to forkwatch's writer together, at most once per this many "
             "seconds (copying the recorded rows out, text decoding, the live health rules: fixed costs that would "
-            "dominate small steps); longer steps are handed over at their end. Alarms act at the hand-off. "
+            "dominate small steps); longer steps are handed over at their end. Warnings come at the hand-off; with "
+            "on_alarm='stop' the rules also run at every step end, so training stops at the alarm's own step. "
             "0 hands over every step."
         },
     )
@@ -127,7 +128,9 @@ class ForkwatchConfig:
         },
     )
     on_alarm: Literal["log", "stop"] = field(
-        default="log", metadata={"help": "'log' warns when a health rule fires; 'stop' also ends training."}
+        default="log",
+        metadata={"help": "'log' warns when a health rule fires; 'stop' also ends training at the end of the step "
+                  "where an alarm fired (the rules then run at every step end)."},
     )
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ policy-gradient norm at the logits (cross-token terms ignored: each token's logi
 from __future__ import annotations
 
 import torch
+from forkwatch.plugin.metrics import no_grad
 
 DIAGNOSTICS = ("grad_share", "kept_p_mean", "kept_entropy_mean", "entropy_overlap")
 
@@ -22,7 +23,7 @@ def logit_grad_sq(logprob: torch.Tensor, log_sum_sq: torch.Tensor) -> torch.Tens
     return (1.0 - 2.0 * logprob.exp() + log_sum_sq.exp()).clamp(min=0.0)
 
 
-@torch.no_grad()
+@no_grad
 def selection_diagnostics(
     weights: torch.Tensor,
     mask: torch.Tensor,

@@ -18,7 +18,6 @@ import functools
 from collections.abc import Callable
 
 import torch
-from forkwatch.plugin.head import HeadProjector
 from forkwatch.plugin.monitor import Monitor
 
 
@@ -26,11 +25,6 @@ def target_model(trainer) -> torch.nn.Module:
     """The causal LM whose forward TRL patched (the base model under a PEFT adapter)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
-
-
-def make_projector(model: torch.nn.Module, temperature: float) -> HeadProjector:
-    """(N, H) hidden -> (N, V) logits / T, as TRL's fused head computes them; usable inside `materialised()`."""
-    return HeadProjector(model, temperature)
 
 
 def install(trainer, monitor: Monitor) -> Callable[[], None]:
@@ -81,11 +75,9 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
         return _generate_and_score_completions
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    # the hidden states serve the fallbacks: forks without generation-time alternatives, group_js scored at the loss
-    watch_backbone = monitor.backbone is not None and (monitor.forks_on or monitor.group_js_on)
 
     def model_hook(module, args, kwargs, output):
-        if monitor._mb is None:
+        if not monitor.capturing:
             return
         if monitor.selector is not None:  # the selection reads these log-probs: a capture fault must not hide
             monitor.on_model_forward(kwargs, output)
@@ -94,7 +86,7 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
             monitor.on_model_forward(kwargs, output)
 
     def backbone_hook(module, args, output):
-        if monitor._mb is None:
+        if not monitor.capturing:
             return
         with guard("backbone_forward"):
             monitor.on_backbone_forward(output)
@@ -104,9 +96,10 @@ def install(trainer, monitor: Monitor) -> Callable[[], None]:
             handles = []
             with guard("loss_begin"):
                 monitor.begin_micro_batch(inputs)
-                if monitor._mb is not None:  # hooked for this pass only: generation's forwards stay on the fast path
+                if monitor.capturing:  # hooked for this pass only: generation's forwards stay on the fast path
                     handles.append(policy.register_forward_hook(model_hook, with_kwargs=True))
-                    if watch_backbone or (monitor.backbone is not None and monitor.rank_due(monitor.step_now())):
+                    # the hidden states serve the fallbacks (forks, group_js at the loss) and the effective rank
+                    if monitor.wants_hidden():
                         handles.append(monitor.backbone.register_forward_hook(backbone_hook))
             try:
                 loss = original(model, inputs)

@@ -7,16 +7,34 @@ or (`group_js_step`) taken one position at a time from the logits generation com
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import math
+from collections.abc import Callable
+from typing import TypeVar
 
-import numpy as np
 import torch
 
 Projector = Callable[[torch.Tensor], torch.Tensor]
-PERCENTILES = (0.10, 0.50, 0.90, 0.99)
+LN2 = math.log(2.0)
+F = TypeVar("F", bound=Callable)
 
 
-@torch.no_grad()
+def no_grad(fn: F) -> F:
+    """`@torch.no_grad()` without its cost where gradients are already off: torch's decorator builds and enters a
+    context on every call (~10 us), and forkwatch's hooks call these functions many times per step, almost always
+    inside TRL's generation or forkwatch's own no-grad hooks already."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@no_grad
 def covariance(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Clip-Cov score c_t = (A - mean A)(log p_t - mean log p), means over the response tokens of the batch.
 
@@ -35,7 +53,16 @@ def covariance(logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     return (adv - mean_a) * (lp - mean_lp) * m
 
 
-@torch.no_grad()
+def keep_count(n: torch.Tensor | int, fraction: float) -> torch.Tensor | int:
+    """ceil(fraction·n), at least 1 where n > 0, 0 where n = 0: of a count (int) or of each count of a tensor (long,
+    same shape). fraction·n is rounded to 9 decimals first, so that 0.07·100 = 7.000000000000001 keeps 7, not 8."""
+    if isinstance(n, int):
+        return max(1, math.ceil(round(n * fraction, 9))) if n > 0 else 0
+    raw = torch.ceil(torch.round(n.double() * fraction, decimals=9))
+    return torch.where(n > 0, raw.clamp(min=1), torch.zeros_like(raw)).long()
+
+
+@no_grad
 def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values: torch.Tensor | None = None
               ) -> torch.Tensor:
     """(B, T) bool: the top `fraction` of masked tokens by entropy (at least one when fraction > 0 and any token).
@@ -44,19 +71,19 @@ def fork_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, values
     values = entropy.detach()[valid].float() if values is None else values  # (N,)
     if fraction <= 0.0 or values.numel() == 0:
         return torch.zeros_like(valid)
-    k = max(1, int(np.ceil(fraction * values.numel())))
+    k = keep_count(values.numel(), fraction)
     threshold = torch.topk(values, k).values[-1]
     return (entropy.detach().float() >= threshold) & valid
 
 
-@torch.no_grad()
+@no_grad
 def rank_of(z: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """Rank of `token` in each row of logits z (0 = most likely; ties share the better rank).
     z (N, V), token (N,) long -> (N,) int64. Temperature does not change a rank."""
     return (z > z.gather(-1, token.unsqueeze(-1))).sum(-1)
 
 
-@torch.no_grad()
+@no_grad
 def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely tokens of softmax(z / temperature) and their probabilities.
     z (N, V) logits -> ids (N, k) int64, probs (N, k) float32. Only k probabilities are normalised, and the
@@ -70,7 +97,7 @@ def topk_probs(z: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch
     return top.indices, (top.values - lse).exp()
 
 
-@torch.no_grad()
+@no_grad
 def topk_alternatives(
     hidden: torch.Tensor, sampled: torch.Tensor, project: Projector, k: int, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +126,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
 
 
-@torch.no_grad()
+@no_grad
 def group_js(
     hidden: torch.Tensor,
     mask: torch.Tensor,
@@ -137,11 +164,11 @@ def group_js(
                 # JS(p||q) = H(M) - (H(p) + H(q)) / 2, with M = (p + q) / 2
                 js = _entropy(m) - 0.5 * (_entropy(p[i]) + h_bar)
                 keep = active[i] & (n_active >= 2)
-                out[rows[i], start:end] = torch.where(keep, js.clamp(0.0, float(np.log(2.0))), 0.0)
+                out[rows[i], start:end] = torch.where(keep, js.clamp(0.0, LN2), 0.0)
     return out
 
 
-@torch.no_grad()
+@no_grad
 def group_js_step(
     logits: torch.Tensor, active: torch.Tensor, groups: torch.Tensor, n_groups: int, temperature: float,
     chunk: int = 64,
@@ -167,44 +194,4 @@ def group_js_step(
         # JS(p||q) = H(M) - (H(p) + H(q)) / 2, with M = (p + q) / 2
         out[start : start + chunk] = _entropy(m) - 0.5 * (_entropy(pi) + h_bar[g])
     keep = active & (n_active[groups] >= 2)
-    return torch.where(keep, out.clamp(0.0, float(np.log(2.0))), 0.0)
-
-
-def percentiles(values: np.ndarray, qs: Sequence[float] = PERCENTILES) -> list:
-    """Linear-interpolated quantiles (numpy's default method) of a 1-D array -> list of floats, NaN for an empty one;
-    of each row of a 2-D array -> one list per row.
-
-    One sort and a vectorised lerp: `np.quantile` costs ~50 us of dispatch per call, which on a small step was a
-    visible share of forkwatch's per-step time.
-    """
-    if values.shape[-1] == 0:
-        nan = [float("nan")] * len(qs)
-        return nan if values.ndim == 1 else [nan for _ in range(values.shape[0])]
-    a = np.sort(values.astype(np.float64, copy=False), axis=-1)
-    n = a.shape[-1]
-    h = (n - 1) * np.asarray(qs, dtype=np.float64)
-    lo = np.floor(h).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    t, below, above = h - lo, a[..., lo], a[..., hi]
-    diff = above - below
-    # numpy's _lerp: from the nearer end, so that t = 1 gives `above` exactly
-    return np.where(t >= 0.5, above - diff * (1 - t), below + diff * t).tolist()
-
-
-def summarize(values: np.ndarray, prefix: str) -> dict[str, float]:
-    """{prefix_mean, prefix_p10, prefix_p50, prefix_p90, prefix_p99} over all values (token-weighted)."""
-    return summarize_many({prefix: values})
-
-
-def summarize_many(series: dict[str, np.ndarray]) -> dict[str, float]:
-    """`summarize` of several same-length arrays (a step's entropy, renyi2, group_js) with one sort and one mean:
-    the same numbers, a third of the numpy calls."""
-    if len({v.size for v in series.values()}) > 1:
-        return {k: x for prefix, v in series.items() for k, x in summarize_many({prefix: v}).items()}
-    v = np.stack([a.astype(np.float64, copy=False) for a in series.values()])  # (k, n)
-    means = v.mean(1).tolist() if v.shape[1] else [float("nan")] * len(series)
-    out = {}
-    for prefix, mean, pct in zip(series, means, percentiles(v), strict=True):
-        out[f"{prefix}_mean"] = mean
-        out.update({f"{prefix}_p{round(q * 100)}": x for q, x in zip(PERCENTILES, pct, strict=True)})
-    return out
+    return torch.where(keep, out.clamp(0.0, LN2), 0.0)

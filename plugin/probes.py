@@ -97,6 +97,7 @@ class ProbeRunner:
         self.tokenizer = getattr(proc, "tokenizer", proc)
         self.probes: list[Probe] | None = encode_probes(pairs, self.tokenizer) if pairs else None
         self.scored = False  # scored at least once this run (the first scoring is always due)
+        self._model: torch.nn.Module | None = None  # the causal LM, resolved once (unwrapping costs milliseconds)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (not self.scored or step % self.every == 0)
@@ -129,7 +130,9 @@ class ProbeRunner:
 
         self.scored = True
         tr = self.trainer
-        model = target_model(tr)
+        if self._model is None:  # accelerate's unwrap_model re-reads package metadata on every call
+            self._model = target_model(tr)
+        model = self._model
         try:
             return score_probes(model, self.probes or [], step, temperature=tr.temperature, k=self.top_k,
                                 device=tr.accelerator.device)

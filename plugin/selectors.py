@@ -16,6 +16,7 @@ import math
 
 import torch
 from forkwatch.plugin import metrics
+from forkwatch.plugin.metrics import keep_count
 from forkwatch.plugin.policy_loss import (
     NORMALISER_SCOPE,
     PER_COMPLETION_MEAN,
@@ -33,15 +34,6 @@ NAN = float("nan")
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks (pure, tested on their own)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def keep_count(n: torch.Tensor, fraction: float) -> torch.Tensor:
-    """ceil(fraction·n), at least 1 where n > 0, 0 where n = 0.  Same shape as n, long.
-
-    fraction·n is rounded to 9 decimals first so that 0.1·30 = 3.0000000000000004 keeps 3 tokens, not 4.
-    """
-    raw = torch.ceil(torch.round(n.double() * fraction, decimals=9))
-    return torch.where(n > 0, raw.clamp(min=1), torch.zeros_like(raw)).long()
 
 
 def _rank_key(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def one(out: Path, seed: int, threads: int, steps: int | None) -> dict:
     fired = {}
     for r in check_runs(result.log_dir):
         rep = r["report"]
-        alarms = [f.fired_at for f in rep.flags if f.kind == rep.verdict]
+        alarms = [f.fired_at for f in rep.flags if f.is_alarm and f.kind == rep.verdict]
         fired[r["name"]] = alarms[-1] if alarms else None
     return {
         "seed": seed, "threads": threads, "seconds": round(result.seconds, 1), "cpu_seconds": round(result.cpu_seconds, 1),

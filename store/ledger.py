@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 class Ledger:
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()  # faults per place (hook or job name)
+        self._faults: Counter[str] = Counter()  # per place (hook or job name)
         self._dropped: Counter[str] = Counter()  # records per table
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -32,8 +32,8 @@ class Ledger:
             yield
         except Exception:
             with self._lock:
-                self.counts[where] += 1
-                first = self.counts[where] == 1
+                self._faults[where] += 1
+                first = self._faults[where] == 1
             if first:
                 logger.exception("forkwatch: error in %s (training continues; later errors here only counted)", where)
 
@@ -53,7 +53,7 @@ class Ledger:
     @property
     def faults(self) -> dict[str, int]:
         with self._lock:
-            return dict(self.counts)
+            return dict(self._faults)
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -62,7 +62,7 @@ class Ledger:
 
     def total_faults(self) -> int:
         with self._lock:
-            return sum(self.counts.values())
+            return sum(self._faults.values())
 
     def total_dropped(self) -> int:
         with self._lock:

@@ -38,6 +38,20 @@ def check_version(found: int | str | None, where: str) -> int:
         )
     return version
 
+# The percentiles of a step's token statistics the `steps` table holds, as fractions: column <stat>_p<100·q>.
+STEP_PERCENTILES = (0.10, 0.50, 0.90, 0.99)
+
+
+def percentile_name(q: float) -> str:
+    """The column suffix of percentile `q` (0.9 -> "p90")."""
+    return f"p{round(q * 100)}"
+
+
+def boolean_columns(schema: pa.Schema) -> frozenset[str]:
+    """The names of `schema`'s boolean columns (so that a writer outside the store need not know Arrow types)."""
+    return frozenset(f.name for f in schema if pa.types.is_boolean(f.type))
+
+
 _RUN_ID = pa.field("run_id", pa.dictionary(pa.int32(), pa.string()), nullable=False)
 _STEP = pa.field("step", pa.int32(), nullable=False)
 _F32 = pa.float32()
@@ -53,7 +67,7 @@ STEPS = pa.schema(
         *[
             pa.field(f"{stat}_{agg}", _F32)
             for stat in ("entropy", "renyi2", "group_js")
-            for agg in ("mean", "p10", "p50", "p90", "p99")
+            for agg in ("mean", *map(percentile_name, STEP_PERCENTILES))
         ],
         pa.field("fork_fraction", _F32),
         pa.field("selected_fraction", _F32),  # response tokens with non-zero gradient weight (1.0 without selection)

@@ -82,7 +82,7 @@ def main(out: Path, backend: str, names: list[str]) -> None:
         trainer.train()
         rank = trainer.accelerator.process_index
         result = dict(curve=[(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h],
-                      faults=dict(cb.monitor.faults.counts), group_js_fallbacks=dict(cb.monitor.group_js_fallbacks),
+                      faults=dict(cb.monitor.faults.faults), group_js_fallbacks=dict(cb.monitor.group_js_fallbacks),
                       fork_fallbacks=dict(cb.monitor.fork_fallbacks), head_sharded=head_is_sharded(trainer))
         (out / f"{backend}-{name}-rank{rank}.json").write_text(json.dumps(result))
 

@@ -1,6 +1,8 @@
 """The layering, checked on the code: `store/` never imports torch, transformers or TRL, and neither does
 `dashboard/` (plugin → store, dashboard → store; only the plugin and the demo touch the model); only the CLI writes
-to the terminal; one background thread and one queue carry records from the plugin to the disk."""
+to the terminal; one background thread and one queue carry records from the plugin to the disk; the plugin (which
+runs on the training thread) draws no progress bar and writes no file except the checkpoint's own; the torch layer
+of the plugin does not know Arrow types."""
 
 from __future__ import annotations
 
@@ -81,3 +83,56 @@ def test_one_background_thread_and_one_queue_from_the_plugin_to_the_disk():
             threads += [f"{folder}/{f.name}" for c in calls if c in ("threading.Thread", "Thread")]
             queues += [f"{folder}/{f.name}" for c in calls if c.startswith("queue.")]
     assert threads == ["store/writer.py"] and queues == ["store/writer.py"]
+
+
+PROGRESS = ("tqdm", "rich", "progress")
+# plugin/ runs on the training thread: its files on disk are written by the writer thread (store/), except what a
+# checkpoint must hold at the moment TRL saves it (the run id a resume continues, the selector's generator state)
+
+
+def _writes(path: Path) -> list[str]:
+    """Every call that writes a file: open() with a mode holding w/a/x/+, json.dump / torch.save / np.save /
+    pq.write_table and the like, Path.write_text/write_bytes."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        if name == "open" or name.endswith(".open"):
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
+                                                                 None)
+            text = mode.value if isinstance(mode, ast.Constant) else "r" if mode is None else "?"
+            if not isinstance(text, str) or set(text) & set("wax+?"):
+                found.append(f"{name}(mode={text!r})")
+        elif name.split(".")[-1] in ("dump", "save", "savez", "write_table", "write_text", "write_bytes", "to_parquet",
+                                     "rename", "replace", "makedirs", "mkdir"):
+            found.append(name)
+    return found
+
+
+def test_the_plugin_writes_no_file_on_the_training_thread_except_the_checkpoints_own():
+    files = sorted((ROOT / "plugin").glob("*.py"))
+    assert len(files) > 10
+    seen = {}
+    for f in files:
+        writes = _writes(f)
+        key = f"plugin/{f.name}"
+        if writes:
+            seen[key] = writes
+    # open(..., "w") + json.dump of forkwatch.json; torch.save of the selector generator
+    assert {k: len(v) for k, v in seen.items()} == {"plugin/callback.py": 2, "plugin/select_seam.py": 1}, seen
+    assert seen["plugin/callback.py"] == ["open(mode='w')", "json.dump"] and seen["plugin/select_seam.py"] == [
+        "torch.save"]
+
+
+def test_the_plugin_draws_no_progress_bar():
+    for f in sorted((ROOT / "plugin").glob("*.py")):
+        bad = {m for m in _imports(f) if m.split(".")[0] in PROGRESS}
+        bad |= {c for c in _calls(f) if c.split(".")[0] in PROGRESS or c.endswith("tqdm")}
+        assert not bad, f"plugin/{f.name} draws progress: {sorted(bad)}"
+
+
+def test_the_torch_layer_of_the_plugin_does_not_import_arrow():
+    for f in sorted((ROOT / "plugin").glob("*.py")):
+        bad = {m for m in _imports(f) if m.split(".")[0] in ("pyarrow", "duckdb")}
+        assert not bad, f"plugin/{f.name} imports {sorted(bad)}: Arrow types are the store's business"

@@ -50,7 +50,7 @@ def test_generation_time_group_js_equals_the_extra_pass_on_the_same_batch(make_t
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True)
     seen = _capture(trainer)
     trainer.train()
-    assert seen and not cb.monitor.group_js_fallbacks and not cb.monitor.faults.counts
+    assert seen and not cb.monitor.group_js_fallbacks and not cb.monitor.faults.faults
     diff = max(float((s["gen"] - s["ref"]).abs().max()) for s in seen)
     logger.info("generation-time vs extra-pass group_js: max |diff| = %.3g", diff)
     assert diff < 1e-4
@@ -75,7 +75,7 @@ def test_generation_the_hook_never_sees_falls_back_to_the_extra_pass(make_traine
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True)
     seen = _capture(trainer)
     trainer.train()
-    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 1} and not cb.monitor.faults.counts
+    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 1} and not cb.monitor.faults.faults
     assert dict(cb.monitor.fork_fallbacks) == {"no_logits": 1}  # fork alternatives from the gathered head
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     assert meta["group_js_fallbacks"] == {"no_logits": 1}  # the counts reach run.json
@@ -106,7 +106,7 @@ def test_without_generation_logits_the_loss_pass_scores_group_js_from_its_own_st
 
     trainer._generate_and_score_completions = spy
     trainer.train()
-    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.counts
+    assert dict(cb.monitor.group_js_fallbacks) == {"no_logits": 2} and not cb.monitor.faults.faults
     con = connect(str(tmp_path / "runs"))
     for step, (row_ids, ref) in enumerate(refs, start=1):
         got = con.execute("SELECT completion_id, position, group_js FROM tokens WHERE step = ?", [step]).fetchall()
@@ -141,7 +141,7 @@ def test_generation_time_fork_alternatives_equal_a_projection_of_the_same_batch(
                           record_completions_per_step=None, stat_mantissa_bits=None)
     seen = _capture_alternatives(trainer)
     trainer.train()
-    assert seen and not cb.monitor.fork_fallbacks and not cb.monitor.faults.counts
+    assert seen and not cb.monitor.fork_fallbacks and not cb.monitor.faults.faults
     out, (probs, z, top) = seen[0]  # the reference was projected before the first optimizer step
     mask = out["completion_mask"].bool()
     ids, alt_p, rank = out["forkwatch_alt_ids"], out["forkwatch_alt_probs"], out["forkwatch_alt_rank"]
@@ -211,3 +211,46 @@ def test_the_head_projector_gives_the_models_own_logits_over_temperature(make_tr
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if arch == "gemma2_softcap":
         assert float(want.abs().max()) < 0.5 / 0.7 + 1e-6  # the cap is really applied
+
+
+def _scripted_generation(scorer, steps: int = 5, b: int = 4, v: int = 11, eos: int = 3):
+    """Feed `scorer` a prefill and `steps - 1` decode forwards of random logits, one sampled token fed back per step
+    (row 1 draws EOS at step 2); -> (completion_ids, completion_mask) as TRL would build them."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    scorer.eos = torch.tensor([eos])
+    scorer.reset()
+    scorer.arm()
+    drawn = []
+    for s in range(steps):
+        z = torch.randn(b, 1 if s else 3, v, generator=g)
+        kwargs = {"input_ids": drawn[-1].view(b, 1)} if s else {}
+        scorer.on_forward(kwargs, SimpleNamespace(logits=z))
+        tok = torch.randint(4, v, (b,), generator=g)
+        if s == 2:
+            tok[1] = eos
+        drawn.append(tok)
+    scorer.disarm()
+    ids = torch.stack(drawn, 1)
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # after its EOS
+    return ids, mask
+
+
+def test_scoring_steps_in_batches_equals_scoring_each_step(monkeypatch):
+    from forkwatch.plugin.gen_scores import GenScorer
+
+    def evidence(pending_values: int):
+        monkeypatch.setattr(GenScorer, "PENDING_VALUES", pending_values)
+        scorer = GenScorer(temperature=0.7, num_generations=2, rank=0, chunk=64, group_js=True, top_k=3)
+        ids, mask = _scripted_generation(scorer)
+        out, reason = scorer.take(ids, mask)
+        assert reason is None
+        return out
+
+    each, together, pairs = evidence(1), evidence(2**30), evidence(2 * 4 * 11)  # every step, once, every 2 steps
+    for other in (together, pairs):
+        for name in ("group_js", "alt_ids", "alt_probs", "rank"):
+            torch.testing.assert_close(getattr(other, name), getattr(each, name), rtol=0, atol=0)
+    assert each.group_js[1, 3:].abs().sum() == 0 and each.group_js[0].abs().sum() > 0  # finished row: 0 after EOS

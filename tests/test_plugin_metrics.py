@@ -103,7 +103,12 @@ def test_fork_mask_keeps_top_fraction_of_masked_tokens():
     assert forks.tolist() == [[False, True, True, False], [False, True, False, False]]
 
 
-def test_summarize_is_token_weighted_with_linear_percentiles():
-    values = np.arange(101, dtype=np.float32)
-    s = metrics.summarize(values, "entropy")
-    assert s["entropy_mean"] == 50.0 and s["entropy_p10"] == 10.0 and s["entropy_p99"] == 99.0
+def test_keep_count_rounds_away_float_overshoot_for_counts_and_tensors():
+    assert 0.07 * 100 != 7.0  # the case the rounding is for
+    assert metrics.keep_count(100, 0.07) == 7 and metrics.keep_count(torch.tensor([100]), 0.07).tolist() == [7]
+    assert metrics.keep_count(0, 0.5) == 0 and metrics.keep_count(3, 0.01) == 1
+
+
+def test_fork_mask_counts_like_the_selectors():
+    ent = torch.arange(100, dtype=torch.float32).view(1, 100)
+    assert int(metrics.fork_mask(ent, torch.ones(1, 100), 0.07).sum()) == 7  # not ceil(7.000000000000001) = 8

@@ -82,3 +82,42 @@ def test_a_fault_on_rank_1_is_counted_in_its_file_the_run_and_the_logged_scalar(
     assert logged == [1.0, 2.0]  # rank 0 logs every rank's faults as of each step: one generation per step
     con = connect(str(runs))
     assert con.sql("SELECT faults, faults_detail FROM runs").fetchall() == [(2, "rank 1: generation 2")]
+
+
+STOP_SCRIPT = '''
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import conftest, forkwatch
+make = conftest.make_trainer.__wrapped__(Path({tmp!r}))
+trainer = make(max_steps=8, per_device_train_batch_size=2, num_generations=4, output_dir={out!r})
+forkwatch.attach(trainer, log_dir={runs!r}, run_name="r", on_alarm="stop", worker_interval_s=3600.0,
+                 health_rules={{"min_steps": 2, "sustain_steps": 2, "early_steps": 1}})
+trainer.train()
+Path({out!r}, f"step-{{trainer.accelerator.process_index}}.json").write_text(json.dumps(trainer.state.global_step))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_an_alarm_stops_every_rank_at_the_same_step(tmp_path):
+    """With on_alarm="stop" every rank evaluates the rules over the same gathered rows, so all stop together at the
+    alarm's step (one rank stopping alone would leave the other waiting in a collective until the timeout)."""
+    import re
+
+    tests = str(Path(__file__).parent)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "run.py"
+    script.write_text(STOP_SCRIPT.format(tests=tests, tmp=str(tmp_path), out=str(out), runs=str(tmp_path / "runs")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+         str(script)],
+        capture_output=True, text=True, timeout=110, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    fired = int(re.search(r"at step (\d+)", meta["stopped_by_alarm"]).group(1))
+    steps = [json.loads((out / f"step-{r}.json").read_text()) for r in (0, 1)]
+    assert steps == [fired, fired] and fired < 8 and meta["status"] == "stopped"

@@ -34,7 +34,7 @@ def test_step_mean_entropy_equals_trls_logged_entropy(make_trainer, tmp_path):
     for s in steps:
         assert s["entropy_mean"] == pytest.approx(logged[s["step"]]["entropy"], abs=1e-5)
         assert logged[s["step"]]["forkwatch/entropy_mean"] == pytest.approx(s["entropy_mean"], abs=1e-6)
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
 
 
 def test_per_token_entropy_renyi2_and_group_js_equal_float64_full_logits(make_trainer, tmp_path, tokenizer):
@@ -164,11 +164,11 @@ def test_vocab_and_token_text_name_every_recorded_token(make_trainer, tmp_path, 
     assert con.sql("SELECT count(*) FROM vocab").fetchall()[0][0] == len(tokenizer)
     texts = rows(con, "SELECT token_id, text FROM token_text")
     assert texts and all(t["text"] == tokenizer.decode([t["token_id"]]) for t in texts)
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
 
 
 def test_completion_text_decoding_equals_batch_decode(tokenizer, monkeypatch):
-    from forkwatch.plugin.record_columns import decode
+    from forkwatch.plugin.record_decode import decode
 
     seqs = [[5, 6, tokenizer.eos_token_id, 7], [8], []]
     expected = tokenizer.batch_decode(seqs, skip_special_tokens=True)
@@ -199,7 +199,7 @@ def _token_batch(b: int, t: int, seed: int, take_rows: list[int]):
 def test_token_columns_of_stacked_micro_batches_equal_one_at_a_time():
     """A hand-off stacks same-shaped micro-batches; covariance must stay per micro-batch, rows must not mix."""
     from forkwatch.plugin.metrics import covariance
-    from forkwatch.plugin.record_columns import token_columns
+    from forkwatch.plugin.record_copy import token_columns
 
     steps = [(1, [_token_batch(4, 3, 1, [0, 2]), _token_batch(4, 5, 2, [1])]), (2, [_token_batch(4, 3, 3, [3])])]
     together = token_columns(steps)

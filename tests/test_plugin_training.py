@@ -53,7 +53,7 @@ def test_a_fault_in_a_hook_is_counted_logged_once_and_survived(make_trainer, tmp
     with caplog.at_level(logging.ERROR, logger="forkwatch"):
         trainer.train()
     assert trainer.state.global_step == 3
-    counts = dict(cb.monitor.faults.counts)
+    counts = dict(cb.monitor.faults.faults)
     assert counts["loss_end"] == 3 and counts["model_forward"] >= 3  # the model hook also sees generation calls
     hook_errors = [r for r in caplog.records if r.getMessage().startswith("forkwatch: error in")]
     assert len(hook_errors) == 2  # once per hook, however many times it failed
@@ -84,7 +84,7 @@ def test_configuration_records_every_step(make_trainer, tmp_path, name):
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", group_js=True,
                           record_completions_per_step=None)
     trainer.train()
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
     assert not cb.monitor.group_js_fallbacks  # every configuration is scored during generation
     con = connect(str(tmp_path / "runs"))
     steps = con.sql("SELECT step, n_tokens, entropy_mean, group_js_mean FROM steps ORDER BY step").fetchall()
@@ -115,7 +115,7 @@ def test_selection_seam_weights_the_loss_and_records_selected(make_trainer, tmp_
     assert sel == pytest.approx(1.0) and method == "test_half" and thr == pytest.approx(0.25)
     logged = next(h for h in half.state.log_history if "loss" in h)
     assert logged["forkwatch/select/threshold"] == pytest.approx(0.25)
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
 
 
 def test_attach_refuses_an_out_of_range_option_naming_it(make_trainer):

@@ -107,3 +107,17 @@ def test_crashed_run_is_marked_failed(make_trainer, tmp_path):
     with pytest.raises(RuntimeError, match="reward server down"):
         trainer.train()
     assert _meta(tmp_path)["status"] == "failed"
+
+
+def test_on_alarm_stop_ends_training_at_the_step_of_the_alarm_without_a_hand_off_due(make_trainer, tmp_path):
+    import re
+
+    from forkwatch.store import connect
+
+    # worker_interval_s far longer than the run: no hand-off is due by time, yet the alarm stops its own step
+    trainer, meta = _run(make_trainer, tmp_path, "stop", worker_interval_s=3600.0)
+    fired = int(re.search(r"at step (\d+)", meta["stopped_by_alarm"]).group(1))
+    assert "explosion" in meta["stopped_by_alarm"] and meta["status"] == "stopped"
+    assert trainer.state.global_step == fired < 8
+    steps = connect(str(tmp_path / "runs")).sql("SELECT list(step ORDER BY step) FROM steps").fetchall()[0][0]
+    assert steps == list(range(1, fired + 1))  # every step up to the alarm written, none after

@@ -26,7 +26,7 @@ def test_a_recording_fault_leaves_kl_cov_losses_and_grad_norms_unchanged(make_tr
         if fault:
             cb.monitor.end_micro_batch = _boom
         trainer.train()
-        runs.append((_curve(trainer), dict(cb.monitor.faults.counts)))
+        runs.append((_curve(trainer), dict(cb.monitor.faults.faults)))
     (clean, clean_faults), (faulty, faults) = runs
     assert not clean_faults and faults == {"loss_end": 2}
     assert len(clean) == 2
@@ -36,7 +36,7 @@ def test_a_recording_fault_leaves_kl_cov_losses_and_grad_norms_unchanged(make_tr
 def test_ict_without_group_js_stops_with_an_error_naming_the_cause(make_trainer, tmp_path):
     trainer = make_trainer(max_steps=2)
     cb = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", select="ict", warmup_steps=0)
-    cb.monitor._use_evidence = _boom  # the generation-time evidence fails: no group_js for this batch
+    cb.monitor.evidence._use = _boom  # the generation-time evidence fails: no group_js for this batch
     with pytest.raises(RuntimeError, match="group_js, which is missing") as err:
         trainer.train()
     assert "generation" in str(err.value) and "select='high_entropy'" in str(err.value)
@@ -83,5 +83,5 @@ def test_evaluation_with_a_selector_computes_a_dense_eval_loss(make_trainer, tmp
     cb.monitor.select = spy
     trainer.add_callback(EvaluateMidTraining())
     trainer.train()
-    assert "eval_loss" in evals[0] and not cb.monitor.faults.counts
+    assert "eval_loss" in evals[0] and not cb.monitor.faults.faults
     assert calls[0] is False and calls[-1] is True  # trained on the selection; evaluated on every token

@@ -37,7 +37,7 @@ def test_every_method_trains_and_records_each_selection(make_trainer, tmp_path, 
     trainer = make_trainer(max_steps=2, loss_type="grpo")
     cb = _attach(trainer, tmp_path, name)
     trainer.train()
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
     con = connect(str(tmp_path / "runs"))
     steps = con.sql("SELECT step, select_method, select_warmup FROM steps ORDER BY step").fetchall()
     assert [(s, m) for s, m, _ in steps] == [(1, name), (2, name)]
@@ -79,7 +79,7 @@ def test_methods_train_under_the_configuration_matrix(make_trainer, tmp_path, na
     cb = _attach(trainer, tmp_path, name)
     trainer.train()
     assert trainer.state.global_step == 2
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
@@ -88,7 +88,7 @@ def test_methods_train_with_peft(make_trainer, tmp_path, name):
     trainer = make_trainer(max_steps=2, peft=True)
     cb = _attach(trainer, tmp_path, name)
     trainer.train()
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
 
 
 def test_ict_with_fraction_one_trains_on_exactly_the_tokens_with_a_positive_score(make_trainer, tmp_path):
@@ -97,7 +97,7 @@ def test_ict_with_fraction_one_trains_on_exactly_the_tokens_with_a_positive_scor
     ict = make_trainer(max_steps=2, loss_type="grpo")
     cb = _attach(ict, tmp_path, "ict", fraction=1.0, warmup_steps=0)
     ict.train()
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
     rows = connect(str(tmp_path / "runs")).sql("SELECT group_js, selected FROM tokens").fetchall()
     assert rows and any(js <= 1e-5 for js, _ in rows) and any(js > 1e-5 for js, _ in rows)
     assert all((selected > 0) == (js > 1e-5) for js, selected in rows)
@@ -128,7 +128,7 @@ def test_loss_changing_methods_through_attach_equal_the_reference_seam(make_trai
     attached = make_trainer(**config)
     cb = _attach(attached, tmp_path, name)
     attached.train()
-    assert not cb.monitor.faults.counts
+    assert not cb.monitor.faults.faults
     for p, q in zip(_params(reference), _params(attached), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     plain = make_trainer(**config)

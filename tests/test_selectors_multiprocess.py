@@ -23,7 +23,7 @@ trainer = make(max_steps=2, per_device_train_batch_size=2, num_generations=4, ou
 cb = forkwatch.attach(trainer, log_dir={runs!r}, run_name={name!r}, select={select!r}, stat_mantissa_bits=None,
                       record_completions_per_step=None, **{options!r})
 trainer.train()
-assert not cb.monitor.faults.counts, dict(cb.monitor.faults.counts)
+assert not cb.monitor.faults.faults, dict(cb.monitor.faults.faults)
 '''
 
 

@@ -1,27 +1,26 @@
-"""Recorded rows of handed-off steps: torch -> numpy on the training thread, numpy -> table columns on the writer's.
+"""Training thread, at a hand-off: the recorded rows of the handed-off steps copied from the device to numpy.
 
-`to_host` runs at a hand-off, on the training thread: all its torch work (stacking micro-batches, the covariance,
-picking the recorded rows) happens there, between TRL's own ops, and ends in host copies — one per kind of record,
-free views on a CPU device. `HostRecords.batches` is the deferred producer the writer thread runs: numpy and
-tokenizer decoding only. No torch op runs off the training thread: a second thread's torch ops start a second OpenMP
+All the torch work of recording (stacking micro-batches, the covariance, picking the recorded rows) happens here,
+between TRL's own ops, and ends in host copies — one per kind of record, free views on a CPU device. What crosses to
+the writer thread is `HostRecords`, whose `batches` (plugin/record_decode.py) turns the numpy into table columns and
+decodes the text there. No torch op runs off the training thread: a second thread's torch ops start a second OpenMP
 team that fights the training thread's threads for the same cores, which slows training far more than the work
 itself costs. Arrow types are the store's business (store/arrow_columns.py converts by the schema).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from forkwatch.plugin.captures import CompletionBatch, ForkBatch, StepAccumulator, TokenBatch, token_rows
+from forkwatch.plugin.captures import CompletionBatch, ForkBatch, StepAccumulator, TokenBatch, to_numpy, token_rows
+from forkwatch.plugin.metrics import no_grad
+from forkwatch.plugin.record_decode import completion_columns
 
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+_np = to_numpy
 
 
 @dataclass
@@ -38,14 +37,14 @@ class HostRecords:
     def batches(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Writer thread: (table, columns) for every table with rows. numpy and decoding only."""
         if self.completions:
-            yield "completions", _completion_columns(self.completions, self.rank, self.tokenizer)
+            yield "completions", completion_columns(self.completions, self.rank, self.tokenizer)
         if self.tokens:
             yield "tokens", self.tokens
         if self.forks:
             yield "forks", self.forks
 
 
-@torch.no_grad()
+@no_grad
 def to_host(records: list[tuple[int, StepAccumulator]], *, rank: int, tokenizer: Any) -> HostRecords:
     """Training thread: the recorded tokens, forks and completions of the handed-off steps, copied to numpy."""
     host = HostRecords(rank=rank, tokenizer=tokenizer)
@@ -125,51 +124,3 @@ def _completion_host(steps: list[tuple[int, list[CompletionBatch]]]) -> dict[str
     out["step"] = _step_column(steps, lambda b: b.idx.numel())
     out["reward_names"] = batches[0].reward_names
     return out
-
-
-def _completion_columns(c: dict[str, Any], rank: int, tokenizer: Any) -> dict[str, Any]:
-    """COMPLETIONS columns (minus run_id) with the prompt and completion text. Writer thread: numpy and decoding."""
-    n = len(c["step"])
-    prompts = [tuple(p[m.astype(bool)].tolist()) for p, m in zip(c["prompt_ids"], c["prompt_mask"], strict=True)]
-    completions = [ids[:k].tolist() for ids, k in zip(c["completion_ids"], c["length"], strict=True)]
-    # a prompt comes back once per rollout of its group (and again under num_iterations): decode each one once
-    unique = list(dict.fromkeys(prompts))
-    prompt_text = dict(zip(unique, decode(tokenizer, [list(u) for u in unique]), strict=True))
-    rewards = c.get("rewards")
-    return {
-        "step": c["step"],
-        "rank": np.full(n, rank),
-        "completion_id": c["completion_id"],
-        "group_id": c["group_id"],
-        "prompt": [prompt_text[p] for p in prompts],
-        "completion": decode(tokenizer, completions),
-        "rewards": None if rewards is None else dict(zip(c["reward_names"], rewards.T, strict=True)),
-        "reward": c["reward"],
-        "advantage": c["advantage"],
-        "length": c["length"],
-        "truncated": c["truncated"],
-        "entropy_mean": c["entropy_mean"],
-    }
-
-
-def decode(tokenizer, seqs: list[list[int]]) -> list[str]:
-    """`tokenizer.batch_decode(seqs, skip_special_tokens=True)`, one sequence at a time on this thread. A fast
-    tokenizer whose decoding transformers does not change (no clean-up, methods not overridden) is decoded by its
-    backend directly, which is what `_decode` would do, without transformers' per-token type checks. Never the
-    backend's `decode_batch`: that fans out to the tokenizers library's own thread pool, which would compete with
-    training for the cores."""
-    if _plain_fast_tokenizer(type(tokenizer)) and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        backend = tokenizer.backend_tokenizer
-        return [backend.decode(s, skip_special_tokens=True) for s in seqs]
-    return [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
-
-
-@functools.cache
-def _plain_fast_tokenizer(cls: type) -> bool:
-    try:
-        from transformers import PreTrainedTokenizerFast as Fast
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase as Base
-    except ImportError:  # pragma: no cover - transformers always present with the plugin
-        return False
-    return (issubclass(cls, Fast) and cls._decode is Fast._decode and cls.decode is Base.decode
-            and cls.batch_decode is Base.batch_decode)

@@ -1,5 +1,5 @@
-"""TRL 1.16's batch rules, each written once: which tokens are the response, which ids end a completion, which
-prompt group a row belongs to. The monitor (loss pass, records) and the generation-time scorer both read them, so the
+"""TRL 1.16's batch layout, each rule written once: which tokens are the response, which ids end a completion, which
+prompt group a row belongs to, which states predicted each completion token. The monitor (loss pass, records) and the generation-time scorer both read them, so the
 two can never disagree about a row."""
 
 from __future__ import annotations
@@ -26,3 +26,9 @@ def group_of(global_row: torch.Tensor, num_generations: int) -> torch.Tensor:
     """(B,) prompt group of each row, by its row in the generation batch gathered over ranks (rank * B + row): TRL's
     RepeatSampler puts the G rollouts of a prompt on consecutive global rows."""
     return global_row // num_generations
+
+
+def predicting_states(hidden: torch.Tensor, prompt_len: int, t: int) -> torch.Tensor:
+    """(B, T, H) the states that predicted each completion token, from a forward over prompt + completion (B, P + T,
+    H): position P - 1 + i predicts completion token i."""
+    return hidden[:, prompt_len - 1 : prompt_len - 1 + t]
