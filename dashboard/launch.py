@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from forkwatch.store.location import LOG_DIR_ENV
+
 logger = logging.getLogger(__name__)
 
 APP = Path(__file__).with_name("app.py")
-LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
 # Where the app listens unless told otherwise: this machine only (the SQL page runs text a person typed).
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8501
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from forkwatch.store.arrow_columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
 from forkwatch.store.health import HealthRules
-from forkwatch.store.location import check_log_dir
+from forkwatch.store.location import check_log_dir, default_log_dir
 from forkwatch.store.run_folder import check_run_id
 from forkwatch.store.writer import DEFAULT_QUEUE_ROWS
 
@@ -16,7 +16,9 @@ from forkwatch.store.writer import DEFAULT_QUEUE_ROWS
 class ForkwatchConfig:
     # --- where the run is written ---
     log_dir: str = field(
-        default="runs", metadata={"help": "Folder holding one sub-folder per run, or s3://bucket/prefix."}
+        default_factory=default_log_dir,
+        metadata={"help": "Folder holding one sub-folder per run, or s3://bucket/prefix. Default: the environment "
+                  "variable FORKWATCH_LOG_DIR when set, else 'runs'."},
     )
     run_name: str | None = field(
         default=None,

@@ -75,7 +75,7 @@ def format_report(run_id: str, status: str | None, report: HealthReport, *, faul
         lines.append(f"  RECORDING FAULTS: {faults} ({faults_detail}); training was not affected, but the records of "
                      "those places may have gaps")
     if dropped:
-        lines.append(f"  DROPPED RECORDS: {dropped} (queue full or disk errors; counts per table in run.json)")
+        lines.append(f"  DROPPED RECORDS: {dropped} (queue full, or write errors: disk, object store; counts per table in run.json)")
     for f in report.flags:
         lines.append(f"  {f.severity.upper()} [{f.rule}] fired at step {f.fired_at}: {f.message}")
         values = ", ".join(f"{v:.4g}" for v in f.values[:8]) + (" …" if len(f.values) > 8 else "")

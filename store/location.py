@@ -32,6 +32,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 S3_PREFIX = "s3://"
+# The log directory when none is given: `attach`'s default (plugin/config.py) and what the dashboard app reads
+LOG_DIR_ENV = "FORKWATCH_LOG_DIR"
+DEFAULT_LOG_DIR = "runs"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 # Uploads that fail are retried this many times in all, waiting 0.5 s, 1 s, 2 s ... between tries: a store that
@@ -72,6 +75,12 @@ def check_log_dir(log_dir: object, option: str = "log_dir") -> str:
                "AWS_ENDPOINT_URL); use a local folder or an S3 URL")
         raise LogDirError(f"{option}={log_dir!r}: unsupported scheme {scheme + ':'!r}; {fix}")
     return log_dir
+
+
+def default_log_dir() -> str:
+    """`FORKWATCH_LOG_DIR` when set (checked like a log_dir, the error naming the variable), else "runs"."""
+    value = os.environ.get(LOG_DIR_ENV)
+    return check_log_dir(value, LOG_DIR_ENV) if value else DEFAULT_LOG_DIR
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
