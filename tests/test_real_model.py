@@ -318,3 +318,23 @@ def test_entropy_and_runs_pages_render_the_run(app):
     assert at.get("plotly_chart")
     at = app(None)
     assert "r" in list(at.dataframe[0].value["run"])
+
+
+# --------------------------------------------------------------------------- the demo's task and flag
+
+
+def test_yes_no_reward_reads_the_start_of_the_assistant_reply():
+    said = [[{"role": "assistant", "content": text}] for text in (" Yes.", "no", "Yes, 3 is not", "The answer: no")]
+    assert real_model.yes_no_reward(said, answer=["yes", "yes", "no", "no"]) == [1.0, 0.0, 0.0, 0.0]
+    rows_ = real_model.make_prompts(50, seed=0)
+    assert {r["answer"] for r in rows_} == {"yes", "no"}
+    for r in rows_:
+        a, b = (int(w) for w in r["prompt"][0]["content"].split("?")[0].split()[1::3])
+        assert r["answer"] == ("yes" if a > b else "no")
+
+
+def test_demo_flag_reaches_the_real_model_demo_and_refuses_a_bad_step_count(capsys):
+    from forkwatch.cli import main
+
+    assert main(["demo", "--model", "smollm2", "--steps", "0", "--no-dashboard"]) == 2
+    assert "--steps 0: pass a positive number of GRPO steps" in capsys.readouterr().out
