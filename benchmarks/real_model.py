@@ -50,8 +50,8 @@ VARIANTS: dict[str, tuple[dict | None, dict]] = {  # name: (forkwatch options or
     "plain": (None, {}),
     "attach": ({}, {}),
     "trl_log_completions": (None, dict(log_completions=True)),
-    "attach_ict": (dict(select="ict", warmup_steps=0), {}),
-    "attach_high_entropy": (dict(select="high_entropy", warmup_steps=0), {}),
+    "attach_ict": (dict(select="ict", warmup_steps=0), {}),  # selecting from step 1, as the timed steps are few
+    "attach_high_entropy": (dict(select="high_entropy"), {}),  # no warm-up option: it selects from step 1
 }
 
 
