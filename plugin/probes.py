@@ -5,8 +5,8 @@ Each step samples new completions, so a recorded token is never scored twice; a 
 table. Given explicitly (`attach(..., probes=[(prompt, completion), ...])`) or, by default, the first completions
 recorded.
 
-All probes in one padded forward (explicit position ids: a plain forward does not derive positions from a padded
-mask), through the causal LM itself, so the stack's own forward hooks gather sharded weights (ZeRO-3, FSDP2): every rank must score the
+Probes share padded forwards (explicit position ids: a plain forward does not derive positions from a padded
+mask; `BATCH_LOGITS` bounds the logits of one), through the causal LM itself, so the stack's own forward hooks gather sharded weights (ZeRO-3, FSDP2): every rank must score the
 same probes the same number of times, which the callback guarantees by broadcasting them and scoring on all ranks.
 """
 
@@ -57,32 +57,38 @@ def probe_from_row(probe_id: int, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return Probe(probe_id, tuple(p), tuple(c)) if p and c else None
 
 
+BATCH_LOGITS = 2**25  # logits (probes x longest completion x vocabulary) one forward may produce: 128 MB of float32
+
+
 @torch.no_grad()
 def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temperature: float, k: int,
                  device: torch.device | str) -> dict[str, list]:
     """Score each probe with `model` (a causal LM) -> columns of the `probes` table (without run_id), one row per
-    completion token of each probe. The model is put in eval mode for the forward and restored after.
+    completion token of each probe. The model is put in eval mode for the forwards and restored after.
 
-    All probes go through ONE forward (`padded_batch`): on a small model the per-forward dispatch, not the
-    arithmetic, is the cost of a scoring, and a probe's logits are those of its own unpadded forward (each row sees
-    exactly its own tokens at its own positions; tests/test_plugin_probes.py checks them against one forward per
-    probe)."""
+    The probes go through as few forwards as `BATCH_LOGITS` allows (`padded_batch`; one on a small model, where the
+    per-forward dispatch, not the arithmetic, is the cost of a scoring; one per probe when a probe's logits alone
+    reach the bound). A probe's logits are those of its own unpadded forward: each row sees exactly its own tokens
+    at its own positions (tests/test_plugin_probes.py checks them against one forward per probe)."""
     cols: dict[str, list] = {c: [] for c in ("step", "probe_id", "position", "token_id", "logprob", "entropy",
                                              "renyi2", "top_ids", "top_probs")}
     if not probes:
         return cols
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 1
     was_training = model.training
     model.eval()
+    scores = []
     try:
-        ids, mask, positions, width = padded_batch(probes, device)
-        # logits at columns P-1 … P+T-2 (P the longest prompt) predict completion tokens 0 … T-1 of every probe
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=width + 1).logits[:, :-1]  # (n, width, V)
-        keep = torch.zeros(len(probes), width, dtype=torch.bool)
-        for i, probe in enumerate(probes):
-            keep[i, : len(probe.completion_ids)] = True
-        keep = keep.to(logits.device)
-        s = probe_scores(logits[keep], ids[:, -width:][keep], temperature=temperature, k=k)
+        for group in _groups(probes, vocab):
+            ids, mask, positions, width = padded_batch(group, device)
+            # logits at columns P-1 … P+T-2 (P the longest prompt) predict completion tokens 0 … T-1 of each probe
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=width + 1).logits[:, :-1]  # (n, width, V)
+            keep = torch.zeros(len(group), width, dtype=torch.bool)
+            for i, probe in enumerate(group):
+                keep[i, : len(probe.completion_ids)] = True
+            keep = keep.to(logits.device)
+            scores.append(probe_scores(logits[keep], ids[:, -width:][keep], temperature=temperature, k=k))
     finally:
         model.train(was_training)
     for probe in probes:
@@ -92,8 +98,24 @@ def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temp
         cols["position"] += list(range(t))
         cols["token_id"] += list(probe.completion_ids)
     for name in ("logprob", "entropy", "renyi2", "top_ids", "top_probs"):
-        cols[name] = getattr(s, name).cpu().tolist()
+        cols[name] = torch.cat([getattr(s, name) for s in scores]).cpu().tolist()
     return cols
+
+
+def _groups(probes: list[Probe], vocab: int) -> list[list[Probe]]:
+    """The probes in order, cut into forwards whose logits (count x longest completion x vocab) stay within
+    BATCH_LOGITS (a probe over it alone gets a forward of its own). The same on every rank: the probes are."""
+    groups: list[list[Probe]] = []
+    width = 0
+    for probe in probes:
+        t = len(probe.completion_ids) + 1
+        if groups and (len(groups[-1]) + 1) * max(width, t) * vocab <= BATCH_LOGITS:
+            groups[-1].append(probe)
+            width = max(width, t)
+        else:
+            groups.append([probe])
+            width = t
+    return groups
 
 
 def padded_batch(probes: list[Probe], device: torch.device | str) -> tuple[torch.Tensor, ...]:

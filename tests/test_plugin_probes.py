@@ -67,12 +67,19 @@ def test_meta_names_the_probe_text(tok):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_one_padded_forward_scores_what_one_forward_per_probe_does(tok, arch):
-    # probes of different prompt and completion lengths share one padded forward: each gets the scores of its own
-    # unpadded forward (the padding is masked, the positions count from its first token), up to float32 rounding of
-    # the batched matmuls (about one ulp), far inside the tolerance the float64 checks above use
+@pytest.mark.parametrize("groups", [[4], [2, 2]], ids=["one_forward", "bounded"])
+def test_padded_forwards_score_what_one_forward_per_probe_does(tok, arch, groups, monkeypatch):
+    # probes of different prompt and completion lengths share padded forwards (one, or as many as the bound on their
+    # logits needs): each gets the scores of its own unpadded forward (the padding is masked, the positions count
+    # from its first token), up to float32 rounding of the batched matmuls (about one ulp), far inside the tolerance
+    # the float64 checks above use
+    from forkwatch.plugin import probes as probes_module
+
     model = tiny_model(len(tok), seed=7, arch=arch)
     probes = encode_probes([("2+3=", "5."), ("17*6=", "102"), ("1=", "1"), ("9-4=", "5.")], tok)
+    if groups != [4]:
+        monkeypatch.setattr(probes_module, "BATCH_LOGITS", 8 * len(tok))  # logits widths 3, 4, 2, 3: 2 x 4, 2 x 3
+    assert [len(g) for g in probes_module._groups(probes, len(tok))] == groups
     cols = score_probes(model, probes, step=1, temperature=0.7, k=4, device="cpu")
     assert cols["probe_id"] == [0, 0, 1, 1, 1, 2, 3, 3] and cols["position"] == [0, 1, 0, 1, 2, 0, 0, 1]
     for i, probe in enumerate(probes):
