@@ -20,8 +20,9 @@ is the one row cap: a hand-off is also due when the token rows waiting here reac
 
 Health rules: the store's rules (store/health.py) are used in this module only. They are evaluated over the new
 `steps` rows at each hand-off, or, when a run stops on alarms (`stop_on_alarm`), over each row at its own step end
-so that training stops at the end of the step where the alarm fired even when no hand-off is due (one evaluation
-per step: the rules re-read the whole series, so runs that only log alarms keep them batched).
+so that training stops at the end of the step where the alarm fired even when no hand-off is due (the rules re-read
+the whole series only when a new row shows a signal, store/health.py `LiveMonitor`; runs that only log alarms keep
+them batched all the same).
 """
 
 from __future__ import annotations

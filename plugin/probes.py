@@ -5,8 +5,8 @@ Each step samples new completions, so a recorded token is never scored twice; a 
 table. Given explicitly (`attach(..., probes=[(prompt, completion), ...])`) or, by default, the first completions
 recorded.
 
-One probe per forward (no padding: a plain forward does not derive positions from a left-padded mask), through the
-causal LM itself, so the stack's own forward hooks gather sharded weights (ZeRO-3, FSDP2): every rank must score the
+Probes share padded forwards (explicit position ids: a plain forward does not derive positions from a padded
+mask; `BATCH_LOGITS` bounds the logits of one), through the causal LM itself, so the stack's own forward hooks gather sharded weights (ZeRO-3, FSDP2): every rank must score the
 same probes the same number of times, which the callback guarantees by broadcasting them and scoring on all ranks.
 """
 
@@ -57,33 +57,82 @@ def probe_from_row(probe_id: int, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return Probe(probe_id, tuple(p), tuple(c)) if p and c else None
 
 
+BATCH_LOGITS = 2**25  # logits (probes x longest completion x vocabulary) one forward may produce: 128 MB of float32
+
+
 @torch.no_grad()
 def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temperature: float, k: int,
                  device: torch.device | str) -> dict[str, list]:
     """Score each probe with `model` (a causal LM) -> columns of the `probes` table (without run_id), one row per
-    completion token of each probe. The model is put in eval mode for the forwards and restored after."""
+    completion token of each probe. The model is put in eval mode for the forwards and restored after.
+
+    The probes go through as few forwards as `BATCH_LOGITS` allows (`padded_batch`; one on a small model, where the
+    per-forward dispatch, not the arithmetic, is the cost of a scoring; one per probe when a probe's logits alone
+    reach the bound). A probe's logits are those of its own unpadded forward: each row sees exactly its own tokens
+    at its own positions (tests/test_plugin_probes.py checks them against one forward per probe)."""
     cols: dict[str, list] = {c: [] for c in ("step", "probe_id", "position", "token_id", "logprob", "entropy",
                                              "renyi2", "top_ids", "top_probs")}
+    if not probes:
+        return cols
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 1
     was_training = model.training
     model.eval()
+    scores = []
     try:
-        for probe in probes:
-            ids = torch.tensor([probe.prompt_ids + probe.completion_ids], device=device)  # (1, P + T)
-            t = len(probe.completion_ids)
-            # logits at positions P-1 … P+T-2 predict completion tokens 0 … T-1
-            logits = model(input_ids=ids, use_cache=False, logits_to_keep=t + 1).logits[0, :-1]  # (T, V)
-            s = probe_scores(logits, ids[0, -t:], temperature=temperature, k=k)
-            cols["step"] += [step] * t
-            cols["probe_id"] += [probe.probe_id] * t
-            cols["position"] += list(range(t))
-            cols["token_id"] += list(probe.completion_ids)
-            for name in ("logprob", "entropy", "renyi2"):
-                cols[name] += getattr(s, name).cpu().tolist()
-            cols["top_ids"] += s.top_ids.cpu().tolist()
-            cols["top_probs"] += s.top_probs.cpu().tolist()
+        for group in _groups(probes, vocab):
+            ids, mask, positions, width = padded_batch(group, device)
+            # logits at columns P-1 … P+T-2 (P the longest prompt) predict completion tokens 0 … T-1 of each probe
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=width + 1).logits[:, :-1]  # (n, width, V)
+            keep = torch.zeros(len(group), width, dtype=torch.bool)
+            for i, probe in enumerate(group):
+                keep[i, : len(probe.completion_ids)] = True
+            keep = keep.to(logits.device)
+            scores.append(probe_scores(logits[keep], ids[:, -width:][keep], temperature=temperature, k=k))
     finally:
         model.train(was_training)
+    for probe in probes:
+        t = len(probe.completion_ids)
+        cols["step"] += [step] * t
+        cols["probe_id"] += [probe.probe_id] * t
+        cols["position"] += list(range(t))
+        cols["token_id"] += list(probe.completion_ids)
+    for name in ("logprob", "entropy", "renyi2", "top_ids", "top_probs"):
+        cols[name] = torch.cat([getattr(s, name) for s in scores]).cpu().tolist()
     return cols
+
+
+def _groups(probes: list[Probe], vocab: int) -> list[list[Probe]]:
+    """The probes in order, cut into forwards whose logits (count x longest completion x vocab) stay within
+    BATCH_LOGITS (a probe over it alone gets a forward of its own). The same on every rank: the probes are."""
+    groups: list[list[Probe]] = []
+    width = 0
+    for probe in probes:
+        t = len(probe.completion_ids) + 1
+        if groups and (len(groups[-1]) + 1) * max(width, t) * vocab <= BATCH_LOGITS:
+            groups[-1].append(probe)
+            width = max(width, t)
+        else:
+            groups.append([probe])
+            width = t
+    return groups
+
+
+def padded_batch(probes: list[Probe], device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """The probes as one (n, P + T) batch, P the longest prompt and T the longest completion: each prompt
+    left-padded to end at column P, each completion right-padded after it, so every probe's completion logits are
+    the batch's last T + 1 columns (`logits_to_keep`). The attention mask hides the padding and the position ids
+    count from each probe's first real token, as in its own unpadded forward. -> ids, mask, position ids, T."""
+    p = max(len(x.prompt_ids) for x in probes)
+    t = max(len(x.completion_ids) for x in probes)
+    ids = torch.zeros(len(probes), p + t, dtype=torch.long)
+    mask = torch.zeros(len(probes), p + t, dtype=torch.long)
+    for i, x in enumerate(probes):
+        a, b = p - len(x.prompt_ids), p + len(x.completion_ids)
+        ids[i, a:b] = torch.tensor(x.prompt_ids + x.completion_ids)
+        mask[i, a:b] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device), t
 
 
 class ProbeRunner:

@@ -19,6 +19,8 @@ from forkwatch.store.spectrum import spectrum_counts
 SELECT_PREFIX = "select_"  # metric m of the selector fills the STEPS column select_<m>, when the schema has one
 _SELECT_COLUMNS = frozenset(n for n in STEPS.names if n.startswith(SELECT_PREFIX) and n != "select_method")
 _BOOLEAN = boolean_columns(STEPS)
+_PERCENTILE_NAMES = tuple(percentile_name(q) for q in STEP_PERCENTILES)
+_QS = np.asarray(STEP_PERCENTILES, dtype=np.float64)
 
 
 def select_means(parts: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -52,7 +54,7 @@ def steps_row(step: int, parts: list[dict[str, Any]], *, select_method: str | No
         "n_completions": int(rewards.size),
         # one sort for all three when group_js was computed; all its statistics None when not
         **summarize_many({"entropy": ent, "renyi2": ren, **({"group_js": gjs} if gjs.size else {})}),
-        **({} if gjs.size else summarize_many({"group_js": gjs})),
+        **({} if gjs.size else _NO_GROUP_JS),
         "fork_fraction": sum(p["n_forks"] for p in parts) / n if n else None,
         "selected_fraction": sum(p["n_selected"] for p in parts) / n if n else None,
         "select_method": select_method,
@@ -86,7 +88,7 @@ def percentiles(values: np.ndarray, qs: Sequence[float] = STEP_PERCENTILES) -> l
         return none if values.ndim == 1 else [none for _ in range(values.shape[0])]
     a = np.sort(values.astype(np.float64, copy=False), axis=-1)
     n = a.shape[-1]
-    h = (n - 1) * np.asarray(qs, dtype=np.float64)
+    h = (n - 1) * (_QS if qs is STEP_PERCENTILES else np.asarray(qs, dtype=np.float64))
     lo = np.floor(h).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
     t, below, above = h - lo, a[..., lo], a[..., hi]
@@ -105,8 +107,11 @@ def summarize_many(series: dict[str, np.ndarray]) -> dict[str, float | None]:
     out = {}
     for prefix, mean, pct in zip(series, means, percentiles(v), strict=True):
         out[f"{prefix}_mean"] = mean
-        out.update({f"{prefix}_{percentile_name(q)}": x for q, x in zip(STEP_PERCENTILES, pct, strict=True)})
+        out.update({f"{prefix}_{name}": x for name, x in zip(_PERCENTILE_NAMES, pct, strict=True)})
     return out
+
+
+_NO_GROUP_JS = summarize_many({"group_js": np.zeros(0)})  # every statistic None: group_js was not computed
 
 
 def finite_means(rows: np.ndarray) -> list[float | None]:

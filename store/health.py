@@ -344,8 +344,10 @@ class LiveMonitor:
 
     The plugin calls: `LiveMonitor(rules, vocab_size=V)`, `update_many(rows) -> list[Flag]` (act on
     `flag.is_alarm`: only alarms stop training), `active_kinds()` (alarms active at the last step, by kind) and
-    `active_kinds("warning")`. Judging the whole series keeps one implementation; it costs O(steps × window) per
-    hand-off (hand-offs are ≥ worker_interval_s apart).
+    `active_kinds("warning")`. Judging the whole series keeps one implementation; it costs O(steps × window), so it
+    is skipped for new rows where no rule's signal holds (`_quiet`): every flag fires at a step where its signal
+    holds, so such rows can bring no new flag, and any episode open before them has ended (the report, wanted only
+    when read, is judged then).
     """
 
     def __init__(self, rules: HealthRules | None = None, *, vocab_size: int | None = None) -> None:
@@ -353,7 +355,18 @@ class LiveMonitor:
         self.vocab_size = vocab_size
         self._series: dict[str, list[float]] = {}
         self._reported: set[tuple[str, str, int]] = set()
-        self.report: HealthReport | None = None
+        self._report: HealthReport | None = None
+        self._stale = False  # rows were added since `_report` was judged
+        self._early: float | None = None  # the entropy's early level, once known (fixed while steps only grow)
+        self._ordered, self._max_step = True, -math.inf  # every step so far came after all the earlier ones
+        self._last_quiet = False  # no signal held at the rows of the last update: no episode is active now
+
+    @property
+    def report(self) -> HealthReport | None:
+        """The judgement of the whole series so far (None before any entropy)."""
+        if self._stale:
+            self._report, self._stale = judge(self._series, self.rules, vocab_size=self.vocab_size), False
+        return self._report
 
     def update(self, row: Mapping[str, Any]) -> list[Flag]:
         return self.update_many([row])
@@ -365,14 +378,54 @@ class LiveMonitor:
             return []
         if any("step" not in row for row in rows):
             raise ValueError("LiveMonitor.update() needs a 'step' value in every row")
+        n0 = len(self._series.get("step", []))
         for row in rows:
             self._append(row)
         if "entropy_mean" not in self._series:
             return []
-        self.report = judge(self._series, self.rules, vocab_size=self.vocab_size)
+        self._stale = True
+        self._last_quiet = self._quiet(n0)
+        if self._last_quiet:
+            return []
         new = [f for f in self.report.flags if f.key not in self._reported]
         self._reported |= {f.key for f in new}
         return new
+
+    def _quiet(self, n0: int) -> bool:
+        """Whether no rule's signal holds at any of the rows from index n0 on: the same float32-rounded values and
+        the same comparisons as `judge`. False whenever unsure: before the early level is known, and for good once
+        a step came that was not after every earlier one (`judge` then keeps the last row of a repeated step and
+        sorts: row indices are no longer the judged series')."""
+        steps = self._series["step"]
+        for s in steps[n0:]:
+            self._ordered = self._ordered and s > self._max_step
+            self._max_step = max(self._max_step, s)
+        if not self._ordered:
+            return False
+        rules = self.rules
+        raw = self._series["entropy_mean"]
+        if self._early is None:
+            early, _ = early_level(_column(self._series, "entropy_mean"), rules.early_steps)
+            if not early > 0:
+                return False
+            self._early = early
+        early, w = self._early, rules.saturation_window
+        at = max(0, n0 - w + 1)  # the rows the new ones' saturation drop looks back to
+        ent = _column({"entropy_mean": raw[at:]}, "entropy_mean")
+        tail = self._series.get(rules.tail_column)
+        tail = None if tail is None else _column({"t": tail[n0:]}, "t")
+        log_vocab = (rules.explosion_log_vocab_fraction * math.log(self.vocab_size)
+                     if self.vocab_size and self.vocab_size > 1 else math.inf)
+        collapse, explosion = rules.collapse_fraction * early, rules.explosion_factor * early
+        for i in range(n0, len(raw)):
+            e = ent[i - at]
+            if e < collapse or e > explosion or e > log_vocab:
+                return False
+            if tail is not None and tail[i - n0] < rules.tail_floor:
+                return False
+            if i >= w - 1 and (ent[i - w + 1 - at] - e) / early >= rules.saturation_min_drop:  # saturation's drop
+                return False
+        return True
 
     def _append(self, row: Mapping[str, Any]) -> None:
         n = len(self._series.get("step", []))
@@ -391,6 +444,8 @@ class LiveMonitor:
         last step."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity={severity!r}: choose one of {SEVERITIES}")
+        if self._last_quiet:  # every episode ended before the newest rows (`_quiet`): none is active, no judgement
+            return dict.fromkeys(RULE_KINDS, False)
         flags = self.report.flags if self.report else []
         last = max(self._series.get("step", [math.nan]), default=math.nan)
         kinds = {f.kind for f in flags if f.severity == severity and f.until == last}

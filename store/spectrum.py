@@ -22,6 +22,7 @@ LOW_EDGE = 1e-4  # nats
 # Inner edges (nats): LOW_EDGE · 10^(i / BINS_PER_DECADE), i = 0 … 21; bin j covers [EDGES[j-1], EDGES[j]).
 EDGES: tuple[float, ...] = tuple(float(LOW_EDGE * 10 ** (i / BINS_PER_DECADE)) for i in range(22))
 N_BINS = len(EDGES) + 1  # below the first edge, between consecutive edges, at or above the last
+_EDGES = np.asarray(EDGES)  # searchsorted would convert the tuple on every call (once per training step)
 
 
 def spectrum_counts(entropy: np.ndarray) -> list[int]:
@@ -29,7 +30,7 @@ def spectrum_counts(entropy: np.ndarray) -> list[int]:
     values = np.asarray(entropy, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
     # side="right": a value equal to an edge belongs to the bin that edge opens
-    return np.bincount(np.searchsorted(EDGES, values, side="right"), minlength=N_BINS).tolist()
+    return np.bincount(np.searchsorted(_EDGES, values, side="right"), minlength=N_BINS).tolist()
 
 
 def bin_bounds(j: int) -> tuple[float, float]:

@@ -151,6 +151,7 @@ class RunWriter:
         self._last_step: int | None = None
         self._buffers = PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
         self._meta: dict[str, Any] = {}  # thread side only
+        self._upload_failed = False  # thread side: a part's upload failed after its retries in this `_write_all`
 
         # Everything touching the store (resume's moves and splits, run.json) runs on the writer thread.
         self._thread = threading.Thread(
@@ -421,14 +422,19 @@ class RunWriter:
             self._write_part(table, due)
 
     def _write_all(self) -> bool:
-        ok = True
+        """Write every buffered part. Once one part has failed after all its retries, the store is taken to be down
+        for the rest of this flush: each remaining part is tried once (and dropped, counted, if that fails), so that
+        a flush during an outage (a checkpoint's `flush(timeout=60)` waits for it) costs seconds, not the retries of
+        every table in turn. The next flush retries in full again."""
+        ok, self._upload_failed = True, False
         for table, t in self._buffers.take_all().items():
-            ok &= self._write_part(table, t)
+            ok &= self._write_part(table, t, tries=1 if self._upload_failed else self._tries)
         return ok
 
-    def _write_part(self, table: str, t: pa.Table, *, held: bool = True) -> bool:
-        """Write `t` (sorted by step) as one part, whole or not at all; on failure (after the retries an object
-        store gets) count its rows as dropped. `held`: its rows count against the row cap until now."""
+    def _write_part(self, table: str, t: pa.Table, *, held: bool = True, tries: int | None = None) -> bool:
+        """Write `t` (sorted by step) as one part, whole or not at all, in up to `tries` attempts (default: the
+        retries an object store gets); on failure count its rows as dropped. `held`: its rows count against the row
+        cap until now."""
         self._seq += 1
         step_range = None
         if "step" in t.column_names and t.num_rows:
@@ -436,11 +442,14 @@ class RunWriter:
             step_range = None if lo is None else (lo, hi)  # vocab rows may carry no step
         folder = self.location.path(self.run_id, table)
         path = f"{folder}/{run_folder.part_name(self.rank, self.attempt, self._seq, step_range)}"
+        data = None
         try:
             data = part_file.encode_part(t, row_group_rows=self.row_group_rows)
-            with_retries(lambda: self.location.put_whole(path, data), tries=self._tries)
+            with_retries(lambda: self.location.put_whole(path, data), tries=self._tries if tries is None else tries)
             return True
         except Exception as e:  # disk full, permission, store down: drop this part, keep the caller running
+            if data is not None:  # encoded, so the store refused it (not a bad batch)
+                self._upload_failed = True
             self._drop(table, t.num_rows, "write",
                        f"forkwatch: cannot write {table} part in {self.location.display(folder)}: {e}")
             return False

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from forkwatch.store.health import HealthRules, LiveMonitor, judge
+from forkwatch.store.health import RULE_KINDS, HealthRules, LiveMonitor, judge
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "corpus"))
@@ -83,6 +83,34 @@ def test_live_monitor_raises_exactly_the_flags_of_the_batch_judgement_on_every_c
         assert len(live) == len(set(live)), f"{name}: a flag reported twice"
         assert sorted(live) == sorted(batch), name
     assert len(cases) >= len(shapes.SPECS)
+
+
+@pytest.mark.parametrize("rules", [HealthRules(), HealthRules(alarm_needs_evidence=False, sustain_steps=1)],
+                         ids=["default", "no_evidence_sustain_1"])
+def test_live_monitor_fed_step_by_step_raises_each_flag_at_its_step_and_tracks_active_kinds(rules):
+    # one row per update (on_alarm="stop" feeds it so): most updates find no signal and skip the judgement; the
+    # flags must still be exactly the batch judgement's, each returned by the update of the step it fired at, and
+    # the kinds active at every step those of a judgement of the series so far
+    cases = [(s.name, shapes.series(s.name), None) for s in shapes.SPECS]
+    cases += [(d.name, d.data, d.vocab_size) for d in shapes.load_demo()]
+    skipped = 0
+    for name, data, vocab_size in cases:
+        monitor = LiveMonitor(rules, vocab_size=vocab_size)
+        live = []
+        n = data["step"].size
+        for i in range(n):
+            row = {k: float(v[i]) for k, v in data.items()}
+            new = monitor.update(row)
+            skipped += monitor._last_quiet
+            assert all(f.fired_at == row["step"] for f in new), name
+            live += [f.key for f in new]
+            if i % 10 == 0 or new or i == n - 1:  # the active kinds against a judgement of the series so far
+                flags = judge({k: v[: i + 1] for k, v in data.items()}, rules, vocab_size=vocab_size).flags
+                for severity in ("alarm", "warning"):
+                    active = {f.kind for f in flags if f.severity == severity and f.until == row["step"]}
+                    assert monitor.active_kinds(severity) == {k: k in active for k in RULE_KINDS}, (name, i)
+        assert sorted(live) == sorted(f.key for f in judge(data, rules, vocab_size=vocab_size).flags), name
+    assert skipped > 0, "no update ever skipped the judgement"
 
 
 def test_the_results_table_in_docs_is_the_one_the_script_prints():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from forkwatch.demo.tiny import char_tokenizer, tiny_model
+from forkwatch.plugin.probe_scores import probe_scores
 from forkwatch.plugin.probes import Probe, encode_probes, probe_from_row, score_probes
 
 
@@ -63,3 +64,33 @@ def test_meta_names_the_probe_text(tok):
     probe = encode_probes([("2+3=", "5")], tok)[0]
     assert probe.to_meta(tok) == {"probe_id": 0, "prompt_tokens": 4, "completion_tokens": 1, "prompt": "2+3=",
                                   "completion": "5"}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("groups", [[4], [2, 2]], ids=["one_forward", "bounded"])
+def test_padded_forwards_score_what_one_forward_per_probe_does(tok, arch, groups, monkeypatch):
+    # probes of different prompt and completion lengths share padded forwards (one, or as many as the bound on their
+    # logits needs): each gets the scores of its own unpadded forward (the padding is masked, the positions count
+    # from its first token), up to float32 rounding of the batched matmuls (about one ulp), far inside the tolerance
+    # the float64 checks above use
+    from forkwatch.plugin import probes as probes_module
+
+    model = tiny_model(len(tok), seed=7, arch=arch)
+    probes = encode_probes([("2+3=", "5."), ("17*6=", "102"), ("1=", "1"), ("9-4=", "5.")], tok)
+    if groups != [4]:
+        monkeypatch.setattr(probes_module, "BATCH_LOGITS", 8 * len(tok))  # logits widths 3, 4, 2, 3: 2 x 4, 2 x 3
+    assert [len(g) for g in probes_module._groups(probes, len(tok))] == groups
+    cols = score_probes(model, probes, step=1, temperature=0.7, k=4, device="cpu")
+    assert cols["probe_id"] == [0, 0, 1, 1, 1, 2, 3, 3] and cols["position"] == [0, 1, 0, 1, 2, 0, 0, 1]
+    for i, probe in enumerate(probes):
+        ids = torch.tensor([probe.prompt_ids + probe.completion_ids])
+        t = len(probe.completion_ids)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=t + 1).logits[0, :-1]
+        want = probe_scores(logits, ids[0, -t:], temperature=0.7, k=4)
+        rows = [r for r, pid in enumerate(cols["probe_id"]) if pid == i]
+        assert [cols["token_id"][r] for r in rows] == list(probe.completion_ids)
+        assert [cols["top_ids"][r] for r in rows] == want.top_ids.tolist()
+        for name in ("logprob", "entropy", "renyi2", "top_probs"):
+            got = torch.tensor([cols[name][r] for r in rows])
+            torch.testing.assert_close(got, getattr(want, name), rtol=1e-6, atol=1e-6)

@@ -300,6 +300,58 @@ def test_a_server_down_for_some_steps_is_counted_and_later_parts_land(s3):
             os.environ.update(saved)
 
 
+def test_a_flush_during_an_outage_retries_one_part_then_tries_each_other_part_once(s3, monkeypatch):
+    """A checkpoint's flush while the store is down: the first part uses up its retries, every other part of that
+    flush is tried once and counted as dropped, so the flush ends after one part's retries, not one per table. Once
+    the server is back, a flush retries in full again and lands."""
+    from forkwatch.store import writer as writer_module
+    from forkwatch.store.location import UPLOAD_TRIES
+
+    attempts: list[tuple[int, int]] = []  # (tries allowed, attempts made) per upload of a part
+
+    def counted(action, *, tries, **kw):
+        made = [0]
+
+        def attempt():
+            made[0] += 1
+            return action()
+
+        try:
+            return writer_module_with_retries(attempt, tries=tries, **kw)
+        finally:
+            attempts.append((tries, made[0]))
+
+    writer_module_with_retries = writer_module.with_retries
+    tables = {"tokens": _tokens, "steps": _steps, "forks": lambda s: {"step": [s], "completion_id": [0], "position": [1]}}
+    with S3Server() as own:
+        own.create_bucket("outage")
+        env = own.env()
+        saved = {k: os.environ[k] for k in env}
+        os.environ.update(env)
+        try:
+            w = RunWriter("s3://outage/runs", "r", flush_interval_s=3600)
+            assert w.flush(30)
+            monkeypatch.setattr(writer_module, "with_retries", counted)
+            own.kill()
+            for table, rows in tables.items():
+                assert w.put(table, rows(1))
+            assert not w.flush(120)
+            # one entry per part (a flush writes no run.json): the first part used every retry, the others one each
+            assert attempts == [(UPLOAD_TRIES, UPLOAD_TRIES)] + [(1, 1)] * (len(tables) - 1)
+            assert w.dropped["tokens"] == 50 and w.dropped["steps"] == 1 and w.dropped["forks"] == 1
+            own.start()
+            attempts.clear()
+            for table, rows in tables.items():
+                assert w.put(table, rows(2))
+            assert w.flush(30)
+            assert [tries for tries, _ in attempts] == [UPLOAD_TRIES] * len(tables)  # full retries again
+            w.close()
+            con = connect("s3://outage/runs")
+            assert [s for (s,) in con.execute("SELECT step FROM steps ORDER BY step").fetchall()] == [2]
+        finally:
+            os.environ.update(saved)
+
+
 def test_resume_on_s3_moves_later_steps_aside_and_deletes_nothing(s3):
     log_dir = f"s3://{BUCKET}/resume"
     w = RunWriter(log_dir, "r", flush_interval_s=3600)
