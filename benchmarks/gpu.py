@@ -83,7 +83,6 @@ HOOKS = [
     ("forkwatch.plugin.monitor", "Monitor", "selection_loss"),
     ("forkwatch.plugin.monitor", "Monitor", "end_micro_batch"),
     ("forkwatch.plugin.callback", "ForkwatchCallback", "on_step_end"),
-    ("forkwatch.plugin.callback", "ForkwatchCallback", "on_log"),
 ]
 STEP_TABLES = ("tokens", "forks", "completions", "steps")  # written every step; vocab is written once per run
 

@@ -110,7 +110,7 @@ def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> tuple
     timed(gen_scores.GenScorer, "on_forward")  # (its `take` runs inside on_generation)
     for attr in ("on_generation", "begin_micro_batch", "on_model_forward", "on_backbone_forward", "end_micro_batch"):
         timed(monitor.Monitor, attr)
-    for attr in ("on_train_begin", "on_step_end", "on_log", "on_train_end"):
+    for attr in ("on_train_begin", "on_step_end", "on_train_end"):
         timed(callback.ForkwatchCallback, attr)
     step_cpu: list[float] = []
 
