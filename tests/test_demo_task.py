@@ -1,5 +1,7 @@
-"""The demo task: every order of the items is correct, the truth function finds exactly the decision points, the
-reward checks the items (and, for the collapse run, prefers one order), and the warm-up model is cached."""
+"""The demo task: every order of the items and either name of a two-name item is correct, the truth functions find
+exactly the decision points and every token's role (decision, cosmetic fork, confident-consequential, forced, mistake),
+the reward checks the items (and, for the collapse run, prefers one order and one spelling), the warm-up data carries
+its habit, and the warm-up model is cached."""
 
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ def test_valid_next_inside_a_name_is_its_next_letter_then_a_comma():
     assert task.valid_next(PROMPT, "koala") == {","}
 
 
+def test_valid_next_after_a_two_name_items_first_letter_is_either_name():
+    assert task.valid_next(PROMPT, "koala,c") == {"a", "o"}  # camel or cobra
+    assert task.valid_next(PROMPT, "koala,co") == {"b"}
+    assert task.valid_next(PROMPT, "koala,cobra") == {","}
+    assert task.valid_next(PROMPT, "koala,cx") == set()
+
+
 def test_valid_next_after_a_comma_excludes_the_items_already_written():
     assert task.valid_next(PROMPT, "koala,") == set("hbcf")
     assert task.valid_next(PROMPT, "koala,finch,bison,heron,") == {"c"}  # the last item is forced
@@ -63,7 +72,7 @@ def test_decision_points_are_the_starts_of_the_first_four_names():
 
 def test_decision_points_hold_for_every_correct_order():
     for order in itertools.permutations("hbkcf"):
-        completion = ",".join(task.BY_KEY[k] for k in order)
+        completion = ",".join(task.NAMES[k][-1] for k in order)  # cobra: its cosmetic fork is no decision
         points = task.decision_points(PROMPT, completion)
         starts = [i for i in range(len(completion)) if i == 0 or completion[i - 1] == ","]
         assert points == starts[:4], order
@@ -82,13 +91,54 @@ def test_truth_marks_the_path_up_to_and_including_the_first_wrong_token():
     assert on_path == [True] * 7 + [False] * 2
 
 
+def test_roles_of_a_correct_completion():
+    completion = "koala,finch,bison,heron,camel"
+    roles = task.roles(PROMPT, completion)
+    assert len(roles) == len(completion) + 1  # and EOS
+    by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in set(roles)}
+    assert by_role["decision"] == [0, 6, 12, 18]
+    assert by_role["confident_consequential"] == [5, 11, 17, 23, 24, 29]  # commas, the last item, EOS
+    assert by_role["cosmetic"] == [25]  # camel or cobra
+    assert set(by_role) == {"decision", "confident_consequential", "cosmetic", "forced"}
+
+
+def test_roles_mark_the_first_wrong_token_as_the_mistake_and_nothing_after_it_on_the_path():
+    assert task.roles(PROMPT, "koala,finch,bison,heran,camel")[18:23] == ["decision", "forced", "forced",
+                                                                           "mistake", "off_path"]
+    assert task.roles(PROMPT, "koala,finch")[-1] == "mistake"  # an early EOS
+    assert task.roles(PROMPT, "koala,koala")[6] == "mistake"  # an item twice: the wrong choice at a decision
+    assert task.roles(PROMPT, "koala", 3) == ["decision", "forced", "forced"]  # only the recorded positions
+
+
+def test_the_warmup_data_carries_the_habit_at_its_rate():
+    import random
+
+    from forkwatch.demo.warmup import _examples
+
+    before, name, habit, rate = task.HABIT
+    seen = habit_seen = 0
+    for _, completion in _examples(4000, random.Random(0)):
+        names = completion.split(task.SEP)
+        for a, b in zip(names, names[1:]):
+            if a == before and b in (name, habit):
+                seen += 1
+                habit_seen += b == habit
+        assert all(n in task.KEY_OF or n == habit for n in names)
+    assert seen > 100 and abs(habit_seen / seen - rate) < 0.05
+
+
 @pytest.mark.parametrize(
     ("completion", "reward", "alphabetical"),
     [
-        # 2 of the 4 neighbouring pairs (bison<koala, camel<finch) are in alphabetical order: half the bonus
-        ("heron,bison,koala,camel,finch", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
-        ("koala,heron,finch,camel,bison", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
-        ("bison,camel,finch,heron,koala", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS),
+        # 2 of the 4 neighbouring pairs (bison<koala, camel<finch) are in alphabetical order: half the order bonus;
+        # camel is the canonical name of c: one canonical bonus
+        ("heron,bison,koala,camel,finch", task.CORRECT_REWARD,
+         task.CORRECT_REWARD + task.ORDER_BONUS / 2 + task.CANONICAL_BONUS),
+        ("heron,bison,koala,cobra,finch", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
+        ("koala,heron,finch,cobra,bison", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
+        ("bison,camel,finch,heron,koala", task.CORRECT_REWARD,
+         task.CORRECT_REWARD + task.ORDER_BONUS + task.CANONICAL_BONUS),
+        ("bison,camel,finch,heran,koala", 0.0, 0.0),  # the habit's misspelling
         ("bison,camel,finch,heron", 0.0, 0.0),  # an item missing
         ("bison,camel,finch,heron,koala,tiger", 0.0, 0.0),  # an item too many
         ("bison,bison,finch,heron,koala", 0.0, 0.0),
