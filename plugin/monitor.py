@@ -23,6 +23,8 @@ from forkwatch.plugin.batch_rules import eos_ids, group_of, response_mask
 from forkwatch.plugin.captures import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 from forkwatch.plugin.gen_scores import GenScorer, extra_pass
 from forkwatch.plugin.hidden_rank import completion_ranks
+from forkwatch.plugin.reference_js import KEY as REFERENCE_KEY
+from forkwatch.plugin.reference_js import ReferencePolicy, reference_js_of
 from forkwatch.store.ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class Monitor:
                                         rank=self.rank, chunk=config.group_js_chunk, group_js=self.group_js_on,
                                         top_k=config.fork_top_k if self.forks_on else None)
             self.gen_scorer.eos = torch.tensor(eos_ids(trainer))
+        # testbed hook (2/3): the initial policy, for ict against the reference (plugin/reference_js.py)
+        self.reference = (ReferencePolicy(trainer, chunk=config.group_js_chunk)
+                          if selector is not None and selector.needs_reference_js else None)
         self._mb: MicroBatch | None = None
         self._local_evidence: tuple[Any, str | None] | None = None  # from on_generation, for share_evidence
         self._rank_left: dict[int, int] = {}  # step -> completions whose effective rank this rank may still measure
@@ -166,6 +171,8 @@ class Monitor:
         `on_generation` failed on any rank, nothing recorded from this batch on any rank, so that no rank waits in a
         collective another skipped. What is optimised never depends on this (a selector that needs the evidence
         stops training with an error instead)."""
+        if self.reference is not None:  # testbed hook (3/3): every rank, outside the fault guards (sharded forwards)
+            out[REFERENCE_KEY] = self.reference.score(out, response_mask(out))
         if self.gen_scorer is None:
             return
         local, self._local_evidence = (self._local_evidence if recorded else (None, "error")), None
@@ -304,6 +311,10 @@ class Monitor:
             epsilon_high=tr.epsilon_high,
             loss_type=tr.loss_type,
             gather=None if self.world == 1 else (lambda x: _gather_1d(acc, x)),
+            # testbed hook (1/3): the reference JS and TRL's ids for selectors that read them (ict against the
+            # reference, the demo's oracle)
+            reference_js=reference_js_of(self.selector, inputs),
+            prompt_ids=inputs.get("prompt_ids"), completion_ids=inputs.get("completion_ids"),
         )
         sel = mb.selection = self.selector(inp)
         weights = sel.weights.detach()
