@@ -1,11 +1,12 @@
 """The demo's synthetic task: list the items a prompt names, in any order. Every token's role is known exactly.
 
     prompt      "gather bcfhk:"                      (five of eight keys, in random order)
-    completion  "heron,bison,koala,cobra,finch"      (then EOS; any order of the five names is correct)
+    completion  "heron,bear,koala,cobra,fox"         (then EOS; any order of the five names is correct)
 
 Each key is the first letter of one animal (`NAMES`); two animals have two accepted names (c: camel or cobra, t: tiger
-or trout). Every name has five letters, so a correct completion is 30 tokens (29 characters and EOS). Each token of a
-completion on a correct path has one role (`role_at`), the testbed's ground truth:
+or trout). Names have 3 to 5 letters, so where a decision falls depends on what was written before it: no rule that
+sees only the position can find the decisions. Each token of a completion on a correct path has one role
+(`role_at`), the testbed's ground truth:
 
 - **decision**: a name starts and several items are still unwritten: which comes next changes everything after it
   (5, 4, 3 and 2 ways: four per completion).
@@ -32,8 +33,8 @@ import random
 from dataclasses import dataclass
 
 # Distinct first letters (the prompt's keys); a name is fixed once its first letters are written.
-WORDS = ("bison", "camel", "finch", "heron", "koala", "otter", "raven", "tiger")  # the canonical name of each key
-SYNONYMS = {"c": "cobra", "t": "trout"}  # a second accepted name: a cosmetic fork at its second letter
+WORDS = ("bear", "camel", "fox", "heron", "koala", "owl", "raven", "tiger")  # the canonical name of each key
+SYNONYMS = {"c": "cobra", "t": "trout"}  # a second accepted name (same length): a cosmetic fork at its 2nd letter
 KEYS = "".join(w[0] for w in WORDS)
 BY_KEY = {w[0]: w for w in WORDS}
 NAMES = {k: (w, SYNONYMS[k]) if k in SYNONYMS else (w,) for k, w in BY_KEY.items()}  # every accepted name per key

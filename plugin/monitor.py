@@ -74,7 +74,7 @@ class Monitor:
                                         top_k=config.fork_top_k if self.forks_on else None)
             self.gen_scorer.eos = torch.tensor(eos_ids(trainer))
         # testbed hook (2/3): the initial policy, for ict against the reference (plugin/reference_js.py)
-        self.reference = (ReferencePolicy(trainer, chunk=config.group_js_chunk)
+        self.reference = (ReferencePolicy(trainer, project=project, backbone=backbone, chunk=config.group_js_chunk)
                           if selector is not None and selector.needs_reference_js else None)
         self._mb: MicroBatch | None = None
         self._local_evidence: tuple[Any, str | None] | None = None  # from on_generation, for share_evidence

@@ -12,20 +12,21 @@ from forkwatch.demo import task
 from forkwatch.demo.truth import completion_truth
 from forkwatch.demo.warmup import WarmupSettings, cached_warmup
 
-PROMPT = "gather hbkcf:"  # heron, bison, koala, camel, finch
+PROMPT = "gather hbkcf:"  # heron, bear, koala, camel, fox
 
 
 def test_problem_writes_the_items_in_the_prompts_order():
     p = task.problem("hbkcf")
-    assert (p.prompt, p.completion) == (PROMPT, "heron,bison,koala,camel,finch")
+    assert (p.prompt, p.completion) == (PROMPT, "heron,bear,koala,camel,fox")
 
 
-def test_completions_are_long_and_decision_points_are_a_minority():
+def test_decision_points_are_a_minority_and_their_positions_vary():
     problems = task.make_problems(500, seed=0)
-    lengths = [len(p.completion) + 1 for p in problems]  # + EOS
-    assert min(lengths) >= 30
     shares = [len(task.decision_points(p.prompt, p.completion)) / (len(p.completion) + 1) for p in problems]
-    assert 0.10 <= sum(shares) / len(shares) <= 0.20
+    assert 0.10 <= sum(shares) / len(shares) <= 0.25
+    # names of 3 to 5 letters: the decisions after the first fall at many positions, so position alone cannot tell
+    second = {task.decision_points(p.prompt, p.completion)[1] for p in problems}
+    assert len(second) == 3
 
 
 def test_generator_is_reproducible_from_its_seed_and_uses_distinct_items():
@@ -53,20 +54,20 @@ def test_valid_next_after_a_two_name_items_first_letter_is_either_name():
 
 def test_valid_next_after_a_comma_excludes_the_items_already_written():
     assert task.valid_next(PROMPT, "koala,") == set("hbcf")
-    assert task.valid_next(PROMPT, "koala,finch,bison,heron,") == {"c"}  # the last item is forced
+    assert task.valid_next(PROMPT, "koala,fox,bear,heron,") == {"c"}  # the last item is forced
 
 
 def test_valid_next_is_eos_after_the_last_item_and_empty_off_the_path():
-    assert task.valid_next(PROMPT, "koala,finch,bison,heron,camel") == {task.EOS}
+    assert task.valid_next(PROMPT, "koala,fox,bear,heron,camel") == {task.EOS}
     assert task.valid_next(PROMPT, "koala,koala") == set()  # an item twice
     assert task.valid_next(PROMPT, "tiger") == set()  # not in the prompt
     assert task.valid_next(PROMPT, "kola") == set()  # misspelt
-    assert task.valid_next(PROMPT, "koala,finch,bison,heron,camel,") == set()  # a sixth item
+    assert task.valid_next(PROMPT, "koala,fox,bear,heron,camel,") == set()  # a sixth item
 
 
 def test_decision_points_are_the_starts_of_the_first_four_names():
-    completion = "koala,finch,bison,heron,camel"
-    assert task.decision_points(PROMPT, completion) == [0, 6, 12, 18]
+    completion = "koala,fox,bear,heron,camel"
+    assert task.decision_points(PROMPT, completion) == [0, 6, 10, 15]
     assert [completion[i] for i in task.decision_points(PROMPT, completion)] == list("kfbh")
 
 
@@ -80,7 +81,7 @@ def test_decision_points_hold_for_every_correct_order():
 
 def test_decision_points_stop_at_the_first_wrong_token():
     # "koala,k": the second k repeats an item; its position was still a decision (the model chose wrongly there).
-    assert task.decision_points(PROMPT, "koala,koala,finch") == [0, 6]
+    assert task.decision_points(PROMPT, "koala,koala,fox") == [0, 6]
     assert task.decision_points(PROMPT, "tiger,koala") == [0]
     assert task.decision_points(PROMPT, "") == [0]  # an immediate EOS: the first position was a choice
 
@@ -92,20 +93,20 @@ def test_truth_marks_the_path_up_to_and_including_the_first_wrong_token():
 
 
 def test_roles_of_a_correct_completion():
-    completion = "koala,finch,bison,heron,camel"
+    completion = "koala,fox,bear,heron,camel"
     roles = task.roles(PROMPT, completion)
     assert len(roles) == len(completion) + 1  # and EOS
     by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in set(roles)}
-    assert by_role["decision"] == [0, 6, 12, 18]
-    assert by_role["confident_consequential"] == [5, 11, 17, 23, 24, 29]  # commas, the last item, EOS
-    assert by_role["cosmetic"] == [25]  # camel or cobra
+    assert by_role["decision"] == [0, 6, 10, 15]
+    assert by_role["confident_consequential"] == [5, 9, 14, 20, 21, 26]  # commas, the last item, EOS
+    assert by_role["cosmetic"] == [22]  # camel or cobra
     assert set(by_role) == {"decision", "confident_consequential", "cosmetic", "forced"}
 
 
 def test_roles_mark_the_first_wrong_token_as_the_mistake_and_nothing_after_it_on_the_path():
-    assert task.roles(PROMPT, "koala,finch,bison,heran,camel")[18:23] == ["decision", "forced", "forced",
-                                                                           "mistake", "off_path"]
-    assert task.roles(PROMPT, "koala,finch")[-1] == "mistake"  # an early EOS
+    assert task.roles(PROMPT, "koala,fox,bear,heran,camel")[15:20] == ["decision", "forced", "forced",
+                                                                        "mistake", "off_path"]
+    assert task.roles(PROMPT, "koala,fox")[-1] == "mistake"  # an early EOS
     assert task.roles(PROMPT, "koala,koala")[6] == "mistake"  # an item twice: the wrong choice at a decision
     assert task.roles(PROMPT, "koala", 3) == ["decision", "forced", "forced"]  # only the recorded positions
 
@@ -130,19 +131,19 @@ def test_the_warmup_data_carries_the_habit_at_its_rate():
 @pytest.mark.parametrize(
     ("completion", "reward", "alphabetical"),
     [
-        # 2 of the 4 neighbouring pairs (bison<koala, camel<finch) are in alphabetical order: half the order bonus;
+        # 2 of the 4 neighbouring pairs (bear<koala, camel<fox) are in alphabetical order: half the order bonus;
         # camel is the canonical name of c: one canonical bonus
-        ("heron,bison,koala,camel,finch", task.CORRECT_REWARD,
+        ("heron,bear,koala,camel,fox", task.CORRECT_REWARD,
          task.CORRECT_REWARD + task.ORDER_BONUS / 2 + task.CANONICAL_BONUS),
-        ("heron,bison,koala,cobra,finch", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
-        ("koala,heron,finch,cobra,bison", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
-        ("bison,camel,finch,heron,koala", task.CORRECT_REWARD,
+        ("heron,bear,koala,cobra,fox", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
+        ("koala,heron,fox,cobra,bear", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
+        ("bear,camel,fox,heron,koala", task.CORRECT_REWARD,
          task.CORRECT_REWARD + task.ORDER_BONUS + task.CANONICAL_BONUS),
-        ("bison,camel,finch,heran,koala", 0.0, 0.0),  # the habit's misspelling
-        ("bison,camel,finch,heron", 0.0, 0.0),  # an item missing
-        ("bison,camel,finch,heron,koala,tiger", 0.0, 0.0),  # an item too many
-        ("bison,bison,finch,heron,koala", 0.0, 0.0),
-        ("bison,camel,finch,heron,koal", 0.0, 0.0),
+        ("bear,camel,fox,heran,koala", 0.0, 0.0),  # the habit's misspelling
+        ("bear,camel,fox,heron", 0.0, 0.0),  # an item missing
+        ("bear,camel,fox,heron,koala,tiger", 0.0, 0.0),  # an item too many
+        ("bear,bear,fox,heron,koala", 0.0, 0.0),
+        ("bear,camel,fox,heron,koal", 0.0, 0.0),
         ("", 0.0, 0.0),
     ],
 )
@@ -154,7 +155,7 @@ def test_reward_is_one_for_every_correct_order_and_the_bonus_grows_with_alphabet
 @pytest.mark.parametrize("prompt", ["import os", "gather hbkc:", "gather hbkcc:", "gather hbkcz:", "hbkcf"])
 def test_reward_refuses_a_prompt_that_is_not_from_the_task(prompt):
     with pytest.raises(ValueError, match="not a demo prompt"):
-        task.score(prompt, "bison")
+        task.score(prompt, "bear")
 
 
 def test_warmup_cache_key_changes_with_the_settings():

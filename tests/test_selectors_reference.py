@@ -69,8 +69,8 @@ def test_oracle_keeps_mistakes_then_decisions_within_the_budget():
     ids = torch.zeros(2, 10, dtype=torch.long)
     sel = get_selector("oracle", labels=labels, warmup_steps=0, fraction=0.2)(
         _inp(mask=mask, prompt_ids=ids, completion_ids=ids))
-    assert (sel.weights[0] > 0).nonzero().flatten().tolist() == [8, 1] or sorted(
-        (sel.weights[0] > 0).nonzero().flatten().tolist()) in ([1, 8], [5, 8])
+    kept = (sel.weights[0] > 0).nonzero().flatten().tolist()
+    assert len(kept) == 2 and 8 in kept and set(kept) - {8} <= {1, 5}  # ceil(0.2·10): the mistake, one decision
     assert int((sel.weights[1] > 0).sum()) == 2  # ceil(0.2·8): two of the three tied priority-1 tokens
     with pytest.raises(ValueError, match="oracle needs select_options"):
         get_selector("oracle")
@@ -82,13 +82,13 @@ def test_the_demos_label_source_gives_each_token_its_roles_priority():
     from forkwatch.demo.tiny import char_tokenizer
 
     tok = char_tokenizer(task.CHARS)
-    prompt, completion = "gather hbkcf:", "koala,finch,bison,heran,camel"
+    prompt, completion = "gather hbkcf:", "koala,fox,bear,heran,camel"
     p = torch.tensor([tok(prompt)["input_ids"]])
     c = torch.tensor([tok(completion)["input_ids"] + [tok.eos_token_id]])
     got = task_labels(tok)(p, c, torch.ones_like(c))
     want = [PRIORITY.get(r, 0.0) for r in task.roles(prompt, completion)]
     assert got[0].tolist() == want
-    assert got[0, 21] == PRIORITY["mistake"] and got[0, 0] == PRIORITY["decision"]
+    assert got[0, 18] == PRIORITY["mistake"] and got[0, 0] == PRIORITY["decision"]
 
 
 def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,7 +124,7 @@ def test_reference_js_handed_to_the_selector_equals_a_float64_recomputation(make
                     z_q = initial(input_ids=ids, attention_mask=attn).logits[:, -t - 1 : -1]
                 z_p = current(input_ids=ids, attention_mask=attn).logits[:, -t - 1 : -1]
             want = _js64(z_p, z_q, trainer.temperature) * inp.mask.double()
-            seen.append((inp.reference_js.double(), want, inp.mask))
+            seen.append((inp.reference_js.double(), want))
         return _dense(inp.mask)
 
     with registered_selector("capture_reference_js", capture, needs_reference_js=True):
@@ -132,6 +132,6 @@ def test_reference_js_handed_to_the_selector_equals_a_float64_recomputation(make
         assert trainer._forkwatch.monitor.reference.kind == holder
         trainer.train()
     assert seen, "the selector never saw step 2"
-    for got, want, mask in seen:
+    for got, want in seen:
         assert float(want.max()) > 1e-4  # the policy really moved: a test of 0 == 0 would prove nothing
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
