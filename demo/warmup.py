@@ -34,7 +34,7 @@ class WarmupSettings:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    steps: int = 500
+    steps: int = 1500  # names of 3-5 letters: the model must track which items remain by content, not position
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
