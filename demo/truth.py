@@ -87,7 +87,7 @@ class ForkReport:
     certain_share: float  # tokens with entropy < CERTAIN_NATS
     decision_share: float  # decision points among on-path tokens
     decision_entropy: float  # mean entropy (nats) at decision points
-    forced_entropy: float  # mean entropy (nats) at forced on-path positions
+    forced_entropy: float  # mean entropy (nats) at forced tokens (the rest of a name)
     recall: float  # decision points that forkwatch marked as forks
     precision: float  # forks that are decision points (a fork after a wrong token is not one)
 
@@ -112,7 +112,7 @@ def fork_report(log_dir: str | Path, run: str, step: int | None = None) -> ForkR
         """
         SELECT count(*), avg((t.entropy < ?)::INT),
                sum(x.is_decision::INT), sum(x.on_path::INT),
-               avg(t.entropy) FILTER (x.is_decision), avg(t.entropy) FILTER (x.on_path AND NOT x.is_decision),
+               avg(t.entropy) FILTER (x.is_decision), avg(t.entropy) FILTER (x.role = 'forced'),
                sum((x.is_decision AND t.is_fork)::INT), sum(t.is_fork::INT)
         FROM tokens t JOIN truth x USING (run_id, step, completion_id, position)
         WHERE t.run_id = ? AND t.step = ?

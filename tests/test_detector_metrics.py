@@ -75,3 +75,16 @@ def test_step_metrics_scores_each_step_and_skips_a_score_that_was_not_recorded()
     assert flat.auroc == pytest.approx(0.5) and flat.base_rate == pytest.approx(0.25)
     pos = m[(m.step == 1) & (m.target == "decision") & (m.predictor == "position")].iloc[0]
     assert pos.auroc == pytest.approx(1.0)  # fitted on the same tokens: the upper bound for position-only rules
+
+
+def test_the_forks_page_chart_draws_each_predictor_and_the_ceiling():
+    from forkwatch.dashboard.detector_chart import detector_figure
+
+    tokens = pd.DataFrame({"step": [1, 1, 2, 2], "position": [0, 1, 0, 1], "entropy": [1.0, 0.0, 0.5, 0.0],
+                           "renyi2": [0.9, 0.0, 0.4, 0.0], "group_js": [np.nan] * 4,
+                           "role": ["decision", "forced", "decision", "forced"]})
+    fig = detector_figure(step_metrics(tokens, rate=0.5), "decision")
+    names = {t.name for t in fig.data}
+    assert {"entropy", "renyi2", "position", "random", "all", "ceiling"} <= names and "group_js" not in names
+    ceiling = next(t for t in fig.data if t.name == "ceiling")
+    assert list(ceiling.y) == [1.0, 1.0]
