@@ -73,9 +73,9 @@ def demo_runs(s: GRPOSettings) -> list[RunSpec]:
     return [
         RunSpec(
             "grpo_alphabetical", None, s.stable_lr,
-            "a reward that slightly prefers one correct order (up to +0.1 for alphabetical): GRPO divides by each "
-            "group's reward spread, so the small bonus is a full-size signal; every decision point converges on one "
-            "choice and entropy collapses",
+            "a reward that slightly prefers one correct path (up to +0.1 for alphabetical order, +0.025 per "
+            "canonical name): GRPO divides by each group's reward spread, so the small bonus is a full-size signal; "
+            "every decision point and cosmetic fork converges on one choice and entropy collapses",
             "collapse", reward="items_alphabetical", steps=s.collapse_steps,
         ),
         RunSpec(
