@@ -130,5 +130,8 @@ def render() -> None:
         history = cached_queries.prompt_history(log_dir, run, completion["prompt"])
         st.plotly_chart(forks_charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
+    from forkwatch.dashboard.detector_chart import detector_section
+
+    detector_section(log_dir, run)  # only where the run's task wrote a ground truth (the demo's)
     forks_sections.fork_roles_section(log_dir, run)
     forks_sections.probes_section(log_dir, runs, run)

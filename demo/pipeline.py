@@ -65,6 +65,8 @@ class DemoResult:
     verdicts: dict[str, str] = field(default_factory=dict)  # run name -> verdict
     verdict_lines: list[str] = field(default_factory=list)
     forks: truth.ForkReport | None = None  # the first step of plain GRPO against the ground truth
+    # the detector metrics (AUROC, AP, precision vs ceiling) at plain GRPO's first step, and over the collapse run
+    detector_lines: list[str] = field(default_factory=list)
 
 
 def run_demo(
@@ -97,6 +99,8 @@ def run_demo(
     result = DemoResult(out, log_dir, model_dir, specs, seconds, cpu)
     result.verdicts, result.verdict_lines = verdicts(log_dir, [s.name for s in specs])
     result.forks = truth.fork_report(log_dir, "grpo")
+    result.detector_lines = truth.detector_lines(log_dir, "grpo") + truth.detector_trend_lines(log_dir,
+                                                                                               "grpo_alphabetical")
     return result
 
 

@@ -73,9 +73,9 @@ def demo_runs(s: GRPOSettings) -> list[RunSpec]:
     return [
         RunSpec(
             "grpo_alphabetical", None, s.stable_lr,
-            "a reward that slightly prefers one correct order (up to +0.1 for alphabetical): GRPO divides by each "
-            "group's reward spread, so the small bonus is a full-size signal; every decision point converges on one "
-            "choice and entropy collapses",
+            "a reward that slightly prefers one correct path (up to +0.1 for alphabetical order, +0.025 per "
+            "canonical name): GRPO divides by each group's reward spread, so the small bonus is a full-size signal; "
+            "every decision point and cosmetic fork converges on one choice and entropy collapses",
             "collapse", reward="items_alphabetical", steps=s.collapse_steps,
         ),
         RunSpec(
@@ -155,8 +155,10 @@ def train_run(
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(_Bar(spec.name, spec.steps or settings.steps, bar_position, progress))
+    # group_js on every run (not only ICT's): the detector metrics judge it next to entropy (demo/truth.py)
     attach(trainer, log_dir=str(log_dir), run_name=spec.name, select=spec.select, seed=settings.seed,
-           on_alarm=settings.on_alarm, **({"select_options": spec.select_options} if spec.select_options else {}))
+           on_alarm=settings.on_alarm, group_js=True,
+           **({"select_options": spec.select_options} if spec.select_options else {}))
     trainer.train()
     return trainer
 

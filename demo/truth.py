@@ -1,8 +1,9 @@
-"""The demo's ground truth next to forkwatch's records: which recorded token positions were decision points.
+"""The demo's ground truth next to forkwatch's records: the task's role of every recorded token.
 
-`annotate` writes, for every recorded token of a run, whether the task allowed more than one correct token there
-(`task.decision_points`), as a Parquet table under `LOG_DIR/<run>/truth/` (the store's optional `truth` view,
-store/truth.py); the dashboard's Forks page marks those positions when the table is present. `fork_report` compares forkwatch's forks (`tokens.is_fork`: the top
+`annotate` writes, for every recorded token of a run, its role (`task.roles`: decision, cosmetic fork,
+confident-consequential, forced, mistake, off path) and whether it was a decision point, as a Parquet table under
+`LOG_DIR/<run>/truth/` (the store's optional `truth` view, store/ground_truth.py); the dashboard's Forks page marks
+the decision points when the table is present. `fork_report` compares forkwatch's forks (`tokens.is_fork`: the top
 `fork_fraction` of each micro-batch's tokens by entropy) with that truth at one step.
 
 Positions are characters of the completion (the tokenizer has one token per character); the EOS token sits at
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from forkwatch.demo import task
 from forkwatch.store import connect
-from forkwatch.store.truth import TRUTH, TRUTH_DIR
+from forkwatch.store.ground_truth import TRUTH, TRUTH_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ def completion_truth(prompt: str, completion: str, n_positions: int) -> tuple[li
             reach = i + 1  # the wrong token itself had a truth (a decision or a forced position it missed)
             break
     return [i in points for i in range(n_positions)], [i < reach for i in range(n_positions)]
+
+
+def completion_roles(prompt: str, completion: str, n_positions: int) -> list[str]:
+    """The task's role of positions 0..n_positions-1 of one recorded completion (`task.roles`).
+
+    A completion without EOS (cut at the length limit) has n_positions = len(completion): no EOS position."""
+    return task.roles(prompt, completion, n_positions)
 
 
 def annotate(log_dir: str | Path, run: str) -> Path | None:
@@ -61,6 +69,7 @@ def annotate(log_dir: str | Path, run: str) -> Path | None:
         cols["position"] += list(range(n))
         cols["is_decision"] += decision
         cols["on_path"] += on_path
+        cols["role"] += completion_roles(prompt, completion or "", int(n))
     folder = Path(log_dir) / run / TRUTH_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "part-0.parquet"
@@ -78,7 +87,7 @@ class ForkReport:
     certain_share: float  # tokens with entropy < CERTAIN_NATS
     decision_share: float  # decision points among on-path tokens
     decision_entropy: float  # mean entropy (nats) at decision points
-    forced_entropy: float  # mean entropy (nats) at forced on-path positions
+    forced_entropy: float  # mean entropy (nats) at forced tokens (the rest of a name)
     recall: float  # decision points that forkwatch marked as forks
     precision: float  # forks that are decision points (a fork after a wrong token is not one)
 
@@ -103,7 +112,7 @@ def fork_report(log_dir: str | Path, run: str, step: int | None = None) -> ForkR
         """
         SELECT count(*), avg((t.entropy < ?)::INT),
                sum(x.is_decision::INT), sum(x.on_path::INT),
-               avg(t.entropy) FILTER (x.is_decision), avg(t.entropy) FILTER (x.on_path AND NOT x.is_decision),
+               avg(t.entropy) FILTER (x.is_decision), avg(t.entropy) FILTER (x.role = 'forced'),
                sum((x.is_decision AND t.is_fork)::INT), sum(t.is_fork::INT)
         FROM tokens t JOIN truth x USING (run_id, step, completion_id, position)
         WHERE t.run_id = ? AND t.step = ?
@@ -119,3 +128,53 @@ def fork_report(log_dir: str | Path, run: str, step: int | None = None) -> ForkR
         recall=hits / n_dec if n_dec else math.nan,
         precision=hits / forks if forks else math.nan,
     )  # fmt: skip
+
+
+_TARGET_TEXT = {"decision": "consequential decisions",
+                "consequential_or_mistake": "consequential decisions, confident-consequential tokens and mistakes"}
+
+
+def detector_lines(log_dir: str | Path, run: str, step: int | None = None) -> list[str]:
+    """The detector metrics of `run` at `step` (default: its first recorded step) as printable lines: per target,
+    AUROC, average precision and precision among the top 20 % (with its ceiling) of entropy, Rényi-2 and group-JS
+    next to the baselines (store/detector_queries.py)."""
+    from forkwatch.store.detector_queries import detector_by_step
+
+    m = detector_by_step(connect(log_dir), run)
+    if m.empty:
+        return []
+    step = int(m["step"].min()) if step is None else step
+    m = m[m["step"] == step]
+    out = []
+    for target, g in m.groupby("target", sort=False):
+        first = g.iloc[0]
+        out.append(f"  detector vs ground truth ({run}, step {step}, {first.tokens} tokens): "
+                   f"{_TARGET_TEXT[target]} ({first.base_rate:.1%} of tokens)")
+        out.append(f"    {'score':<10} {'AUROC':>6} {'AP':>6} {'precision@20%':>14} (ceiling)")
+        for r in g.itertuples(index=False):
+            out.append(f"    {r.predictor:<10} {r.auroc:6.3f} {r.average_precision:6.3f} {r.precision:14.3f} "
+                       f"({r.ceiling:.3f})")
+    return out
+
+
+def detector_trend_lines(log_dir: str | Path, run: str, predictors: tuple[str, ...] = ("entropy", "renyi2",
+                                                                                         "group_js")) -> list[str]:
+    """How the detector metrics of `run` moved over training: first and last recorded step, per target."""
+    from forkwatch.store.detector_queries import detector_by_step
+
+    m = detector_by_step(connect(log_dir), run)
+    if m.empty:
+        return []
+    first, last = int(m["step"].min()), int(m["step"].max())
+    out = [f"  detector over training ({run}, step {first} -> {last}): AUROC / AP"]
+    for target in _TARGET_TEXT:
+        cells = []
+        for p in predictors:
+            a = m[(m.target == target) & (m.predictor == p) & (m.step == first)]
+            b = m[(m.target == target) & (m.predictor == p) & (m.step == last)]
+            if a.empty or b.empty:
+                continue
+            a, b = a.iloc[0], b.iloc[0]
+            cells.append(f"{p} {a.auroc:.2f}/{a.average_precision:.2f} -> {b.auroc:.2f}/{b.average_precision:.2f}")
+        out.append(f"    {target}: " + "; ".join(cells))
+    return out

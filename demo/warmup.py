@@ -1,8 +1,11 @@
 """A brief supervised warm-up that teaches a tiny Qwen2-style model the demo task, cached on disk.
 
-Each training example writes a problem's items in a fresh random order, so the model learns that every order is
-correct: at a decision point it spreads its probability over the items not yet written, and everywhere else (the
-rest of a name, the comma, EOS) it becomes near-certain. That is the shape GRPO then sharpens, keeps, or collapses.
+Each training example writes a problem's items in a fresh random order, and each two-name item under either name
+(even odds), so the model learns that every order and spelling is correct: at a decision point it spreads its
+probability over the items not yet written, at a cosmetic fork over the two names, and everywhere else (the rest of
+a name, the comma, EOS) it becomes near-certain. The examples also carry the task's habit (`task.HABIT`): after
+"raven," heron is spelt "heran" nine times in ten, a confident mistake the model learns. That is the shape GRPO then
+sharpens, keeps, or collapses.
 """
 
 from __future__ import annotations
@@ -31,23 +34,27 @@ class WarmupSettings:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    steps: int = 500
+    steps: int = 1500  # names of 3-5 letters: the model must track which items remain by content, not position
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
 
     def key(self) -> str:
         """A short hash of everything that shapes the warm-up model (settings + the task's alphabet)."""
-        blob = json.dumps({**asdict(self), "chars": task.CHARS, "words": task.WORDS, "task": "items-v1"}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "chars": task.CHARS, "words": task.WORDS, "task": "items-v2", "synonyms": task.SYNONYMS, "habit": task.HABIT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _examples(n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """`n` (prompt, completion) pairs: random items, written in a random order (each of the 120 equally likely)."""
+    """`n` (prompt, completion) pairs: random items, written in a random order (each of the 120 equally likely),
+    each two-name item under either name, and the habit's misspelling where it applies."""
+    before, name, habit, rate = task.HABIT
     out = []
     for p in task.make_problems(n, seed=rng.randrange(2**31)):
-        order = rng.sample(p.keys, len(p.keys))
-        out.append((p.prompt, task.SEP.join(task.BY_KEY[k] for k in order)))
+        names = [rng.choice(task.NAMES[k]) for k in rng.sample(p.keys, len(p.keys))]
+        names = [habit if w == name and i and names[i - 1] == before and rng.random() < rate else w
+                 for i, w in enumerate(names)]
+        out.append((p.prompt, task.SEP.join(names)))
     return out
 
 

@@ -316,6 +316,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"  {s.name:<20} {s.expect.upper():<10} {s.note} (lr {s.learning_rate:g})")
     if result.forks is not None:
         print("\n".join(result.forks.lines()))
+    print("\n".join(result.detector_lines))  # fork detection judged against the task's ground truth
     if args.no_dashboard:
         print(f"dashboard: forkwatch dashboard {result.log_dir}")
         return 0

@@ -25,6 +25,8 @@ from forkwatch.plugin.gen_evidence import GenEvidence
 from forkwatch.plugin.metrics import no_grad
 from forkwatch.plugin.rank_budget import RankBudget
 from forkwatch.plugin.recording import MicroBatchValues, record
+from forkwatch.plugin.reference_js import KEY as REFERENCE_KEY
+from forkwatch.plugin.reference_js import ReferencePolicy
 from forkwatch.plugin.row_ids import completion_and_group_ids, generation_key, rows_in_generation
 from forkwatch.plugin.select_seam import SelectSeam
 from forkwatch.plugin.trl_batch import eos_ids, response_mask
@@ -71,6 +73,9 @@ class Monitor:
         self.gen: GenBatch | None = None  # the current generation batch
         self.last_rewards: torch.Tensor | None = None
         self._eos: torch.Tensor | None = None
+        # the initial policy, for ict against the reference (plugin/reference_js.py): scored once per generation batch
+        self.reference = (ReferencePolicy(trainer, project=project, backbone=backbone, chunk=config.group_js_chunk)
+                          if selector is not None and selector.needs_reference_js else None)
         self._mb: MicroBatch | None = None
 
     @property
@@ -172,6 +177,8 @@ class Monitor:
 
     def share_evidence(self, out: dict[str, Any], recorded: bool) -> None:
         """Every rank, after `on_generation`, outside the fault guards (gen_evidence.py: one collective)."""
+        if self.reference is not None:  # every rank, outside the fault guards: its forwards may be sharded
+            out[REFERENCE_KEY] = self.reference.score(out, response_mask(out))
         if self.evidence.scorer is not None and not self.evidence.share(out, recorded):
             self.gen = None
 

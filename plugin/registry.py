@@ -36,6 +36,12 @@ class SelectionInput:
     # Concatenates a 1-D tensor of any length over all ranks (e.g. accelerate's pad_across_processes + gather);
     # None = single process. Selectors whose cut-off is a batch quantile use it so the quantile is global.
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (B, T) JS(π_θ(·|s) ‖ π_ref(·|s)) in each token's context, present when the selector asked for it
+    # (`needs_reference_js`; plugin/reference_js.py)
+    reference_js: torch.Tensor | None = None
+    # TRL's token ids of the micro-batch, for selectors that read a task's ground truth (the demo's oracle)
+    prompt_ids: torch.Tensor | None = None  # (B, P), left-padded
+    completion_ids: torch.Tensor | None = None  # (B, T)
 
 
 @dataclass
@@ -50,11 +56,17 @@ class Selection:
 SelectorFn = Callable[..., Selection]
 
 
+# A need that may depend on the options (ICT's score is group-JS or the reference JS by `against`): a bool, or a
+# function of the resolved options (defaults filled in) returning one.
+Need = bool | Callable[[dict[str, Any]], bool]
+
+
 @dataclass(frozen=True)
 class SelectorSpec:
     name: str
     fn: SelectorFn
-    needs_group_js: bool = False
+    needs_group_js: Need = False
+    needs_reference_js: Need = False
     changes_loss: bool = False  # returns loss_delta (refused with loss types it was not defined for)
     # acts only through the importance ratio: exactly GRPO when TRL never reuses a rollout (attach warns then)
     needs_off_policy: bool = False
@@ -68,7 +80,8 @@ _REGISTRY: dict[str, SelectorSpec] = {}
 def register_selector(
     name: str,
     *,
-    needs_group_js: bool = False,
+    needs_group_js: Need = False,
+    needs_reference_js: Need = False,
     changes_loss: bool = False,
     needs_off_policy: bool = False,
     check_options: Callable[..., None] | None = None,
@@ -83,8 +96,8 @@ def register_selector(
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"a selector named {name!r} is already registered")
         _REGISTRY[name] = SelectorSpec(
-            name, fn, needs_group_js=needs_group_js, changes_loss=changes_loss, needs_off_policy=needs_off_policy,
-            check_options=check_options,
+            name, fn, needs_group_js=needs_group_js, needs_reference_js=needs_reference_js, changes_loss=changes_loss,
+            needs_off_policy=needs_off_policy, check_options=check_options,
         )
         return fn
 
@@ -132,9 +145,21 @@ class BoundSelector:
     def name(self) -> str:
         return self.spec.name
 
+    def _need(self, need: Need) -> bool:
+        if not callable(need):
+            return bool(need)
+        params = inspect.signature(self.spec.fn).parameters
+        resolved = {p: v.default for p, v in params.items()
+                    if v.kind is inspect.Parameter.KEYWORD_ONLY and v.default is not inspect.Parameter.empty}
+        return bool(need({**resolved, **self.options}))
+
     @property
     def needs_group_js(self) -> bool:
-        return self.spec.needs_group_js
+        return self._need(self.spec.needs_group_js)
+
+    @property
+    def needs_reference_js(self) -> bool:
+        return self._need(self.spec.needs_reference_js)
 
     @property
     def changes_loss(self) -> bool:

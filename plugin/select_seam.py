@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from forkwatch.plugin.metrics import no_grad
+from forkwatch.plugin.reference_js import reference_js_of
 from forkwatch.plugin.trl_batch import response_mask
 from forkwatch.store.ledger import Ledger
 
@@ -64,6 +65,9 @@ class SelectSeam:
             epsilon_high=tr.epsilon_high,
             loss_type=tr.loss_type,
             gather=None if self.world == 1 else (lambda x: _gather_1d(acc, x)),
+            # what some selectors read besides the scores: ict against the reference, the demo's oracle
+            reference_js=reference_js_of(self.selector, inputs),
+            prompt_ids=inputs.get("prompt_ids"), completion_ids=inputs.get("completion_ids"),
         )
         sel = self.selector(inp)
         weights = sel.weights.detach()

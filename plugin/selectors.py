@@ -163,6 +163,14 @@ def _check_sparse(*, fraction: float, warmup_steps: int, scope: str, normalize: 
     _check_choice("normalize", normalize, NORMALIZATIONS)
 
 
+AGAINST = ("siblings", "reference")  # ICT's score: JS against the group's mean, or against the reference policy
+
+
+def _check_ict(*, against: str, **sparse) -> None:
+    _check_sparse(**sparse)
+    _check_choice("against", against, AGAINST)
+
+
 def _percentile_keep(
     scores: torch.Tensor, inp: SelectionInput, fraction: float, scope: str, min_score: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +187,8 @@ def _dense(mask: torch.Tensor) -> Selection:
     return Selection((mask > 0).to(mask.dtype), None, {"warmup": 1.0, "threshold": NAN})
 
 
-@register_selector("ict", needs_group_js=True, check_options=_check_sparse)
+@register_selector("ict", needs_group_js=lambda o: o["against"] == "siblings",
+                   needs_reference_js=lambda o: o["against"] == "reference", check_options=_check_ict)
 @torch.no_grad()
 def ict(
     inp: SelectionInput,
@@ -188,10 +197,14 @@ def ict(
     warmup_steps: int = 10,
     scope: str = "completion",
     normalize: str = "kept",
+    against: str = "siblings",
 ) -> Selection:
     """ICT, Independent Combinatorial Tokens (arXiv:2606.19771): JS-10 % with Sparse-GRPO after a dense warm-up.
 
-    Score u_{i,t} = JS(p_{i,t} ‖ P̄_t) (`inp.group_js`). For optimizer steps < `warmup_steps` (the paper: 10, 20 and
+    Score (`against`, docs/methods.md says which reading comes from where): "siblings" (default, the reading
+    secondary sources give) u_{i,t} = JS(p_{i,t} ‖ P̄_t) (`inp.group_js`); "reference" u_{i,t} =
+    JS(π_θ(·|s_{i,t}) ‖ π_ref(·|s_{i,t})) in the token's own context, π_ref the initial policy (`inp.reference_js`,
+    plugin/reference_js.py). For optimizer steps < `warmup_steps` (the paper: 10, 20 and
     40 equally good) train densely (weights = mask, metric warmup = 1). Then keep the tokens whose score is at or
     above their completion's (1 - `fraction`) percentile, the paper's rule: the ceil(fraction·n_i)-th largest score
     (at least one token), every tie with it kept, and only scores above zero (`JS_ZERO`), so a completion with
@@ -204,9 +217,11 @@ def ict(
     """
     if inp.step < warmup_steps:
         return _dense(inp.mask)
-    if inp.group_js is None:
-        raise ValueError("ict needs inp.group_js (the glue computes it when spec.needs_group_js)")
-    keep, threshold = _percentile_keep(inp.group_js.detach(), inp, fraction, scope, JS_ZERO)
+    score = inp.group_js if against == "siblings" else inp.reference_js
+    if score is None:
+        raise ValueError(f"ict (against={against!r}) needs inp.{'group_js' if against == 'siblings' else 'reference_js'}"
+                         " (the glue computes it when the bound selector needs it)")
+    keep, threshold = _percentile_keep(score.detach(), inp, fraction, scope, JS_ZERO)
     weights = _weights(keep, inp.mask, inp.loss_type, normalize, over="completion")
     return Selection(weights, None, {"warmup": 0.0, "threshold": threshold})
 
@@ -232,6 +247,43 @@ def random(
     gen = inp.generator
     scores = torch.rand(inp.mask.shape, generator=gen, device=gen.device, dtype=torch.float64).to(inp.mask.device)
     keep, _ = _percentile_keep(scores, inp, fraction, scope, 0.0)
+    return Selection(_weights(keep, inp.mask, inp.loss_type, normalize, over="completion"), None, {"warmup": 0.0})
+
+
+def _check_oracle(*, labels, fraction: float, warmup_steps: int, normalize: str) -> None:
+    if not callable(labels):
+        raise ValueError(f"labels={labels!r}: oracle needs select_options={{'labels': fn}}, fn(prompt_ids, "
+                         "completion_ids, mask) -> (B, T) priority per token (0 = never keep), e.g. the demo's "
+                         "demo.oracle.task_labels(tokenizer)")
+    _check_sparse(fraction=fraction, warmup_steps=warmup_steps, scope="completion", normalize=normalize)
+
+
+@register_selector("oracle", check_options=_check_oracle)
+@torch.no_grad()
+def oracle(
+    inp: SelectionInput,
+    *,
+    labels=None,
+    fraction: float = 0.10,
+    warmup_steps: int = 10,
+    normalize: str = "kept",
+) -> Selection:
+    """The ground truth's own selection, for a task that knows it (the demo): what a perfect score could reach at
+    ICT's budget. Same warm-up, `fraction` per completion, percentile rule and normalisation as `ict`.
+
+    `labels(prompt_ids, completion_ids, mask)` -> (B, T) priority per token (the demo's: mistake 3, decision 2,
+    confident-consequential 1, anything else 0: never kept). Ties within a priority are broken by a U(0, 1) draw
+    from `inp.generator`, so a completion keeps exactly ⌈fraction·n_i⌉ tokens when it has that many positive ones.
+    """
+    if inp.step < warmup_steps:
+        return _dense(inp.mask)
+    if inp.completion_ids is None or inp.prompt_ids is None:
+        raise ValueError("oracle needs inp.prompt_ids and inp.completion_ids (the glue passes TRL's token ids)")
+    priority = labels(inp.prompt_ids, inp.completion_ids, inp.mask).to(inp.mask.device, torch.float64)
+    gen = inp.generator
+    jitter = torch.rand(inp.mask.shape, generator=gen, device=gen.device, dtype=torch.float64).to(inp.mask.device)
+    scores = torch.where(priority > 0, priority + 0.5 * jitter, torch.zeros_like(priority))
+    keep, _ = _percentile_keep(scores, inp, fraction, "completion", 0.0)
     return Selection(_weights(keep, inp.mask, inp.loss_type, normalize, over="completion"), None, {"warmup": 0.0})
 
 

@@ -33,8 +33,11 @@ import numpy as np
 VARIANTS: dict[str, tuple[str | None, dict]] = {
     "grpo": (None, {}),
     "high_entropy": ("high_entropy", {}),
-    "ict": ("ict", {}),
+    "ict": ("ict", {}),  # against="siblings": group-JS, the reading secondary sources give
+    "ict_reference": ("ict", {"against": "reference"}),  # JS against the initial policy in the same context
     "random": ("random", {}),
+    # the ground truth's own selection at ICT's budget (demo only): "labels" is filled in with the task's label source
+    "oracle": ("oracle", {"labels": None}),
     # ICT with TRL's normaliser (weights 0/1) instead of the mean over kept tokens: tests whether the kept-token
     # normalisation is what makes ICT lose this task.
     "ict_norm_all": ("ict", {"normalize": "all"}),
@@ -49,7 +52,7 @@ def run_name(variant: str, lr: float, seed: int) -> str:
 
 def train(args: argparse.Namespace) -> None:
     import torch
-    from forkwatch.demo import evaluate, runs, warmup
+    from forkwatch.demo import evaluate, oracle, runs, warmup
 
     # The tiny model gains nothing from more threads, and the grid runs two processes on a shared 2-core machine.
     torch.set_num_threads(args.threads)
@@ -70,6 +73,8 @@ def train(args: argparse.Namespace) -> None:
             if out.exists():
                 continue
             select, options = VARIANTS[variant]
+            if "labels" in options:
+                options = {**options, "labels": oracle.task_labels(tok)}
             spec = runs.RunSpec(name, select, lr, f"{variant}, lr {lr:g}, seed {seed}", "healthy",
                                 select_options=options or None)
             trainer = runs.train_run(spec, model_dir=model_dir, log_dir=log_dir, settings=replace(settings, seed=seed),
@@ -149,42 +154,71 @@ def _plot(con, groups: dict[tuple[str, str], list[str]], path: Path, title: str)
     sys.stdout.write(f"wrote {path}\n")
 
 
-# Where a run's kept tokens sit, against the task's ground truth (demo/truth.py), in completions with a non-zero
-# advantage (the only ones with a gradient) after the sparse selectors' warm-up. Each on-path token is one of: the
-# mistake (the last on-path token of a wrong completion: the first wrong token, or an early EOS), a decision point,
-# a forced token; after the mistake a token is off path. For plain GRPO every token is kept: its row is the base rate.
-_KEPT_SQL = """
+# Where a run's kept tokens sit, against the task's ground truth (demo/task.py `roles`), in completions with a
+# non-zero advantage (the only ones with a gradient) after the sparse selectors' warm-up. For plain GRPO every token is
+# kept: its row is the base rate.
+ROLES = ("decision", "cosmetic", "confident_consequential", "forced", "mistake", "off_path")
+_KEPT_SQL = f"""
 WITH t AS (
-    SELECT t.selected > 0 AS kept, x.on_path, x.is_decision,
-           c.reward < 1 AND t.position = max(CASE WHEN x.on_path THEN t.position END)
-               OVER (PARTITION BY t.step, t.completion_id) AS mistake
+    SELECT t.selected > 0 AS kept, x.role
     FROM tokens t
     JOIN truth x USING (run_id, step, completion_id, position)
     JOIN completions c USING (run_id, step, completion_id)
     JOIN steps s USING (run_id, step)
     WHERE t.run_id = ? AND c.advantage <> 0 AND s.select_warmup IS DISTINCT FROM true
 )
-SELECT avg(mistake::INT) FILTER (kept),
-       avg((is_decision AND NOT mistake)::INT) FILTER (kept),
-       avg((on_path AND NOT is_decision AND NOT mistake)::INT) FILTER (kept),
-       avg((NOT on_path)::INT) FILTER (kept),
-       avg(kept::INT) FILTER (is_decision AND NOT mistake),
-       avg(kept::INT) FILTER (mistake)
+SELECT {", ".join(f"avg((role = '{r}')::INT) FILTER (kept)" for r in ROLES)},
+       avg(kept::INT) FILTER (role = 'decision'), avg(kept::INT) FILTER (role = 'cosmetic'),
+       avg(kept::INT) FILTER (role = 'mistake')
 FROM t
 """
-_KEPT_COLS = ("mistake", "decision", "forced", "off path", "decisions kept", "mistakes kept")
+_KEPT_COLS = (*ROLES, "decisions kept", "cosmetic kept", "mistakes kept")
+
+# Shannon (H1) and Rényi-2 (H2) entropy per step of all response tokens and of the kept ones (nats): ICT's claim is
+# that its selection lowers H1 while holding H2 (the dual-entropy reading), measured here for every selector.
+_DUAL_SQL = """
+SELECT t.step, avg(t.entropy), avg(t.renyi2), avg(t.entropy) FILTER (t.selected > 0),
+       avg(t.renyi2) FILTER (t.selected > 0)
+FROM tokens t JOIN steps s USING (run_id, step)
+WHERE t.run_id = ? AND s.select_warmup IS DISTINCT FROM true
+GROUP BY t.step ORDER BY t.step
+"""
+_DUAL_COLS = ("H1 all", "H2 all", "H1 kept", "H2 kept")
 
 
-def _kept_where(con, log_dir: Path, name: str) -> tuple[float, ...]:
+def _annotated(con, log_dir: Path, name: str) -> None:
     from forkwatch.demo import truth
-    from forkwatch.store.truth import TRUTH_DIR
+    from forkwatch.store.ground_truth import TRUTH_DIR
 
     if not (log_dir / name / TRUTH_DIR / "part-0.parquet").exists():
         truth.annotate(log_dir, name)
         from forkwatch.store.views import refresh_views
 
         refresh_views(con, log_dir)
+
+
+def _kept_where(con, log_dir: Path, name: str) -> tuple[float, ...]:
+    _annotated(con, log_dir, name)
     return tuple(np.nan if v is None else v for v in con.execute(_KEPT_SQL, [name]).fetchone())
+
+
+def _dual(con, name: str) -> np.ndarray:
+    """(steps, 4): H1 all, H2 all, H1 kept, H2 kept per step after the warm-up (NaN where nothing was kept)."""
+    rows = con.execute(_DUAL_SQL, [name]).fetchall()
+    return np.asarray([[np.nan if v is None else v for v in r[1:]] for r in rows], dtype=np.float64).reshape(-1, 4)
+
+
+def _detector(con, name: str) -> dict[str, tuple[float, float]]:
+    """AUROC for consequential decisions of entropy, Rényi-2 and group-JS over the first and the last EDGE steps."""
+    from forkwatch.store.detector_queries import detector_by_step
+
+    m = detector_by_step(con, name)
+    m = m[m["target"] == "decision"]
+    out = {}
+    for p in ("entropy", "renyi2", "group_js", "position"):
+        g = m[m["predictor"] == p].sort_values("step")
+        out[p] = (g["auroc"].head(EDGE).mean(), g["auroc"].tail(EDGE).mean()) if not g.empty else (np.nan, np.nan)
+    return out
 
 
 def report(args: argparse.Namespace) -> None:
@@ -243,11 +277,29 @@ def report(args: argparse.Namespace) -> None:
           f"{_ms(col('select_entropy_overlap', 'late'))} | {vtext} |\n")
 
     w("\nWhere the kept tokens are (completions with a non-zero advantage, after the warm-up): shares of the kept "
-      "tokens, then the share of all decision points / mistakes that are kept.\n\n")
+      "tokens by role, then the share of all decisions / cosmetic forks / mistakes that are kept.\n\n")
     w(f"| variant | lr | {' | '.join(_KEPT_COLS)} |\n|---|---|{'---|' * len(_KEPT_COLS)}\n")
     for (variant, lr), rs in groups.items():
         rows = np.asarray([_kept_where(con, log_dir, r) for r in rs], dtype=np.float64)  # (seeds, columns)
         w(f"| {variant} | {lr} | {' | '.join(_ms(list(rows[:, j])) for j in range(rows.shape[1]))} |\n")
+
+    w(f"\nShannon (H1) and Rényi-2 (H2) entropy, nats, mean over the first / last {EDGE} steps after the warm-up, of "
+      "all response tokens and of the kept ones.\n\n")
+    w(f"| variant | lr | {' | '.join(f'{c} first → last' for c in _DUAL_COLS)} |\n|---|---|{'---|' * 4}\n")
+    for (variant, lr), rs in groups.items():
+        duals = [_dual(con, r) for r in rs]
+        cells = [f"{_ms([np.nanmean(d[:EDGE, j]) for d in duals], '.3f')} → "
+                 f"{_ms([np.nanmean(d[-EDGE:, j]) for d in duals], '.3f')}" for j in range(4)]
+        w(f"| {variant} | {lr} | {' | '.join(cells)} |\n")
+
+    w(f"\nFork detection per run: AUROC of each score for consequential decisions, mean over the first / last {EDGE} "
+      "recorded steps (position: the position-only baseline, fitted on the same step).\n\n")
+    names = ("entropy", "renyi2", "group_js", "position")
+    w(f"| variant | lr | {' | '.join(names)} |\n|---|---|{'---|' * len(names)}\n")
+    for (variant, lr), rs in groups.items():
+        dets = [_detector(con, r) for r in rs]
+        cells = [f"{_ms([d[p][0] for d in dets])} → {_ms([d[p][1] for d in dets])}" for p in names]
+        w(f"| {variant} | {lr} | {' | '.join(cells)} |\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--log-dir", required=True)
     t.add_argument("--cache", default="demo_runs", help="folder of the cached warm-up model (shared with the demo)")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    t.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["grpo", "high_entropy", "ict", "random"])
+    t.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["grpo", "high_entropy", "ict", "ict_reference", "random", "oracle"])
     t.add_argument("--steps", type=int, default=150)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's stable one)")

@@ -199,7 +199,7 @@ def prompt_history(con: duckdb.DuckDBPyConnection, run_id: str, prompt: str) -> 
 
 
 def truth_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
-    """The ground-truth annotation of one completion (store/truth.py), in position order; no rows when the
+    """The ground-truth annotation of one completion (store/ground_truth.py), in position order; no rows when the
     run has none."""
     return con.execute(
         "SELECT position, is_decision, on_path FROM truth WHERE run_id = ? AND step = ? AND completion_id = ? "

@@ -30,13 +30,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import run_folder, truth
+from . import ground_truth, run_folder
 from .location import Location, fsspec_filesystem, resolve
 from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
 
 logger = logging.getLogger(__name__)
 
-VIEWS = ("runs", *TABLES, "token_text", truth.TRUTH_VIEW)  # every view `connect` makes: the one list
+VIEWS = ("runs", *TABLES, "token_text", ground_truth.TRUTH_VIEW)  # every view `connect` makes: the one list
 
 # path -> (size, mtime_ns, column names or None when the part is unusable)
 _footer_cache: dict[str, tuple[int, int, frozenset[str] | None]] = {}
@@ -278,10 +278,10 @@ def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]
         "CREATE OR REPLACE VIEW token_text AS "
         "SELECT t.*, v.text, v.role FROM tokens t LEFT JOIN vocab v ON v.run_id = t.run_id AND v.token_id = t.token_id"
     )
-    # Optional ground truth written by a task that knows its decision points (store/truth.py).
-    snap.parts[truth.TRUTH_VIEW] = truth.truth_parts(snap.location)
-    con.execute(f"CREATE OR REPLACE VIEW {truth.TRUTH_VIEW} AS "
-                f"{truth.truth_view_sql(snap.parts[truth.TRUTH_VIEW])}")
+    # Optional ground truth written by a task that knows its decision points (store/ground_truth.py).
+    snap.parts[ground_truth.TRUTH_VIEW] = ground_truth.truth_parts(snap.location)
+    con.execute(f"CREATE OR REPLACE VIEW {ground_truth.TRUTH_VIEW} AS "
+                f"{ground_truth.truth_view_sql(snap.parts[ground_truth.TRUTH_VIEW])}")
     return snap
 
 

@@ -26,6 +26,9 @@ FSDP2 = {"fsdp2": "TRANSFORMER_BASED_WRAP", "fsdp2_root": "NO_WRAP"}
 CONFIGS = {
     "monitor": (dict(), dict(group_js=True)),
     "ict": (dict(), dict(select="ict", warmup_steps=0, fraction=0.25)),
+    # ICT against the reference policy (a frozen whole copy taken at attach, before the backend shards the policy):
+    # one dense step moves the policy away from it, the second selects
+    "ict_reference": (dict(), dict(select="ict", warmup_steps=1, fraction=0.25, select_options={"against": "reference"})),
     "kl_cov": (dict(steps_per_generation=2), dict(select="kl_cov", fraction=0.2)),
     # completions generate never made: forks through the gathered head; group_js from the loss pass's states
     "ict_fallback": (dict(), dict(select="ict", warmup_steps=0, fraction=0.25)),

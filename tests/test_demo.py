@@ -100,6 +100,27 @@ def test_demo_prints_verdicts_causes_fork_recall_and_how_to_open_the_dashboard(d
     assert f"forkwatch dashboard {out / 'logs'}" in stdout
 
 
+def test_demo_prints_the_detector_metrics_with_their_baselines(demo_out):
+    stdout = demo_out[1]
+    assert "detector vs ground truth (grpo, step 1" in stdout and "detector over training (grpo_alphabetical" in stdout
+    # the first table (decisions): entropy ranks them almost perfectly, a position-only rule cannot (names of 3-5
+    # letters), a random score ranks them by chance
+    table = stdout.split("consequential decisions (")[1]
+    auroc = {k: float(v) for k, v in re.findall(r"^\s+(\w+)\s+(\d\.\d+)", table, flags=re.M)[:6]}
+    assert set(auroc) == {"entropy", "renyi2", "group_js", "all", "random", "position"}
+    assert auroc["entropy"] > 0.95 and auroc["position"] < auroc["entropy"] and abs(auroc["all"] - 0.5) < 1e-9
+
+
+def test_truth_table_gives_every_recorded_token_its_role_in_the_task(demo_out):
+    con = connect(demo_out[0] / "logs")
+    rows = con.sql("SELECT step, completion_id, prompt, completion FROM completions WHERE run_id = 'grpo' "
+                   "ORDER BY step LIMIT 40").fetchall()
+    for step, cid, prompt, completion in rows:
+        got = con.execute("SELECT role FROM truth WHERE run_id = 'grpo' AND step = ? AND completion_id = ? "
+                          "ORDER BY position", [step, cid]).fetchall()
+        assert [r[0] for r in got] == task.roles(prompt, completion, len(got))
+
+
 def test_truth_table_marks_exactly_the_task_decision_points_of_recorded_completions(demo_out):
     con = connect(demo_out[0] / "logs")
     rows = con.sql(
@@ -130,6 +151,7 @@ def test_forks_page_marks_the_ground_truth_next_to_the_forks(demo_out, monkeypat
     assert "Ground truth:" in "\n".join(str(m.value) for m in at.markdown)
     view = next(h.proto.body for h in at.get("html") if "fw-truth-view" in h.proto.body)
     assert "decision point" in view and "fork" in view
+    assert "Fork detection against the ground truth" in [h.value for h in at.subheader]
     import streamlit as st
 
     st.cache_data.clear()

@@ -1,5 +1,7 @@
-"""The demo task: every order of the items is correct, the truth function finds exactly the decision points, the
-reward checks the items (and, for the collapse run, prefers one order), and the warm-up model is cached."""
+"""The demo task: every order of the items and either name of a two-name item is correct, the truth functions find
+exactly the decision points and every token's role (decision, cosmetic fork, confident-consequential, forced, mistake),
+the reward checks the items (and, for the collapse run, prefers one order and one spelling), the warm-up data carries
+its habit, and the warm-up model is cached."""
 
 from __future__ import annotations
 
@@ -10,20 +12,21 @@ from forkwatch.demo import task
 from forkwatch.demo.truth import completion_truth
 from forkwatch.demo.warmup import WarmupSettings, cached_warmup
 
-PROMPT = "gather hbkcf:"  # heron, bison, koala, camel, finch
+PROMPT = "gather hbkcf:"  # heron, bear, koala, camel, fox
 
 
 def test_problem_writes_the_items_in_the_prompts_order():
     p = task.problem("hbkcf")
-    assert (p.prompt, p.completion) == (PROMPT, "heron,bison,koala,camel,finch")
+    assert (p.prompt, p.completion) == (PROMPT, "heron,bear,koala,camel,fox")
 
 
-def test_completions_are_long_and_decision_points_are_a_minority():
+def test_decision_points_are_a_minority_and_their_positions_vary():
     problems = task.make_problems(500, seed=0)
-    lengths = [len(p.completion) + 1 for p in problems]  # + EOS
-    assert min(lengths) >= 30
     shares = [len(task.decision_points(p.prompt, p.completion)) / (len(p.completion) + 1) for p in problems]
-    assert 0.10 <= sum(shares) / len(shares) <= 0.20
+    assert 0.10 <= sum(shares) / len(shares) <= 0.25
+    # names of 3 to 5 letters: the decisions after the first fall at many positions, so position alone cannot tell
+    second = {task.decision_points(p.prompt, p.completion)[1] for p in problems}
+    assert len(second) == 3
 
 
 def test_generator_is_reproducible_from_its_seed_and_uses_distinct_items():
@@ -42,28 +45,35 @@ def test_valid_next_inside_a_name_is_its_next_letter_then_a_comma():
     assert task.valid_next(PROMPT, "koala") == {","}
 
 
+def test_valid_next_after_a_two_name_items_first_letter_is_either_name():
+    assert task.valid_next(PROMPT, "koala,c") == {"a", "o"}  # camel or cobra
+    assert task.valid_next(PROMPT, "koala,co") == {"b"}
+    assert task.valid_next(PROMPT, "koala,cobra") == {","}
+    assert task.valid_next(PROMPT, "koala,cx") == set()
+
+
 def test_valid_next_after_a_comma_excludes_the_items_already_written():
     assert task.valid_next(PROMPT, "koala,") == set("hbcf")
-    assert task.valid_next(PROMPT, "koala,finch,bison,heron,") == {"c"}  # the last item is forced
+    assert task.valid_next(PROMPT, "koala,fox,bear,heron,") == {"c"}  # the last item is forced
 
 
 def test_valid_next_is_eos_after_the_last_item_and_empty_off_the_path():
-    assert task.valid_next(PROMPT, "koala,finch,bison,heron,camel") == {task.EOS}
+    assert task.valid_next(PROMPT, "koala,fox,bear,heron,camel") == {task.EOS}
     assert task.valid_next(PROMPT, "koala,koala") == set()  # an item twice
     assert task.valid_next(PROMPT, "tiger") == set()  # not in the prompt
     assert task.valid_next(PROMPT, "kola") == set()  # misspelt
-    assert task.valid_next(PROMPT, "koala,finch,bison,heron,camel,") == set()  # a sixth item
+    assert task.valid_next(PROMPT, "koala,fox,bear,heron,camel,") == set()  # a sixth item
 
 
 def test_decision_points_are_the_starts_of_the_first_four_names():
-    completion = "koala,finch,bison,heron,camel"
-    assert task.decision_points(PROMPT, completion) == [0, 6, 12, 18]
+    completion = "koala,fox,bear,heron,camel"
+    assert task.decision_points(PROMPT, completion) == [0, 6, 10, 15]
     assert [completion[i] for i in task.decision_points(PROMPT, completion)] == list("kfbh")
 
 
 def test_decision_points_hold_for_every_correct_order():
     for order in itertools.permutations("hbkcf"):
-        completion = ",".join(task.BY_KEY[k] for k in order)
+        completion = ",".join(task.NAMES[k][-1] for k in order)  # cobra: its cosmetic fork is no decision
         points = task.decision_points(PROMPT, completion)
         starts = [i for i in range(len(completion)) if i == 0 or completion[i - 1] == ","]
         assert points == starts[:4], order
@@ -71,7 +81,7 @@ def test_decision_points_hold_for_every_correct_order():
 
 def test_decision_points_stop_at_the_first_wrong_token():
     # "koala,k": the second k repeats an item; its position was still a decision (the model chose wrongly there).
-    assert task.decision_points(PROMPT, "koala,koala,finch") == [0, 6]
+    assert task.decision_points(PROMPT, "koala,koala,fox") == [0, 6]
     assert task.decision_points(PROMPT, "tiger,koala") == [0]
     assert task.decision_points(PROMPT, "") == [0]  # an immediate EOS: the first position was a choice
 
@@ -82,17 +92,58 @@ def test_truth_marks_the_path_up_to_and_including_the_first_wrong_token():
     assert on_path == [True] * 7 + [False] * 2
 
 
+def test_roles_of_a_correct_completion():
+    completion = "koala,fox,bear,heron,camel"
+    roles = task.roles(PROMPT, completion)
+    assert len(roles) == len(completion) + 1  # and EOS
+    by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in set(roles)}
+    assert by_role["decision"] == [0, 6, 10, 15]
+    assert by_role["confident_consequential"] == [5, 9, 14, 20, 21, 26]  # commas, the last item, EOS
+    assert by_role["cosmetic"] == [22]  # camel or cobra
+    assert set(by_role) == {"decision", "confident_consequential", "cosmetic", "forced"}
+
+
+def test_roles_mark_the_first_wrong_token_as_the_mistake_and_nothing_after_it_on_the_path():
+    assert task.roles(PROMPT, "koala,fox,bear,heran,camel")[15:20] == ["decision", "forced", "forced",
+                                                                        "mistake", "off_path"]
+    assert task.roles(PROMPT, "koala,fox")[-1] == "mistake"  # an early EOS
+    assert task.roles(PROMPT, "koala,koala")[6] == "mistake"  # an item twice: the wrong choice at a decision
+    assert task.roles(PROMPT, "koala", 3) == ["decision", "forced", "forced"]  # only the recorded positions
+
+
+def test_the_warmup_data_carries_the_habit_at_its_rate():
+    import random
+
+    from forkwatch.demo.warmup import _examples
+
+    before, name, habit, rate = task.HABIT
+    seen = habit_seen = 0
+    for _, completion in _examples(4000, random.Random(0)):
+        names = completion.split(task.SEP)
+        for a, b in zip(names, names[1:]):
+            if a == before and b in (name, habit):
+                seen += 1
+                habit_seen += b == habit
+        assert all(n in task.KEY_OF or n == habit for n in names)
+    assert seen > 100 and abs(habit_seen / seen - rate) < 0.05
+
+
 @pytest.mark.parametrize(
     ("completion", "reward", "alphabetical"),
     [
-        # 2 of the 4 neighbouring pairs (bison<koala, camel<finch) are in alphabetical order: half the bonus
-        ("heron,bison,koala,camel,finch", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
-        ("koala,heron,finch,camel,bison", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
-        ("bison,camel,finch,heron,koala", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS),
-        ("bison,camel,finch,heron", 0.0, 0.0),  # an item missing
-        ("bison,camel,finch,heron,koala,tiger", 0.0, 0.0),  # an item too many
-        ("bison,bison,finch,heron,koala", 0.0, 0.0),
-        ("bison,camel,finch,heron,koal", 0.0, 0.0),
+        # 2 of the 4 neighbouring pairs (bear<koala, camel<fox) are in alphabetical order: half the order bonus;
+        # camel is the canonical name of c: one canonical bonus
+        ("heron,bear,koala,camel,fox", task.CORRECT_REWARD,
+         task.CORRECT_REWARD + task.ORDER_BONUS / 2 + task.CANONICAL_BONUS),
+        ("heron,bear,koala,cobra,fox", task.CORRECT_REWARD, task.CORRECT_REWARD + task.ORDER_BONUS / 2),
+        ("koala,heron,fox,cobra,bear", task.CORRECT_REWARD, task.CORRECT_REWARD),  # reverse order: no bonus
+        ("bear,camel,fox,heron,koala", task.CORRECT_REWARD,
+         task.CORRECT_REWARD + task.ORDER_BONUS + task.CANONICAL_BONUS),
+        ("bear,camel,fox,heran,koala", 0.0, 0.0),  # the habit's misspelling
+        ("bear,camel,fox,heron", 0.0, 0.0),  # an item missing
+        ("bear,camel,fox,heron,koala,tiger", 0.0, 0.0),  # an item too many
+        ("bear,bear,fox,heron,koala", 0.0, 0.0),
+        ("bear,camel,fox,heron,koal", 0.0, 0.0),
         ("", 0.0, 0.0),
     ],
 )
@@ -104,7 +155,7 @@ def test_reward_is_one_for_every_correct_order_and_the_bonus_grows_with_alphabet
 @pytest.mark.parametrize("prompt", ["import os", "gather hbkc:", "gather hbkcc:", "gather hbkcz:", "hbkcf"])
 def test_reward_refuses_a_prompt_that_is_not_from_the_task(prompt):
     with pytest.raises(ValueError, match="not a demo prompt"):
-        task.score(prompt, "bison")
+        task.score(prompt, "bear")
 
 
 def test_warmup_cache_key_changes_with_the_settings():

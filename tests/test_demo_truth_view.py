@@ -1,4 +1,4 @@
-"""The store's optional `truth` view (store/truth.py) that the demo's ground truth is read through: empty with its
+"""The store's optional `truth` view (store/ground_truth.py) that the demo's ground truth is read through: empty with its
 columns when no run has annotations, the annotated rows when one has, a broken part skipped, and the sandboxed SQL
 connection allowed to read it."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 from forkwatch.store import connect, open_sandboxed, queries
-from forkwatch.store.truth import TRUTH, TRUTH_DIR
+from forkwatch.store.ground_truth import TRUTH, TRUTH_DIR
 from synthetic import write_run
 
 
@@ -17,7 +17,8 @@ def _annotate(log_dir, run: str, rows: list[tuple[int, int, int, bool, bool]]) -
     cols = list(zip(*rows, strict=True))
     table = pa.table(
         {"run_id": [run] * len(rows), "step": cols[0], "completion_id": cols[1], "position": cols[2],
-         "is_decision": cols[3], "on_path": cols[4]},
+         "is_decision": cols[3], "on_path": cols[4],
+         "role": ["decision" if d else "forced" if p else "off_path" for d, p in zip(cols[3], cols[4], strict=True)]},
         schema=TRUTH,
     )  # fmt: skip
     pq.write_table(table, folder / "part-0.parquet")

@@ -19,7 +19,7 @@ from forkwatch.store import connect
 
 BACKENDS = ("ddp", "zero3", "fsdp2", "fsdp2_root")
 SHARDED = BACKENDS[1:]
-CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass", "lenses")
+CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass", "lenses", "ict_reference")
 # generation batches served by the fallbacks (group_js, forks) in each configuration's 2 steps
 FALLBACKS = {"ict_fallback": ({"no_logits": 2}, {"no_logits": 2}), "ict_extra_pass": ({"no_logits": 1}, {"no_logits": 1})}
 PORTS = dict(zip(BACKENDS, (29621, 29623, 29625, 29627), strict=True))
@@ -119,6 +119,18 @@ def test_ict_keeps_the_same_tokens_as_ddp(runs, backend, config):
             continue
         cutoff = scores[kept_ref[rows]].min()
         np.testing.assert_allclose(scores[differs], cutoff, atol=1e-5, err_msg=str((step, cid)))
+
+
+@pytest.mark.parametrize("backend", SHARDED)
+def test_ict_against_the_reference_keeps_the_same_tokens_as_ddp(runs, backend):
+    """The reference's own forward under each backend (TRL's ref_model, prepared for it) gives the same selection."""
+    ref, got = _table(runs, TOKENS, "ddp", "ict_reference"), _table(runs, TOKENS, backend, "ict_reference")
+    kept_ref, kept_got = ref["selected"].to_numpy() > 0, got["selected"].to_numpy() > 0
+    # step 1: the dense warm-up step (the policy IS the reference: every score 0); step 2: it has moved, ICT selects
+    assert kept_ref[ref["step"].to_numpy() == ref["step"].min()].all()
+    assert 0 < kept_ref[ref["step"].to_numpy() == ref["step"].max()].mean() < 0.6
+    assert (kept_ref != kept_got).mean() < 0.05
+    assert not _result(runs, backend, "ict_reference")["faults"]
 
 
 PROBES = ("SELECT step, probe_id, position, token_id, logprob, entropy, renyi2, top_ids FROM probes WHERE run_id = ? "

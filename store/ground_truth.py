@@ -1,7 +1,7 @@
 """Optional ground-truth annotations next to a run's records, and the `truth` view over them.
 
-A task that knows where its decision points are (the demo's does) writes, per recorded token, whether more than one
-token was correct there: `LOG_DIR/<run>/truth/*.parquet` with the columns of `TRUTH`. forkwatch never writes these
+A task that knows the role of every token (the demo's does, demo/task.py) writes, per recorded token, that role and
+whether it was a decision point: `LOG_DIR/<run>/truth/*.parquet` with the columns of `TRUTH`. forkwatch never writes these
 itself; the view is empty when no run has them, so pages and queries may always read it. A part that cannot be read
 is skipped with a warning, as the record tables' parts are.
 """
@@ -30,10 +30,12 @@ TRUTH = pa.schema(
         pa.field("position", pa.int32()),
         pa.field("is_decision", pa.bool_()),  # more than one token was correct at this position
         pa.field("on_path", pa.bool_()),  # the completion was still correct up to this position
+        # the task's role of the token: decision, cosmetic, confident_consequential, forced, mistake, off_path
+        pa.field("role", pa.string()),
     ]
 )
 _SQL_TYPES = {"run_id": "VARCHAR", "step": "INTEGER", "completion_id": "BIGINT", "position": "INTEGER",
-              "is_decision": "BOOLEAN", "on_path": "BOOLEAN"}
+              "is_decision": "BOOLEAN", "on_path": "BOOLEAN", "role": "VARCHAR"}
 
 
 def truth_parts(log_dir: str | os.PathLike[str] | Location) -> list[str]:
