@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from forkwatch.store.arrow_columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
@@ -213,12 +213,5 @@ def _health_rules(value: Any) -> Any:
     if value is None:
         return HealthRules()
     if isinstance(value, dict):
-        valid = [f.name for f in fields(HealthRules)]
-        unknown = sorted(set(value) - set(valid))
-        if unknown:
-            raise ValueError(f"health_rules: unknown rule option(s) {unknown}; valid names: {valid}")
-        try:
-            return HealthRules(**value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"health_rules={value!r}: {e}") from None
+        return HealthRules.from_dict(value)  # refuses a misspelt name, listing the valid ones
     return value
