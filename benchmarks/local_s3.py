@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,16 +18,7 @@ from s3_server import S3Server  # noqa: E402
 
 @contextlib.contextmanager
 def local_s3(bucket: str) -> Iterator[str]:
-    with S3Server() as server:
+    with S3Server() as server, server.exported():
         server.create_bucket(bucket)
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
-            print(f"local S3 server (SeaweedFS) on {server.endpoint}, bucket {bucket!r}")
-            yield f"s3://{bucket}"
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        print(f"local S3 server (SeaweedFS) on {server.endpoint}, bucket {bucket!r}")
+        yield f"s3://{bucket}"

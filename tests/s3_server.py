@@ -70,6 +70,20 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",  # never wait for an instance-metadata endpoint
         }
 
+    @contextlib.contextmanager
+    def exported(self):
+        """The server's AWS_* variables in os.environ for the block (what forkwatch reads); the previous values after."""
+        saved = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def start(self) -> S3Server:
         weed = weed_binary()
         if weed is None:

@@ -35,18 +35,12 @@ def s3():
     except (OSError, RuntimeError, TimeoutError) as e:
         server.stop()
         pytest.skip(f"the SeaweedFS binary cannot run here: {e}")
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        server.create_bucket(BUCKET)
-        server.create_bucket("other-bucket")
-        yield server
+        with server.exported():
+            server.create_bucket(BUCKET)
+            server.create_bucket("other-bucket")
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 
