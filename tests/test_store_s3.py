@@ -261,37 +261,31 @@ def test_a_writer_killed_mid_upload_leaves_only_whole_parts(s3):
 def test_a_server_down_for_some_steps_is_counted_and_later_parts_land(s3):
     """Its own server, taken down mid-run and brought back: puts never block or raise, the steps written while it
     was down are counted as dropped (by table, in run.json), and the steps after it came back are there."""
-    with S3Server() as own:
+    with S3Server() as own, own.exported():
         own.create_bucket("flaky")
-        env = own.env()
-        saved = {k: os.environ[k] for k in env}
-        os.environ.update(env)
-        try:
-            w = RunWriter("s3://flaky/runs", "r", flush_interval_s=3600)
-            for step in range(3):
-                assert w.put("tokens", _tokens(step)) and w.put("steps", _steps(step))
-                assert w.flush(30)
-            own.kill()
-            for step in range(3, 5):
-                t0 = time.perf_counter()
-                assert w.put("tokens", _tokens(step)) and w.put("steps", _steps(step))
-                assert time.perf_counter() - t0 < 1.0  # training goes on: a put never waits for the store
-                assert not w.flush(60)  # these parts could not be written, even after the retries
-            own.start()
-            for step in range(5, 8):
-                assert w.put("tokens", _tokens(step)) and w.put("steps", _steps(step))
-                assert w.flush(30)
-            w.close()
-            assert w.dropped["tokens"] == 2 * 50 and w.dropped["steps"] == 2
-            con = connect("s3://flaky/runs")
-            steps = [s for (s,) in con.execute("SELECT step FROM steps ORDER BY step").fetchall()]
-            assert steps == [0, 1, 2, 5, 6, 7]
-            (dropped,) = con.execute("SELECT dropped FROM runs").fetchone()
-            assert dropped == 2 * 50 + 2
-            meta = run_folder.read_run_json("s3://flaky/runs", "r")
-            assert meta["dropped"]["tokens"] == 100 and meta["status"] == "finished"
-        finally:
-            os.environ.update(saved)
+        w = RunWriter("s3://flaky/runs", "r", flush_interval_s=3600)
+        for step in range(3):
+            assert w.put("tokens", _tokens(step)) and w.put("steps", _steps(step))
+            assert w.flush(30)
+        own.kill()
+        for step in range(3, 5):
+            t0 = time.perf_counter()
+            assert w.put("tokens", _tokens(step)) and w.put("steps", _steps(step))
+            assert time.perf_counter() - t0 < 1.0  # training goes on: a put never waits for the store
+            assert not w.flush(60)  # these parts could not be written, even after the retries
+        own.start()
+        for step in range(5, 8):
+            assert w.put("tokens", _tokens(step)) and w.put("steps", _steps(step))
+            assert w.flush(30)
+        w.close()
+        assert w.dropped["tokens"] == 2 * 50 and w.dropped["steps"] == 2
+        con = connect("s3://flaky/runs")
+        steps = [s for (s,) in con.execute("SELECT step FROM steps ORDER BY step").fetchall()]
+        assert steps == [0, 1, 2, 5, 6, 7]
+        (dropped,) = con.execute("SELECT dropped FROM runs").fetchone()
+        assert dropped == 2 * 50 + 2
+        meta = run_folder.read_run_json("s3://flaky/runs", "r")
+        assert meta["dropped"]["tokens"] == 100 and meta["status"] == "finished"
 
 
 def test_a_flush_during_an_outage_retries_one_part_then_tries_each_other_part_once(s3, monkeypatch):
@@ -317,33 +311,27 @@ def test_a_flush_during_an_outage_retries_one_part_then_tries_each_other_part_on
 
     writer_module_with_retries = writer_module.with_retries
     tables = {"tokens": _tokens, "steps": _steps, "forks": lambda s: {"step": [s], "completion_id": [0], "position": [1]}}
-    with S3Server() as own:
+    with S3Server() as own, own.exported():
         own.create_bucket("outage")
-        env = own.env()
-        saved = {k: os.environ[k] for k in env}
-        os.environ.update(env)
-        try:
-            w = RunWriter("s3://outage/runs", "r", flush_interval_s=3600)
-            assert w.flush(30)
-            monkeypatch.setattr(writer_module, "with_retries", counted)
-            own.kill()
-            for table, rows in tables.items():
-                assert w.put(table, rows(1))
-            assert not w.flush(120)
-            # one entry per part (a flush writes no run.json): the first part used every retry, the others one each
-            assert attempts == [(UPLOAD_TRIES, UPLOAD_TRIES)] + [(1, 1)] * (len(tables) - 1)
-            assert w.dropped["tokens"] == 50 and w.dropped["steps"] == 1 and w.dropped["forks"] == 1
-            own.start()
-            attempts.clear()
-            for table, rows in tables.items():
-                assert w.put(table, rows(2))
-            assert w.flush(30)
-            assert [tries for tries, _ in attempts] == [UPLOAD_TRIES] * len(tables)  # full retries again
-            w.close()
-            con = connect("s3://outage/runs")
-            assert [s for (s,) in con.execute("SELECT step FROM steps ORDER BY step").fetchall()] == [2]
-        finally:
-            os.environ.update(saved)
+        w = RunWriter("s3://outage/runs", "r", flush_interval_s=3600)
+        assert w.flush(30)
+        monkeypatch.setattr(writer_module, "with_retries", counted)
+        own.kill()
+        for table, rows in tables.items():
+            assert w.put(table, rows(1))
+        assert not w.flush(120)
+        # one entry per part (a flush writes no run.json): the first part used every retry, the others one each
+        assert attempts == [(UPLOAD_TRIES, UPLOAD_TRIES)] + [(1, 1)] * (len(tables) - 1)
+        assert w.dropped["tokens"] == 50 and w.dropped["steps"] == 1 and w.dropped["forks"] == 1
+        own.start()
+        attempts.clear()
+        for table, rows in tables.items():
+            assert w.put(table, rows(2))
+        assert w.flush(30)
+        assert [tries for tries, _ in attempts] == [UPLOAD_TRIES] * len(tables)  # full retries again
+        w.close()
+        con = connect("s3://outage/runs")
+        assert [s for (s,) in con.execute("SELECT step FROM steps ORDER BY step").fetchall()] == [2]
 
 
 def test_resume_on_s3_moves_later_steps_aside_and_deletes_nothing(s3):
