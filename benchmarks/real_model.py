@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import gc
 import logging
 import os
@@ -87,31 +86,9 @@ def timed_train(trainer) -> tuple[float, float]:
 
 def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> tuple[float, dict[str, float], float]:
     """(forkwatch CPU s/step, by hook, training thread CPU s/step) for one attached run of variant `name`."""
-    from forkwatch.plugin import callback, gen_scores, monitor
+    from hook_timer import hook_times
     from transformers import TrainerCallback
 
-    spent: dict[str, float] = {}
-    originals = []
-
-    def timed(cls, attr: str) -> None:
-        fn = getattr(cls, attr)
-        originals.append((cls, attr, fn))
-
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            t0 = time.thread_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[attr] = spent.get(attr, 0.0) + time.thread_time() - t0
-
-        setattr(cls, attr, wrapper)
-
-    timed(gen_scores.GenScorer, "on_forward")  # (its `take` runs inside on_generation)
-    for attr in ("on_generation", "begin_micro_batch", "on_model_forward", "on_backbone_forward", "end_micro_batch"):
-        timed(monitor.Monitor, attr)
-    for attr in ("on_train_begin", "on_step_end", "on_train_end"):
-        timed(callback.ForkwatchCallback, attr)
     step_cpu: list[float] = []
 
     class StepCpu(TrainerCallback):
@@ -121,14 +98,11 @@ def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> tuple
         def on_step_end(self, *a, **k):
             step_cpu.append(time.thread_time() - self.c0)
 
-    try:
+    with hook_times() as spent:
         trainer = make_trainer(model, tok, name, steps, length, tmp)
         trainer.add_callback(StepCpu())
         timed_train(trainer)
         del trainer
-    finally:
-        for cls, attr, fn in originals:
-            setattr(cls, attr, fn)
     by_hook = {k: v / steps for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
     return sum(by_hook.values()), by_hook, statistics.median(step_cpu)
 

@@ -154,33 +154,11 @@ def hook_cost(opts) -> None:
 def own_time(opts) -> None:
     """forkwatch's CPU time per step on the training thread, by hook (`time.thread_time` around each of forkwatch's
     entry points), for one monitored trainer: what load from other processes does not inflate."""
-    import functools
+    from hook_timer import hook_times
 
-    from forkwatch.plugin import callback, gen_scores, monitor
-
-    spent: dict[str, float] = {}
-
-    def timed(cls, name: str) -> None:
-        fn = getattr(cls, name)
-
-        @functools.wraps(fn)
-        def wrapper(*a, **k):
-            t0 = time.thread_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] = spent.get(name, 0.0) + time.thread_time() - t0
-
-        setattr(cls, name, wrapper)
-
-    timed(gen_scores.GenScorer, "on_forward")  # (its `take` runs inside on_generation)
-    for name in ("on_generation", "begin_micro_batch", "on_model_forward", "on_backbone_forward", "end_micro_batch"):
-        timed(monitor.Monitor, name)
-    for name in ("on_step_end", "on_log"):
-        timed(callback.ForkwatchCallback, name)
     model = make_model(opts.config, opts.device)
     steps = opts.warmup + opts.steps
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, hook_times() as spent:
         timer = run(opts.config, opts.device, model, opts.variants.split(",")[0], steps, Path(tmp))
     step_cpu = statistics.median(timer.cpu[opts.warmup:])
     total = sum(spent.values()) / steps
