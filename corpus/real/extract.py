@@ -15,6 +15,11 @@ Formats (``--format``):
 - ``tfevents``     a TensorBoard event file (scalar summaries, read without TensorBoard).
 - ``json-series``  ``{step: {metric: value}}`` or ``[{"step": .., metric: ..}]`` under a key (``path#key``),
                    the metric renamed to the name its file records (``<metric>_key``).
+- ``md-table``     a per-step Markdown table in an author's report (``| Step | ... |``), the one under the
+                   heading named by the key (``path#heading``); bold marks are dropped, the authors' rounding
+                   and column names are kept.
+- ``xtuner-console`` XTuner's RL trainer log: per rollout, the ``Rollout N data statistics:`` block and the
+                   ``Rollout N: avg entropy: ..`` line; the rollout number is the step.
 
 ``--all`` rebuilds every CSV of ``manifest.csv`` from the original files, read with ``git show
 COMMIT:PATH`` from clones under ``--clones`` (``<owner>/<name>`` or ``<owner>+<name>/repo``); ``--check``
@@ -251,6 +256,54 @@ def from_json_series(raw: bytes, key: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
+def from_md_table(raw: bytes, heading: str | None) -> list[dict]:
+    """The first table with a ``Step`` column under the heading whose text is ``heading``."""
+    if not heading:
+        raise ValueError("md-table needs the heading above the table as the key: path#heading")
+    lines = raw.decode("utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("#") and line.lstrip("#").strip() == heading]
+    if len(starts) != 1:
+        raise ValueError(f"{len(starts)} headings read {heading!r}: the key must name exactly one")
+    rows, columns = [], None
+    for line in lines[starts[0] + 1 :]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            if columns:
+                break
+            continue
+        if columns is None:
+            if cells[0].lower() == "step":
+                columns = cells
+            continue
+        if set(cells[0]) <= set("-: "):
+            continue  # the header's separator row
+        row = dict(zip(columns, cells, strict=True))
+        rows.append({"step": int(row.pop(columns[0]))} | row)
+    if not rows:
+        raise ValueError(f"no table with a Step column under {heading!r}")
+    return rows
+
+
+def from_xtuner_console(raw: bytes) -> list[dict]:
+    rows: dict[int, dict] = {}
+    block = None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if m := re.search(r"\] Rollout (\d+) data statistics:$", line):
+            block = rows.setdefault(int(m.group(1)), {"step": int(m.group(1))})
+            continue
+        if block is not None and (m := re.match(r"^  - ([\w/]+) *: (\S+)$", line)):
+            if keep(m.group(1)):
+                block[m.group(1)] = m.group(2)
+            continue
+        block = None
+        if m := re.search(r"\] Rollout (\d+): (avg entropy): (\S+), (avg rollout entropy): (\S+)$", line):
+            row = rows.setdefault(int(m.group(1)), {"step": int(m.group(1))})
+            row[m.group(2)], row[m.group(4)] = m.group(3), m.group(5)
+    return [rows[s] for s in sorted(rows)]
+
+
 # --- output ----------------------------------------------------------------------------------------------
 
 
@@ -265,7 +318,7 @@ def merge(parts: list[list[dict]]) -> list[dict]:
 
 def to_csv(rows: list[dict]) -> str:
     rows = numeric(rows)
-    if not rows or not any(k for r in rows for k in r if "entropy" in k):
+    if not rows or not any(k for r in rows for k in r if "entropy" in k.lower()):
         raise ValueError("no per-step entropy in this source: it does not belong in the corpus")
     columns = ["step"]
     for row in rows:
@@ -292,6 +345,10 @@ def parse(raw: bytes, fmt: str, *, key: str | None, every: int | None, step_key:
         return from_tfevents(raw)
     if fmt == "json-series":
         return from_json_series(raw, key)
+    if fmt == "md-table":
+        return from_md_table(raw, key)
+    if fmt == "xtuner-console":
+        return from_xtuner_console(raw)
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -331,8 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", nargs="?", help="a log file (one run), or nothing with --all")
     ap.add_argument(
-        "--format", choices=["trl-state", "trl-console", "verl-console", "jsonl", "tfevents", "json-series"]
-    )
+        "--format",
+        choices=[
+            "trl-state", "trl-console", "verl-console", "jsonl", "tfevents", "json-series", "md-table",
+            "xtuner-console",
+        ],
+    )  # fmt: skip
     ap.add_argument("--key", help="the run's key inside a JSON file holding several runs")
     ap.add_argument("--every", type=int, help="trl-console: the run's logging_steps")
     ap.add_argument("--step-key", help="jsonl: the field holding the step")
