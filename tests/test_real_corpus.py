@@ -163,3 +163,13 @@ def test_xtuner_console_joins_each_rollouts_statistics_and_entropy_on_the_rollou
         "1,8192,0.5039,18985.8778,0.7321,0.7316",
         "2,,0.5323,,0.7479,0.7473",
     ]
+
+
+def test_columns_keeps_only_the_named_metrics_and_refuses_a_name_the_source_lacks():
+    rows = [{"step": 1, "actor/entropy": 0.2, "actor/lr": 1e-05, "critic/score/mean": 0.7}]
+    assert extract.select(rows, "actor/entropy,critic/score/mean") == [
+        {"step": 1, "actor/entropy": 0.2, "critic/score/mean": 0.7}
+    ]
+    assert extract.select(rows, None) == rows
+    with pytest.raises(ValueError, match="actor/entropy_typo"):
+        extract.select(rows, "actor/entropy_typo")

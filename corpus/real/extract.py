@@ -21,6 +21,9 @@ Formats (``--format``):
 - ``xtuner-console`` XTuner's RL trainer log: per rollout, the ``Rollout N data statistics:`` block and the
                    ``Rollout N: avg entropy: ..`` line; the rollout number is the step.
 
+A manifest row's notes may name ``columns=a,b,c``: only those metrics are kept (runs read through a
+file index one page at a time, where the other columns were not transcribed).
+
 ``--all`` rebuilds every CSV of ``manifest.csv`` from the original files, read with ``git show
 COMMIT:PATH`` from clones under ``--clones`` (``<owner>/<name>`` or ``<owner>+<name>/repo``); ``--check``
 does the same and fails on any difference with the committed CSV.
@@ -373,6 +376,17 @@ def options(notes: str) -> dict:
     return dict(part.split("=", 1) for part in m.group(1).split())
 
 
+def select(rows: list[dict], columns: str | None) -> list[dict]:
+    """Keep only the named metrics (comma-separated), for a run whose other columns were not transcribed."""
+    if not columns:
+        return rows
+    names = columns.split(",")
+    missing = set(names) - {k for r in rows for k in r}
+    if missing:
+        raise ValueError(f"columns not in this source: {sorted(missing)}")
+    return [{k: v for k, v in r.items() if k == "step" or k in names} for r in rows]
+
+
 def rebuild(row: dict, clones: Path) -> str:
     opts = options(row["notes"])
     parts = []
@@ -381,7 +395,7 @@ def rebuild(row: dict, clones: Path) -> str:
         raw = git_show(clones, row["repository"], row["commit"], path)
         every = int(opts["every"]) if "every" in opts else None
         parts.append(parse(raw, opts["format"], key=key or None, every=every, step_key=opts.get("step_key")))
-    return to_csv(merge(parts))
+    return to_csv(select(merge(parts), opts.get("columns")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key", help="the run's key inside a JSON file holding several runs")
     ap.add_argument("--every", type=int, help="trl-console: the run's logging_steps")
     ap.add_argument("--step-key", help="jsonl: the field holding the step")
+    ap.add_argument("--columns", help="keep only these metrics (comma-separated)")
     ap.add_argument("--out", type=Path, help="CSV to write (default: stdout)")
     ap.add_argument("--all", action="store_true", help="rebuild every run of manifest.csv from git clones")
     ap.add_argument("--check", action="store_true", help="with --all: compare with the committed CSVs, write nothing")
@@ -425,9 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.source or not args.format:
         ap.error("give a source file and --format, or --all")
-    text = to_csv(
-        parse(Path(args.source).read_bytes(), args.format, key=args.key, every=args.every, step_key=args.step_key)
-    )
+    rows = parse(Path(args.source).read_bytes(), args.format, key=args.key, every=args.every, step_key=args.step_key)
+    text = to_csv(select(rows, args.columns))
     if args.out:
         args.out.write_text(text)
     else:
