@@ -173,3 +173,26 @@ def test_columns_keeps_only_the_named_metrics_and_refuses_a_name_the_source_lack
     assert extract.select(rows, None) == rows
     with pytest.raises(ValueError, match="actor/entropy_typo"):
         extract.select(rows, "actor/entropy_typo")
+
+
+def test_csv_keeps_each_steps_logged_cells_and_columns_drops_a_step_that_logged_none_of_them():
+    export = (
+        b"step,entropy,len_mean,timing_s/step,val_acc_mean1\r\n"
+        b"0,,,,0.0849\r\n"
+        b"2,0.3999,279.291015625,31.5,\r\n"
+        b"1,0.3721,276.1904296875,30.1,\r\n"
+        b"50,,197.0244140625,,0.7536\r\n"
+    )
+    rows = extract.from_csv(export)
+    assert rows == [
+        {"step": 0, "val_acc_mean1": "0.0849"},
+        {"step": 1, "entropy": "0.3721", "len_mean": "276.1904296875"},
+        {"step": 2, "entropy": "0.3999", "len_mean": "279.291015625"},
+        {"step": 50, "len_mean": "197.0244140625", "val_acc_mean1": "0.7536"},
+    ]
+    assert extract.to_csv(extract.select(rows, "entropy,len_mean")).splitlines() == [
+        "step,entropy,len_mean",
+        "1,0.3721,276.1904296875",
+        "2,0.3999,279.291015625",
+        "50,,197.0244140625",
+    ]

@@ -20,9 +20,12 @@ Formats (``--format``):
                    and column names are kept.
 - ``xtuner-console`` XTuner's RL trainer log: per rollout, the ``Rollout N data statistics:`` block and the
                    ``Rollout N: avg entropy: ..`` line; the rollout number is the step.
+- ``csv``          a table with a ``step`` column, one row a step (such as a W&B history an author exported);
+                   empty cells are dropped.
 
-A manifest row's notes may name ``columns=a,b,c``: only those metrics are kept (runs read through a
-file index one page at a time, where the other columns were not transcribed).
+A manifest row's notes may name ``columns=a,b,c``: only those metrics are kept, and a step none of them
+was logged at is dropped (runs read through a file index one page at a time, where the other columns were
+not transcribed; author exports that mix in evaluation or method bookkeeping columns).
 
 ``--all`` rebuilds every CSV of ``manifest.csv`` from the original files, read with ``git show
 COMMIT:PATH`` from clones under ``--clones`` (``<owner>/<name>`` or ``<owner>+<name>/repo``); ``--check``
@@ -307,6 +310,15 @@ def from_xtuner_console(raw: bytes) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
+def from_csv(raw: bytes) -> list[dict]:
+    rows = []
+    for record in csv.DictReader(raw.decode("utf-8-sig").splitlines()):
+        row = {"step": int(record.pop("step"))}
+        row |= {k: v for k, v in record.items() if v not in ("", None) and keep(k)}
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
+
+
 # --- output ----------------------------------------------------------------------------------------------
 
 
@@ -352,6 +364,8 @@ def parse(raw: bytes, fmt: str, *, key: str | None, every: int | None, step_key:
         return from_md_table(raw, key)
     if fmt == "xtuner-console":
         return from_xtuner_console(raw)
+    if fmt == "csv":
+        return from_csv(raw)
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -377,14 +391,15 @@ def options(notes: str) -> dict:
 
 
 def select(rows: list[dict], columns: str | None) -> list[dict]:
-    """Keep only the named metrics (comma-separated), for a run whose other columns were not transcribed."""
+    """Keep only the named metrics (comma-separated) and the steps that logged one of them."""
     if not columns:
         return rows
     names = columns.split(",")
     missing = set(names) - {k for r in rows for k in r}
     if missing:
         raise ValueError(f"columns not in this source: {sorted(missing)}")
-    return [{k: v for k, v in r.items() if k == "step" or k in names} for r in rows]
+    kept = [{k: v for k, v in r.items() if k == "step" or k in names} for r in rows]
+    return [r for r in kept if len(r) > 1]
 
 
 def rebuild(row: dict, clones: Path) -> str:
@@ -405,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "--format",
         choices=[
             "trl-state", "trl-console", "verl-console", "jsonl", "tfevents", "json-series", "md-table",
-            "xtuner-console",
+            "xtuner-console", "csv",
         ],
     )  # fmt: skip
     ap.add_argument("--key", help="the run's key inside a JSON file holding several runs")
