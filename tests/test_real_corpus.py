@@ -57,7 +57,7 @@ def test_each_run_has_provenance_a_label_backed_by_a_quote_and_a_per_step_entrop
 
     series = _series(row["file"])
     header = list(series[0])
-    assert header[0] == "step" and any("entropy" in c for c in header)
+    assert header[0] == "step" and any("entropy" in c.lower() for c in header)
     steps = [int(r["step"]) for r in series]
     assert steps == sorted(set(steps)), "steps increase, each once"
     assert steps[-1] == int(row["steps"])
@@ -123,3 +123,76 @@ def test_tfevents_scalars_become_rows_by_step_in_their_shortest_float32_form():
 def test_a_source_without_entropy_is_refused():
     with pytest.raises(ValueError, match="entropy"):
         extract.to_csv([{"step": 1, "loss": 0.1, "reward": 0.5}])
+
+
+def test_md_table_reads_the_step_table_under_the_named_heading_and_drops_bold_marks():
+    report = (
+        b"## Attempt 1\n\n| Step | Reward | Entropy |\n|---|---|---|\n| 1 | 0.1 | 9.9 |\n\n"
+        b"## Attempt 2\n\nThe run so far:\n\n| Step | Reward | GradNorm | Entropy |\n|------|--------|----------|---------|\n"
+        b"| 1 | 0.391 | 12.75 | 1.324 |\n| 2 | 0.445 | **70.29** | 1.266 |\n\n| Step | pass@1 |\n|---|---|\n| 10 | 0.3 |\n"
+        b"## Attempt 3\n"
+    )
+    rows = extract.from_md_table(report, "Attempt 2")
+    assert extract.to_csv(rows).splitlines() == [
+        "step,Reward,GradNorm,Entropy",
+        "1,0.391,12.75,1.324",
+        "2,0.445,70.29,1.266",
+    ]
+    with pytest.raises(ValueError, match="exactly one"):
+        extract.from_md_table(report, "Attempt 9")
+
+
+def test_xtuner_console_joins_each_rollouts_statistics_and_entropy_on_the_rollout_number():
+    log = (
+        b"[XTuner][RANK 0][2025-12-26 18:30:27][INFO][RLTrainer] Rollout 1 data statistics:\n"
+        b"  - batch_size          : 8192\n"
+        b"  - rewards/mean        : 0.5039\n"
+        b"  - response_len/mean   : 18985.8778\n"
+        b"[XTuner][RANK 0][2025-12-26 18:35:55][INFO][TrainingWorker] Rollout 1: avg entropy: 0.7321, "
+        b"avg rollout entropy: 0.7316\n"
+        b"[XTuner][RANK 0][2025-12-26 18:37:04][INFO][TrainingWorker] Rollout 1 Step 0: total_loss=-0.0908, "
+        b"grad_norm=0.0560\n"
+        b"  - not/a_statistic : 3\n"
+        b"[XTuner][RANK 0][2025-12-26 19:30:27][INFO][RLTrainer] Rollout 2 data statistics:\n"
+        b"  - rewards/mean        : 0.5323\n"
+        b"[XTuner][RANK 0][2025-12-26 19:35:55][INFO][TrainingWorker] Rollout 2: avg entropy: 0.7479, "
+        b"avg rollout entropy: 0.7473\n"
+    )
+    assert extract.to_csv(extract.from_xtuner_console(log)).splitlines() == [
+        "step,batch_size,rewards/mean,response_len/mean,avg entropy,avg rollout entropy",
+        "1,8192,0.5039,18985.8778,0.7321,0.7316",
+        "2,,0.5323,,0.7479,0.7473",
+    ]
+
+
+def test_columns_keeps_only_the_named_metrics_and_refuses_a_name_the_source_lacks():
+    rows = [{"step": 1, "actor/entropy": 0.2, "actor/lr": 1e-05, "critic/score/mean": 0.7}]
+    assert extract.select(rows, "actor/entropy,critic/score/mean") == [
+        {"step": 1, "actor/entropy": 0.2, "critic/score/mean": 0.7}
+    ]
+    assert extract.select(rows, None) == rows
+    with pytest.raises(ValueError, match="actor/entropy_typo"):
+        extract.select(rows, "actor/entropy_typo")
+
+
+def test_csv_keeps_each_steps_logged_cells_and_columns_drops_a_step_that_logged_none_of_them():
+    export = (
+        b"step,entropy,len_mean,timing_s/step,val_acc_mean1\r\n"
+        b"0,,,,0.0849\r\n"
+        b"2,0.3999,279.291015625,31.5,\r\n"
+        b"1,0.3721,276.1904296875,30.1,\r\n"
+        b"50,,197.0244140625,,0.7536\r\n"
+    )
+    rows = extract.from_csv(export)
+    assert rows == [
+        {"step": 0, "val_acc_mean1": "0.0849"},
+        {"step": 1, "entropy": "0.3721", "len_mean": "276.1904296875"},
+        {"step": 2, "entropy": "0.3999", "len_mean": "279.291015625"},
+        {"step": 50, "len_mean": "197.0244140625", "val_acc_mean1": "0.7536"},
+    ]
+    assert extract.to_csv(extract.select(rows, "entropy,len_mean")).splitlines() == [
+        "step,entropy,len_mean",
+        "1,0.3721,276.1904296875",
+        "2,0.3999,279.291015625",
+        "50,,197.0244140625",
+    ]

@@ -15,6 +15,17 @@ Formats (``--format``):
 - ``tfevents``     a TensorBoard event file (scalar summaries, read without TensorBoard).
 - ``json-series``  ``{step: {metric: value}}`` or ``[{"step": .., metric: ..}]`` under a key (``path#key``),
                    the metric renamed to the name its file records (``<metric>_key``).
+- ``md-table``     a per-step Markdown table in an author's report (``| Step | ... |``), the one under the
+                   heading named by the key (``path#heading``); bold marks are dropped, the authors' rounding
+                   and column names are kept.
+- ``xtuner-console`` XTuner's RL trainer log: per rollout, the ``Rollout N data statistics:`` block and the
+                   ``Rollout N: avg entropy: ..`` line; the rollout number is the step.
+- ``csv``          a table with a ``step`` column, one row a step (such as a W&B history an author exported);
+                   empty cells are dropped.
+
+A manifest row's notes may name ``columns=a,b,c``: only those metrics are kept, and a step none of them
+was logged at is dropped (runs read through a file index one page at a time, where the other columns were
+not transcribed; author exports that mix in evaluation or method bookkeeping columns).
 
 ``--all`` rebuilds every CSV of ``manifest.csv`` from the original files, read with ``git show
 COMMIT:PATH`` from clones under ``--clones`` (``<owner>/<name>`` or ``<owner>+<name>/repo``); ``--check``
@@ -251,6 +262,63 @@ def from_json_series(raw: bytes, key: str | None) -> list[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
+def from_md_table(raw: bytes, heading: str | None) -> list[dict]:
+    """The first table with a ``Step`` column under the heading whose text is ``heading``."""
+    if not heading:
+        raise ValueError("md-table needs the heading above the table as the key: path#heading")
+    lines = raw.decode("utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("#") and line.lstrip("#").strip() == heading]
+    if len(starts) != 1:
+        raise ValueError(f"{len(starts)} headings read {heading!r}: the key must name exactly one")
+    rows, columns = [], None
+    for line in lines[starts[0] + 1 :]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            if columns:
+                break
+            continue
+        if columns is None:
+            if cells[0].lower() == "step":
+                columns = cells
+            continue
+        if set(cells[0]) <= set("-: "):
+            continue  # the header's separator row
+        row = dict(zip(columns, cells, strict=True))
+        rows.append({"step": int(row.pop(columns[0]))} | row)
+    if not rows:
+        raise ValueError(f"no table with a Step column under {heading!r}")
+    return rows
+
+
+def from_xtuner_console(raw: bytes) -> list[dict]:
+    rows: dict[int, dict] = {}
+    block = None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if m := re.search(r"\] Rollout (\d+) data statistics:$", line):
+            block = rows.setdefault(int(m.group(1)), {"step": int(m.group(1))})
+            continue
+        if block is not None and (m := re.match(r"^  - ([\w/]+) *: (\S+)$", line)):
+            if keep(m.group(1)):
+                block[m.group(1)] = m.group(2)
+            continue
+        block = None
+        if m := re.search(r"\] Rollout (\d+): (avg entropy): (\S+), (avg rollout entropy): (\S+)$", line):
+            row = rows.setdefault(int(m.group(1)), {"step": int(m.group(1))})
+            row[m.group(2)], row[m.group(4)] = m.group(3), m.group(5)
+    return [rows[s] for s in sorted(rows)]
+
+
+def from_csv(raw: bytes) -> list[dict]:
+    rows = []
+    for record in csv.DictReader(raw.decode("utf-8-sig").splitlines()):
+        row = {"step": int(record.pop("step"))}
+        row |= {k: v for k, v in record.items() if v not in ("", None) and keep(k)}
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
+
+
 # --- output ----------------------------------------------------------------------------------------------
 
 
@@ -265,7 +333,7 @@ def merge(parts: list[list[dict]]) -> list[dict]:
 
 def to_csv(rows: list[dict]) -> str:
     rows = numeric(rows)
-    if not rows or not any(k for r in rows for k in r if "entropy" in k):
+    if not rows or not any(k for r in rows for k in r if "entropy" in k.lower()):
         raise ValueError("no per-step entropy in this source: it does not belong in the corpus")
     columns = ["step"]
     for row in rows:
@@ -292,6 +360,12 @@ def parse(raw: bytes, fmt: str, *, key: str | None, every: int | None, step_key:
         return from_tfevents(raw)
     if fmt == "json-series":
         return from_json_series(raw, key)
+    if fmt == "md-table":
+        return from_md_table(raw, key)
+    if fmt == "xtuner-console":
+        return from_xtuner_console(raw)
+    if fmt == "csv":
+        return from_csv(raw)
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -316,6 +390,18 @@ def options(notes: str) -> dict:
     return dict(part.split("=", 1) for part in m.group(1).split())
 
 
+def select(rows: list[dict], columns: str | None) -> list[dict]:
+    """Keep only the named metrics (comma-separated) and the steps that logged one of them."""
+    if not columns:
+        return rows
+    names = columns.split(",")
+    missing = set(names) - {k for r in rows for k in r}
+    if missing:
+        raise ValueError(f"columns not in this source: {sorted(missing)}")
+    kept = [{k: v for k, v in r.items() if k == "step" or k in names} for r in rows]
+    return [r for r in kept if len(r) > 1]
+
+
 def rebuild(row: dict, clones: Path) -> str:
     opts = options(row["notes"])
     parts = []
@@ -324,18 +410,23 @@ def rebuild(row: dict, clones: Path) -> str:
         raw = git_show(clones, row["repository"], row["commit"], path)
         every = int(opts["every"]) if "every" in opts else None
         parts.append(parse(raw, opts["format"], key=key or None, every=every, step_key=opts.get("step_key")))
-    return to_csv(merge(parts))
+    return to_csv(select(merge(parts), opts.get("columns")))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", nargs="?", help="a log file (one run), or nothing with --all")
     ap.add_argument(
-        "--format", choices=["trl-state", "trl-console", "verl-console", "jsonl", "tfevents", "json-series"]
-    )
+        "--format",
+        choices=[
+            "trl-state", "trl-console", "verl-console", "jsonl", "tfevents", "json-series", "md-table",
+            "xtuner-console", "csv",
+        ],
+    )  # fmt: skip
     ap.add_argument("--key", help="the run's key inside a JSON file holding several runs")
     ap.add_argument("--every", type=int, help="trl-console: the run's logging_steps")
     ap.add_argument("--step-key", help="jsonl: the field holding the step")
+    ap.add_argument("--columns", help="keep only these metrics (comma-separated)")
     ap.add_argument("--out", type=Path, help="CSV to write (default: stdout)")
     ap.add_argument("--all", action="store_true", help="rebuild every run of manifest.csv from git clones")
     ap.add_argument("--check", action="store_true", help="with --all: compare with the committed CSVs, write nothing")
@@ -364,9 +455,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.source or not args.format:
         ap.error("give a source file and --format, or --all")
-    text = to_csv(
-        parse(Path(args.source).read_bytes(), args.format, key=args.key, every=args.every, step_key=args.step_key)
-    )
+    rows = parse(Path(args.source).read_bytes(), args.format, key=args.key, every=args.every, step_key=args.step_key)
+    text = to_csv(select(rows, args.columns))
     if args.out:
         args.out.write_text(text)
     else:
