@@ -29,8 +29,6 @@ Statistics rounding (`stat_mantissa_bits`): see store/arrow_columns.py.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import os
 import queue
@@ -44,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import part_file, run_folder
+from . import part_file, run_folder, run_meta
 from .arrow_columns import (
     DEFAULT_STAT_MANTISSA_BITS,
     check_mantissa_bits,
@@ -56,17 +54,11 @@ from .arrow_columns import (
 from .ledger import Ledger
 from .location import UPLOAD_TRIES, Location, resolve, with_retries
 from .part_buffers import PartBuffers
-from .schema import SCHEMA_VERSION, TABLES
+from .schema import TABLES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_QUEUE_ROWS", "DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
-RANK_FIELDS = ("run_id", "rank", "status", "dropped", "faults", "updated_at", "last_step")  # rank-NNN.json
-
-
-def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
 
 class _Flush:
     __slots__ = ("event", "ok")
@@ -242,42 +234,17 @@ class RunWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("failed" if exc_type is not None else "finished")
 
-    # ---------------------------------------------------------------- run.json
-
-    def _meta_name(self) -> str:
-        return run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank)
+    # ---------------------------------------------------------------- run.json (its fields: store/run_meta.py)
 
     def _init_meta(self, meta: dict[str, Any], resume_step: int | None) -> None:
-        from forkwatch import __version__
-
-        # a resumed (or restarted) run keeps its creation time and earlier fields
-        previous = run_folder.read_run_json(self.location, self.run_id, self._meta_name())
-        base = {
-            "run_id": self.run_id,
-            "name": meta.pop("name", None) or previous.get("name") or self.run_id,
-            "status": "running",
-            "created_at": previous.get("created_at", _utcnow()),
-            "schema_version": SCHEMA_VERSION,
-            "forkwatch_version": __version__,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            run_folder.LAYOUT_KEY: run_folder.LAYOUT_VERSION,
-        }
-        if resume_step is not None:
-            base["resumed_from_step"] = resume_step
-            base["last_step"] = resume_step
-        self._meta = {**previous, **base, **meta}
+        previous = run_meta.read_run_json(self.location, self.run_id, run_meta.file_name(self.rank))
+        self._meta = run_meta.start(previous, meta, run_id=self.run_id, rank=self.rank, world_size=self.world_size,
+                                    resume_step=resume_step)
         self._write_meta()
 
     def _write_meta(self) -> None:
-        meta = dict(self._meta)
-        meta["dropped"] = self.dropped
-        meta["faults"] = self.ledger.faults
-        meta["updated_at"] = _utcnow()
-        if self.rank != 0:
-            meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
-        path = self.location.path(self.run_id, self._meta_name())
-        data = json.dumps(meta, indent=1, default=str).encode()
+        path = self.location.path(self.run_id, run_meta.file_name(self.rank))
+        data = run_meta.document(self._meta, rank=self.rank, dropped=self.dropped, faults=self.ledger.faults)
         try:  # overwritten whole: readers see the previous run.json or this one
             with_retries(lambda: self.location.put_whole(path, data), tries=self._tries)
         except Exception as e:
@@ -285,11 +252,7 @@ class RunWriter:
 
     def _stop(self, status: str) -> None:
         self._write_all()
-        fields: dict[str, Any] = {"status": status}
-        if self._last_step is not None:
-            prev = self._meta.get("last_step")
-            fields["last_step"] = max(self._last_step, prev) if isinstance(prev, int) else self._last_step
-        self._meta.update(fields)
+        self._meta.update(run_meta.closing(self._meta, status, self._last_step))
         self._write_meta()
 
     # ---------------------------------------------------------------- resume
@@ -312,7 +275,7 @@ class RunWriter:
         ranks). Nothing is deleted; a part mixing kept and superseded steps is split (kept rows rewritten)."""
         dest_root = self.location.path(self.run_id, run_folder.SUPERSEDED, self.attempt)
         moved = 0
-        previous = run_folder.read_run_json(self.location, self.run_id)
+        previous = run_meta.read_run_json(self.location, self.run_id)
         run_folder.check_layout(previous, self.location.display(self.run_dir))  # unknown layout: move nothing
         listing = run_folder.list_run(self.location, self.run_id)
 
