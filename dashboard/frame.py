@@ -12,22 +12,6 @@ from forkwatch.store.health import Flag
 from forkwatch.store.location import LOG_DIR_ENV, resolve
 from plotly.colors import qualitative
 
-# --- what every chart shares: the palette, the marks of health flags (by kind, × an alarm, ○ a warning) ---
-
-COLORS = qualitative.Plotly
-FLAG_COLORS = {"collapse": "#d62728", "explosion": "#9467bd", "saturation": "#e7a100"}
-FLAG_SYMBOLS = {"alarm": "x", "warning": "circle-open"}  # an alarm is a cross, a warning an open circle
-
-
-def flag_lines(f: Flag) -> list[str]:
-    """A flag's evidence as short lines of text: severity and message, the steps and threshold, the evidence of harm
-    (or what was missing, for a warning), the values at the flag."""
-    lines = [f"{f.severity}: {f.message}", f"signal: steps {f.steps[0]}–{f.steps[-1]}, threshold {f.threshold:.4g}"]
-    return lines + [f"evidence: {e}" for e in f.evidence] + [f"{k} = {v:.4g}" for k, v in f.supporting.items()]
-
-
-# --- the page's preamble ---
-
 
 def require_runs() -> tuple[str, pd.DataFrame]:
     """The log directory and its runs; stops the page with a message when there is no run to show."""
@@ -134,3 +118,17 @@ def set_step(step: int | None) -> None:
         st.query_params.pop("step", None)
     else:
         st.query_params["step"] = str(step)
+
+
+# --- what every chart shares: the palette, the marks of health flags (by kind, × an alarm, ○ a warning) ---
+
+COLORS = qualitative.Plotly
+FLAG_COLORS = {"collapse": "#d62728", "explosion": "#9467bd", "saturation": "#e7a100"}
+FLAG_SYMBOLS = {"alarm": "x", "warning": "circle-open"}  # an alarm is a cross, a warning an open circle
+
+
+def flag_lines(f: Flag) -> list[str]:
+    """A flag's evidence as short lines of text: severity and message, the steps and threshold, the evidence of harm
+    (or what was missing, for a warning), the values at the flag."""
+    lines = [f"{f.severity}: {f.message}", f"signal: steps {f.steps[0]}–{f.steps[-1]}, threshold {f.threshold:.4g}"]
+    return lines + [f"evidence: {e}" for e in f.evidence] + [f"{k} = {v:.4g}" for k, v in f.supporting.items()]

@@ -150,6 +150,22 @@ def render() -> None:
     probes_section(log_dir, runs, run)
 
 
+def detector_section(log_dir: str, run: str) -> None:
+    """Per step, how well entropy, Rényi-2 and group-JS rank the tokens that matter (AUROC, average precision,
+    precision among the run's fork share against its ceiling), next to the baselines (store/ground_truth.py). Shown
+    only for runs whose task wrote a ground truth (the demo's)."""
+    m = cached("detector_by_step", log_dir, run)
+    if m.empty:
+        return
+    st.subheader("Fork detection against the ground truth")
+    target = st.radio("Target", list(DETECTOR_TARGETS), format_func=DETECTOR_TARGETS.get, horizontal=True,
+                      key="forks_detector_target")
+    st.caption("Every recorded token of each step, ranked by each score. Baselines: `position` (the share of targets "
+               "at each position, fitted on the same step: the best a position-only rule can do), `random`, `all`. "
+               "Precision is measured among the run's `fork_fraction` of tokens, the share forkwatch marks as forks.")
+    st.plotly_chart(detector_figure(m, target), key="forks_detector_chart", width="stretch")
+
+
 def fork_roles_section(log_dir: str, run: str) -> None:
     st.subheader("Roles of forking tokens")
     roles = cached("fork_roles_by_step", log_dir, run)
@@ -196,22 +212,6 @@ def probes_section(log_dir: str, runs: pd.DataFrame, run: str) -> None:
                f"{last['overlap']:.0%} at step {int(last['step'])} (the 80/20 paper reports 86 % before vs after RLVR).")
     st.plotly_chart(probe_overlap_figure(overlap, TOP_FRACTION), key="forks_overlap_chart",
                     width="stretch")
-
-
-def detector_section(log_dir: str, run: str) -> None:
-    """Per step, how well entropy, Rényi-2 and group-JS rank the tokens that matter (AUROC, average precision,
-    precision among the run's fork share against its ceiling), next to the baselines (store/ground_truth.py). Shown
-    only for runs whose task wrote a ground truth (the demo's)."""
-    m = cached("detector_by_step", log_dir, run)
-    if m.empty:
-        return
-    st.subheader("Fork detection against the ground truth")
-    target = st.radio("Target", list(DETECTOR_TARGETS), format_func=DETECTOR_TARGETS.get, horizontal=True,
-                      key="forks_detector_target")
-    st.caption("Every recorded token of each step, ranked by each score. Baselines: `position` (the share of targets "
-               "at each position, fitted on the same step: the best a position-only rule can do), `random`, `all`. "
-               "Precision is measured among the run's `fork_fraction` of tokens, the share forkwatch marks as forks.")
-    st.plotly_chart(detector_figure(m, target), key="forks_detector_chart", width="stretch")
 
 
 # --- the figures: drawing only, every number comes in through the arguments ---

@@ -101,7 +101,7 @@ def run_pictures(log_dir: str, run_ids: list[str], reports: dict[str, HealthRepo
 
 
 def badge(report: HealthReport) -> str:
-    """The run's verdict as the Runs table and the pages show it: the same words as `forkwatch check`."""
+    """The run's verdict as the Runs table and its expanders show it: the same words as `forkwatch check`."""
     if report.verdict == "insufficient_data":
         return "⚪ too few steps"
     return f"{SEVERITY_MARKS[report.severity]} {verdict_label(report).lower()}"

@@ -197,6 +197,19 @@ RUNS = pa.schema(
     ]
 )
 
+# Float columns whose mantissa the writer may round (see writer.RunWriter's `stat_mantissa_bits`).
+ROUNDED_STATS: dict[str, tuple[str, ...]] = {
+    "tokens": ("logprob", "entropy", "renyi2", "group_js", "covariance"),
+}
+
+TABLES: dict[str, pa.Schema] = {
+    "steps": STEPS,
+    "completions": COMPLETIONS,
+    "tokens": TOKENS,
+    "forks": FORKS,
+    "vocab": VOCAB,
+    "probes": PROBES,
+}
 
 
 def duckdb_type(t: pa.DataType) -> str:
@@ -223,18 +236,3 @@ def duckdb_type(t: pa.DataType) -> str:
     if t in simple:
         return simple[t]
     raise TypeError(f"no DuckDB type for Arrow type {t}")
-
-
-# Float columns whose mantissa the writer may round (see writer.RunWriter's `stat_mantissa_bits`).
-ROUNDED_STATS: dict[str, tuple[str, ...]] = {
-    "tokens": ("logprob", "entropy", "renyi2", "group_js", "covariance"),
-}
-
-TABLES: dict[str, pa.Schema] = {
-    "steps": STEPS,
-    "completions": COMPLETIONS,
-    "tokens": TOKENS,
-    "forks": FORKS,
-    "vocab": VOCAB,
-    "probes": PROBES,
-}
