@@ -14,7 +14,7 @@ store still down after the retries of store/location.py), the records are droppe
 `Ledger` (store/ledger.py), logged once, and the counts go into run.json.
 Exceptions are caught at the thread boundary only.
 
-When parts are written (store/part_buffers.py has the policy): every table is buffered on the thread and written as
+When parts are written (store/part_file.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
 every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run keeps every part written so far and
 loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
@@ -53,7 +53,6 @@ from .arrow_columns import (
 )
 from .ledger import Ledger
 from .location import UPLOAD_TRIES, Location, resolve, with_retries
-from .part_buffers import PartBuffers
 from .schema import TABLES
 
 logger = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ class RunWriter:
         self._closed = False
         self._seq = 0
         self._last_step: int | None = None
-        self._buffers = PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
+        self._buffers = part_file.PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
         self._meta: dict[str, Any] = {}  # thread side only
         self._upload_failed = False  # thread side: a part's upload failed after its retries in this `_write_all`
 
