@@ -148,9 +148,8 @@ def test_the_sandbox_keeps_every_guarantee_on_s3(trl_run, tmp_path):
 
 
 def test_the_dashboard_reads_an_s3_log_dir(trl_run, monkeypatch):
-    from forkwatch.dashboard.launch import LOG_DIR_ENV
+    from forkwatch.dashboard.launch import APP, LOG_DIR_ENV
     from streamlit.testing.v1 import AppTest
-    from test_dashboard_app import APP
 
     log_dir, _ = trl_run
     monkeypatch.setenv(LOG_DIR_ENV, log_dir)
