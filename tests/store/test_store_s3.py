@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from forkwatch.store import RunWriter, connect, run_folder
+from forkwatch.store import RunWriter, connect, run_folder, run_meta
 from forkwatch.store.location import LogDirError, check_log_dir, resolve
 from forkwatch.store.sandbox import QueryFailed, open_sandboxed
 from s3_server import S3Server, weed_binary
 
 BUCKET = "forkwatch-test"
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # the shared helpers (s3_server, sharded_run, synthetic)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,8 @@ def test_the_sandbox_keeps_every_guarantee_on_s3(trl_run, tmp_path):
 
 
 def test_the_dashboard_reads_an_s3_log_dir(trl_run, monkeypatch):
-    from forkwatch.dashboard.launch import LOG_DIR_ENV
+    from forkwatch.dashboard.launch import APP, LOG_DIR_ENV
     from streamlit.testing.v1 import AppTest
-    from test_dashboard_app import APP
 
     log_dir, _ = trl_run
     monkeypatch.setenv(LOG_DIR_ENV, log_dir)
@@ -213,9 +212,9 @@ def test_two_ddp_ranks_write_one_run_under_one_prefix(s3, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "s3:").exists()
     assert run_folder.run_dirs(log_dir) == ["ddp"]
-    meta = run_folder.read_run_json(log_dir, "ddp")
+    meta = run_meta.read_run_json(log_dir, "ddp")
     assert meta["world_size"] == 2 and meta["status"] == "finished"
-    assert run_folder.read_run_json(log_dir, "ddp", run_folder.rank_json(1))["status"] == "finished"
+    assert run_meta.read_run_json(log_dir, "ddp", run_folder.rank_json(1))["status"] == "finished"
     con = connect(log_dir)
     assert con.execute("SELECT count(DISTINCT step) FROM steps").fetchone()[0] == 2
     names = [p.rsplit("/", 1)[1] for p in _objects(f"{BUCKET}/ddp/ddp/tokens")]
@@ -284,7 +283,7 @@ def test_a_server_down_for_some_steps_is_counted_and_later_parts_land(s3):
         assert steps == [0, 1, 2, 5, 6, 7]
         (dropped,) = con.execute("SELECT dropped FROM runs").fetchone()
         assert dropped == 2 * 50 + 2
-        meta = run_folder.read_run_json("s3://flaky/runs", "r")
+        meta = run_meta.read_run_json("s3://flaky/runs", "r")
         assert meta["dropped"]["tokens"] == 100 and meta["status"] == "finished"
 
 

@@ -86,8 +86,8 @@ def test_views_exist_and_are_empty_before_any_part(tmp_path):
 def test_named_queries_return_what_was_written(tmp_path):
     batches = _write_run(tmp_path)
     con = connect(tmp_path)
-    runs = queries.list_runs(con)
-    assert runs[["run_id", "steps", "recorded_tokens", "status"]].values.tolist() == [
+    runs = queries.run_overview(con)
+    assert runs[["run_id", "n_steps", "recorded_tokens", "status"]].values.tolist() == [
         ["r1", 3, sum(len(b["tokens"]["entropy"]) for b in batches), "finished"]
     ]
     assert queries.step_series(con, "r1")["step"].tolist() == [0, 1, 2]

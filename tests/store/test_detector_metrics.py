@@ -1,5 +1,5 @@
-"""The detector metrics (store/detector_metrics.py) against cases computed by hand, and the per-step table
-(store/detector_queries.py) on a small hand-made set of tokens."""
+"""The detector metrics (store/detector_metrics.py) against cases computed by hand, and the per-step table against
+the ground truth's roles (store/ground_truth.py) on a small hand-made set of tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from forkwatch.store.detector_metrics import auroc, average_precision, judge, position_score, precision_at
-from forkwatch.store.detector_queries import step_metrics
+from forkwatch.store.ground_truth import role_metrics
 
 
 def test_auroc_counts_the_pairs_a_positive_wins():
@@ -63,7 +63,7 @@ def test_step_metrics_scores_each_step_and_skips_a_score_that_was_not_recorded()
         "group_js": [np.nan] * 8,
         "role": ["decision", "forced", "cosmetic", "mistake", "decision", "forced", "forced", "off_path"],
     })  # fmt: skip
-    m = step_metrics(tokens, rate=0.25)
+    m = role_metrics(tokens, rate=0.25)
     assert "group_js" not in set(m["predictor"])
     one = m[(m.step == 1) & (m.target == "decision") & (m.predictor == "entropy")].iloc[0]
     assert (one.auroc, one.average_precision, one.precision, one.ceiling) == (1.0, 1.0, 1.0, 1.0)
@@ -78,12 +78,12 @@ def test_step_metrics_scores_each_step_and_skips_a_score_that_was_not_recorded()
 
 
 def test_the_forks_page_chart_draws_each_predictor_and_the_ceiling():
-    from forkwatch.dashboard.detector_chart import detector_figure
+    from forkwatch.dashboard.page_forks import detector_figure
 
     tokens = pd.DataFrame({"step": [1, 1, 2, 2], "position": [0, 1, 0, 1], "entropy": [1.0, 0.0, 0.5, 0.0],
                            "renyi2": [0.9, 0.0, 0.4, 0.0], "group_js": [np.nan] * 4,
                            "role": ["decision", "forced", "decision", "forced"]})
-    fig = detector_figure(step_metrics(tokens, rate=0.5), "decision")
+    fig = detector_figure(role_metrics(tokens, rate=0.5), "decision")
     names = {t.name for t in fig.data}
     assert {"entropy", "renyi2", "position", "random", "all", "ceiling"} <= names and "group_js" not in names
     ceiling = next(t for t in fig.data if t.name == "ceiling")

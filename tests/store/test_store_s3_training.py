@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import test_store_s3
-from forkwatch.store import connect, run_folder
+from forkwatch.store import connect, run_folder, run_meta
 from forkwatch.store.location import LOG_DIR_ENV, LogDirError, resolve
 from test_store_s3 import BUCKET, _objects
 from transformers import TrainerCallback
@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 import forkwatch
 from forkwatch.cli import main as cli
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # the shared helpers (s3_server, sharded_run, synthetic)
 # the same server fixture as test_store_s3 (one server for this module, stopped at its end)
 s3 = pytest.fixture(scope="module", name="s3")(test_store_s3.s3.__wrapped__)
 
@@ -90,7 +90,7 @@ def test_a_training_process_killed_mid_run_leaves_whole_readable_parts(s3, tmp_p
             if span is not None:
                 steps = t["step"].to_pylist()
                 assert span == (min(steps), max(steps)), p
-    assert run_folder.read_run_json(log_dir, "killed")["status"] == "running"  # never closed: it was killed
+    assert run_meta.read_run_json(log_dir, "killed")["status"] == "running"  # never closed: it was killed
     con = connect(log_dir)
     steps = [s for (s,) in con.execute("SELECT step FROM steps ORDER BY step").fetchall()]
     assert steps[:3] == [1, 2, 3] and steps == list(range(1, len(steps) + 1))  # every uploaded step, once
@@ -138,7 +138,7 @@ def test_resume_from_a_checkpoint_on_s3_moves_the_rerun_steps_aside_and_loses_no
     assert all(after[p] == before[p.replace(f"/{run_folder.SUPERSEDED}/{attempt}/", "/")] for p in aside)
     assert not later & set(after)
     assert all(after.get(p) == before[p] for p in set(before) - later)
-    meta = run_folder.read_run_json(log_dir, "grpo")
+    meta = run_meta.read_run_json(log_dir, "grpo")
     assert meta["resumed_from_step"] == 2 and meta["status"] == "finished" and meta["last_step"] == 4
 
 
@@ -227,7 +227,7 @@ def test_the_server_down_for_some_steps_costs_counted_records_and_never_training
     assert all(outage.down_t < outage.ended[s] <= outage.up_t for s in (3, 4, 5))
     assert outage.dropped_at[2] == outage.dropped_at[3] == outage.dropped_at[4] == 0
     assert outage.dropped_while_down > 0  # ... and gave up on that part while the server was still down
-    meta = run_folder.read_run_json(log_dir, "flaky")
+    meta = run_meta.read_run_json(log_dir, "flaky")
     assert meta["status"] == "finished" and meta["last_step"] == steps_total
     dropped = meta["dropped"]
     con = connect(log_dir)

@@ -1,4 +1,4 @@
-"""The pages' figures (dashboard/*_charts.py): each draws what its query returned (and only that), flags by severity,
+"""The pages' figures (the `*_figure` functions of dashboard/page_*.py): each draws what its query returned (and only that), flags by severity,
 and a gap with its reason where a diagnostic is undefined."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from forkwatch.dashboard import entropy_charts, forks_charts, runs_charts
+from forkwatch.dashboard import page_entropy, page_forks, page_runs
 from forkwatch.store.health import Flag
 from forkwatch.store.spectrum import N_BINS, bins_below
 
@@ -23,7 +23,7 @@ def _spectrum(steps: int) -> pd.DataFrame:
 
 
 def test_spectrum_heatmap_is_steps_by_bins_cropped_to_log_vocab():
-    fig = entropy_charts.spectrum_figure(_spectrum(5), vocab_size=40)
+    fig = page_entropy.spectrum_figure(_spectrum(5), vocab_size=40)
     z = np.asarray(fig.data[0].z, dtype=float)
     assert z.shape == (bins_below(40), 5)
     assert np.isnan(z[1]).all()  # empty bins are blank, not log(0)
@@ -33,7 +33,7 @@ def test_spectrum_heatmap_is_steps_by_bins_cropped_to_log_vocab():
 
 def test_effective_rank_figure_puts_rank_on_a_second_axis():
     df = pd.DataFrame({"step": [1, 2, 3], "entropy_mean": [1.0, 0.8, 0.5], "effective_rank_mean": [9.0, None, 7.0]})
-    fig = entropy_charts.effective_rank_figure({"r": df})
+    fig = page_entropy.effective_rank_figure({"r": df})
     assert [t.name for t in fig.data] == ["r entropy", "r effective rank"]
     assert fig.data[1].yaxis == "y2"
 
@@ -41,7 +41,7 @@ def test_effective_rank_figure_puts_rank_on_a_second_axis():
 def test_fork_roles_figure_stacks_only_present_roles():
     roles = pd.DataFrame({"step": [1, 1, 2], "role": ["number", "connective", "number"], "n_forks": [3, 1, 2],
                           "share": [0.75, 0.25, 1.0]})
-    fig = forks_charts.fork_roles_figure(roles)
+    fig = page_forks.fork_roles_figure(roles)
     assert {t.name for t in fig.data} == {"number", "connective"}
     connective = next(t for t in fig.data if t.name == "connective")
     assert list(connective.y) == [0.25, 0.0]
@@ -50,7 +50,7 @@ def test_fork_roles_figure_stacks_only_present_roles():
 def test_probe_heatmap_rows_are_steps_and_columns_tokens():
     tokens = pd.DataFrame({"step": [1, 1, 1, 4, 4, 4], "position": [0, 1, 2] * 2, "text": ["4", "2", "."] * 2,
                            "entropy": [0.1, 0.2, 0.3, 0.01, 0.02, 0.03]})
-    fig = forks_charts.probe_heatmap_figure(tokens)
+    fig = page_forks.probe_heatmap_figure(tokens)
     assert list(fig.data[0].x) == ["0:'4'", "1:'2'", "2:'.'"]
     assert np.asarray(fig.data[0].z).shape == (2, 3)
 
@@ -60,14 +60,14 @@ def test_run_pictures_mark_flags_on_the_entropy_curve():
                            "entropy_mean": [1, 0.5, 0.1, 0.05, 1, 1, 1, 1], "reward_mean": [0.0] * 8})
     flag = Flag(rule="collapse.mean", severity="alarm", fired_at=3, until=4, steps=[3, 4], values=[0.1, 0.05],
                 threshold=0.2, message="m")
-    fig = runs_charts.run_pictures_figure(curves, {"a": [flag]}, ["a", "b"])
+    fig = page_runs.run_pictures_figure(curves, {"a": [flag]}, ["a", "b"])
     marks = [t for t in fig.data if t.name == "flags"]
     assert len(marks) == 1 and list(marks[0].x) == [3] and list(marks[0].y) == [0.1]
     assert len([t for t in fig.data if t.name == "entropy"]) == 2
 
 
 def test_entropy_figure_leaves_out_the_group_js_panel_when_no_run_has_it():
-    from forkwatch.dashboard.entropy_charts import entropy_figure
+    from forkwatch.dashboard.page_entropy import entropy_figure
 
     df = pd.DataFrame({"step": [1, 2], "entropy_mean": [1.0, 0.9], "entropy_p10": [0.1, 0.1],
                        "entropy_p90": [2.0, 1.8], "renyi2_mean": [0.8, 0.7], "group_js_mean": [None, None],
@@ -84,14 +84,13 @@ def test_run_pictures_mark_an_alarm_with_a_cross_and_a_warning_with_a_circle():
                            "reward_mean": [0.0] * 4})
     flags = [Flag(rule="collapse.mean", severity=sev, fired_at=s, until=4, steps=[s], values=[0.1], threshold=0.2,
                   message="m") for sev, s in (("warning", 2), ("alarm", 3))]
-    marks = next(t for t in runs_charts.run_pictures_figure(curves, {"a": flags}, ["a"]).data if t.name == "flags")
+    marks = next(t for t in page_runs.run_pictures_figure(curves, {"a": flags}, ["a"]).data if t.name == "flags")
     assert list(marks.marker.symbol) == ["circle-open", "x"]
     assert [t.split(" at")[0] for t in marks.text] == ["collapse.mean (warning)", "collapse.mean (alarm)"]
 
 
 def test_an_undefined_diagnostic_is_a_gap_with_its_reason():
-    from forkwatch.dashboard.charts import undefined_note
-    from forkwatch.dashboard.entropy_charts import entropy_figure
+    from forkwatch.dashboard.page_entropy import entropy_figure, undefined_note
 
     df = pd.DataFrame({"step": [1, 2, 3, 4], "entropy_mean": [1.0, 0.9, 0.9, 0.8], "entropy_p10": [0.1] * 4,
                        "entropy_p90": [2.0] * 4, "renyi2_mean": [0.8] * 4, "reward_mean": [0.1, 0.2, 0.2, 0.3],

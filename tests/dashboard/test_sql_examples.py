@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from forkwatch.dashboard.sql_examples import EXAMPLES
+from forkwatch.dashboard.page_sql import EXAMPLES
 from forkwatch.store import open_sandboxed
 from synthetic import write_sample_runs
 
