@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from forkwatch.store.health import RULE_KINDS, HealthRules, LiveMonitor, judge
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "corpus"))
 sys.path.insert(0, str(ROOT / "scripts"))
 import health_corpus  # noqa: E402
