@@ -394,8 +394,11 @@ def _not_evaluated(s: _Series, rules: HealthRules, vocab_size: int | None) -> di
         why = next((m for m in map(missing, needs) if m), None)
         if rule == "explosion.log_vocab" and why is None and not (vocab_size and vocab_size > 1):
             why = "the vocabulary size is not known"
-        if rule == "explosion.non_finite" and why and (_present(s.cols["loss"]) or _present(s.cols["grad_norm"])):
-            why = None  # loss / gradient norm given without the flag column: judged from their values
+        if rule == "explosion.non_finite" and why:
+            if _present(s.cols["loss"]) or _present(s.cols["grad_norm"]):
+                why = None  # loss / gradient norm given without the flag column: judged from their values
+            else:
+                why = "no loss or gradient norm logged in the series"
         if why:
             out[rule] = why
     for name, col in EVIDENCE_NEEDS.items():

@@ -21,10 +21,12 @@ def test_check_exits_1_and_prints_evidence_when_a_run_collapsed_or_exploded(log_
     assert main(["check", str(log_dir)]) == 1
     out = capsys.readouterr().out
     assert "collapse: COLLAPSE" in out and "explosion: EXPLOSION" in out and "healthy: HEALTHY" in out
-    assert "ALARM [collapse.mean] fired at step" in out
+    assert "collapse.mean at step 39: COLLAPSE ALARM — mean entropy fell below" in out
     assert "signal: steps" in out and "threshold" in out
+    assert "what to do: keep entropy up" in out and "(source: Clip-Cov/KL-Cov: arXiv:2505.22617" in out
     assert "evidence: reward falling" in out  # the explosion's evidence of harm
-    assert "at the flag: reward_mean_early=" in out
+    assert "at the flag: reward_mean " in out and "(early " in out
+    assert "not evaluated: explosion.non_finite (no loss or gradient norm logged" in out
     assert "law: R = -a·exp(H) + b with a = " in out  # the collapsing run follows the law
     assert "judged with the default rules: run.json records none" in out
 
@@ -128,7 +130,7 @@ def test_a_warning_is_printed_but_does_not_fail_check(tmp_path, capsys):
     log_dir = _one_run(tmp_path, {"explosion_factor": 1.01, "sustain_steps": 1})  # evidence still required
     assert main(["check", str(log_dir)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("r: HEALTHY (warning: explosion.mean at step ") and "WARNING [explosion.mean]" in out
+    assert out.startswith("r: HEALTHY (warning: explosion.mean at step ") and "EXPLOSION WARNING" in out
     assert "no evidence of harm yet" in out
 
 
