@@ -383,11 +383,8 @@ def _not_evaluated(s: _Series, rules: HealthRules, vocab_size: int | None) -> di
     """The rules and evidence whose column is missing: reported as not evaluated, never as passed."""
     def missing(name: str) -> str | None:
         col = rules.tail_column if name == "tail" else name
-        if s.cols.get(col) is None:
-            return f"no {col} in the series"
-        if not _present(s.cols[col]):
-            return f"{col} is never a finite number in the series"
-        return None
+        # absent, or never a finite number (a stored column of NULLs): the same to the rules, and said alike
+        return None if _present(s.cols.get(col)) else f"no {col} logged in the series"
 
     out = {}
     for rule, (needs, _) in RULES.items():
@@ -683,7 +680,8 @@ def _non_finite_flags(s: _Series, rules: HealthRules) -> list[Flag]:
                  "number, and the weights it touches are lost"], [])
 
     return _episodes("explosion.non_finite", "alarm", cond, s.steps, values, math.inf, rules, s.cols,
-                     "a non-finite loss or gradient norm logged at {n} step(s), {start}–{end}", what, sustain=1)
+                     "the loss or gradient norm logged at step {start} is not a finite number ({n} logged step(s) "
+                     "in a row, to step {end})", what, sustain=1)
 
 
 def _saturation(

@@ -310,10 +310,11 @@ def _numeric_names(rows: list[Row]) -> list[str]:
 
 def _choose_preset(names: list[str]) -> str | None:
     """The preset that maps the most of the source's names, the entropy first (none maps any: None)."""
-    scores = {p: (_find(names, m[ENTROPY]) is not None, sum(_find(names, c) is not None for c in m.values()))
+    scores = {p: (_find(names, m[ENTROPY]) is not None,
+                  sum(_find(names, c) is not None for k, c in m.items() if k != STEP))  # "step" matches anything
               for p, m in PRESETS.items()}
     best = max(scores, key=lambda p: scores[p])
-    return best if scores[best][1] > 1 else None  # the step name alone matches anything
+    return best if scores[best][1] else None
 
 
 def _to_run(source: str, fmt: str, rows: list[Row], columns: dict[str, str], preset: str | None,
@@ -331,9 +332,12 @@ def _to_run(source: str, fmt: str, rows: list[Row], columns: dict[str, str], pre
             mapping[column] = columns[column]
         elif preset is not None and column in PRESETS[preset] and (found := _find(names, PRESETS[preset][column])):
             mapping[column] = found
+    step_names = PRESETS[preset][STEP] if preset else tuple(dict.fromkeys(n for m in PRESETS.values() for n in m[STEP]))
+    if STEP not in mapping and (found := _find(names, step_names)):
+        mapping[STEP] = found
     if STEP not in mapping:
-        raise SourceError(f"{source}: no step column (looked for {PRESETS.get(preset or 'trl')[STEP]}); pass "
-                          f"--columns step=<name>; its names: {sorted(names)}")
+        raise SourceError(f"{source}: no step column (looked for {list(step_names)}); pass --columns step=<name>; "
+                          f"its names: {sorted(names)}")
     if not set(mapping) - {STEP}:
         hint = f"preset {preset!r} found none of its names" if preset else "no preset matches its names"
         raise SourceError(f"{source}: no metric the health rules read ({hint}); pass --columns, e.g. "
