@@ -124,12 +124,15 @@ class AlertSink:
     (`alert_sent` / `alert_failed`), never raises."""
 
     def __init__(self, url: str, *, run_id: str, ledger: Any, dashboard_url: str | None = None,
-                 timeout: float = TIMEOUT_S, tries: int = TRIES, backoff: float = BACKOFF_S) -> None:
+                 timeout: float | None = None, tries: int | None = None, backoff: float | None = None) -> None:
         check_url(url, "alert_webhook")
         if dashboard_url is not None:
             check_url(dashboard_url, "dashboard_url")
         self.url, self.run_id, self.ledger, self.dashboard_url = url, run_id, ledger, dashboard_url
-        self.timeout, self.tries, self.backoff = timeout, tries, backoff
+        # the module's bounds unless given (read here, so that a test can shorten them for a whole run)
+        self.timeout = TIMEOUT_S if timeout is None else timeout
+        self.tries = TRIES if tries is None else tries
+        self.backoff = BACKOFF_S if backoff is None else backoff
         self._down = False  # the last send used up its tries: the next ones get one each until one gets through
 
     def send(self, flag: Any, run_name: str | None = None) -> bool:
