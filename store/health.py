@@ -439,12 +439,16 @@ def _evidence(cols: dict[str, np.ndarray | None], rules: HealthRules, n: int) ->
             drop_thr = np.fmax(rules.reward_drop_fraction * move, rules.noise_z * se)
             known = idx >= max(ready, w)
             stalled = known & (gain <= stall_thr) & (gain <= gain_noise)
-            if rules.reward_range is not None:  # at its ceiling, not improving costs nothing: no harm
+            falling = known & (best - rs > drop_thr) & (move > 0)
+            if rules.reward_range is not None:
+                # at its ceiling the reward is where it can be: neither a stall nor a dip within the margin (the
+                # noise of a plateau's best-so-far) is harm; a fall out of the margin still is
                 lo, hi = rules.reward_range
                 top = hi - rules.reward_ceiling_margin * (hi - lo)
                 stalled &= ~(rs >= top)
+                falling &= ~(rs >= top)
             held["reward_not_improving"] = stalled
-            held["reward_falling"] = known & (best - rs > drop_thr) & (move > 0)
+            held["reward_falling"] = falling
         room = "" if rules.reward_range is None else f", below its ceiling {top:.4g}"
         say["reward_not_improving"] = lambda i: (
             f"reward not improving: {gain[i]:+.4g} over the last {w} steps (needs > {min(stall_thr[i], gain_noise[i]):.4g}"
@@ -452,7 +456,7 @@ def _evidence(cols: dict[str, np.ndarray | None], rules: HealthRules, n: int) ->
             f" at {rs[i]:.4g}{room}")
         say["reward_falling"] = lambda i: (
             f"reward falling: {rs[i]:.4g}, {best[i] - rs[i]:.4g} below its best {best[i]:.4g} (threshold "
-            f"{drop_thr[i]:.4g})")
+            f"{drop_thr[i]:.4g}){room}")
     length = cols.get(LENGTH)
     if _present(length):
         l0, ready = early_level(length, rules.early_steps)

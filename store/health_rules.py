@@ -88,9 +88,10 @@ class HealthRules:
     reward_range: tuple[float, float] | None = field(
         default=None,
         metadata={"help": "(lowest, highest) mean reward the reward functions can give, when known, e.g. (0, 1) for a "
-                  "pass/fail reward. With it, a reward within reward_ceiling_margin of the highest is at its "
-                  "ceiling: 'not improving' is then no harm (nothing is left to gain). None: not known; a stall "
-                  "counts wherever the reward is."},
+                  "pass/fail reward. With it, smoothed reward within reward_ceiling_margin of the highest is at its "
+                  "ceiling: reward evidence ('not improving', 'falling') is then no harm — nothing is left to gain, "
+                  "and a dip that stays at the ceiling is noise. None: not known; reward evidence counts wherever "
+                  "the reward is."},
     )
     reward_ceiling_margin: float = field(
         default=0.1,

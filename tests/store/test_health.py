@@ -260,3 +260,25 @@ def test_trailing_median_is_the_same_with_and_without_gaps_in_the_series(n):
     x[1] = np.nan
     with_gap = [np.nanmedian(x[max(0, i - 9) : i + 1]) for i in range(n)]
     assert trailing_median(x, 10) == pytest.approx(with_gap, nan_ok=True)
+
+
+def _saturating_reward_collapse(noise: float, n: int = 300) -> dict[str, np.ndarray]:
+    """Entropy drains below a fifth of its start (the tail kept), while the reward keeps rising ever more slowly:
+    late in the run a window gains ~0.008, under 5 % of the reward's move so far (~0.78)."""
+    u = np.linspace(0, 1, n)
+    rng = np.random.default_rng(0)
+    return {"step": np.arange(n), "entropy_mean": 0.04 + 0.96 * np.exp(-6 * u), "entropy_p90": np.full(n, 0.5),
+            "reward_mean": 0.2 + 0.8 * (1 - np.exp(-5 * u)) + rng.normal(0, noise, n),
+            "completion_length_mean": np.full(n, 300.0)}
+
+
+def test_a_small_gain_beyond_noise_is_improving_one_within_noise_is_not():
+    # the help of reward_stall_fraction: "not improving" needs the gain below its share of the largest move AND not
+    # distinguishable from noise. A smooth reward's small late gain is far beyond its noise: improving (a warning);
+    # the same curve with noisy steps cannot be told from a stall: an alarm.
+    smooth = judge(_saturating_reward_collapse(noise=0.0005))
+    assert smooth.deciding.rule == "collapse.mean" and smooth.severity == "warning", smooth.flags
+    noisy = judge(_saturating_reward_collapse(noise=0.05))
+    assert noisy.verdict == "collapse" and "reward_not_improving" in noisy.deciding.harm
+    stall = next(e for e in noisy.deciding.evidence if e.startswith("reward not improving"))
+    assert "beyond noise" in stall
