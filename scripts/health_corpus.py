@@ -257,11 +257,39 @@ def _counts(verdicts: list[str]) -> str:
     return ", ".join(f"{v} {verdicts.count(v)}" for v in dict.fromkeys(verdicts))
 
 
+# --------------------------------------------------------------------------- the law, extrapolated
+
+
+def law() -> str:
+    """The entropy–reward law fitted on the first 15 % of each synthetic series' steps (the paper's claim: enough to
+    extrapolate), its prediction of the reward over the last 10 % of steps (at their entropy) against the reward
+    observed there, and the fit on the whole series beside it (seed 0)."""
+    from forkwatch.store.health import fit_entropy_law
+
+    lines = ["| series | label | early fit (15 %): a, b, R², points | predicted late reward | observed late reward | "
+             "error | whole-run fit: ceiling, R² |", "|---|---|---|---|---|---|---|"]
+    for c in synthetic_cases():
+        h, r = c.data["entropy_mean"], c.data["reward_mean"]
+        early = fit_entropy_law(h, r, fraction=0.15)
+        whole = fit_entropy_law(h, r)
+        tail = slice(int(0.9 * h.size), None)
+        observed = float(statistics.median(r[tail]))
+        if early.ok:
+            predicted = float(statistics.median(early.predict(h[tail])))
+            fit = f"{early.a:.3g}, {early.b:.3g}, {early.r2:.2f}, {early.n_points}"
+            cells = f"{predicted:.3f} | {observed:.3f} | {predicted - observed:+.3f}"
+        else:
+            fit, cells = f"refused: {early.reason}", f"— | {observed:.3f} | —"
+        whole_cell = f"{whole.ceiling:.3f}, {whole.r2:.2f}" if whole.ok else f"refused ({whole.reason})"
+        lines.append(f"| {c.name} | {c.label} | {fit} | {cells} | {whole_cell} |")
+    return _marked("law", lines)
+
+
 # --------------------------------------------------------------------------- docs
 
 
 TABLES: dict[str, Callable[[], str]] = {"table": table, "summary": summary, "latency": latency,
-                                         "sensitivity": sensitivity, "ceiling": ceiling}
+                                         "sensitivity": sensitivity, "ceiling": ceiling, "law": law}
 
 
 def write_docs(names: Iterable[str] = TABLES) -> None:

@@ -282,3 +282,22 @@ def test_a_small_gain_beyond_noise_is_improving_one_within_noise_is_not():
     assert noisy.verdict == "collapse" and "reward_not_improving" in noisy.deciding.harm
     stall = next(e for e in noisy.deciding.evidence if e.startswith("reward not improving"))
     assert "beyond noise" in stall
+
+
+def test_the_law_fitted_on_the_first_15_percent_extrapolates_a_run_that_follows_it_and_not_a_collapse():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "corpus"))
+    import shapes
+
+    def late_error(name: str) -> float:
+        data = shapes.series(name, 0)
+        h, r = data["entropy_mean"], data["reward_mean"]
+        fit = fit_entropy_law(h, r, fraction=0.15)
+        assert fit.ok and fit.n_points == math.ceil(0.15 * h.size), fit
+        late = slice(int(0.9 * h.size), None)
+        return float(np.median(fit.predict(h[late])) - np.median(r[late]))
+
+    assert abs(late_error("mechanism_collapse")) < 0.03  # reward = 0.8 − 0.3·exp(H) + noise: the law itself
+    assert late_error("plateau_below_ceiling_drain") > 0.1  # the reward stopped following it: over-predicted

@@ -139,7 +139,7 @@ def test_live_monitor_fed_step_by_step_raises_each_flag_at_its_step_and_tracks_a
     assert skipped > 0, "no update ever skipped the judgement"
 
 
-@pytest.mark.parametrize("name", ["table", "summary", "latency", "ceiling"])
+@pytest.mark.parametrize("name", ["table", "summary", "latency", "ceiling", "law"])
 def test_the_tables_in_docs_are_the_ones_the_script_prints(name):
     text = (ROOT / "docs" / "experiments.md").read_text()
     assert health_corpus.TABLES[name]() in text, f"run: .venv/bin/python scripts/health_corpus.py --write-docs --only {name}"
