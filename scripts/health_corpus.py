@@ -66,6 +66,32 @@ def labelled_cases(seed: int = 0) -> list[Case]:
     return synthetic_cases(seed) + demo_cases()
 
 
+REAL = ROOT / "corpus" / "real"
+# The one run of a framework without a preset (ROLL): its names as corpus/real/README.md lists them
+REAL_COLUMNS = {"other": "entropy=actor/entropy,reward=reward/selected_mean,length=length/mean,"
+                         "truncated=length/cap_hit_rate,loss=actor/pg_loss,grad_norm=actor_train/grad_norm,kl=actor/kl_loss"}
+
+
+def real_cases() -> list[Case]:
+    """The public runs of corpus/real/ (manifest.csv), read by the importer as `forkwatch check` reads them: the
+    framework's preset, or the names above; [] when the corpus is not there."""
+    import csv
+
+    from forkwatch.store.importer import PRESETS, parse_columns, read_source
+
+    manifest = REAL / "manifest.csv"
+    if not manifest.is_file():
+        return []
+    cases = []
+    for row in csv.DictReader(manifest.open()):
+        columns = parse_columns(REAL_COLUMNS.get(row["framework"]))
+        preset = row["framework"] if row["framework"] in PRESETS and not columns else None
+        run = read_source(REAL / row["file"], columns=columns, preset=preset)
+        cases.append(Case(row["id"], row["label"], "real", f"{row['repository']} ({row['framework']})",
+                          run.series()))
+    return cases
+
+
 def right(label: str, report: HealthReport) -> bool:
     """A healthy run is right when it raised no alarm (warnings allowed); a failing one when alarmed with its kind."""
     return not report.alarm if label == "healthy" else report.verdict == label
@@ -213,7 +239,8 @@ def first_change(cases: list[Case], name: str, values: list[float],
 def _say(change: Change | None, values: list[float]) -> str:
     if change is None:
         return f"none to {values[-1]:g}" if values else "—"
-    what = "; ".join(f"{n}: {v} ({'now right' if ok else 'now wrong'})" for n, _, v, ok in change.changed[:3])
+    what = "; ".join(f"{n}: {v} ({'unlabelled' if label == 'unlabelled' else 'now right' if ok else 'now wrong'})"
+                     for n, label, v, ok in change.changed[:3])
     more = f"; +{len(change.changed) - 3} more" if len(change.changed) > 3 else ""
     return f"**{change.value:g}**: {what}{more}"
 
@@ -285,11 +312,77 @@ def law() -> str:
     return _marked("law", lines)
 
 
+# --------------------------------------------------------------------------- the real runs (held out)
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def spark(values, bins: int = 20) -> str:
+    """A curve in one line: the mean of each of `bins` equal stretches of the finite values, scaled min..max."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "—"
+    means = [float(np.mean(c)) for c in np.array_split(v, min(bins, v.size))]
+    lo, hi = min(means), max(means)
+    return "".join(_BARS[0 if hi == lo else round((m - lo) / (hi - lo) * 7)] for m in means)
+
+
+def _curve(values) -> str:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return "—" if v.size == 0 else f"{spark(v)} {v[0]:.3g}→{v[-1]:.3g}"
+
+
+def real() -> str:
+    """Every real run with the default rules: verdict, the flags (rule, severity, step; the first three), and its
+    entropy and reward curves (20 stretches, scaled to their own range; first → last value)."""
+    lines = ["| run | source | rows (last step) | label | verdict | flags: rule severity @ step | right | entropy | "
+             "reward |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in real_cases():
+        r = c.judge()
+        flags = "; ".join(f"{f.rule} {f.severity} @ {f.fired_at}" for f in r.flags[:3])
+        flags += f"; +{len(r.flags) - 3} more" if len(r.flags) > 3 else ""
+        ok = "—" if c.label == "unlabelled" else "✓" if right(c.label, r) else "✗"
+        steps = c.data["step"]
+        lines.append(f"| {c.name} | {c.source} | {steps.size} ({int(steps[-1])}) | {c.label} | {r.verdict} | "
+                     f"{flags or '—'} | {ok} | {_curve(c.data['entropy_mean'])} | "
+                     f"{_curve(c.data.get('reward_mean', []))} |")
+    return _marked("real", lines)
+
+
+def real_summary() -> str:
+    """The real runs by label: how many were alarmed, warned only, left quiet or without a verdict."""
+    rows: dict[str, dict[str, int]] = {}
+    for c in real_cases():
+        r = c.judge()
+        key = "alarm" if r.alarm else "warning only" if r.severity == "warning" else (
+            "no verdict" if r.verdict == "insufficient_data" else "nothing")
+        rows.setdefault(c.label, {}).setdefault(key, 0)
+        rows[c.label][key] += 1
+    lines = ["| label | runs | alarm | warning only | nothing | no verdict |", "|---|---|---|---|---|---|"]
+    for label, counts in rows.items():
+        lines.append(f"| {label} | {sum(counts.values())} | " + " | ".join(
+            str(counts.get(k, 0)) for k in ("alarm", "warning only", "nothing", "no verdict")) + " |")
+    return _marked("real_summary", lines)
+
+
+def real_sensitivity() -> str:
+    """The sensitivity table on the real runs (labelled and unlabelled: a verdict that changes on an unlabelled run
+    is neither right nor wrong, and is marked by its label)."""
+    return sensitivity(real_cases(), name="real_sensitivity")
+
+
 # --------------------------------------------------------------------------- docs
 
 
 TABLES: dict[str, Callable[[], str]] = {"table": table, "summary": summary, "latency": latency,
-                                         "sensitivity": sensitivity, "ceiling": ceiling, "law": law}
+                                         "sensitivity": sensitivity, "ceiling": ceiling, "law": law, "real": real,
+                                         "real_summary": real_summary, "real_sensitivity": real_sensitivity}
 
 
 def write_docs(names: Iterable[str] = TABLES) -> None:

@@ -139,16 +139,16 @@ def test_live_monitor_fed_step_by_step_raises_each_flag_at_its_step_and_tracks_a
     assert skipped > 0, "no update ever skipped the judgement"
 
 
-@pytest.mark.parametrize("name", ["table", "summary", "latency", "ceiling", "law"])
+@pytest.mark.parametrize("name", ["table", "summary", "latency", "ceiling", "law", "real", "real_summary"])
 def test_the_tables_in_docs_are_the_ones_the_script_prints(name):
     text = (ROOT / "docs" / "experiments.md").read_text()
     assert health_corpus.TABLES[name]() in text, f"run: .venv/bin/python scripts/health_corpus.py --write-docs --only {name}"
 
 
-def _documented_changes():
-    """(threshold, direction index, value, [changed series]) of every change the docs' sensitivity table reports."""
+def _documented_changes(table: str = "sensitivity"):
+    """(threshold, direction index, value, [changed series]) of every change a sensitivity table of the docs reports."""
     text = (ROOT / "docs" / "experiments.md").read_text()
-    body = text.split("<!-- health-corpus sensitivity: begin -->")[1].split("<!-- health-corpus sensitivity: end -->")[0]
+    body = text.split(f"<!-- health-corpus {table}: begin -->")[1].split(f"<!-- health-corpus {table}: end -->")[0]
     out = []
     for line in body.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -161,9 +161,10 @@ def _documented_changes():
     return out
 
 
-def test_each_change_in_the_sensitivity_table_happens_at_its_value_and_not_one_step_before():
-    cases = {c.name: c for c in health_corpus.labelled_cases()}
-    documented = _documented_changes()
+@pytest.mark.parametrize(("table", "corpus"), [("sensitivity", "labelled_cases"), ("real_sensitivity", "real_cases")])
+def test_each_change_in_a_sensitivity_table_happens_at_its_value_and_not_before(table, corpus):
+    cases = {c.name: c for c in getattr(health_corpus, corpus)()}
+    documented = _documented_changes(table)
     assert len(documented) >= 8
     for name, direction, value, series in documented:
         values = health_corpus.SWEEPS[name][direction]
