@@ -297,6 +297,9 @@ def check(args: argparse.Namespace) -> int:
                                  "forkwatch did not record")
             results = check_runs(args.log_dir, getattr(args, "run", None), rules)
         else:
+            if getattr(args, "run", None):
+                raise ValueError(f"--run picks a run of a log directory; {args.log_dir} is one run forkwatch did not "
+                                 "record (drop --run)")
             results = [check_source(args.log_dir, columns=columns, preset=preset, rules=rules)]
     except (FileNotFoundError, LookupError, ValueError) as e:
         print(f"forkwatch check: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ in `HealthReport.ignored`, never raised. A rule whose column is missing (absent,
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -832,7 +833,7 @@ class LiveMonitor:
             self._early = early
         early, w = self._early, rules.saturation_window
         obs = self._obs
-        j0 = int(np.searchsorted(obs, n0))  # the first logged step among the new rows
+        j0 = bisect.bisect_left(obs, n0)  # the first logged step among the new rows (no array built per update)
         if j0 == len(obs):
             return True
         at = max(0, j0 - w + 1)  # the logged steps the new ones' saturation drop looks back to
