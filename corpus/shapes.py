@@ -1,4 +1,4 @@
-"""The labelled corpus of step series that judges forkwatch's health rules (tests/test_health_corpus.py).
+"""The labelled corpus of step series that judges forkwatch's health rules (tests/store/test_health_corpus.py).
 
 Each synthetic series is defined here in code: noiseless curves for mean entropy, the entropy p90 tail, mean
 reward, mean completion length and truncated fraction, plus seeded noise. They are code, not data files, because
