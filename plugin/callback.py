@@ -6,7 +6,8 @@ At the end of a step it takes the step's captures from the monitor, gathers ever
 both to the `HandOff` (plugin/handoff.py: the steps row, the scalars logged for the step, the hand-off to the writer)
 and acts on the health flags the hand-off returns: a warning in the log, an alert (alert_webhook, sent from the
 writer's thread) and, with on_alarm="stop", the end of training at this step. TRL's own logged scalars (loss,
-grad_norm, kl, clip ratios) reach the hand-off in `on_log`. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is waiting.
+grad_norm, kl, clip ratios) reach the hand-off in `on_log`. Checkpoints, the end of training and `close` (a crash,
+Ctrl-C) hand off what is waiting.
 """
 
 from __future__ import annotations
