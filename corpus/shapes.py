@@ -1,4 +1,4 @@
-"""The labelled corpus of step series that judges forkwatch's health rules (tests/test_health_corpus.py).
+"""The labelled corpus of step series that judges forkwatch's health rules (tests/store/test_health_corpus.py).
 
 Each synthetic series is defined here in code: noiseless curves for mean entropy, the entropy p90 tail, mean
 reward, mean completion length and truncated fraction, plus seeded noise. They are code, not data files, because
@@ -7,7 +7,18 @@ seed)` is deterministic. The demo's runs, which cannot be redrawn, are stored as
 (written once by `scripts/health_corpus.py --demo`) and loaded by `load_demo()`.
 
 Each series names the source whose curves it imitates: a figure of a paper (its shape, not its numbers), or a run
-of ours; three are scenarios with no figure behind them, and say so. Labels are what a person reading those curves would call the run: "healthy", "collapse" or "explosion".
+of ours; some are scenarios with no figure behind them, and say so. Labels are what a person reading those curves
+would call the run: "healthy", "collapse" or "explosion".
+
+The second group (`OVERLAP`) was added so that the thresholds are tested where they matter: its healthy and
+failing series overlap in their entropy ratios (a slow drain to a tenth of the early entropy with reward still
+rising, which its authors would call healthy; a collapse that stops at a quarter of the early level; an explosion
+that stays below twice the early level; a healthy rise of 3.5×), and two runs sit near the reward's ceiling, one
+healthy and one plateaued far below it (`reward_range` declares what the reward functions can give).
+
+Onset labels (`onset_step`): the first step at which the noiseless mean entropy is below half (collapse) or above
+1.5× (explosion) its value at step 1 — a labelling convention fixed before the rules were run on these series,
+independent of the rules' thresholds (0.2 and 2). Detection latency is measured from it (scripts/health_corpus.py).
 """
 
 from __future__ import annotations
@@ -52,6 +63,17 @@ class Spec:
     source: str
     what: str
     curves: Curves
+    reward_range: tuple[float, float] | None = None  # what the reward functions can give, when the source says
+
+    @property
+    def onset_step(self) -> int | None:
+        """Where a failing series' failure begins (the module docstring's convention); None for a healthy one."""
+        if self.label == "healthy":
+            return None
+        u = np.linspace(0, 1, self.n_steps)
+        ratio = self.curves.entropy(u) / self.curves.entropy(u[:1])[0]
+        crossed = np.flatnonzero(ratio < 0.5 if self.label == "collapse" else ratio > 1.5)
+        return int(crossed[0]) + 1 if crossed.size else None  # steps are 1-based
 
 
 def _sig(u: np.ndarray, at: float, width: float) -> np.ndarray:
@@ -160,6 +182,46 @@ SPECS = [
          Curves(lambda u: 0.3 + 2.2 * _sig(u, 0.55, 0.1), lambda u: 0.2 + 0.3 * _sat(u, 6) - 0.35 * _sig(u, 0.65, 0.07),
                 truncated=lambda u: 0.02 + 0.3 * _sig(u, 0.65, 0.07))),
 ]
+CEILING = "scenario: a strong instruct model on an easy task, reward near its maximum from the start (issue #27)"
+OVERLAP = [
+    # ---------------------------------------------------------------- healthy, with failing-looking ratios
+    Spec("slow_drain_reward_rising", "healthy", 800, MECHANISM,
+         "entropy drains steadily 1.0 → 0.14 (below 0.2 × its start from step ~480) while reward keeps rising "
+         "0.2 → 0.7 to the end: the useful early part of the trade, drawn long",
+         Curves(lambda u: 0.12 + 0.88 * np.exp(-4 * u) * (1 - 0.02 * u), lambda u: 0.2 + 0.5 * u)),
+    Spec("near_ceiling_drain", "healthy", 600, CEILING,
+         "reward 0.90 → 0.93 of a maximum of 1, entropy drains 0.5 → 0.06 (a tenth) with the tail kept above "
+         "0.05: nothing was left to gain",
+         Curves(lambda u: 0.06 + 0.44 * np.exp(-3.5 * u), lambda u: 0.9 + 0.03 * _sat(u, 3), reward_noise=0.03),
+         reward_range=(0.0, 1.0)),
+    Spec("healthy_rise_3x", "healthy", 500, DAPO,
+         "clip-higher from a low start: entropy 0.1 → 0.35 (3.5×), reward rising, completions growing 2× "
+         "untruncated",
+         Curves(lambda u: 0.1 + 0.25 * _sat(u, 3), lambda u: 0.15 + 0.4 * _sat(u, 3),
+                length=lambda u: 300 + 300 * _sat(u, 2), truncated=lambda u: 0.01 + 0.01 * u)),
+    # ---------------------------------------------------------------- collapse, with a healthy-looking ratio
+    Spec("dapo_baseline_collapse", "collapse", 400, DAPO,
+         "GRPO without clip-higher: entropy 0.6 → 0.15 (a quarter, not a fifth) within ~80 steps, then flat; "
+         "reward plateaus early at 0.35",
+         Curves(lambda u: 0.15 + 0.45 * np.exp(-18 * u), lambda u: 0.2 + 0.15 * _sat(u, 15))),
+    Spec("plateau_below_ceiling_drain", "collapse", 600, MECHANISM,
+         "the paper's collapse near a known maximum: entropy drains 0.5 → 0.06 as above, reward plateaus at 0.55 "
+         "of a maximum of 1 from step ~150",
+         Curves(lambda u: 0.06 + 0.44 * np.exp(-3.5 * u), lambda u: 0.3 + 0.25 * _sat(u, 10), reward_noise=0.03),
+         reward_range=(0.0, 1.0)),
+    # ---------------------------------------------------------------- explosion, with a healthy-looking ratio
+    Spec("moderate_explosion", "explosion", 500, SKYWORK,
+         "an instability that stays below 2× the early entropy: 0.9 → 1.6 over steps 250–350, reward crashing "
+         "0.5 → 0.2, truncation 5 % → 50 %",
+         Curves(lambda u: 0.9 + 0.7 * _sig(u, 0.6, 0.04), lambda u: 0.5 - 0.3 * _sig(u, 0.62, 0.04),
+                truncated=lambda u: 0.05 + 0.45 * _sig(u, 0.62, 0.04))),
+    Spec("low_level_explosion", "explosion", 400, DAPO,
+         "from a very low level: 0.05 → 0.2 nats (4×, still small in nats), reward falling, length running to the "
+         "cap",
+         Curves(lambda u: 0.05 + 0.15 * _sig(u, 0.5, 0.06), lambda u: 0.45 - 0.25 * _sig(u, 0.55, 0.06),
+                length=lambda u: 400 + 500 * _sig(u, 0.55, 0.06), truncated=lambda u: 0.02 + 0.4 * _sig(u, 0.55, 0.06))),
+]
+SPECS = SPECS + OVERLAP
 BY_NAME = {s.name: s for s in SPECS}
 
 

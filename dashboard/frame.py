@@ -8,7 +8,6 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 from forkwatch.dashboard import cache
-from forkwatch.store.health import Flag
 from forkwatch.store.location import LOG_DIR_ENV, resolve
 from plotly.colors import qualitative
 
@@ -126,9 +125,3 @@ COLORS = qualitative.Plotly
 FLAG_COLORS = {"collapse": "#d62728", "explosion": "#9467bd", "saturation": "#e7a100"}
 FLAG_SYMBOLS = {"alarm": "x", "warning": "circle-open"}  # an alarm is a cross, a warning an open circle
 
-
-def flag_lines(f: Flag) -> list[str]:
-    """A flag's evidence as short lines of text: severity and message, the steps and threshold, the evidence of harm
-    (or what was missing, for a warning), the values at the flag."""
-    lines = [f"{f.severity}: {f.message}", f"signal: steps {f.steps[0]}–{f.steps[-1]}, threshold {f.threshold:.4g}"]
-    return lines + [f"evidence: {e}" for e in f.evidence] + [f"{k} = {v:.4g}" for k, v in f.supporting.items()]

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from forkwatch.dashboard import frame
 from forkwatch.dashboard.cache import cached
-from forkwatch.dashboard.frame import COLORS, FLAG_COLORS, FLAG_SYMBOLS, flag_lines
+from forkwatch.dashboard.frame import COLORS, FLAG_COLORS, FLAG_SYMBOLS
 from forkwatch.store.health import Flag
 from forkwatch.store.run_meta import config_of, vocab_size_from_meta
 from forkwatch.store.spectrum import bin_label, bins_below
@@ -50,8 +50,7 @@ def render() -> None:
         st.caption(note)
     flags = [
         {"run": r, "severity": f.severity, "rule": f.rule, "fired at step": f.fired_at,
-         "steps": f"{f.steps[0]}–{f.steps[-1]}", "threshold": f.threshold, "message": f.message,
-         "evidence": "; ".join(f.evidence)}
+         "flag": f.describe()}
         for r, rep in reports.items() for f in rep.flags
     ]  # fmt: skip
     if flags:
@@ -236,8 +235,8 @@ def rgba(hex_color: str, alpha: float) -> str:
 
 
 def flag_hover(run_id: str, f: Flag) -> str:
-    head = f"<b>{run_id}: {f.rule} ({f.severity})</b> fired at step {f.fired_at}"
-    return "<br>".join([head, *(w for line in flag_lines(f) for w in textwrap.wrap(line, 70))])
+    first, *rest = f.describe_lines()
+    return "<br>".join([f"<b>{run_id}: {first}</b>", *(w for line in rest for w in textwrap.wrap(line, 70))])
 
 
 def undefined_marks(df: pd.DataFrame, column: str, name: str) -> go.Scatter | None:

@@ -10,7 +10,7 @@ import streamlit as st
 from forkwatch.dashboard import frame
 from forkwatch.dashboard.cache import cached
 from forkwatch.dashboard.frame import COLORS
-from forkwatch.store.law import LawFit
+from forkwatch.store.health import LawFit
 
 
 def render() -> None:

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from forkwatch.dashboard import frame
 from forkwatch.dashboard.cache import cached
-from forkwatch.dashboard.frame import COLORS, FLAG_COLORS, FLAG_SYMBOLS, flag_lines
+from forkwatch.dashboard.frame import COLORS, FLAG_COLORS, FLAG_SYMBOLS
 from forkwatch.store.check import verdict_label
 from forkwatch.store.health import Flag, HealthReport
 from plotly.subplots import make_subplots
@@ -65,7 +65,10 @@ def render() -> None:
             if report.verdict == "insufficient_data":
                 st.write(f"{report.n_steps} step(s) with a finite mean entropy: too few for a verdict yet.")
             for f in report.flags:
-                st.markdown(f"**{f.rule}** ({f.severity}) fired at step {f.fired_at}  \n" + "  \n".join(flag_lines(f)))
+                first, *rest = f.describe_lines()
+                st.markdown(f"**{first}**  \n" + "  \n".join(rest))
+            for rule, why in report.not_evaluated.items():
+                st.caption(f"not evaluated: {rule} — {why}")
             st.write(f"Entropy–reward law: {report.law.describe()}.")
             for note in report.notes:
                 st.caption(note)
@@ -130,7 +133,7 @@ def run_pictures_figure(curves: pd.DataFrame, flags: dict[str, list[Flag]], runs
                     x=[f.fired_at for f in marks], y=[nearest(at, f.fired_at) for f in marks], mode="markers",
                     marker={"symbol": [FLAG_SYMBOLS[f.severity] for f in marks], "size": 11,
                             "color": [FLAG_COLORS.get(f.kind, "#333") for f in marks]},
-                    text=[f"{f.rule} ({f.severity}) at step {f.fired_at}" for f in marks], hoverinfo="text", showlegend=False,
+                    text=[f.describe_lines()[0] for f in marks], hoverinfo="text", showlegend=False,
                     name="flags",
                 ),
                 row=i, col=1,

@@ -21,20 +21,30 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 CHECK_HELP = """\
-Each run is judged with the health rules it was trained under (run.json: config.health_rules; runs written
-before forkwatch stored them are judged with the defaults, and the report says so). A rule has two levels:
+PATH is a forkwatch log directory (each run judged with the health rules it was trained under: run.json's
+config.health_rules; runs written before forkwatch stored them are judged with the defaults, and the report
+says so), or a run forkwatch did not record, judged without writing anything: a TRL trainer_state.json, a
+checkpoint or output folder holding them (the newest is read), a CSV or JSONL file of per-step metrics, or a
+folder of TensorBoard event files (needs: pip install 'forkwatch[tensorboard]'). Names are mapped by a preset
+(trl, verl, openrlhf; guessed when not given) or by --columns, e.g.
+  --columns entropy=actor/entropy,reward=critic/score/mean,length=response_length/mean,step=step
+Steps are the source's own; a rule whose column the source lacks is listed as "not evaluated", never passed.
 
+A rule has two levels:
   WARNING  an entropy signal alone: mean entropy fell below collapse_fraction x its early level (collapse.mean),
            the tail percentile fell below tail_floor (collapse.tail), or mean entropy rose above
            explosion_factor x its early level (explosion.mean). Printed with what it saw; exit code unchanged.
   ALARM    the same signal with evidence of harm at the same steps: for a collapse, reward not improving or
            falling, completions collapsing in length, or the tail gone; for an explosion, reward falling,
            completions running away in length or hitting the length cap. Mean entropy above
-           explosion_log_vocab_fraction x log V is an alarm by itself. Any alarm: exit 1.
+           explosion_log_vocab_fraction x log V, and a non-finite loss or gradient norm, are alarms by
+           themselves. Any alarm: exit 1.
+Every flag comes with a recommended action and its source.
 
 The verdict names the first alarm (the one that stops a run under on_alarm="stop"), its rule and step; the
 same as the live alarm. Tune with --rules (e.g. --rules '{"evidence_window": 50}'); every threshold and its
-meaning: docs/methods.md, "Health: warnings and alarms", or HealthRules.help().
+meaning: docs/methods.md, "Health: warnings and alarms", or HealthRules.help(). --alert URL posts one JSON
+alert per warning and alarm to a webhook (Slack-compatible), as a run does live with alert_webhook.
 """
 
 
@@ -69,17 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "check",
         help="health verdict per run; exit 1 when a run raised a collapse or explosion alarm",
-        description="Apply the health rules (collapse, explosion, saturation, entropy-reward law) to each run and "
-        "print the verdict with its evidence. Exits 1 when any checked run raised an alarm.",
+        description="Apply the health rules (collapse, explosion, saturation, entropy-reward law) to each run of a "
+        "log directory, or to a run forkwatch did not record, and print the verdict with its evidence and what to "
+        "do. Exits 1 when any checked run raised an alarm.",
         epilog=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("log_dir", metavar="LOG_DIR")
-    s.add_argument("--run", help="check only this run (id or name)")
+    s.add_argument("log_dir", metavar="PATH", help="a log directory, or a trainer_state.json / CSV / JSONL / folder")
+    s.add_argument("--run", help="check only this run (id or name) of a log directory")
     s.add_argument("--json", action="store_true", help="print the verdicts as JSON")
     s.add_argument("--rules", metavar="FILE|JSON",
                    help="re-judge with these rules instead of each run's own: a JSON object of HealthRules fields "
                    "(the others keep their defaults), or a file holding one")
+    _source_args(s)
+    s.add_argument("--alert", metavar="URL", help="post one JSON alert per warning and alarm to this webhook")
+    s.add_argument("--dashboard-url", metavar="URL",
+                   help="the dashboard's address, for the link in each alert (default: $FORKWATCH_DASHBOARD_URL)")
     s.set_defaults(handler=check)
+
+    s = sub.add_parser(
+        "import",
+        help="write a run forkwatch did not record as a run folder of LOG_DIR",
+        description="Read a TRL trainer_state.json (or a checkpoint/output folder holding them), a CSV or JSONL "
+        "file of per-step metrics, or a TensorBoard event folder, and write it as an ordinary run under LOG_DIR (a "
+        "folder or s3://bucket/prefix): `check`, `runs`, `sql` and the dashboard then read it like any run.",
+    )
+    s.add_argument("path", metavar="PATH")
+    s.add_argument("log_dir", metavar="LOG_DIR")
+    s.add_argument("--run", help="the run id (default: from the source's file or folder name)")
+    s.add_argument("--rules", metavar="FILE|JSON", help="health rules to record as the run's own (as check --rules)")
+    _source_args(s)
+    s.set_defaults(handler=import_run)
 
     s = sub.add_parser("dashboard", help="open the Streamlit dashboard", description="Serve the dashboard for LOG_DIR.")
     s.add_argument("log_dir", metavar="LOG_DIR")
@@ -110,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.set_defaults(handler=demo)
     return p
+
+
+def _source_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--columns", metavar="NAME=SOURCE,...",
+                   help="map a source's metric names: entropy, tail, reward, length, truncated, loss, grad_norm, kl, "
+                   "clip_ratio_low/high/region, step (e.g. entropy=actor/entropy,reward=critic/score/mean)")
+    s.add_argument("--preset", choices=("trl", "verl", "openrlhf"),
+                   help="the framework whose metric names the source uses (default: guessed from its names)")
 
 
 def _error(message: str, code: int) -> int:
@@ -157,6 +194,7 @@ def runs(args: argparse.Namespace) -> int:
     if (code := _check_dir(args.log_dir)) is not None:
         return code
     from forkwatch.store.check import verdict_label
+    from forkwatch.store.run_meta import alert_counts
 
     try:
         con = connect(args.log_dir)
@@ -170,6 +208,9 @@ def runs(args: argparse.Namespace) -> int:
                      "health"]]))
     for row in df[df["faults"] > 0].itertuples(index=False):
         print(f"! {row.run_id}: {row.faults} recording fault(s) — {row.faults_detail}")
+    for row in df.itertuples(index=False):
+        if failed := alert_counts(row.meta).get("failed"):
+            print(f"! {row.run_id}: {failed} alert(s) could not be sent (run.json: alerts)")
     return EXIT_OK
 
 
@@ -220,14 +261,46 @@ def _rules_arg(text: str | None) -> Any:
     return HealthRules.from_dict(values)
 
 
+def _is_log_dir(path: str) -> bool:
+    """A forkwatch log directory (or something missing, which check_runs reports), not a source to read."""
+    from forkwatch.store import importer, run_folder
+
+    if path.startswith("s3://") or ":" in path.split("/", 1)[0]:
+        return True
+    p = Path(path)
+    if not p.exists():
+        return True
+    if p.is_file():
+        return False
+    return bool(run_folder.run_dirs(p)) or not importer.is_source_folder(p)
+
+
 def check(args: argparse.Namespace) -> int:
     """Each run's health verdict with its evidence; exit 1 when a checked run raised an alarm (warnings do not
-    fail), 2 when the directory is missing or holds no run, --run names no run, or --rules is not valid."""
-    from forkwatch.store.check import check_runs, format_report
+    fail), 2 when the path is missing or holds no run, --run names no run, a source cannot be read, or --rules,
+    --columns or --alert is not valid."""
+    from forkwatch.store import alerts, importer
+    from forkwatch.store.check import check_runs, check_source, format_report
 
+    dashboard_url = getattr(args, "dashboard_url", None) or alerts.dashboard_from_environment()
     try:
+        if getattr(args, "alert", None):
+            alerts.check_url(args.alert, "--alert")
+        if dashboard_url:
+            alerts.check_url(dashboard_url, "--dashboard-url")
         rules = _rules_arg(getattr(args, "rules", None))
-        results = check_runs(args.log_dir, getattr(args, "run", None), rules)
+        columns = importer.parse_columns(getattr(args, "columns", None))
+        preset = getattr(args, "preset", None)
+        if _is_log_dir(args.log_dir):
+            if columns or preset:
+                raise ValueError(f"{args.log_dir} is a forkwatch log directory: --columns and --preset are for a run "
+                                 "forkwatch did not record")
+            results = check_runs(args.log_dir, getattr(args, "run", None), rules)
+        else:
+            if getattr(args, "run", None):
+                raise ValueError(f"--run picks a run of a log directory; {args.log_dir} is one run forkwatch did not "
+                                 "record (drop --run)")
+            results = [check_source(args.log_dir, columns=columns, preset=preset, rules=rules)]
     except (FileNotFoundError, LookupError, ValueError) as e:
         print(f"forkwatch check: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -236,8 +309,53 @@ def check(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2, default=str))
     else:
         print("\n".join(format_report(r["run_id"], r["status"], r["report"], faults=r["faults"],
-                                      faults_detail=r["faults_detail"], dropped=r["dropped"]) for r in results))
+                                      faults_detail=r["faults_detail"], dropped=r["dropped"], alerts=r["alerts"])
+                        for r in results))
+    if getattr(args, "alert", None):
+        _send_alerts(args.alert, results, dashboard_url)
     return EXIT_FAIL if any(r["report"].alarm for r in results) else EXIT_OK
+
+
+def _send_alerts(url: str, results: list[dict[str, Any]], dashboard_url: str | None) -> None:
+    """`check --alert`: one POST per flag of every checked run, the same body a run sends live; what could not be
+    sent is said on stderr (the exit code stays the verdict's)."""
+    from forkwatch.store import alerts
+
+    sent, errors = 0, []
+    for r in results:
+        for flag in r["report"].flags:
+            error = alerts.post(url, alerts.payload(flag, run_id=r["run_id"], run_name=r["name"],
+                                                    dashboard_url=dashboard_url))
+            if error is None:
+                sent += 1
+            else:
+                errors.append(f"{r['run_id']} {flag.rule} at step {flag.fired_at}: {error}")
+    print(f"forkwatch check: {sent} alert(s) sent to {alerts.redact(url)}", file=sys.stderr)
+    if errors:
+        print(f"forkwatch check: {len(errors)} alert(s) NOT sent: " + "; ".join(errors), file=sys.stderr)
+
+
+def import_run(args: argparse.Namespace) -> int:
+    """`forkwatch import PATH LOG_DIR`: the source written as a run folder; 2 when it cannot be read or written."""
+    from dataclasses import asdict
+
+    from forkwatch.store import importer
+
+    try:
+        rules = _rules_arg(args.rules)
+        run = importer.read_source(args.path, columns=importer.parse_columns(args.columns), preset=args.preset)
+        run_id = importer.import_run(run, args.log_dir, run_id=args.run,
+                                     rules=None if rules is None else asdict(rules))
+    except (ValueError, OSError) as e:
+        print(f"forkwatch import: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"imported {run.source} ({run.format}, preset {run.preset}, {run.n_steps} steps) as run {run_id} in "
+          f"{args.log_dir}")
+    print("columns: " + ", ".join(f"{c} <- {n}" for c, n in run.mapping.items()))
+    for note in run.notes:
+        print(f"note: {note}")
+    print(f"judge it: forkwatch check {args.log_dir} --run {run_id}")
+    return EXIT_OK
 
 
 def dashboard(args: argparse.Namespace) -> int:

@@ -4,8 +4,10 @@ it installed is removed at train end.
 
 At the end of a step it takes the step's captures from the monitor, gathers every rank's summary on rank 0, gives
 both to the `HandOff` (plugin/handoff.py: the steps row, the scalars logged for the step, the hand-off to the writer)
-and acts on the health flags the hand-off returns: a warning in the log and, with on_alarm="stop", the end of
-training at this step. Checkpoints, the end of training and `close` (a crash, Ctrl-C) hand off what is waiting.
+and acts on the health flags the hand-off returns: a warning in the log, an alert (alert_webhook, sent from the
+writer's thread) and, with on_alarm="stop", the end of training at this step. TRL's own logged scalars (loss,
+grad_norm, kl, clip ratios) reach the hand-off in `on_log`. Checkpoints, the end of training and `close` (a crash,
+Ctrl-C) hand off what is waiting.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from forkwatch.plugin.config import ForkwatchConfig
-from forkwatch.plugin.handoff import HandOff, describe, is_alarm
+from forkwatch.plugin.handoff import HandOff, is_alarm
 from forkwatch.plugin.probes import ProbeRunner
 from forkwatch.store.roles import roles_of
 from transformers import TrainerCallback
@@ -28,6 +30,17 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "forkwatch.json"  # written into each checkpoint folder: the run id a resume continues
 LOG_PREFIX = "forkwatch/"  # every scalar forkwatch adds to the trainer's logs
+
+
+def _trainer_logs_at(args, state) -> bool:
+    """Whether the trainer logs this step after its end (transformers' DefaultFlowCallback decides it after our
+    on_step_end, which runs first): its steps row then waits for the trainer's own scalars (`on_log`). A wrong guess
+    costs little: a row written twice (the last wins) or written at the next hand-off."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    every = getattr(state, "logging_steps", 0) or 0
+    return bool(args.logging_strategy == IntervalStrategy.STEPS and every > 0 and state.global_step % every == 0
+                or state.global_step == 1 and args.logging_first_step)
 
 
 def new_run_id() -> str:
@@ -90,7 +103,7 @@ class ForkwatchCallback(TrainerCallback):
         self.writer = RunWriter(
             cfg.log_dir, run_id, rank=acc.process_index, world_size=acc.num_processes, meta=self._meta(),
             resume_step=self.resume_step, max_queue_rows=cfg.queue_rows, stat_mantissa_bits=cfg.stat_mantissa_bits,
-            ledger=self.monitor.faults,
+            ledger=self.monitor.faults, alert_webhook=cfg.alert_webhook, dashboard_url=cfg.dashboard_url,
         )
         if state.is_world_process_zero and self.resume_step is None:
             with self.monitor.faults.guard("vocab"):
@@ -134,7 +147,7 @@ class ForkwatchCallback(TrainerCallback):
                 parts = [p for p in parts if p] if rows_here else None
                 for p in parts if state.is_world_process_zero else ():
                     self._rank_faults[p.get("rank", 0)] = p.get("faults", {})
-                scalars = self.handoff.add(step, acc, parts)
+                scalars = self.handoff.add(step, acc, parts, log_due=_trainer_logs_at(args, state))
         if self.handoff.due():
             self._act_on(self._hand_off(), control)
         if scalars and state.is_world_process_zero:
@@ -144,9 +157,19 @@ class ForkwatchCallback(TrainerCallback):
                 for k, v in scalars.items():
                     metrics[LOG_PREFIX + k].append(v)
 
-    def _hand_off(self, *, health: bool = True) -> list[Any]:
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """TRL's own scalars of the step (loss, grad_norm, kl, clip ratios) join its steps row and the health rules
+        (a non-finite loss or gradient norm is an alarm at this step)."""
+        if self.handoff is None or not logs:
+            return
+        with self.monitor.faults.guard("trainer_log"):
+            self.handoff.trainer_log(state.global_step, logs)
+        if self.handoff.due():
+            self._act_on(self._hand_off(), control)
+
+    def _hand_off(self, *, health: bool = True, final: bool = False) -> list[Any]:
         """Run the hand-off (plugin/handoff.py), then bring run.json's fault counts up to date; -> health flags."""
-        flags = self.handoff.run(health=health)
+        flags = self.handoff.run(health=health, final=final)
         with self.monitor.faults.guard("meta"):
             self._write_faults()
         return flags
@@ -158,11 +181,12 @@ class ForkwatchCallback(TrainerCallback):
         with self.monitor.faults.guard("alarms"):
             for flag in flags:
                 if rank0:
-                    logger.warning("forkwatch %s %s", flag.severity, describe(flag))
+                    logger.warning("forkwatch %s %s", flag.severity, flag.describe())
+                    self.writer.alert(flag)  # posted from the writer's thread (alert_webhook), never from here
                 if control is not None and self.config.on_alarm == "stop" and is_alarm(flag):
                     control.should_training_stop = True
                     if rank0 and not self._stopped_by_alarm:
-                        self.writer.update_meta(stopped_by_alarm=describe(flag))
+                        self.writer.update_meta(stopped_by_alarm=flag.describe())
                     self._stopped_by_alarm = True
 
     def _write_faults(self) -> None:
@@ -193,7 +217,7 @@ class ForkwatchCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.writer is not None:
-            self._act_on(self._hand_off(), None)  # the last steps' flags: warned about; training has ended anyway
+            self._act_on(self._hand_off(final=True), None)  # the last steps' flags: warned; training has ended
         self.close("stopped" if self._stopped_by_alarm else "finished")
 
     def close(self, status: str) -> None:
@@ -206,7 +230,7 @@ class ForkwatchCallback(TrainerCallback):
         if self.writer is None:
             return
         if self.handoff:  # a crash or Ctrl-C: what is waiting is written all the same
-            self._hand_off(health=False)
+            self._hand_off(health=False, final=True)
         else:
             with self.monitor.faults.guard("meta"):
                 self._write_faults()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from forkwatch.store import alerts
 from forkwatch.store.arrow_columns import DEFAULT_STAT_MANTISSA_BITS, check_mantissa_bits
 from forkwatch.store.health import HealthRules
 from forkwatch.store.location import check_log_dir, default_log_dir
@@ -135,6 +136,21 @@ class ForkwatchConfig:
                   "where an alarm fired (the rules then run at every step end)."},
     )
 
+
+    # --- alerts (store/alerts.py) ---
+    alert_webhook: str | None = field(
+        default_factory=alerts.from_environment,
+        metadata={"help": "A webhook URL (Slack-compatible, or any endpoint taking JSON) that gets one POST per new "
+                  "health warning and alarm, with its evidence and the recommended action; sent from the writer's "
+                  "thread with a short timeout and bounded retries, never blocking training; failures are counted "
+                  "in run.json (alerts). Default: $FORKWATCH_ALERT_WEBHOOK when set. run.json keeps only its host."},
+    )
+    dashboard_url: str | None = field(
+        default_factory=alerts.dashboard_from_environment,
+        metadata={"help": "The address the dashboard is served at (e.g. http://127.0.0.1:8501): each alert links to "
+                  "the run's page there. Default: $FORKWATCH_DASHBOARD_URL when set."},
+    )
+
     def __post_init__(self) -> None:
         self.health_rules = _health_rules(self.health_rules)
         self.validate()
@@ -176,6 +192,10 @@ class ForkwatchConfig:
             raise ValueError(f"health_rules={self.health_rules!r}: pass a HealthRules, a dict of its fields, or None")
         if self.on_alarm not in ("log", "stop"):
             raise ValueError(f"on_alarm={self.on_alarm!r}: pass 'log' or 'stop'")
+        if self.alert_webhook is not None:
+            alerts.check_url(self.alert_webhook, "alert_webhook")  # names $FORKWATCH_ALERT_WEBHOOK's value too
+        if self.dashboard_url is not None:
+            alerts.check_url(self.dashboard_url, "dashboard_url")
         self._validate_lenses()
 
     def _validate_lenses(self) -> None:
@@ -205,7 +225,8 @@ class ForkwatchConfig:
         return options
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as run.json records them (the webhook's path, a chat channel's secret, left out)."""
+        return asdict(self) | {"alert_webhook": alerts.redact(self.alert_webhook)}
 
 
 def _health_rules(value: Any) -> Any:

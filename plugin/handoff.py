@@ -6,8 +6,9 @@ The callback drives one `HandOff` per `train()`:
                                               # `steps` row (plugin/step_stats.py) and gets the scalars to log
     if handoff.due():                         # once `interval_s` has passed, or an alarm fired, or the rows
         flags = handoff.run()                 # waiting reach the writer's queue budget
-    ...
-    handoff.run(health=False)                 # checkpoint, train end, crash: whatever waits, at once
+    handoff.trainer_log(step, logs)           # on_log: TRL's loss, grad_norm, kl, clip ratios join the step's row
+    ...                                       # (a row whose step the trainer logs waits for them before it is written)
+    handoff.run(health=False, final=True)     # train end, crash: whatever waits, at once
 
 `run` is the hand-off itself, on the training thread: the waiting `steps` rows go to the writer as one batch and
 through the health rules; the recorded tokens, forks and completions are copied to the host (plugin/record_copy.py)
@@ -36,6 +37,8 @@ from forkwatch.plugin.captures import StepAccumulator
 from forkwatch.plugin.record_copy import to_host
 from forkwatch.plugin.step_stats import SELECT_PREFIX, select_means, steps_row
 from forkwatch.store.health import HealthRules, LiveMonitor
+from forkwatch.store.health_rules import NON_FINITE
+from forkwatch.store.importer import trainer_scalars
 from forkwatch.store.ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -59,16 +62,20 @@ class HandOff:
         self._flags: list[Any] = []  # flags found since the last `run`
         self._token_rows = 0
         self._last = time.monotonic()
+        self._last_row: dict[str, Any] | None = None  # the newest steps row (completed by the trainer's own log)
+        self._log_due = False  # the trainer logs at `_last_row`'s step, after its end: the row waits for that
 
     def __bool__(self) -> bool:
         return bool(self._records or self._rows)
 
     # ------------------------------------------------------------------ every step
-    def add(self, step: int, acc: StepAccumulator, parts: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    def add(self, step: int, acc: StepAccumulator, parts: list[dict[str, Any]] | None = None, *,
+            log_due: bool = False) -> dict[str, float]:
         """This rank's captures of `step` wait for the next hand-off. `parts` (on rank 0, and on every rank with
         stop_on_alarm) is every rank's `acc.collect()` (with `dropped`): the step's `steps` row is built from it
         (waiting for the hand-off on rank 0) and the scalars to log for the step are returned (TRL's own metric buffer
-        averages them over the logging window, exactly like TRL's `entropy`)."""
+        averages them over the logging window, exactly like TRL's `entropy`). `log_due`: the trainer logs this step
+        (`control.should_log`), so its row waits for `trainer_log` before it is handed over."""
         if acc.completions or acc.tokens or acc.forks:
             self._records.append((step, acc))
             self._token_rows += sum(t.take.numel() for t in acc.tokens)  # an upper bound from shapes: no device sync
@@ -81,6 +88,7 @@ class HandOff:
         if self.rank == 0:  # only rank 0 writes steps rows
             self._rows.append(row)
         self._unchecked.append(row)
+        self._last_row, self._log_due = row, log_due
         if self.stop_on_alarm:
             with self.ledger.guard("health"):
                 self._check_health()
@@ -90,17 +98,44 @@ class HandOff:
         scalars.update(self.alarm_scalars)
         return scalars
 
+    def trainer_log(self, step: int, logs: dict[str, Any]) -> None:
+        """The trainer's own scalars of `step` (TRL's loss, grad_norm, kl, clip ratios; logged after the step's end,
+        at logging steps) join that step's `steps` row: a row already handed over is handed over again, completed
+        (the last row of a step wins, in the store as in the health rules). A non-finite loss or gradient norm is
+        an alarm: the rules then run at once, so it is acted on at this step (the next step would train on
+        non-finite weights)."""
+        values = trainer_scalars(logs)
+        row = self._last_row
+        if row is None or row["step"] != step:
+            return
+        self._log_due = False
+        if not values:
+            return
+        row.update(values)
+        row["time"] = dt.datetime.now(dt.timezone.utc)
+        if self.rank == 0 and not any(r is row for r in self._rows):  # handed over without them after all
+            self._rows.append(row)
+        if not any(r is row for r in self._unchecked):
+            self._unchecked.append(row)
+        if self.stop_on_alarm or values.get(NON_FINITE):
+            with self.ledger.guard("health"):
+                self._check_health()
+
     def due(self) -> bool:
         """Whether the callback should `run` the hand-off at this step end."""
         return bool(self._flags) or bool(self) and (
             time.monotonic() - self._last >= self.interval_s or self._token_rows >= self.max_rows)
 
     # ------------------------------------------------------------------ the hand-off
-    def run(self, *, health: bool = True) -> list[Any]:
-        """Hand everything waiting to the writer; -> the health flags found since the last run (`is_alarm`,
-        `describe`). Training thread; each part guarded on its own, so a fault in one does not cost the others."""
+    def run(self, *, health: bool = True, final: bool = False) -> list[Any]:
+        """Hand everything waiting to the writer (but the newest steps row while the trainer's log of its step is
+        still to come, unless `final`: a crash, the end); -> the health flags found since the last run (`is_alarm`,
+        `describe()`). Training thread; each part guarded on its own, so a fault in one does not cost the others."""
         records, rows = self._records, self._rows
-        self._records, self._rows, self._token_rows, self._last = [], [], 0, time.monotonic()
+        held = [] if final or not self._log_due else [r for r in rows if r is self._last_row]
+        if held:
+            rows = [r for r in rows if r is not self._last_row]
+        self._records, self._rows, self._token_rows, self._last = [], held, 0, time.monotonic()
         if rows:
             with self.ledger.guard("steps_rows"):
                 keys = dict.fromkeys(k for r in rows for k in r)
@@ -128,10 +163,3 @@ class HandOff:
 def is_alarm(flag: Any) -> bool:
     """Whether a health flag is an alarm (which stops training under on_alarm="stop"), not a warning."""
     return flag.is_alarm
-
-
-def describe(flag: Any) -> str:
-    """A health flag as a person reads it (and as run.json's `stopped_by_alarm` keeps it): the rule, the step it
-    fired at, the rule's own account, and the evidence of harm (for a warning: what was missing)."""
-    evidence = "; ".join(flag.evidence)
-    return f"{flag.rule} at step {flag.fired_at}: {flag.message}" + (f" [{evidence}]" if evidence else "")

@@ -1,9 +1,11 @@
-"""`Ledger`: one rank's account of what recording lost — hook faults and dropped records — in one place.
+"""`Ledger`: one rank's account of what recording lost — hook faults, dropped records and alerts that could not be
+sent — in one place.
 
 Recording must never change training: an exception in a forkwatch hook, in a deferred record producer or in the
 writer thread is caught at that boundary, counted here under the name of the place it happened (`faults`), and
-logged once per place; records that could not be queued or written are counted per table (`dropped`). The writer
-puts both counts into this rank's run.json / rank-NNN.json, and the readers sum them over ranks.
+logged once per place; records that could not be queued or written are counted per table (`dropped`); alerts
+(store/alerts.py) are counted as sent or failed (`alerts`). The writer puts the counts into this rank's run.json /
+rank-NNN.json, and the readers sum them over ranks.
 Thread-safe: the training thread and the writer thread both count into it.
 """
 
@@ -20,6 +22,7 @@ class Ledger:
     def __init__(self) -> None:
         self._faults: Counter[str] = Counter()  # per place (hook or job name)
         self._dropped: Counter[str] = Counter()  # records per table
+        self._alerts: Counter[str] = Counter()  # "sent" / "failed"
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
@@ -40,6 +43,22 @@ class Ledger:
         with self._lock:
             self._dropped[table] += rows
         self.warn_once(f"drop:{kind}", message)
+
+    def alert_sent(self) -> None:
+        with self._lock:
+            self._alerts["sent"] += 1
+
+    def alert_failed(self, message: str) -> None:
+        """Count an alert that could not be sent; log `message` the first time (later ones: counted, in run.json)."""
+        with self._lock:
+            self._alerts["failed"] += 1
+        self.warn_once("alert", message)
+
+    @property
+    def alerts(self) -> dict[str, int]:
+        """{"sent": n, "failed": m} ({} before the first alert)."""
+        with self._lock:
+            return {k: self._alerts[k] for k in ("sent", "failed")} if self._alerts else {}
 
     def warn_once(self, key: str, message: str) -> None:
         with self._lock:

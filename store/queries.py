@@ -14,8 +14,7 @@ import duckdb
 import pandas as pd
 
 from .check import judge_run
-from .health import HealthReport
-from .law import LawFit, fit_entropy_law
+from .health import HealthReport, LawFit, fit_entropy_law
 from .run_meta import rules_of_run
 
 __all__ = [

@@ -7,7 +7,8 @@ them whole, at start, on `update_meta` and at close, with the documents built he
     run_id, name, rank, world_size, status,       the store (`start`, `document`, `closing`)
     created_at, updated_at, schema_version,
     forkwatch_version, layout_version,
-    resumed_from_step, last_step, dropped, faults
+    resumed_from_step, last_step, dropped, faults,
+    alerts (sent / failed, rank 0)
     config (the ForkwatchConfig), model,          the plugin at train start (RunWriter's `meta`, from
     model_type, architectures, vocab_size,        plugin/callback.py)
     trl_version, transformers_version,
@@ -20,7 +21,7 @@ A rank > 0 writes only `RANK_FIELDS`, into its own rank-NNN.json. Any other fiel
 
 Readers: `read_run_json` (the file, on disk or S3), `runs_row` (a run's row of the `runs` view, whose `meta` column
 carries the whole run.json as text), and, from that text, `parse_meta`, `config_of`, `vocab_size_from_meta`,
-`fork_fraction_of` and `rules_of_run` (the health rules the run was trained under).
+`fork_fraction_of`, `rules_of_run` (the health rules the run was trained under) and `alert_counts`.
 """
 
 from __future__ import annotations
@@ -99,10 +100,13 @@ def start(previous: Mapping[str, Any], given: Mapping[str, Any], *, run_id: str,
     return {**previous, **base, **given}
 
 
-def document(meta: Mapping[str, Any], *, rank: int, dropped: Mapping[str, int], faults: Mapping[str, int]) -> bytes:
-    """The bytes of a rank's file now: `meta` with the rank's dropped records and faults and the time; a rank > 0
-    keeps RANK_FIELDS only."""
+def document(meta: Mapping[str, Any], *, rank: int, dropped: Mapping[str, int], faults: Mapping[str, int],
+             alerts: Mapping[str, int] | None = None) -> bytes:
+    """The bytes of a rank's file now: `meta` with the rank's dropped records and faults, the alerts sent and failed
+    (rank 0 sends them; absent when none was due) and the time; a rank > 0 keeps RANK_FIELDS only."""
     doc = {**meta, "dropped": dict(dropped), "faults": dict(faults), "updated_at": _utcnow()}
+    if alerts:
+        doc["alerts"] = dict(alerts)
     if rank != 0:
         doc = {k: doc[k] for k in RANK_FIELDS if k in doc}
     return json.dumps(doc, indent=1, default=str).encode()
@@ -116,6 +120,12 @@ def closing(meta: Mapping[str, Any], status: str, last_step: int | None) -> dict
         prev = meta.get("last_step")
         fields["last_step"] = max(last_step, prev) if isinstance(prev, int) else last_step
     return fields
+
+
+def alert_counts(meta: Any) -> dict[str, int]:
+    """run.json's `alerts`: {"sent": n, "failed": m}, or {} for a run that sent none."""
+    alerts = parse_meta(meta).get("alerts")
+    return {k: int(alerts.get(k, 0)) for k in ("sent", "failed")} if isinstance(alerts, Mapping) else {}
 
 
 # ---------------------------------------------------------------------------------------------------- the runs view

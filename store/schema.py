@@ -91,6 +91,13 @@ STEPS = pa.schema(
         pa.field("entropy_spectrum", pa.list_(pa.int32())),
         # Mean effective rank of recorded completions' final-layer hidden states; null on steps not measured.
         pa.field("effective_rank_mean", _F32),
+        # Added (additive, still version 1): what the trainer itself logs at a logging step (TRL's `loss`,
+        # `grad_norm`, `kl`, `clip_ratio/{low,high,region}_mean`; an imported run's mapped names), null on the steps
+        # it did not log; `non_finite`: the loss or the gradient norm logged there was NaN or ±inf (a stored NaN and
+        # a NULL read back alike, so the fact is kept apart). The health rules read them (store/health.py).
+        *[pa.field(name, _F32) for name in ("loss", "grad_norm", "kl", "clip_ratio_low", "clip_ratio_high",
+                                            "clip_ratio_region")],
+        pa.field("non_finite", pa.bool_()),
     ]
 )
 

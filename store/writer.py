@@ -25,6 +25,8 @@ whole or not at all: a temp name then a rename on disk (no fsync: a killed proce
 power loss can lose the last parts, never corrupt the view of the others, since readers skip files whose footer is
 bad), one upload on S3, retried with a bound.
 Statistics rounding (`stat_mantissa_bits`): see store/arrow_columns.py.
+Alerts (store/alerts.py): with `alert_webhook`, rank 0's `alert(flag)` queues one health flag; the thread posts it
+(a short timeout, bounded tries), counts it sent or failed in the ledger and brings run.json's `alerts` up to date.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import part_file, run_folder, run_meta
+from .alerts import AlertSink, redact
 from .arrow_columns import (
     DEFAULT_STAT_MANTISSA_BITS,
     check_mantissa_bits,
@@ -72,6 +75,13 @@ class _Stop:
 
     def __init__(self, status: str) -> None:
         self.status = status
+
+
+class _Alert:
+    __slots__ = ("flag",)
+
+    def __init__(self, flag: Any) -> None:
+        self.flag = flag
 
 
 class _Meta:
@@ -114,6 +124,8 @@ class RunWriter:
         stat_mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS,
         row_group_rows: int = 131_072,
         ledger: Ledger | None = None,
+        alert_webhook: str | None = None,
+        dashboard_url: str | None = None,
     ) -> None:
         run_folder.check_run_id(run_id)
         check_mantissa_bits(stat_mantissa_bits)
@@ -133,6 +145,9 @@ class RunWriter:
         self._tries = 1 if self.location.is_local else UPLOAD_TRIES
 
         self.ledger = ledger if ledger is not None else Ledger()
+        # alerts leave from this writer's thread, rank 0 only (the flags are the same on every rank)
+        self._alerts = AlertSink(alert_webhook, run_id=run_id, ledger=self.ledger, dashboard_url=dashboard_url) \
+            if alert_webhook and rank == 0 else None
         # THE row cap: rows the writer holds, queued or buffered for a part, not yet written (or dropped).
         self._held_rows = 0
         self._held_lock = threading.Lock()
@@ -209,6 +224,12 @@ class RunWriter:
         self._q.put(f)
         return f.event.wait(timeout) and f.ok
 
+    def alert(self, flag: Any) -> None:
+        """Queue an alert for a health flag (store/health.py `Flag`): posted on the writer's thread, counted sent or
+        failed; nothing happens without `alert_webhook` or on ranks > 0. Never blocks, never raises."""
+        if self._alerts is not None and not self._closed:
+            self._q.put(_Alert(flag))
+
     def update_meta(self, **fields: Any) -> None:
         """Merge fields into run.json (rank 0; other ranks record them in their rank-NNN.json). Only queued: the
         writer thread writes the file, after the records queued before this call."""
@@ -243,7 +264,8 @@ class RunWriter:
 
     def _write_meta(self) -> None:
         path = self.location.path(self.run_id, run_meta.file_name(self.rank))
-        data = run_meta.document(self._meta, rank=self.rank, dropped=self.dropped, faults=self.ledger.faults)
+        data = run_meta.document(self._meta, rank=self.rank, dropped=self.dropped, faults=self.ledger.faults,
+                                 alerts=self.ledger.alerts)
         try:  # overwritten whole: readers see the previous run.json or this one
             with_retries(lambda: self.location.put_whole(path, data), tries=self._tries)
         except Exception as e:
@@ -251,6 +273,10 @@ class RunWriter:
 
     def _stop(self, status: str) -> None:
         self._write_all()
+        failed = self.ledger.alerts.get("failed", 0)
+        if failed:
+            logger.warning("forkwatch: %d of %d alert(s) could not be sent to %s (counted in run.json: alerts)",
+                           failed, failed + self.ledger.alerts.get("sent", 0), redact(self._alerts.url))
         self._meta.update(run_meta.closing(self._meta, status, self._last_step))
         self._write_meta()
 
@@ -324,6 +350,9 @@ class RunWriter:
                     return
                 if isinstance(item, _Meta):
                     self._meta.update(item.fields)
+                    self._write_meta()
+                elif isinstance(item, _Alert):
+                    self._alerts.send(item.flag, self._meta.get("name"))
                     self._write_meta()
                 elif isinstance(item, _Deferred):
                     self._run_producer(item)

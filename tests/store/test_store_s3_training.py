@@ -175,7 +175,7 @@ def test_forkwatch_log_dir_is_the_default_log_dir_checked_at_attach(s3, make_tra
 
 
 class Outage(TrainerCallback):
-    """Kills the S3 server at the end of step `down_at` and starts it again at the end of step `up_at`, once the
+    """Kills the S3 server once step `down_at` is logged and starts it again at the end of step `up_at`, once the
     writer has given up on a part (so the outage is long enough to cost records on any machine). Records when each
     step ended and what was dropped by the restart."""
 
@@ -192,15 +192,19 @@ class Outage(TrainerCallback):
         writer.flush_interval_s = 0.2
         writer.flush(30)  # (the next timed flush is due 0.2 s after this one)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # the outage starts once the trainer has logged step `down_at`: forkwatch's on_log (first in the list) has
+        # then handed that step's row over, completed with TRL's scalars
+        if state.global_step == self.down_at and self.down_t == 0.0:
+            self.trainer._forkwatch.writer.flush(30)  # the steps before the outage are on the server
+            self.server.kill()
+            self.down_t = time.monotonic()
+
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         self.ended[step] = time.monotonic()
         self.dropped_at[step] = self.trainer._forkwatch.monitor.faults.total_dropped()
-        if step == self.down_at:
-            self.trainer._forkwatch.writer.flush(30)  # the steps before the outage are on the server
-            self.server.kill()
-            self.down_t = time.monotonic()
-        elif step == self.up_at:
+        if step == self.up_at:
             ledger = self.trainer._forkwatch.monitor.faults
             deadline = time.monotonic() + 60
             while ledger.total_dropped() == 0 and time.monotonic() < deadline:

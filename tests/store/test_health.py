@@ -8,8 +8,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-from forkwatch.store.health import HealthRules, LiveMonitor, judge
-from forkwatch.store.law import fit_entropy_law
+from forkwatch.store.health import HealthRules, LiveMonitor, fit_entropy_law, judge
 from forkwatch.store.run_meta import rules_of_run
 from synthetic import LAW_A, LAW_B, step_series
 
@@ -82,7 +81,9 @@ def test_all_nan_series_does_not_crash():
     series = {"step": np.arange(20), "entropy_mean": np.full(20, np.nan)}
     report = judge(series)
     assert report.verdict == "insufficient_data"
-    assert report.ignored["entropy_mean"] == list(range(20))
+    # a column never finite is a missing one: its rules are not evaluated (and not listed step by step as ignored)
+    assert report.not_evaluated["collapse.mean"] == "no entropy_mean logged in the series"
+    assert "entropy_mean" not in report.ignored
 
 
 def test_repeated_steps_keep_the_last_value():
@@ -251,7 +252,7 @@ def test_a_stored_run_is_judged_with_its_own_rules_or_the_defaults_saying_so():
 
 @pytest.mark.parametrize("n", [3, 30])
 def test_trailing_median_is_the_same_with_and_without_gaps_in_the_series(n):
-    from forkwatch.store.health_evidence import trailing_median
+    from forkwatch.store.health import trailing_median
 
     x = np.random.default_rng(0).normal(size=n)
     expected = [np.median(x[max(0, i - 9) : i + 1]) for i in range(n)]
@@ -259,3 +260,44 @@ def test_trailing_median_is_the_same_with_and_without_gaps_in_the_series(n):
     x[1] = np.nan
     with_gap = [np.nanmedian(x[max(0, i - 9) : i + 1]) for i in range(n)]
     assert trailing_median(x, 10) == pytest.approx(with_gap, nan_ok=True)
+
+
+def _saturating_reward_collapse(noise: float, n: int = 300) -> dict[str, np.ndarray]:
+    """Entropy drains below a fifth of its start (the tail kept), while the reward keeps rising ever more slowly:
+    late in the run a window gains ~0.008, under 5 % of the reward's move so far (~0.78)."""
+    u = np.linspace(0, 1, n)
+    rng = np.random.default_rng(0)
+    return {"step": np.arange(n), "entropy_mean": 0.04 + 0.96 * np.exp(-6 * u), "entropy_p90": np.full(n, 0.5),
+            "reward_mean": 0.2 + 0.8 * (1 - np.exp(-5 * u)) + rng.normal(0, noise, n),
+            "completion_length_mean": np.full(n, 300.0)}
+
+
+def test_a_small_gain_beyond_noise_is_improving_one_within_noise_is_not():
+    # the help of reward_stall_fraction: "not improving" needs the gain below its share of the largest move AND not
+    # distinguishable from noise. A smooth reward's small late gain is far beyond its noise: improving (a warning);
+    # the same curve with noisy steps cannot be told from a stall: an alarm.
+    smooth = judge(_saturating_reward_collapse(noise=0.0005))
+    assert smooth.deciding.rule == "collapse.mean" and smooth.severity == "warning", smooth.flags
+    noisy = judge(_saturating_reward_collapse(noise=0.05))
+    assert noisy.verdict == "collapse" and "reward_not_improving" in noisy.deciding.harm
+    stall = next(e for e in noisy.deciding.evidence if e.startswith("reward not improving"))
+    assert "beyond noise" in stall
+
+
+def test_the_law_fitted_on_the_first_15_percent_extrapolates_a_run_that_follows_it_and_not_a_collapse():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "corpus"))
+    import shapes
+
+    def late_error(name: str) -> float:
+        data = shapes.series(name, 0)
+        h, r = data["entropy_mean"], data["reward_mean"]
+        fit = fit_entropy_law(h, r, fraction=0.15)
+        assert fit.ok and fit.n_points == math.ceil(0.15 * h.size), fit
+        late = slice(int(0.9 * h.size), None)
+        return float(np.median(fit.predict(h[late])) - np.median(r[late]))
+
+    assert abs(late_error("mechanism_collapse")) < 0.03  # reward = 0.8 − 0.3·exp(H) + noise: the law itself
+    assert late_error("plateau_below_ceiling_drain") > 0.1  # the reward stopped following it: over-predicted

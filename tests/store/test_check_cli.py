@@ -21,10 +21,12 @@ def test_check_exits_1_and_prints_evidence_when_a_run_collapsed_or_exploded(log_
     assert main(["check", str(log_dir)]) == 1
     out = capsys.readouterr().out
     assert "collapse: COLLAPSE" in out and "explosion: EXPLOSION" in out and "healthy: HEALTHY" in out
-    assert "ALARM [collapse.mean] fired at step" in out
+    assert "collapse.mean at step 39: COLLAPSE ALARM — mean entropy fell below" in out
     assert "signal: steps" in out and "threshold" in out
+    assert "what to do: keep entropy up" in out and "(source: Clip-Cov/KL-Cov: arXiv:2505.22617" in out
     assert "evidence: reward falling" in out  # the explosion's evidence of harm
-    assert "at the flag: reward_mean_early=" in out
+    assert "at the flag: reward_mean " in out and "(early " in out
+    assert "not evaluated: explosion.non_finite (no loss or gradient norm logged" in out
     assert "law: R = -a·exp(H) + b with a = " in out  # the collapsing run follows the law
     assert "judged with the default rules: run.json records none" in out
 
@@ -128,7 +130,7 @@ def test_a_warning_is_printed_but_does_not_fail_check(tmp_path, capsys):
     log_dir = _one_run(tmp_path, {"explosion_factor": 1.01, "sustain_steps": 1})  # evidence still required
     assert main(["check", str(log_dir)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("r: HEALTHY (warning: explosion.mean at step ") and "WARNING [explosion.mean]" in out
+    assert out.startswith("r: HEALTHY (warning: explosion.mean at step ") and "EXPLOSION WARNING" in out
     assert "no evidence of harm yet" in out
 
 
@@ -146,3 +148,68 @@ def test_check_help_describes_warnings_alarms_their_evidence_and_tuning(capsys):
     out = capsys.readouterr().out
     assert "WARNING" in out and "ALARM" in out and "evidence of harm" in out and "--rules" in out
     assert "run.json" in out and "docs/methods.md" in out
+
+
+def _verl_csv(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "corpus"))
+    import shapes
+
+    data = shapes.series("mechanism_collapse", 0)
+    path = tmp_path / "verl_metrics.csv"
+    lines = ["step,actor/entropy,critic/score/mean,response_length/mean"]
+    lines += [f"{int(s)},{e:.8g},{r:.8g},{n:.8g}" for s, e, r, n in zip(data["step"], data["entropy_mean"],
+                                                                  data["reward_mean"],
+                                                                  data["completion_length_mean"], strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_check_judges_a_csv_forkwatch_did_not_record_with_the_same_report(tmp_path, capsys):
+    path = _verl_csv(tmp_path)
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("verl_metrics: COLLAPSE (alarm: collapse.mean at step ")
+    assert "(600 steps, status not recorded by forkwatch)" in out
+    assert "what to do: keep entropy up" in out
+    assert "not evaluated: collapse.tail (no entropy_p90 logged in the series)" in out
+    assert "note: read csv " in out and "preset verl" in out and "entropy_mean<-actor/entropy" in out
+    assert main(["check", str(path), "--json"]) == 1
+    [payload] = json.loads(capsys.readouterr().out)
+    assert payload["verdict"] == "collapse" and "collapse.tail" in payload["not_evaluated"]
+
+
+def test_import_writes_the_run_and_check_reads_the_same_verdict_back(tmp_path, capsys):
+    path = _verl_csv(tmp_path)
+    main(["check", str(path)])
+    direct = capsys.readouterr().out.splitlines()[0].split("  (")[0]
+    log_dir = tmp_path / "runs"
+    assert main(["import", str(path), str(log_dir), "--run", "verl"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"imported {path} (csv, preset verl, 600 steps) as run verl in {log_dir}")
+    assert f"judge it: forkwatch check {log_dir} --run verl" in out
+    assert main(["check", str(log_dir), "--run", "verl"]) == 1
+    assert capsys.readouterr().out.startswith(direct.replace("verl_metrics", "verl"))
+    assert main(["import", str(path), str(log_dir), "--run", "verl"]) == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--columns", "entropy=H"], "--columns and --preset are for a run forkwatch did not record"),
+    (["--preset", "verl"], "--columns and --preset are for a run forkwatch did not record"),
+])
+def test_source_options_on_a_log_dir_are_refused(log_dir, capsys, args, expected):
+    assert main(["check", str(log_dir), *args]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_broken_source_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
+    bad = tmp_path / "trainer_state.json"
+    bad.write_text('{"log_history": [')
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "is the file complete" in err
+    assert main(["check", str(_verl_csv(tmp_path)), "--run", "x"]) == 2
+    assert "drop --run" in capsys.readouterr().err
