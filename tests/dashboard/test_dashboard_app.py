@@ -131,7 +131,8 @@ def test_entropy_page_overlays_runs_and_marks_flags(monkeypatch, log_dir):
     assert {"collapse entropy", "healthy entropy", "collapse health flags"} <= names
     flags = next(t for t in fig["data"] if t.get("name") == "collapse health flags")
     assert "collapse.mean (alarm)" in flags["text"] and "signal: steps" in flags["hovertext"][0]
-    assert any("collapse.mean (alarm)" in h and "evidence: " in h for h in flags["hovertext"])
+    # the hover is the flag's one wording (Flag.describe_lines): rule, step, kind and severity, then the evidence
+    assert any("collapse.mean at step" in h and "COLLAPSE ALARM" in h and "evidence: " in h for h in flags["hovertext"])
     assert any(s.get("type") == "line" for s in fig["layout"]["shapes"])  # the vertical markers
     assert "collapse.mean" in set(at.dataframe[0].value["rule"])
 

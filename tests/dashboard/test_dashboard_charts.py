@@ -86,7 +86,9 @@ def test_run_pictures_mark_an_alarm_with_a_cross_and_a_warning_with_a_circle():
                   message="m") for sev, s in (("warning", 2), ("alarm", 3))]
     marks = next(t for t in page_runs.run_pictures_figure(curves, {"a": flags}, ["a"]).data if t.name == "flags")
     assert list(marks.marker.symbol) == ["circle-open", "x"]
-    assert [t.split(" at")[0] for t in marks.text] == ["collapse.mean (warning)", "collapse.mean (alarm)"]
+    # each mark's text is the first line of the flag's one wording (Flag.describe_lines)
+    assert [t.split(" — ")[0] for t in marks.text] == ["collapse.mean at step 2: COLLAPSE WARNING",
+                                                        "collapse.mean at step 3: COLLAPSE ALARM"]
 
 
 def test_an_undefined_diagnostic_is_a_gap_with_its_reason():

@@ -43,8 +43,11 @@ def test_the_core_store_reaches_the_ground_truth_only_through_the_views():
 @pytest.mark.parametrize("folder", ["store", "dashboard"])
 def test_run_json_is_parsed_in_one_module(folder):
     readers = {f.name for f in (ROOT / folder).glob("*.py") if _calls_and_imports(f)[0] & {"read_json", "loads"}}
-    # location.py is the filesystem's read_json itself; run_meta.py is the one caller and the one interpreter
-    assert readers <= {"run_meta.py", "location.py"}, readers
+    # location.py is the filesystem's read_json itself; run_meta.py is the one caller and the one interpreter;
+    # importer.py parses other programs' logs (trainer_state.json, JSONL metrics), never run.json (checked below)
+    assert readers <= {"run_meta.py", "location.py", "importer.py"}, readers
+    if (ROOT / folder / "importer.py").exists():
+        assert "RUN_JSON" not in (ROOT / folder / "importer.py").read_text()
 
 
 def _annotate(log_dir: Path, run: str, n: int) -> None:
