@@ -67,9 +67,25 @@ def labelled_cases(seed: int = 0) -> list[Case]:
 
 
 REAL = ROOT / "corpus" / "real"
-# The one run of a framework without a preset (ROLL): its names as corpus/real/README.md lists them
-REAL_COLUMNS = {"other": "entropy=actor/entropy,reward=reward/selected_mean,length=length/mean,"
-                         "truncated=length/cap_hit_rate,loss=actor/pg_loss,grad_norm=actor_train/grad_norm,kl=actor/kl_loss"}
+# The runs whose names no preset knows (ROLL, XTuner, an OpenRLHF report table, a W&B export with short names):
+# their names as corpus/real/README.md describes them, by run id (a prefix covers a family of runs)
+_EXP27 = "entropy=entropy,reward=score_mean,length=len_mean,truncated=len_clip_ratio,loss=pg_loss,grad_norm=grad_norm"
+REAL_COLUMNS = {
+    "rdan_": "entropy=actor/entropy,reward=reward/selected_mean,length=length/mean,truncated=length/cap_hit_rate,"
+             "loss=actor/pg_loss,grad_norm=actor_train/grad_norm,kl=actor/kl_loss",
+    "rft_": "entropy=Entropy,reward=Reward,length=RespLen,truncated=Trunc,loss=Loss,grad_norm=GradNorm,kl=KL",
+    "cogrpo_": "entropy=avg entropy,reward=rewards/mean,length=response_len/mean",
+    # ef_r1's export names its score and truncation ratio differently from its siblings'
+    "exp27_q25_1.5b_gsm8k_ef_r1": "entropy=entropy,reward=score,length=len_mean,truncated=clip_ratio,loss=pg_loss,"
+                                  "grad_norm=grad_norm",
+    "exp27_": _EXP27,
+}
+
+
+def _real_columns(run_id: str) -> str | None:
+    """The column mapping of a real run that no framework preset reads (the longest matching id prefix), or None."""
+    hits = [k for k in REAL_COLUMNS if run_id.startswith(k)]
+    return REAL_COLUMNS[max(hits, key=len)] if hits else None
 
 
 def real_cases() -> list[Case]:
@@ -84,7 +100,7 @@ def real_cases() -> list[Case]:
         return []
     cases = []
     for row in csv.DictReader(manifest.open()):
-        columns = parse_columns(REAL_COLUMNS.get(row["framework"]))
+        columns = parse_columns(_real_columns(row["id"]))
         preset = row["framework"] if row["framework"] in PRESETS and not columns else None
         run = read_source(REAL / row["file"], columns=columns, preset=preset)
         cases.append(Case(row["id"], row["label"], "real", f"{row['repository']} ({row['framework']})",
