@@ -439,12 +439,13 @@ def _columns(positions: Sequence[Position], plans: list[_Branches], estimates: l
     """One row per branch: the branch's own values, then its position's, repeated."""
     rows: dict[str, list] = {k: [] for k in (
         "step", "completion_id", "position", "token_id", "branch", "branch_token_id", "pi", "q", "n", "se", "q_lo",
-        "q_hi", "v", "v_se", "value", "value_se", "p_value", "consequential", "spread", "sampled_advantage", "mass",
+        "q_hi", "v", "v_se", "v_lo", "v_hi", "value", "value_se", "p_value", "consequential", "spread", "sampled_advantage", "mass",
         "stratum", "inclusion_prob")}
     for p, plan, e, m in zip(positions, plans, estimates, rollouts, strict=True):
         k = len(plan.tokens)
         per_position = {"step": p.step, "completion_id": p.completion_id, "position": p.position,
-                        "token_id": p.completion_ids[p.position], "v": e.v, "v_se": e.v_se, "value": e.value,
+                        "token_id": p.completion_ids[p.position], "v": e.v, "v_se": e.v_se, "v_lo": e.v_lo,
+                        "v_hi": e.v_hi, "value": e.value,
                         "value_se": e.value_se, "p_value": e.p_value, "consequential": e.consequential,
                         "spread": e.spread, "sampled_advantage": e.sampled_advantage, "mass": e.mass,
                         "stratum": p.stratum, "inclusion_prob": p.inclusion_prob, "n": m}

@@ -6,7 +6,9 @@ probability. docs/methods.md ("Fork value") gives the formulas and why each esti
   rewards rescaled to the measurement's reward range [lo, hi] (the variance of a mean of values in [0, 1] is at most
   that of a Bernoulli mean): with a few rollouts the plain s/√m is 0 whenever every rollout scored alike, and
   its interval would then miss any Q short of 0 or 1.
-- V(s) = Σ w Q with w = π / Σ π over the branches measured; its SE from the branches' (independent) SEs.
+- V(s) = Σ w Q with w = π / Σ π over the branches measured; its SE from the branches' (independent) SEs, and its
+  interval centred, like Q's, on the Agresti–Coull centres Σ w p̃ (centred on V̂ itself it under-covers with 4 rollouts,
+  where a branch's 4 rewards are often all alike).
 - The fork value Σ w |Q − V| is estimated by **cross-fitting**: the rollouts of each branch are split in two halves
   A, B; the signs of Q − V come from one half and the magnitudes from the other, both ways, averaged over several
   random splits. The plug-in Σ w |Q̂ − V̂| would be inflated by noise alone (by about Σ w·SE where no branch matters);
@@ -41,6 +43,7 @@ class BranchEstimates:
     se: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    centre: np.ndarray  # the interval's centre, lo + (hi − lo)·p̃
 
 
 def branch_estimates(rewards: np.ndarray, reward_range: tuple[float, float]) -> BranchEstimates:
@@ -53,13 +56,13 @@ def branch_estimates(rewards: np.ndarray, reward_range: tuple[float, float]) -> 
     q = r.mean(-1)
     if width <= 0:  # every reward of the measurement is the same: nothing varies
         zero = np.zeros_like(q)
-        return BranchEstimates(q, zero, q.copy(), q.copy())
+        return BranchEstimates(q, zero, q.copy(), q.copy(), q.copy())
     x = np.clip((r - lo) / width, 0.0, 1.0).sum(-1)
     z2 = Z95**2
     p = (x + z2 / 2) / (m + z2)
     half = np.sqrt(p * (1 - p) / (m + z2))
     return BranchEstimates(q, width * half, lo + width * np.clip(p - Z95 * half, 0, 1),
-                           lo + width * np.clip(p + Z95 * half, 0, 1))
+                           lo + width * np.clip(p + Z95 * half, 0, 1), lo + width * p)
 
 
 def weights(pi: np.ndarray) -> np.ndarray:
@@ -143,6 +146,8 @@ class PositionEstimate:
     mass: float  # Σ π over the measured branches (the rest is treated as in docs/methods.md)
     v: float
     v_se: float
+    v_lo: float  # V's 95 % interval: Σ w·centre ± 1.96·v_se
+    v_hi: float
     value: float  # cross-fitted
     value_se: float
     p_value: float
@@ -171,8 +176,10 @@ def estimate_position(pi: np.ndarray, rewards: np.ndarray, *, sampled: int, rewa
     boot_se = float(cross_fit_value(w, resampled, rng, 2).std()) if bootstrap > 1 else 0.0
     scale = reward_range[1] - reward_range[0]
     value_se = max(boot_se, delta_se(w, b.q, b.se, scale))
+    centre = float((w * b.centre).sum())
     return PositionEstimate(
-        branches=b, mass=float(pi.sum()), v=v, v_se=v_se, value=value, value_se=value_se,
+        branches=b, mass=float(pi.sum()), v=v, v_se=v_se, v_lo=centre - Z95 * v_se, v_hi=centre + Z95 * v_se,
+        value=value, value_se=value_se,
         p_value=permutation_p(w, r, rng, permutations) if len(pi) > 1 else 1.0,
         spread=float(b.q.max() - b.q.min()), sampled_advantage=float(b.q[sampled] - v),
         consequential=bool(value - Z95_ONE_SIDED * value_se > min_value),

@@ -191,6 +191,8 @@ FORK_VALUES = pa.schema(
         # the position's estimates (the same on each of its rows)
         pa.field("v", _F32),
         pa.field("v_se", _F32),
+        pa.field("v_lo", _F32),  # 95 % interval of V
+        pa.field("v_hi", _F32),
         pa.field("value", _F32),  # fork value, cross-fitted
         pa.field("value_se", _F32),
         pa.field("p_value", _F32),  # permutation test of "no branch changes the reward"
