@@ -338,22 +338,25 @@ def forkvalue(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    bar = tqdm(unit="rollout", desc="fork value", dynamic_ncols=True)
+    bars: list[Any] = []  # drawn once the input has been checked and measuring starts
 
     def on_step(step: int, planned: int) -> None:
-        bar.set_description(f"fork value, step {step}")
-        bar.reset(total=planned)
+        if not bars:
+            bars.append(tqdm(unit="rollout", dynamic_ncols=True))
+        bars[0].set_description(f"fork value, step {step}")
+        bars[0].reset(total=planned)  # an upper bound: the "other" branch is measured only where needed
 
     try:
         settings = ForkValueSettings(branches=args.branches, rollouts=args.rollouts, min_value=args.min_value)
         result = measure_run(log_dir, run, checkpoint=args.model, rewards=args.reward,
                              reward_weights=args.reward_weights, steps=args.steps, positions=args.positions,
                              settings=settings, seed=args.seed, sampling=overrides, device=args.device,
-                             progress=bar.update, on_step=on_step)
+                             progress=lambda n: bars[0].update(n), on_step=on_step)
     except (ForkValueRunError, ValueError) as e:
-        bar.close()
         return _error(str(e), EXIT_USAGE)
-    bar.close()
+    finally:
+        for bar in bars:
+            bar.close()
     s = result.sampling
     print(f"forkwatch forkvalue: run {result.run_id}, policy {result.source}, measurement {result.measurement_id}")
     print("sampling: " + ", ".join(f"{k} {getattr(s, k)} ({result.sampling_from[k]})" for k in s.KNOWN))
