@@ -351,7 +351,7 @@ def forkvalue(args: argparse.Namespace) -> int:
         result = measure_run(log_dir, run, checkpoint=args.model, rewards=args.reward,
                              reward_weights=args.reward_weights, steps=args.steps, positions=args.positions,
                              settings=settings, seed=args.seed, sampling=overrides, device=args.device,
-                             progress=lambda n: bars[0].update(n), on_step=on_step)
+                             on_rollouts=lambda n: bars[0].update(n), on_step=on_step)
     except (ForkValueRunError, ValueError) as e:
         return _error(str(e), EXIT_USAGE)
     finally:

@@ -170,7 +170,8 @@ class RewardFunctions:
                 else:
                     texts = [p + c for p, c in zip(prompts, completions, strict=True)]
                 device = next(func.parameters()).device
-                enc = proc(text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+                enc = proc(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                           add_special_tokens=False)
                 with torch.inference_mode():
                     out = func(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0]
                 per_func[:, i] = out.float().cpu().numpy()
@@ -331,7 +332,7 @@ def _branches(probs: torch.Tensor, p: Position, settings: ForkValueSettings) -> 
 
 
 def _rollouts(model: Any, starts: list[list[int]], budgets: list[int], sampling: Sampling, settings: ForkValueSettings,
-              cost: Cost, progress: Callable[[int], None] | None) -> list[list[int]]:
+              cost: Cost, on_rollouts: Callable[[int], None] | None) -> list[list[int]]:
     """Continue each `starts` row (prompt + completion so far + branch token) by at most its budget of tokens, cut
     after the first stop token, in batched `generate` calls of rows of similar length. -> the new tokens per row."""
     device = next(model.parameters()).device
@@ -339,8 +340,8 @@ def _rollouts(model: Any, starts: list[list[int]], budgets: list[int], sampling:
     out: list[list[int]] = [[] for _ in starts]
     todo = [i for i, b in enumerate(budgets) if b > 0]
     cost.terminal_rollouts += len(starts) - len(todo)
-    if progress is not None and len(starts) > len(todo):
-        progress(len(starts) - len(todo))
+    if on_rollouts is not None and len(starts) > len(todo):
+        on_rollouts(len(starts) - len(todo))
     todo.sort(key=lambda i: (budgets[i], len(starts[i])), reverse=True)  # rows of one call finish together
     for c in range(0, len(todo), settings.batch_rows):
         chunk = todo[c: c + settings.batch_rows]
@@ -360,8 +361,8 @@ def _rollouts(model: Any, starts: list[list[int]], budgets: list[int], sampling:
             tokens = gen[r, : budgets[i]].tolist()  # a row's own budget: what generate would have given it alone
             stop = next((k for k, t in enumerate(tokens) if t in eos), None)
             out[i] = tokens if stop is None else tokens[: stop + 1]
-        if progress is not None:
-            progress(len(chunk))
+        if on_rollouts is not None:
+            on_rollouts(len(chunk))
     return out
 
 
@@ -384,9 +385,9 @@ def _completion_texts(tokenizer: Any, positions: Sequence[Position], owners: lis
 
 def measure(model: Any, tokenizer: Any, positions: Sequence[Position], *, sampling: Sampling,
             rewards: RewardFunctions, settings: ForkValueSettings, seed: int, state: Any = None,
-            progress: Callable[[int], None] | None = None) -> Measurement:
+            on_rollouts: Callable[[int], None] | None = None) -> Measurement:
     """Measure the fork value of every position (module docstring): one row per branch in `columns`. `seed` makes the
-    measurement reproducible; `state` is what reward functions get as `trainer_state`; `progress(n)` is told of every
+    measurement reproducible; `state` is what reward functions get as `trainer_state`; `on_rollouts(n)` is told of every
     n rollouts done (the CLI draws the bar)."""
     cost = Cost()
     if not positions:
@@ -410,7 +411,7 @@ def measure(model: Any, tokenizer: Any, positions: Sequence[Position], *, sampli
                         starts.append([*prefix, t])
                         budgets.append(0 if t in sampling.eos_token_ids else left)
             cost.rollouts = len(starts)
-            tails = _rollouts(model, starts, budgets, sampling, settings, cost, progress)
+            tails = _rollouts(model, starts, budgets, sampling, settings, cost, on_rollouts)
     finally:
         model.train(was_training)
     completion_ids = [[*positions[o].completion_ids[: positions[o].position], f, *tail]
@@ -439,7 +440,8 @@ def _columns(positions: Sequence[Position], plans: list[_Branches], estimates: l
     """One row per branch: the branch's own values, then its position's, repeated."""
     rows: dict[str, list] = {k: [] for k in (
         "step", "completion_id", "position", "token_id", "branch", "branch_token_id", "pi", "q", "n", "se", "q_lo",
-        "q_hi", "v", "v_se", "v_lo", "v_hi", "value", "value_se", "p_value", "consequential", "spread", "sampled_advantage", "mass",
+        "q_hi", "v", "v_se", "v_lo", "v_hi", "value", "value_se", "p_value", "consequential", "spread",
+        "sampled_advantage", "mass",
         "stratum", "inclusion_prob")}
     for p, plan, e, m in zip(positions, plans, estimates, rollouts, strict=True):
         k = len(plan.tokens)

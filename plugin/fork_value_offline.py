@@ -175,11 +175,11 @@ def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequ
                 reward_weights: Sequence[float] | None = None, steps: Sequence[int] | None = None,
                 positions: int = 64, settings: ForkValueSettings | None = None, seed: int = 0,
                 sampling: Mapping[str, Any] | None = None, device: str | None = None,
-                progress: Callable[[int], None] | None = None,
+                on_rollouts: Callable[[int], None] | None = None,
                 on_step: Callable[[int, int], None] | None = None) -> RunResult:
     """Measure `positions` positions per step (default: the run's last recorded step) and write them. `rewards`:
     module:function specs; `sampling`: GRPOConfig-named settings overriding run.json's; `on_step(step, rollouts)` is
-    called before each step's measurement, `progress(n)` after every n rollouts."""
+    called before each step's measurement, `on_rollouts(n)` after every n rollouts."""
     from forkwatch.store import RunWriter, connect, run_folder
     from forkwatch.store.location import resolve
 
@@ -265,7 +265,7 @@ def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequ
                 on_step(step, len(chosen_positions) * (settings.branches + 2) * settings.rollouts)
             m = measure(model, tok, chosen_positions, sampling=samp, rewards=reward_fns, settings=settings,
                         seed=int(np.random.SeedSequence([seed, step]).generate_state(1)[0]),
-                        state=TrainerState(global_step=step), progress=progress)
+                        state=TrainerState(global_step=step), on_rollouts=on_rollouts)
             n_rows = len(m.columns["step"])
             if n_rows:
                 writer.put("fork_values", {**m.columns, "source": np.full(n_rows, result.source, dtype=object),

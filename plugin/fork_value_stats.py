@@ -48,7 +48,8 @@ class BranchEstimates:
 
 def branch_estimates(rewards: np.ndarray, reward_range: tuple[float, float]) -> BranchEstimates:
     """`rewards` (K, m) -> Q = the branch means, with Agresti–Coull's SE and interval on rewards rescaled to
-    `reward_range` (lo, hi): p̃ = (x + z²/2)/(m + z²), x the sum of rescaled rewards, SE = (hi − lo)·√(p̃(1 − p̃)/(m + z²))."""
+    `reward_range` (lo, hi): p̃ = (x + z²/2)/(m + z²), x the sum of rescaled rewards,
+    SE = (hi − lo)·√(p̃(1 − p̃)/(m + z²))."""
     r = np.asarray(rewards, dtype=np.float64)
     lo, hi = reward_range
     width = hi - lo

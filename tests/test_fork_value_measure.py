@@ -139,7 +139,8 @@ def test_reward_functions_get_what_grpo_trainer_passes(model, tok):
 
     messages = [{"role": "user", "content": "1+2="}]
     p = Position(tuple(tok("1+2=")["input_ids"]), tuple(tok("3a")["input_ids"]), 1, messages, columns={"answer": "3"})
-    m = measure(model, tok, [p], sampling=_sampling(model, tok), rewards=RewardFunctions.of([judge, length], [2.0, 0.5]),
+    rewards = RewardFunctions.of([judge, length], [2.0, 0.5])
+    m = measure(model, tok, [p], sampling=_sampling(model, tok), rewards=rewards,
                 settings=ForkValueSettings(branches=2, rollouts=3, other_mass=1.0, bootstrap=2, permutations=2),
                 seed=0, state="the-state")
     assert calls["answer"] == ["3"] * len(calls["prompts"]) and calls["state"] == "the-state"
