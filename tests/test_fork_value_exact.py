@@ -155,6 +155,9 @@ def _at_least_nominal(cover: np.ndarray) -> bool:
 
 
 def test_the_case_covers_every_role_and_the_enumeration_is_tight(case):
+    err = np.concatenate(case["err"])
+    print(f"\n{len(case['positions'])} positions, {err.size} branches; exact Q to within {err.max():.4f} "
+          f"(mean {err.mean():.4f})")
     roles = {p.stratum for p in case["positions"]}
     assert {"decision", "cosmetic", "confident_consequential", "forced"} <= roles
     assert len(case["positions"]) >= 60
