@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 # The writer rank of offline measurements: far above any training rank, so its parts (part-r900-...) and its
 # rank-900.json never collide with training's, and run.json (rank 0's) is left alone.
 OFFLINE_RANK = 900
-_SENTINEL = "\x00forkwatch-prompt\x00"
+# Stand-ins for a message's content while reading the chat template's frame: the first the tokenizer round-trips
+_SENTINELS = ("\x00forkwatch-prompt\x00", "QZXJQZXJ", "qzxjqzxj")
 
 
 class ForkValueRunError(ValueError):
@@ -133,12 +134,14 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> tuple[Any, A
 def rebuild_prompt(text: str, tokenizer: Any) -> tuple[tuple[int, ...], Any]:
     """(prompt tokens as generation saw them, the prompt as reward functions got it) from a stored prompt text."""
     template = getattr(tokenizer, "chat_template", None)
-    if template:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+    sentinel = next((s for s in _SENTINELS if tokenizer.decode(tokenizer(s, add_special_tokens=False)["input_ids"],
+                                                                skip_special_tokens=True) == s), None)
+    if template and sentinel is not None:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)
         shown = tokenizer.decode(_flat(rendered), skip_special_tokens=True)
-        head, _, tail = shown.partition(_SENTINEL)
-        if shown.count(_SENTINEL) == 1 and text.startswith(head) and text.endswith(tail) \
+        head, _, tail = shown.partition(sentinel)
+        if shown.count(sentinel) == 1 and text.startswith(head) and text.endswith(tail) \
                 and len(text) >= len(head) + len(tail):
             messages = [{"role": "user", "content": text[len(head): len(text) - len(tail)]}]
             ids = _flat(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

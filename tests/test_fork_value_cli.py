@@ -74,3 +74,22 @@ def test_forkvalue_refuses_a_reward_that_does_not_import(run, capsys):
 def test_forkvalue_refuses_a_run_without_recorded_tokens(run, capsys):
     assert main(["forkvalue", str(run / "runs" / "bare"), "--model", str(run / "ckpt"), *REWARDS]) == 2
     assert "has no recorded tokens" in capsys.readouterr().err
+
+
+def test_a_chat_prompt_is_rebuilt_from_its_stored_text_through_the_template():
+    from forkwatch.demo.tiny import char_tokenizer
+    from forkwatch.plugin.fork_value_offline import ForkValueRunError, rebuild_prompt
+
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    messages = [{"role": "user", "content": "Is 3+2=5?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    stored = tok.decode(ids, skip_special_tokens=True)  # what the run recorded: the special tokens are gone
+    assert stored == "user:Is 3+2=5?assistant:"
+    rebuilt_ids, prompt = rebuild_prompt(stored, tok)
+    assert list(rebuilt_ids) == list(ids) and prompt == messages
+    plain_ids, plain = rebuild_prompt("1+2=", char_tokenizer())  # a plain prompt: the tokenizer's own tokens
+    assert plain == "1+2=" and list(plain_ids) == char_tokenizer()("1+2=")["input_ids"]
+    with pytest.raises(ForkValueRunError, match="cannot rebuild"):
+        rebuild_prompt("1+2=é", char_tokenizer())  # a character the tokenizer does not know
