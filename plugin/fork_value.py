@@ -62,7 +62,7 @@ class Sampling:
             what = f"generation_kwargs {sorted(extra)}" if extra else "vLLM generation"
             raise ValueError(f"fork value: {what} is not supported: the rollouts must sample from the same "
                              "distribution as training; remove it or measure without fork value")
-        tok = trainer._tokenizer
+        tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # a processor holds one
         return cls(max_completion_length=int(trainer.max_completion_length), eos_token_ids=tuple(trainer.eos_token_ids),
                    pad_token_id=int(tok.pad_token_id), bos_token_id=tok.bos_token_id,
                    temperature=float(trainer.temperature), top_p=float(trainer.top_p), top_k=trainer.top_k,
