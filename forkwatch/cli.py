@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reward-weights", type=float, nargs="+", metavar="W", help="one weight per --reward (default 1)")
     s.add_argument("--steps", type=int, nargs="+", metavar="STEP", help="recorded steps to measure (default: the last)")
     s.add_argument("--positions", type=int, default=64, help="positions measured per step (default 64)")
-    s.add_argument("--branches", type=int, default=5, help="alternatives per position besides the sampled token")
+    s.add_argument("--branches", type=int, default=5,
+                   help="top-k candidate tokens per position (default 5; the sampled token is always measured too)")
     s.add_argument("--rollouts", type=int, default=8, help="continuations per branch (default 8, at least 2)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sample of positions and of the rollouts")
     s.add_argument("--min-value", type=float, default=0.05,

@@ -204,9 +204,9 @@ class Position:
 @dataclass(frozen=True)
 class ForkValueSettings:
     # --- the budget: positions x branches x rollouts ---
-    branches: int = field(default=5, metadata={"help": "Alternatives per position: the top-k at the sampling "
+    branches: int = field(default=5, metadata={"help": "Candidate tokens per position: the top-k at the sampling "
                                                "settings (forks keep their stored top-k); the sampled token is "
-                                               "always a branch too."})
+                                               "always a branch, added when it is not among them."})
     rollouts: int = field(default=8, metadata={"help": "Continuations per branch (m >= 2: the estimate splits them "
                                                "in halves)."})
     other_mass: float = field(default=0.05, metadata={"help": "Measure an 'any other token' branch when the "
@@ -292,6 +292,8 @@ def _plan(model: Any, positions: Sequence[Position], sampling: Sampling, setting
     for i, p in enumerate(positions):
         if not 0 <= p.position < len(p.completion_ids):
             raise ValueError(f"position {p.position} is outside its completion of {len(p.completion_ids)} tokens")
+        if not p.prompt_ids:
+            raise ValueError("a position's prompt has no tokens: the first completion token needs a context")
         by_completion.setdefault((p.prompt_ids, p.completion_ids), []).append(i)
     plans: list[_Branches | None] = [None] * len(positions)
     for (prompt_ids, completion_ids), members in by_completion.items():
