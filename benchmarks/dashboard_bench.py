@@ -26,11 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from forkwatch.dashboard.sql_examples import EXAMPLES
-from forkwatch.dashboard.step_sample import sample_steps
+from forkwatch.dashboard.page_sql import EXAMPLES
 from forkwatch.store import RunWriter, connect, queries, run_folder
-from forkwatch.store.health import HealthRules, judge
-from forkwatch.store.law import fit_entropy_law
 from forkwatch.store.sandbox import open_sandboxed
 
 # The synthetic records live with the tests, their other user: a fixture, not part of the package.
@@ -86,22 +83,23 @@ def pages(log_dir: Path | str) -> dict[str, Callable[[], object]]:
     comps = queries.completions_at_step(con, RUN, mid)
     cid = int(comps["completion_id"].iloc[0]) if len(comps) else 0
     prompt = str(comps["prompt"].iloc[0]) if len(comps) else ""
-    rules = HealthRules()
-    sample = list(sample_steps(tsteps))  # the steps the page reads for its fork-text figures
+    meta = queries.run_overview(con).set_index("run_id").loc[RUN, "meta"]
+    sample = list(queries.sample_steps(tsteps))  # the steps the page reads for its fork-text figures
 
     def runs_page(c):
         overview = queries.run_overview(c)
-        for r in overview["run_id"]:
-            judge(queries.step_series(c, r), rules)
+        queries.run_curves(c)
+        for r in overview.itertuples(index=False):
+            queries.run_health(c, r.run_id, r.meta)
 
     def entropy_page(c):
-        judge(queries.step_series(c, RUN), rules)
+        queries.step_series(c, RUN)
+        queries.run_health(c, RUN, meta)
 
     def forks_page(c):
         queries.token_steps(c, RUN)
         queries.completions_at_step(c, RUN, mid)
-        queries.completion_tokens(c, RUN, mid, cid)
-        queries.fork_alternatives(c, RUN, mid, cid)
+        queries.completion_view(c, RUN, mid, cid)
         queries.prompt_history(c, RUN, prompt)
         top = queries.top_fork_tokens(c, RUN, sample, 10)
         queries.fork_tokens_by_step(c, RUN, sample, top["text"].head(6).tolist())
@@ -110,8 +108,8 @@ def pages(log_dir: Path | str) -> dict[str, Callable[[], object]]:
         queries.find_prompts(c, RUN, "prompt 12")
 
     def law_page(c):
-        s = queries.step_series(c, RUN)
-        fit_entropy_law(s["entropy_mean"], s["reward_mean"])
+        queries.step_series(c, RUN)
+        queries.law_fit(c, RUN, meta, 1.0)
 
     sandbox = open_sandboxed(log_dir)
 
@@ -121,17 +119,17 @@ def pages(log_dir: Path | str) -> dict[str, Callable[[], object]]:
     def sql_heavy_example():  # the heaviest example: it scans the token rows of 50 steps
         sandbox.query(EXAMPLES["Fork tokens, first 50 steps"])
 
-    def on(fn):  # the app's cached connection, one cursor per call (what dashboard/cached_queries.py does)
+    def on(fn):  # the app's cached connection, one cursor per call (what dashboard/cache.py does)
         return lambda: fn(con.cursor())
 
     print(f"run: {len(steps)} steps, token steps {len(tsteps)}, forks page at step {mid}, completion {cid}")
     return {
         "connect (views over the parts; the app rebuilds it every 15 s)": lambda: connect(log_dir),
-        "Runs (run_overview + step_series + health per run)": on(runs_page),
-        "Entropy (step_series + health, one run)": on(entropy_page),
-        "Forks (steps, completions, tokens, forks, prompt, top forks + trend)": on(forks_page),
+        "Runs (run_overview + run_curves + run_health per run)": on(runs_page),
+        "Entropy (step_series + run_health, one run)": on(entropy_page),
+        "Forks (steps, completions, tokens with forks, prompt, top forks + trend)": on(forks_page),
         "Forks: prompt search": on(forks_prompt_search),
-        "Law (step_series + fit)": on(law_page),
+        "Law (step_series + law_fit)": on(law_page),
         "SQL: open_sandboxed": lambda: open_sandboxed(log_dir).close(),
         "SQL: example 'Entropy per step'": sql_example,
         "SQL: example 'Fork tokens, first 50 steps'": sql_heavy_example,

@@ -1,14 +1,16 @@
 """The forkwatch dashboard (what `forkwatch dashboard LOG_DIR` serves; the log directory comes in the environment
 variable FORKWATCH_LOG_DIR, see launch.py).
 
-Five pages, each a `render` function in a module of its own so that it can be opened and tested alone: Runs,
-Entropy, Forks, Law, SQL. Importing a page draws nothing; `st.navigation` runs the chosen one.
+Five pages, each a `render` function in a module of its own (page_<name>.py, with its figures) so that it can be
+opened and tested alone: Runs, Entropy, Forks, Law, SQL. Importing a page draws nothing; `st.navigation` runs the
+chosen one. What pages share: frame.py (the preamble, the URL's state, the flag marks), cache.py (the one cached
+way to the store's named queries), token_html.py (the Forks page's token view).
 """
 
 from __future__ import annotations
 
 import streamlit as st
-from forkwatch.dashboard import cached_queries, page_entropy, page_forks, page_law, page_runs, page_sql
+from forkwatch.dashboard import cache, page_entropy, page_forks, page_law, page_runs, page_sql
 
 st.set_page_config(page_title="forkwatch", page_icon="🍴", layout="wide")
 
@@ -32,8 +34,8 @@ PAGES = [
 page = st.navigation(PAGES)
 
 with st.sidebar:
-    st.caption(f"log directory: `{cached_queries.log_dir() or '(none)'}`")
-    if st.button("Reload", key="app_reload", help=f"Re-read the log directory now (it is re-read every {cached_queries.TTL_S} s)"):
-        cached_queries.reload()
+    st.caption(f"log directory: `{cache.log_dir() or '(none)'}`")
+    if st.button("Reload", key="app_reload", help=f"Re-read the log directory now (it is re-read every {cache.TTL_S} s)"):
+        cache.reload()
 
 page.run()

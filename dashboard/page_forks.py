@@ -1,17 +1,32 @@
 """Forks: where the model is still deciding. One completion's tokens coloured by a statistic, gradient tokens
 marked, exact values and top-k alternatives on hover; the token texts that fork most often and how that changes
-over steps; the same prompt followed across steps; the roles of forking tokens per step; the probes' tokens across
-steps and the overlap of their top-entropy positions with the first scoring."""
+over steps; the same prompt followed across steps; where the run's task wrote a ground truth (the demo's), its
+decision points beside the forks and how well each score ranks them; the roles of forking tokens per step; the
+probes' tokens across steps and the overlap of their top-entropy positions with the first scoring. Each section says
+in words why it has nothing to draw instead of drawing empty axes."""
 
 from __future__ import annotations
 
 import html
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
-from forkwatch.dashboard import cached_queries, forks_charts, forks_sections, page_frame, url_state
-from forkwatch.dashboard.step_sample import sample_steps
+from forkwatch.dashboard import frame
+from forkwatch.dashboard.cache import cached
+from forkwatch.dashboard.frame import COLORS
 from forkwatch.dashboard.token_html import STATS, legend_html, token_html
+from forkwatch.store.queries import sample_steps
+from forkwatch.store.roles import ROLES
+from forkwatch.store.run_meta import parse_meta
+from plotly.subplots import make_subplots
+
+TOP_FRACTION = 0.2  # the probe overlap figure's top-entropy share (the 80/20 paper's)
+ROLE_COLORS = dict(zip(ROLES, ("#1f77b4", "#d62728", "#ff7f0e", "#7f7f7f", "#bcbd22", "#9467bd"), strict=True))
+DETECTOR_COLORS = {"entropy": "#1f77b4", "renyi2": "#9467bd", "group_js": "#d62728", "position": "#7f7f7f",
+                   "random": "#bcbd22", "all": "#c7c7c7"}
+DETECTOR_TARGETS = {"decision": "consequential decisions",
+                    "consequential_or_mistake": "decisions, confident-consequential tokens and mistakes"}
 
 
 def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, pd.Series] | None:
@@ -23,19 +38,19 @@ def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, p
         if not text:
             st.info("Type part of a prompt to find it.")
             return None
-        matches = cached_queries.find_prompts(log_dir, run, text)
+        matches = cached("find_prompts", log_dir, run, text)
         if matches.empty:
             st.warning(f"No prompt of run `{run}` contains {text!r}.")
             return None
         prompt = st.selectbox("Prompt", matches["prompt"].tolist(), key="forks_prompt")
-        steps = cached_queries.prompt_history(log_dir, run, prompt)["step"].tolist()
-    step = url_state.selected_step(steps)
+        steps = cached("prompt_history", log_dir, run, prompt)["step"].tolist()
+    step = frame.selected_step(steps)
     if len(steps) > 1:
         step = st.select_slider("Step", options=steps, value=step, key=f"forks_step_{run}_{mode}")
     else:
         st.caption(f"step {step} (the only step with records)")
-    url_state.set_step(step)
-    comps = cached_queries.completions(log_dir, run, step)
+    frame.set_step(step)
+    comps = cached("completions_at_step", log_dir, run, step)
     if prompt is not None:
         comps = comps[comps["prompt"] == prompt]
     if comps.empty:
@@ -56,7 +71,7 @@ def _choose_completion(log_dir: str, run: str, steps: list[int]) -> tuple[int, p
 
 def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> None:
     stat = st.radio("Colour tokens by", STATS, horizontal=True, key="forks_stat")
-    tokens = cached_queries.completion_tokens(log_dir, run, step, int(completion["completion_id"]))
+    tokens = cached("completion_view", log_dir, run, step, int(completion["completion_id"]))
     st.markdown(f"**Prompt:** {completion['prompt']!r}")
     if tokens.empty:
         st.warning("No token records for this completion (the run records tokens for a sample of completions).")
@@ -74,7 +89,7 @@ _TRUTH_STYLE = {  # (is_decision, is_fork) -> background: agreement green, a mis
 def _truth_view(log_dir: str, run: str, step: int, completion_id: int, tokens: pd.DataFrame) -> None:
     """Where the run's task knows its decision points (a `truth` annotation, e.g. the demo's), the completion again
     with each decision point and each fork marked, so the two can be compared token by token."""
-    marks = cached_queries.truth_marks(log_dir, run, step, completion_id)
+    marks = cached("truth_marks", log_dir, run, step, completion_id)
     if marks.empty:
         return
     decision = dict(zip(marks["position"], marks["is_decision"], strict=True))
@@ -99,25 +114,25 @@ def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:
     sample = sample_steps(steps)
     if len(sample) < len(steps):
         st.caption(f"counted over {len(sample)} of the run's {len(steps)} recorded steps, evenly spaced")
-    top = cached_queries.top_fork_tokens(log_dir, run, sample, n)
+    top = cached("top_fork_tokens", log_dir, run, sample, n)
     if top.empty:
         st.info("No fork recorded in this run yet.")
         return
     left, right = st.columns([2, 3])
     with left:
-        st.plotly_chart(forks_charts.fork_share_figure(top), key="forks_top_chart", width="stretch")
+        st.plotly_chart(fork_share_figure(top), key="forks_top_chart", width="stretch")
     with right:
-        trend = cached_queries.fork_tokens_by_step(log_dir, run, sample, tuple(top["text"].head(6)))
+        trend = cached("fork_tokens_by_step", log_dir, run, sample, tuple(top["text"].head(6)))
         st.caption("share of each step's forks taken by the 6 most frequent fork texts")
-        st.plotly_chart(forks_charts.fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
+        st.plotly_chart(fork_trend_figure(trend), key="forks_trend_chart", width="stretch")
 
 
 def render() -> None:
     st.title("Forks")
-    log_dir, runs = page_frame.require_runs()
-    [run] = page_frame.pick_runs(runs, key="forks_run", multi=False)
-    page_frame.run_notes(runs, [run])
-    tsteps = cached_queries.token_steps(log_dir, run)
+    log_dir, runs = frame.require_runs()
+    [run] = frame.pick_runs(runs, key="forks_run", multi=False)
+    frame.run_notes(runs, [run])
+    tsteps = cached("token_steps", log_dir, run)
     if tsteps.empty:
         st.info(f"Run `{run}` has no completion or token records yet: there is nothing to show at token level.")
         return
@@ -127,11 +142,193 @@ def render() -> None:
         step, completion = chosen
         _token_view(log_dir, run, step, completion)
         st.subheader("This prompt across steps")
-        history = cached_queries.prompt_history(log_dir, run, completion["prompt"])
-        st.plotly_chart(forks_charts.prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
+        history = cached("prompt_history", log_dir, run, completion["prompt"])
+        st.plotly_chart(prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
-    from forkwatch.dashboard.detector_chart import detector_section
-
     detector_section(log_dir, run)  # only where the run's task wrote a ground truth (the demo's)
-    forks_sections.fork_roles_section(log_dir, run)
-    forks_sections.probes_section(log_dir, runs, run)
+    fork_roles_section(log_dir, run)
+    probes_section(log_dir, runs, run)
+
+
+def detector_section(log_dir: str, run: str) -> None:
+    """Per step, how well entropy, Rényi-2 and group-JS rank the tokens that matter (AUROC, average precision,
+    precision among the run's fork share against its ceiling), next to the baselines (store/ground_truth.py). Shown
+    only for runs whose task wrote a ground truth (the demo's)."""
+    m = cached("detector_by_step", log_dir, run)
+    if m.empty:
+        return
+    st.subheader("Fork detection against the ground truth")
+    target = st.radio("Target", list(DETECTOR_TARGETS), format_func=DETECTOR_TARGETS.get, horizontal=True,
+                      key="forks_detector_target")
+    st.caption("Every recorded token of each step, ranked by each score. Baselines: `position` (the share of targets "
+               "at each position, fitted on the same step: the best a position-only rule can do), `random`, `all`. "
+               "Precision is measured among the run's `fork_fraction` of tokens, the share forkwatch marks as forks.")
+    st.plotly_chart(detector_figure(m, target), key="forks_detector_chart", width="stretch")
+
+
+def fork_roles_section(log_dir: str, run: str) -> None:
+    st.subheader("Roles of forking tokens")
+    roles = cached("fork_roles_by_step", log_dir, run)
+    if roles.empty:
+        st.info(f"Run `{run}` has no fork recorded: fork roles need per-token records (record_tokens=True, "
+                "fork_fraction > 0).")
+        return
+    st.caption("Share of each step's forks by functional role of the token (number, operator, connective and "
+               "meta-discourse, grammar, formatting, other): which roles keep their forks as training goes on.")
+    st.plotly_chart(fork_roles_figure(roles), key="forks_roles_chart", width="stretch")
+
+
+def probes_section(log_dir: str, runs: pd.DataFrame, run: str) -> None:
+    st.subheader("Probes: the same tokens across training")
+    probes = cached("probe_list", log_dir, run)
+    if probes.empty:
+        st.info(f"Run `{run}` has no probe scores: probes are scored every `probe_every` steps (0 turns them "
+                "off), from the probes given to `attach(..., probes=[(prompt, completion), ...])` or the first "
+                "recorded completions.")
+        return
+    texts = {p.get("probe_id"): p for p in parse_meta(runs.set_index("run_id").loc[run, "meta"]).get("probes", [])}
+
+    sizes = dict(zip(probes["probe_id"], probes["n_tokens"], strict=True))
+
+    def label(pid: int) -> str:
+        p = texts.get(pid)
+        if not p or "completion" not in p:
+            return f"#{pid} ({sizes[pid]} tokens)"
+        return f"#{pid}: {str(p.get('prompt', ''))[-40:]!r} → {str(p['completion'])[:40]!r}"
+
+    left, right = st.columns([3, 1])
+    with left:
+        pid = st.selectbox("Probe", probes["probe_id"].tolist(), key=f"forks_probe_{run}", format_func=label)
+    with right:
+        stat = st.radio("Colour by", ["entropy", "renyi2", "logprob"], horizontal=True, key="forks_probe_stat")
+    tokens = cached("probe_tokens", log_dir, run, int(pid))
+    st.plotly_chart(probe_heatmap_figure(tokens, stat), key="forks_probe_chart", width="stretch")
+    overlap = cached("probe_top_overlap", log_dir, run, TOP_FRACTION)
+    if len(overlap) < 2:
+        st.info("The overlap of top-entropy positions needs two scorings of the probes; one so far.")
+        return
+    last = overlap.iloc[-1]
+    st.caption(f"Top {TOP_FRACTION:.0%} entropy positions of all probes shared with their first scoring: "
+               f"{last['overlap']:.0%} at step {int(last['step'])} (the 80/20 paper reports 86 % before vs after RLVR).")
+    st.plotly_chart(probe_overlap_figure(overlap, TOP_FRACTION), key="forks_overlap_chart",
+                    width="stretch")
+
+
+# --- the figures: drawing only, every number comes in through the arguments ---
+
+
+def fork_share_figure(top: pd.DataFrame) -> go.Figure:
+    fig = go.Figure(
+        go.Bar(
+            x=top["share"], y=[repr(t) for t in top["text"]], orientation="h", customdata=top["n_forks"],
+            hovertemplate="%{y}: %{x:.1%} of forks (%{customdata} forks)<extra></extra>",
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        height=max(240, 22 * len(top)), yaxis={"autorange": "reversed"}, xaxis={"tickformat": ".0%"},
+        xaxis_title="share of the run's forks", margin={"t": 10, "b": 40, "l": 10, "r": 10},
+    )  # fmt: skip
+    return fig
+
+
+def fork_trend_figure(by_step: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for i, (text, df) in enumerate(by_step.groupby("text", sort=False)):
+        fig.add_trace(
+            go.Scatter(
+                x=df["step"], y=df["share"], mode="lines+markers", name=repr(text),
+                line={"color": COLORS[i % len(COLORS)]}, customdata=df["n_forks"],
+                hovertemplate=f"{text!r}<br>step %{{x}}: %{{y:.1%}} of forks (%{{customdata}})<extra></extra>",
+            )
+        )  # fmt: skip
+    fig.update_layout(
+        height=320, yaxis={"tickformat": ".0%"}, xaxis_title="step", yaxis_title="share of the step's forks",
+        margin={"t": 10, "b": 40, "l": 50, "r": 10},
+    )  # fmt: skip
+    return fig
+
+
+def prompt_history_figure(history: pd.DataFrame) -> go.Figure:
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("reward (mean over the prompt's completions)", "entropy (mean)"))  # fmt: skip
+    fig.add_trace(go.Scatter(x=history["step"], y=history["reward_mean"], mode="lines+markers", name="reward"), 1, 1)
+    fig.add_trace(go.Scatter(x=history["step"], y=history["entropy_mean"], mode="lines+markers", name="entropy"), 2, 1)
+    fig.update_layout(height=380, showlegend=False, margin={"t": 30, "b": 30, "l": 50, "r": 10})
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    return fig
+
+
+def fork_roles_figure(roles: pd.DataFrame) -> go.Figure:
+    """Share of each step's forks by functional role, stacked to 100 %."""
+    fig = go.Figure()
+    steps = sorted(roles["step"].unique())
+    for role in ROLES:
+        df = roles[roles["role"] == role].set_index("step").reindex(steps)
+        if df["n_forks"].isna().all():
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=steps, y=df["share"].fillna(0.0), name=role, mode="lines", stackgroup="roles",
+                line={"color": ROLE_COLORS[role], "width": 0.5}, customdata=df["n_forks"].fillna(0),
+                hovertemplate=f"{role}<br>step %{{x}}: %{{y:.1%}} of forks (%{{customdata:.0f}})<extra></extra>",
+            )
+        )  # fmt: skip
+    fig.update_layout(
+        height=320, yaxis={"tickformat": ".0%", "range": [0, 1]}, xaxis_title="step", yaxis_title="share of forks",
+        margin={"t": 10, "b": 40, "l": 50, "r": 10},
+    )  # fmt: skip
+    return fig
+
+
+def probe_heatmap_figure(tokens: pd.DataFrame, stat: str = "entropy") -> go.Figure:
+    """One probe: token (x, in order, labelled by its text) × step (y), colour = the token's `stat` at that step."""
+    grid = tokens.pivot(index="step", columns="position", values=stat)  # (steps, T)
+    texts = tokens.drop_duplicates("position").set_index("position")["text"].reindex(grid.columns)
+    labels = [f"{p}:{t!r}" for p, t in zip(grid.columns, texts, strict=True)]
+    fig = go.Figure(
+        go.Heatmap(
+            x=labels, y=grid.index.to_numpy(), z=grid.to_numpy(dtype=float), colorscale="Magma", reversescale=True,
+            colorbar={"title": stat}, hovertemplate="token %{x}<br>step %{y}<br>" + stat + " %{z:.4g}<extra></extra>",
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        height=max(260, 22 * len(grid.index) + 120), xaxis={"tickangle": -60, "type": "category"},
+        yaxis={"title": "step", "type": "category"}, margin={"t": 10, "b": 100, "l": 50, "r": 10},
+    )  # fmt: skip
+    return fig
+
+
+def probe_overlap_figure(overlap: pd.DataFrame, fraction: float) -> go.Figure:
+    """Share of each step's top-entropy probe positions that were top positions at the first scoring."""
+    fig = go.Figure(
+        go.Scatter(
+            x=overlap["step"], y=overlap["overlap"], mode="lines+markers", customdata=overlap["n_top"],
+            hovertemplate="step %{x}: %{y:.0%} of %{customdata} top positions shared<extra></extra>",
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        height=280, yaxis={"tickformat": ".0%", "range": [0, 1.05]}, xaxis_title="step",
+        yaxis_title=f"top {fraction:.0%} shared with first", margin={"t": 10, "b": 40, "l": 60, "r": 10},
+    )  # fmt: skip
+    return fig
+
+
+def detector_figure(m: pd.DataFrame, target: str) -> go.Figure:
+    """AUROC, average precision and precision among the top `rate` of tokens (with the ceiling, dashed) per step, one
+    line per predictor."""
+    m = m[m["target"] == target]
+    top = f"the top {m['rate'].iloc[0]:.0%}" if not m.empty else "the flagged tokens"
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("AUROC", "average precision", f"precision of {top}"))
+    for col, metric in enumerate(("auroc", "average_precision", "precision"), start=1):
+        for name, g in m.groupby("predictor", sort=False):
+            if metric == "auroc" and name == "all":
+                continue  # a constant score: 0.5 by definition
+            fig.add_trace(go.Scatter(x=g["step"], y=g[metric], mode="lines", name=name, legendgroup=name,
+                                     showlegend=col == 1, line={"color": DETECTOR_COLORS.get(name)}), row=1, col=col)
+        if metric == "precision" and not m.empty:
+            c = m[m["predictor"] == m["predictor"].iloc[0]]
+            fig.add_trace(go.Scatter(x=c["step"], y=c["ceiling"], mode="lines", name="ceiling",
+                                     line={"color": "black", "dash": "dash"}), row=1, col=col)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(height=320, margin={"t": 40, "b": 40, "l": 40, "r": 10})
+    return fig

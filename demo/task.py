@@ -57,7 +57,6 @@ ORDER_BONUS = 0.1
 CANONICAL_BONUS = 0.025
 
 ROLES = ("decision", "cosmetic", "confident_consequential", "forced", "mistake", "off_path")
-CONSEQUENTIAL = ("decision", "confident_consequential")  # roles where a wrong token fails the task
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,8 @@ _TARGET_TEXT = {"decision": "consequential decisions",
 def detector_lines(log_dir: str | Path, run: str, step: int | None = None) -> list[str]:
     """The detector metrics of `run` at `step` (default: its first recorded step) as printable lines: per target,
     AUROC, average precision and precision among the top 20 % (with its ceiling) of entropy, Rényi-2 and group-JS
-    next to the baselines (store/detector_queries.py)."""
-    from forkwatch.store.detector_queries import detector_by_step
+    next to the baselines (store/ground_truth.py)."""
+    from forkwatch.store.ground_truth import detector_by_step
 
     m = detector_by_step(connect(log_dir), run)
     if m.empty:
@@ -160,7 +160,7 @@ def detector_lines(log_dir: str | Path, run: str, step: int | None = None) -> li
 def detector_trend_lines(log_dir: str | Path, run: str, predictors: tuple[str, ...] = ("entropy", "renyi2",
                                                                                          "group_js")) -> list[str]:
     """How the detector metrics of `run` moved over training: first and last recorded step, per target."""
-    from forkwatch.store.detector_queries import detector_by_step
+    from forkwatch.store.ground_truth import detector_by_step
 
     m = detector_by_step(connect(log_dir), run)
     if m.empty:

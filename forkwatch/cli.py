@@ -183,14 +183,13 @@ def runs(args: argparse.Namespace) -> int:
     _quiet_logging()
     if (code := _check_dir(args.log_dir)) is not None:
         return code
-    from forkwatch.store.check import judge_run, verdict_label
+    from forkwatch.store.check import verdict_label
 
     try:
         con = connect(args.log_dir)
-        df = queries.list_runs(con)
+        df = queries.run_overview(con).rename(columns={"n_steps": "steps"})
         # the same verdict as `forkwatch check` and the dashboard: each run judged with its own rules
-        df["health"] = [verdict_label(judge_run(queries.step_series(con, r.run_id), r.meta)[0])
-                        for r in df.itertuples(index=False)]
+        df["health"] = [verdict_label(queries.run_health(con, r.run_id, r.meta)) for r in df.itertuples(index=False)]
         con.close()
     except (duckdb.Error, OSError) as e:
         return _error(str(e).strip().splitlines()[0], EXIT_FAIL)

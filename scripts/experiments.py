@@ -210,7 +210,7 @@ def _dual(con, name: str) -> np.ndarray:
 
 def _detector(con, name: str) -> dict[str, tuple[float, float]]:
     """AUROC for consequential decisions of entropy, Rényi-2 and group-JS over the first and the last EDGE steps."""
-    from forkwatch.store.detector_queries import detector_by_step
+    from forkwatch.store.ground_truth import detector_by_step
 
     m = detector_by_step(con, name)
     m = m[m["target"] == "decision"]

@@ -1,5 +1,5 @@
 """Turning a `put` batch into an Arrow table of its schema, and the rounding of the token statistics: the store's
-side of the hand-off, run on the writer thread (plugin/record_columns.py is the training thread's side: numpy only).
+side of the hand-off, run on the writer thread (the plugin's side hands over numpy columns only, never Arrow).
 
 Callers hand numpy columns of any numeric dtype; the schema decides the Arrow type (a safe cast, so a value out of
 the type's range is an error, not a wrap-around). Besides plain 1-D arrays: a (N, k) array fills a list column

@@ -1,6 +1,8 @@
-"""How well a per-token score finds the tokens that matter, against a task's ground truth: AUROC, average precision,
-and precision among the tokens it flags against the best any score could reach there. Pure numpy (no sklearn, no
-torch): each metric is a few lines, tested against hand-computed cases (tests/test_detector_metrics.py).
+"""How well a per-token score finds the tokens that matter, against any boolean target: AUROC, average precision,
+and precision among the tokens it flags against the best any score could reach there, with three baselines, per
+step. numpy and pandas only (no sklearn, no torch): each metric is a few lines, tested against hand-computed cases
+(tests/store/test_detector_metrics.py). The demo's ground truth (store/ground_truth.py) is one target; any other
+per-token target (a measured fork value above its error, say) is judged by the same functions.
 
 A score predicts a boolean target per token (e.g. "this token is a consequential decision"); higher means "more
 likely a target". Ties are handled as the standard definitions say: AUROC counts a tied positive/negative pair as
@@ -14,9 +16,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-# forkwatch flags this share of tokens as forks (`fork_fraction`): precision is measured among the same share
+# Precision is measured among the share of tokens forkwatch flags as forks: a run's own `fork_fraction` (run.json;
+# store/ground_truth.py passes it), or this, the option's default, for a run that does not say.
 FLAG_RATE = 0.2
+SCORES = ("entropy", "renyi2", "group_js")  # the per-token statistics forkwatch records
 
 
 def _clean(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +98,7 @@ def position_score(positions: np.ndarray, labels: np.ndarray) -> np.ndarray:
 class DetectorScore:
     auroc: float
     average_precision: float
-    precision: float  # among the top FLAG_RATE of tokens by score
+    precision: float  # among the top `rate` of tokens by score
     ceiling: float  # the precision a perfect score reaches there
 
 
@@ -113,3 +118,30 @@ def baselines(positions: np.ndarray, labels: np.ndarray, *, seed: int = 0) -> di
         "random": np.random.default_rng(seed).random(n),
         "position": position_score(positions, labels),
     }
+
+
+STEP_COLUMNS = ["step", "target", "predictor", "auroc", "average_precision", "precision", "ceiling", "rate",
+                "base_rate", "tokens"]
+
+
+def step_metrics(tokens: pd.DataFrame, targets: dict[str, str], *, rate: float = FLAG_RATE, seed: int = 0,
+                 scores: tuple[str, ...] = SCORES) -> pd.DataFrame:
+    """Per step, target and predictor (a score or a baseline): auroc, average_precision, precision among the top
+    `rate` of tokens, its ceiling, the rate, the target's base rate and the token count. Long format, one row each.
+
+    `tokens` has a `step`, a `position`, the `scores` columns and one boolean column per target; `targets` maps a
+    target's name to its column. A score with no finite value at a step (not recorded) is left out there."""
+    rows = []
+    for step, g in tokens.groupby("step", sort=True):
+        for target, column in targets.items():
+            y = g[column].to_numpy(dtype=bool)
+            predictors = {s: g[s].to_numpy(dtype=np.float64, na_value=np.nan) for s in scores}
+            predictors.update(baselines(g["position"].to_numpy(), y, seed=seed + int(step)))
+            for name, score in predictors.items():
+                if not np.isfinite(score).any():
+                    continue  # e.g. group_js, recorded only when a selector or `group_js=True` asked for it
+                m = judge(score, y, rate)
+                rows.append({"step": int(step), "target": target, "predictor": name, "auroc": m.auroc,
+                             "average_precision": m.average_precision, "precision": m.precision,
+                             "ceiling": m.ceiling, "rate": rate, "base_rate": float(y.mean()), "tokens": int(y.size)})
+    return pd.DataFrame(rows, columns=STEP_COLUMNS)

@@ -228,7 +228,7 @@ def fsspec_filesystem(loc: Location):
     """The Location's filesystem as an fsspec filesystem (protocol "s3"), for DuckDB's `register_filesystem`.
 
     Through fsspec's own wrapper, DuckDB read garbled bytes from parts with several row groups once their footers
-    were cached ("TProtocolException: Invalid data" / "Exceeded size limit"; tests/test_store_s3.py reproduces it):
+    were cached ("TProtocolException: Invalid data" / "Exceeded size limit"; tests/store/test_store_s3.py reproduces it):
     DuckDB positions a handle with seek() and may read one handle from several threads, and the wrapper keeps one
     position per handle. Here the position is per thread and every read is positional (`read_at`), so no read
     depends on what another did to the handle."""

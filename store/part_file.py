@@ -1,9 +1,18 @@
-"""How one part file is laid out: row order, row groups aligned to steps, encodings, schema version.
+"""A part: when buffered rows become one (`PartBuffers`, the writer's flush policy), and how one part file is laid
+out (row order, row groups aligned to steps, encodings, schema version).
 
-A part may hold many steps (the writer groups small steps, see store/part_buffers.py). So that reading one step stays
-cheap however many steps share its part, rows are sorted by step (then completion, then position) and a row group
-never mixes two steps once it has reached `row_group_rows` rows: a query on `step = s` skips, by the row-group
-min/max statistics, every row group that does not hold step s. Big steps get row groups of their own; small steps
+Every table (tokens and forks included) is buffered on the writer thread and written as one part, sorted by step:
+- when `part_rows` rows of that table are buffered (memory stays bounded, big runs get parts of ~part_rows rows);
+- a batch of `part_rows` rows or more (a big step) goes out at once in a part of its own: what was buffered before
+  it is written first, so a big step never waits and never shares its part with smaller steps;
+- every `flush_interval_s` seconds, on `flush()` and on `close()` (the writer calls `take_all`).
+Why group at all: one Parquet file per step costs the writer ~3 ms (schema, zstd, footer, tmp+rename) however
+small the step; grouping ~100-row steps into one part makes that cost per part, not per step, and a long run of
+small steps leaves a few parts, not tens of thousands.
+
+So that reading one step stays cheap however many steps share its part, rows are sorted by step (then completion,
+then position) and a row group never mixes two steps once it has reached `row_group_rows` rows: a query on
+`step = s` skips, by the row-group min/max statistics, every row group that does not hold step s. Big steps get row groups of their own; small steps
 share row groups of at most `row_group_rows` rows (a lookup of one small step decodes at most that many rows).
 """
 
@@ -90,3 +99,35 @@ def write_part_file(path: str | pa.NativeFile, t: pa.Table, *, row_group_rows: i
     with pq.ParquetWriter(path, t.schema, column_encoding=encodings, **PARQUET_OPTIONS) as w:
         for start, stop in groups:
             w.write_table(t.slice(start, stop - start), row_group_size=row_group_rows)
+
+
+class PartBuffers:
+    """Rows of each table waiting to be written. Used by the writer thread only (not thread-safe)."""
+
+    def __init__(self, tables: list[str], *, part_rows: int) -> None:
+        if part_rows < 1:
+            raise ValueError(f"part_rows={part_rows} must be >= 1")
+        self.part_rows = part_rows
+        self._tables: dict[str, list[pa.Table]] = {t: [] for t in tables}
+        self._rows: dict[str, int] = dict.fromkeys(tables, 0)
+
+    def add(self, table: str, t: pa.Table) -> list[pa.Table]:
+        """Buffer `t`; return the parts (sorted tables) due now, in the order to write them."""
+        due = []
+        if t.num_rows >= self.part_rows and self._rows[table]:  # a big batch gets a part of its own
+            due.append(self.take(table))
+        self._tables[table].append(t)
+        self._rows[table] += t.num_rows
+        if self._rows[table] >= self.part_rows:
+            due.append(self.take(table))
+        return [d for d in due if d is not None]
+
+    def take(self, table: str) -> pa.Table | None:
+        """Everything buffered for `table` as one table sorted by step (None when nothing is buffered)."""
+        parts, self._tables[table], self._rows[table] = self._tables[table], [], 0
+        if not parts:
+            return None
+        return sort_rows(pa.concat_tables(parts))
+
+    def take_all(self) -> dict[str, pa.Table]:
+        return {table: t for table in list(self._tables) if (t := self.take(table)) is not None}

@@ -1,14 +1,29 @@
 """The named queries the CLI and the dashboard run, in one place (pages never build SQL from widget values).
 
 Each takes a connection from `connect` (or a sandboxed one's `.con`) and its inputs as arguments, binds them as
-parameters (never formats user input into SQL) and returns a pandas DataFrame. Connections are not thread-safe:
-callers that share one across threads should pass `con.cursor()`.
+parameters (never formats user input into SQL) and returns a pandas DataFrame (the few that judge or fit a run's
+steps return the store's report of it). Every value comes in as a parameter. Each reads the small tables whole, or
+one run's one step (or one completion) of the large ones, so a page stays well under a second on a 20M-token run
+(benchmarks/dashboard_bench.py). Connections are not thread-safe: callers that share one across threads should pass
+`con.cursor()`. `__all__` is the list of named queries (the dashboard reaches them by name, dashboard/cache.py).
 """
 
 from __future__ import annotations
 
 import duckdb
 import pandas as pd
+
+from .check import judge_run
+from .health import HealthReport
+from .law import LawFit, fit_entropy_law
+from .run_meta import rules_of_run
+
+__all__ = [
+    "completion_tokens", "completion_view", "completions_at_step", "effective_rank_series", "entropy_spectrum",
+    "find_prompts", "fork_alternatives", "fork_roles_by_step", "fork_tokens_by_step", "law_fit", "probe_list",
+    "probe_tokens", "probe_top_overlap", "prompt_history", "run_curves", "run_health", "run_overview",
+    "step_series", "token_steps", "top_fork_tokens",
+]  # fmt: skip
 
 # "The last row written wins" for a step logged twice (a resumed run re-logs the steps after its checkpoint): the one
 # rule every query over `steps` applies (health.last_row_per_step is the same rule over a series in memory).
@@ -22,20 +37,56 @@ def _defined(column: str) -> str:
     return f"CASE WHEN isnan({column}) THEN NULL ELSE {column} END"
 
 
-def list_runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """One row per run: run_id, name, status, steps (distinct steps recorded), recorded_tokens (token rows written:
-    the sampled subset `record_tokens` keeps, not every trained token; see `run_overview`'s trained_tokens),
-    last_step, dropped, faults (all ranks), faults_detail (per rank and place), created_at, meta (run.json)."""
+# --------------------------------------------------------------------------- runs and steps
+
+
+def run_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """THE list of runs (`forkwatch runs`, `forkwatch check`, the dashboard), one row per run by run id: identity,
+    status, model, times, dropped records and faults (all ranks, and where), run.json (`meta`), and what its tables
+    hold: n_steps (distinct steps), first_step, last_step (the last step in `steps`, or run.json's when later),
+    trained_tokens (every response token trained on: the sum of steps.n_tokens), recorded_tokens (the token rows
+    kept: the sample `record_tokens` records) and the selection method.
+
+    The file level below it is store/run_folder.py's `list_run_folders` (which folders are runs, with their files),
+    and store/run_meta.py's `runs_row` (a folder's row of the `runs` view)."""
     return con.execute(
         """
-        WITH s AS (SELECT run_id, count(DISTINCT step) AS steps, max(step) AS max_step FROM steps GROUP BY run_id),
-             t AS (SELECT run_id, count(*) AS recorded_tokens FROM tokens GROUP BY run_id)
-        SELECT r.run_id, r.name, coalesce(s.steps, 0) AS steps, coalesce(t.recorded_tokens, 0) AS recorded_tokens,
-               r.status, coalesce(r.last_step, s.max_step) AS last_step, r.dropped, r.faults, r.faults_detail,
-               r.created_at, r.meta
-        FROM runs r LEFT JOIN s USING (run_id) LEFT JOIN t USING (run_id)
-        ORDER BY r.created_at NULLS LAST, r.run_id
+        WITH s AS (
+            SELECT CAST(run_id AS VARCHAR) AS run_id, count(DISTINCT step) AS n_steps, min(step) AS first_step,
+                   max(step) AS max_step, CAST(sum(n_tokens) AS BIGINT) AS trained_tokens,
+                   CAST(arg_max(select_method, step) AS VARCHAR) AS select_method
+            FROM steps GROUP BY ALL
+        )
+        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.faults,
+               r.faults_detail, r.meta,
+               coalesce(s.n_steps, 0) AS n_steps, s.first_step,
+               CAST(greatest(s.max_step, r.last_step) AS INTEGER) AS last_step,
+               coalesce(s.trained_tokens, 0) AS trained_tokens, r.recorded_tokens, s.select_method
+        FROM runs r LEFT JOIN s USING (run_id)
+        ORDER BY r.run_id
         """
+    ).df()
+
+
+def run_curves(con: duckdb.DuckDBPyConnection, points: int = 120) -> pd.DataFrame:
+    """Each run's entropy and reward curves for a picture per run: run_id, step, entropy_mean, reward_mean, at most
+    about `points` evenly spaced steps per run (always its first and last)."""
+    return con.execute(
+        f"""
+        WITH s AS (
+            SELECT run_id, step, entropy_mean, reward_mean FROM steps
+            {LAST_ROW_PER_STEP}
+        ),
+        n AS (
+            SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i,
+                   count(*) OVER (PARTITION BY run_id) AS total
+            FROM s
+        )
+        SELECT run_id, step, entropy_mean, reward_mean FROM n
+        WHERE i % greatest(1, ceil(total / $points)::BIGINT) = 0 OR i = total - 1
+        ORDER BY run_id, step
+        """,
+        {"points": points},
     ).df()
 
 
@@ -46,6 +97,25 @@ def step_series(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
         f"SELECT * FROM steps WHERE run_id = ? {LAST_ROW_PER_STEP} ORDER BY step",
         [run_id],
     ).df()
+
+
+def run_health(con: duckdb.DuckDBPyConnection, run_id: str, meta: str | None) -> HealthReport:
+    """The run's verdict as `forkwatch check` gives it: its steps judged with the rules it was trained under (`meta`,
+    its run.json), the defaults when it has none (the report's first note says which)."""
+    return judge_run(step_series(con, run_id), meta)[0]
+
+
+def law_fit(con: duckdb.DuckDBPyConnection, run_id: str, meta: str | None, fraction: float = 1.0) -> LawFit:
+    """The entropy-reward law fitted on the first `fraction` of the run's steps, with the run's own validity
+    thresholds (run.json's health rules, else the defaults)."""
+    s = step_series(con, run_id)
+    r = rules_of_run(meta).rules
+    return fit_entropy_law(
+        s["entropy_mean"], s["reward_mean"], min_points=r.law_min_points, min_r2=r.law_min_r2, fraction=fraction
+    )
+
+
+# --------------------------------------------------------------------------- completions and forks
 
 
 def completions_at_step(con: duckdb.DuckDBPyConnection, run_id: str, step: int) -> pd.DataFrame:
@@ -64,35 +134,12 @@ def completion_tokens(con: duckdb.DuckDBPyConnection, run_id: str, step: int, co
     ).df()
 
 
-# --- dashboard queries ---
-# (This section belongs to the dashboard; its named queries are appended below.)
-
-
-# The named queries behind `forkwatch check` and the dashboard's pages. Every value comes in as a parameter. Each
-# reads the small tables whole, or one run's one step (or one completion) of the large ones, so a page stays
-# well under a second on a 20M-token run (benchmarks/dashboard_bench.py).
-
-
-def run_overview(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """One row per run: identity, status, metadata and what its steps table holds: n_steps, trained_tokens (every
-    response token trained on, the sum of steps.n_tokens; `list_runs`' recorded_tokens counts the rows kept), the
-    selection method."""
-    return con.execute(
-        """
-        WITH s AS (
-            SELECT CAST(run_id AS VARCHAR) AS run_id, count(DISTINCT step) AS n_steps, min(step) AS first_step,
-                   max(step) AS max_step, CAST(sum(n_tokens) AS BIGINT) AS trained_tokens,
-                   CAST(arg_max(select_method, step) AS VARCHAR) AS select_method
-            FROM steps GROUP BY ALL
-        )
-        SELECT r.run_id, r.name, r.status, r.model, r.created_at, r.updated_at, r.dropped, r.faults,
-               r.faults_detail, r.meta,
-               coalesce(s.n_steps, 0) AS n_steps, s.first_step, s.max_step, coalesce(s.trained_tokens, 0) AS trained_tokens,
-               s.select_method
-        FROM runs r LEFT JOIN s USING (run_id)
-        ORDER BY r.run_id
-        """
-    ).df()
+def completion_view(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """`completion_tokens` with, at forks, the top-k alternatives (sampled_rank, alt_texts, alt_probs; missing
+    elsewhere): what the Forks page's token view shows."""
+    tokens = completion_tokens(con, run_id, step, completion_id)
+    forks = fork_alternatives(con, run_id, step, completion_id)
+    return tokens.merge(forks[["position", "sampled_rank", "alt_texts", "alt_probs"]], on="position", how="left")
 
 
 def token_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
@@ -125,6 +172,17 @@ def fork_alternatives(con: duckdb.DuckDBPyConnection, run_id: str, step: int, co
         """,
         {"run": run_id, "step": step, "cid": completion_id},
     ).df()
+
+
+FORK_SAMPLE_STEPS = 40  # steps read at most for the fork-text figures: bounds their cost however long the run
+
+
+def sample_steps(steps: list[int], k: int = FORK_SAMPLE_STEPS) -> tuple[int, ...]:
+    """At most k of the given steps, evenly spaced, always the first and the last: the steps the Forks page passes to
+    `top_fork_tokens` and `fork_tokens_by_step` on a long run (the dashboard benchmark reads the same ones)."""
+    if len(steps) <= k:
+        return tuple(steps)
+    return tuple(steps[i] for i in sorted({round(i * (len(steps) - 1) / (k - 1)) for i in range(k)}))
 
 
 def top_fork_tokens(con: duckdb.DuckDBPyConnection, run_id: str, steps: list[int], limit: int = 20) -> pd.DataFrame:
@@ -195,16 +253,6 @@ def prompt_history(con: duckdb.DuckDBPyConnection, run_id: str, prompt: str) -> 
         FROM completions WHERE run_id = $run AND prompt = $prompt GROUP BY step ORDER BY step
         """,
         {"run": run_id, "prompt": prompt},
-    ).df()
-
-
-def truth_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
-    """The ground-truth annotation of one completion (store/ground_truth.py), in position order; no rows when the
-    run has none."""
-    return con.execute(
-        "SELECT position, is_decision, on_path FROM truth WHERE run_id = ? AND step = ? AND completion_id = ? "
-        "ORDER BY position",
-        [run_id, step, completion_id],
     ).df()
 
 
@@ -326,26 +374,4 @@ def probe_top_overlap(con: duckdb.DuckDBPyConnection, run_id: str, fraction: flo
         GROUP BY t.step ORDER BY t.step
         """,
         {"run": run_id, "fraction": fraction},
-    ).df()
-
-
-def run_curves(con: duckdb.DuckDBPyConnection, points: int = 120) -> pd.DataFrame:
-    """Each run's entropy and reward curves for a picture per run: run_id, step, entropy_mean, reward_mean, at most
-    about `points` evenly spaced steps per run (always its first and last)."""
-    return con.execute(
-        f"""
-        WITH s AS (
-            SELECT run_id, step, entropy_mean, reward_mean FROM steps
-            {LAST_ROW_PER_STEP}
-        ),
-        n AS (
-            SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY step) - 1 AS i,
-                   count(*) OVER (PARTITION BY run_id) AS total
-            FROM s
-        )
-        SELECT run_id, step, entropy_mean, reward_mean FROM n
-        WHERE i % greatest(1, ceil(total / $points)::BIGINT) = 0 OR i = total - 1
-        ORDER BY run_id, step
-        """,
-        {"points": points},
     ).df()

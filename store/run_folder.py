@@ -1,4 +1,5 @@
-"""Where things live under a log directory, and how part files are named. Shared by the writer and the readers.
+"""Where things live under a log directory, and how part files are named. Shared by the writer and the readers
+(what run.json holds, and its one reader, are in store/run_meta.py).
 The log directory is a Location (store/location.py): a local folder or an S3 prefix, listed and read the same way.
 
     LOG_DIR/<run_id>/run.json                      run metadata, written whole by rank 0's writer thread
@@ -26,17 +27,13 @@ LayoutError: readers skip that run's table with a warning saying so, a resuming 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow.fs as pafs
 
 from .location import Location, resolve
-
-logger = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 2
 READABLE_LAYOUTS = (1, 2)
@@ -141,9 +138,12 @@ def list_run(where: Location | str | os.PathLike[str], run_id: str) -> RunListin
     return listing
 
 
-def list_runs(where: Location | str | os.PathLike[str]) -> list[RunListing]:
+def list_run_folders(where: Location | str | os.PathLike[str]) -> list[RunListing]:
     """The run folders of a log directory, each with its files, sorted by run id: one recursive listing in all
-    (on S3 a paginated list of the prefix, the cheapest way to see every part)."""
+    (on S3 a paginated list of the prefix, the cheapest way to see every part).
+
+    The file level of "which runs are there": the views (store/views.py) build the `runs` view from these listings,
+    and `queries.run_overview` is the one query that lists runs with what their tables hold."""
     loc = resolve(where)
     try:
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.root, allow_not_found=True, recursive=True))
@@ -164,24 +164,7 @@ def list_runs(where: Location | str | os.PathLike[str]) -> list[RunListing]:
 
 def run_dirs(where: Location | str | os.PathLike[str]) -> list[str]:
     """Ids of the runs under a log directory (folders with a run.json or a record table), sorted."""
-    return [r.run_id for r in list_runs(where)]
-
-
-def read_run_json(where: Location | str | os.PathLike[str], run_id: str, name: str = RUN_JSON) -> dict[str, Any]:
-    """A run's run.json (or `name`, e.g. rank_json(1)) as a dict: THE reader of these files, on disk or S3.
-    {} when missing; an unreadable or non-object file is logged and read as {}."""
-    loc = resolve(where)
-    path = loc.path(run_id, name)
-    try:
-        meta = loc.read_json(path)
-        if meta is None:
-            return {}
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        return meta
-    except (OSError, ValueError) as e:
-        logger.warning("forkwatch: unreadable %s: %s", loc.display(path), e)
-        return {}
+    return [r.run_id for r in list_run_folders(where)]
 
 
 def step_range(part: str) -> tuple[int, int] | None:

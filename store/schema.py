@@ -208,7 +208,8 @@ FORK_VALUES = pa.schema(
 )
 
 # `runs` is not written as Parquet: it is read from each LOG_DIR/<run_id>/run.json (written by rank 0) and the
-# per-rank rank-NNN.json files. These are the columns the `runs` view exposes; the full run.json is in `meta`.
+# per-rank rank-NNN.json files (store/run_meta.py). These are the columns the `runs` view exposes; the full run.json
+# is in `meta`.
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -223,6 +224,9 @@ RUNS = pa.schema(
         pa.field("world_size", pa.int32()),
         pa.field("last_step", pa.int32()),
         pa.field("resumed_from_step", pa.int32()),
+        # token rows of the run's readable parts (from their footers): the sample `record_tokens` keeps, not every
+        # token trained on (that is the sum of steps.n_tokens)
+        pa.field("recorded_tokens", pa.int64()),
         pa.field("dropped", pa.int64()),  # records dropped by all ranks' writers (queue full, disk errors)
         pa.field("faults", pa.int64()),  # exceptions caught in forkwatch's hooks and jobs, all ranks
         pa.field("faults_detail", pa.string()),  # where they happened: "rank 0: step_end 2; rank 1: ..." ('' if none)
@@ -244,3 +248,29 @@ TABLES: dict[str, pa.Schema] = {
     "probes": PROBES,
     "fork_values": FORK_VALUES,
 }
+
+
+def duckdb_type(t: pa.DataType) -> str:
+    """The DuckDB type a column of Arrow type `t` reads as (for empty views and the columns a part lacks)."""
+    if pa.types.is_dictionary(t):
+        return duckdb_type(t.value_type)
+    if pa.types.is_map(t):
+        return f"MAP({duckdb_type(t.key_type)}, {duckdb_type(t.item_type)})"
+    if pa.types.is_list(t):
+        return f"{duckdb_type(t.value_type)}[]"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    simple = {
+        pa.bool_(): "BOOLEAN",
+        pa.int8(): "TINYINT",
+        pa.int16(): "SMALLINT",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.string(): "VARCHAR",
+        pa.large_string(): "VARCHAR",
+    }
+    if t in simple:
+        return simple[t]
+    raise TypeError(f"no DuckDB type for Arrow type {t}")

@@ -13,33 +13,32 @@ fresh run returns no rows instead of failing. `step` is a real INTEGER column of
 parts are sorted by step with row groups aligned to steps (store/part_file.py), so a filter on `step` decodes only the
 row groups holding that step, skipping the others by their min/max statistics (each part's footer is read).
 A run laid out in a way this forkwatch does not know (store/run_folder.py, layout versions) is skipped with a warning
-saying so; its `runs` row stays.
+saying so; its `runs` row stays. The `runs` view is one row per run folder, built by store/run_meta.py from run.json
+and the ranks' files, with the token rows its parts' footers count.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import ground_truth, run_folder
+from . import ground_truth, run_folder, run_meta
 from .location import Location, fsspec_filesystem, resolve
-from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version
+from .schema import RUNS, TABLES, VERSION_KEY, SchemaVersionError, check_version, duckdb_type
 
 logger = logging.getLogger(__name__)
 
 VIEWS = ("runs", *TABLES, "token_text", ground_truth.TRUTH_VIEW)  # every view `connect` makes: the one list
 
-# path -> (size, mtime_ns, column names or None when the part is unusable)
-_footer_cache: dict[str, tuple[int, int, frozenset[str] | None]] = {}
+# path -> (size, mtime_ns, column names or None when the part is unusable, rows)
+_footer_cache: dict[str, tuple[int, int, frozenset[str] | None, int]] = {}
 _FOOTER_CACHE_MAX = 200_000
 
 
@@ -53,7 +52,8 @@ class Snapshot:
     columns: dict[str, set[str]] = field(default_factory=dict)  # columns present in at least one part
     uniform: dict[str, bool] = field(default_factory=dict)  # every part has the same columns
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    runs: list[dict[str, Any]] = field(default_factory=list)
+    folders: list[run_folder.RunListing] = field(default_factory=list)  # the log directory's one listing
+    runs: list[dict[str, object]] = field(default_factory=list)  # the `runs` rows (store/run_meta.py)
 
     @property
     def log_dir(self) -> str:
@@ -69,9 +69,10 @@ def read_part(path: str | os.PathLike[str], location: Location | None = None) ->
     return pq.read_table(path, filesystem=fs)
 
 
-def _part_columns(loc: Location, info: pafs.FileInfo) -> tuple[str, frozenset[str]] | None:
-    """The path DuckDB opens and the column names of a usable part, or None (after a warning naming the file) when
-    it must be skipped. Footers are cached by path, size and modification time (one read per new part)."""
+def _part_columns(loc: Location, info: pafs.FileInfo) -> tuple[str, frozenset[str], int] | None:
+    """The path DuckDB opens, the column names and the row count of a usable part, or None (after a warning naming
+    the file) when it must be skipped. Footers are cached by path, size and modification time (one read per new
+    part)."""
     shown = loc.display(info.path)
     try:
         if loc.is_local:
@@ -84,11 +85,13 @@ def _part_columns(loc: Location, info: pafs.FileInfo) -> tuple[str, frozenset[st
             key, size, mtime = shown, int(info.size or 0), int(info.mtime_ns or 0)
         cached = _footer_cache.get(key)
         if cached is not None and cached[:2] == (size, mtime):
-            return (key, cached[2]) if cached[2] is not None else None
+            return (key, cached[2], cached[3]) if cached[2] is not None else None
+        rows = 0
         try:
             meta = pq.read_metadata(key if loc.is_local else info.path, filesystem=loc.fs)  # the footer only
             check_version((meta.metadata or {}).get(VERSION_KEY, b"").decode() or None, shown)
             cols: frozenset[str] | None = frozenset(meta.schema.to_arrow_schema().names)
+            rows = meta.num_rows
         except SchemaVersionError as e:
             logger.warning("forkwatch: skipping part: %s", e)
             cols = None
@@ -97,8 +100,8 @@ def _part_columns(loc: Location, info: pafs.FileInfo) -> tuple[str, frozenset[st
             cols = None
         if len(_footer_cache) >= _FOOTER_CACHE_MAX:
             _footer_cache.clear()
-        _footer_cache[key] = (size, mtime, cols)
-        return (key, cols) if cols is not None else None
+        _footer_cache[key] = (size, mtime, cols, rows)
+        return (key, cols, rows) if cols is not None else None
     except (OSError, ValueError) as e:
         logger.warning("forkwatch: skipping part %s: %s", shown, e)
         return None
@@ -111,9 +114,10 @@ def scan(log_dir: str | os.PathLike[str] | Location) -> Snapshot:
     for table in TABLES:
         snap.parts[table], snap.columns[table] = [], set()
     col_sets: dict[str, set[frozenset[str]]] = {t: set() for t in TABLES}
-    for listing in run_folder.list_runs(loc):
-        record, meta = _run_record(listing)
-        snap.runs.append(record)
+    snap.folders = run_folder.list_run_folders(loc)
+    for listing in snap.folders:
+        meta = run_meta.read_run_json(loc, listing.run_id) if run_folder.RUN_JSON in listing.files else {}
+        recorded_tokens = 0
         for table in TABLES:
             try:
                 run_folder.check_layout(meta, loc.display(loc.path(listing.run_id, run_folder.RUN_JSON)))
@@ -127,110 +131,15 @@ def scan(log_dir: str | os.PathLike[str] | Location) -> Snapshot:
                 if usable is None:
                     snap.skipped.append((loc.display(info.path), "unreadable"))
                     continue
-                path, cols = usable
+                path, cols, rows = usable
                 snap.parts[table].append(path)
                 snap.columns[table] |= cols
                 col_sets[table].add(cols)
+                if table == "tokens":
+                    recorded_tokens += rows
+        snap.runs.append(run_meta.runs_row(listing, meta, recorded_tokens=recorded_tokens))
     snap.uniform = {t: len(s) <= 1 for t, s in col_sets.items()}
     return snap
-
-
-def _run_record(listing: run_folder.RunListing) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The `runs` row of a run, and its run.json as read (empty when missing or unreadable)."""
-    loc, run_id = listing.location, listing.run_id
-    meta = run_folder.read_run_json(loc, run_id) if run_folder.RUN_JSON in listing.files else {}
-    path = loc.display(loc.path(run_id, run_folder.RUN_JSON))
-    if "schema_version" in meta:
-        try:
-            check_version(meta["schema_version"], path)
-        except SchemaVersionError as e:
-            logger.warning("forkwatch: %s", e)
-    dropped = _dropped_total(meta.get("dropped"))
-    # faults per rank: each rank's own file, or what rank 0 last gathered from it (a rank that died before writing
-    # its file is still counted), whichever saw more
-    gathered = meta.get("faults_by_rank") if isinstance(meta.get("faults_by_rank"), dict) else {}
-    faults = {int(r): _counts(c) for r, c in gathered.items() if str(r).isdigit()}
-    faults[0] = _max_counts(faults.get(0, {}), _counts(meta.get("faults")))
-    for rank, _ in listing.rank_files():
-        rank_meta = run_folder.read_run_json(loc, run_id, run_folder.rank_json(rank))
-        dropped += _dropped_total(rank_meta.get("dropped"))
-        faults[rank] = _max_counts(faults.get(rank, {}), _counts(rank_meta.get("faults")))
-
-    def _int(key: str) -> int | None:
-        v = meta.get(key)
-        return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-    def _str(key: str) -> str | None:
-        v = meta.get(key)
-        return None if v is None else str(v)
-
-    return {
-        "run_id": run_id,
-        "name": _str("name") or run_id,
-        "status": _str("status") or "unknown",
-        "created_at": _str("created_at"),
-        "updated_at": _str("updated_at"),
-        "schema_version": _int("schema_version"),
-        "forkwatch_version": _str("forkwatch_version"),
-        "trl_version": _str("trl_version"),
-        "model": _str("model"),
-        "world_size": _int("world_size"),
-        "last_step": _int("last_step"),
-        "resumed_from_step": _int("resumed_from_step"),
-        "dropped": dropped,
-        "faults": sum(sum(c.values()) for c in faults.values()),
-        "faults_detail": fault_detail(faults),
-        "meta": json.dumps(meta, default=str),
-    }, meta
-
-
-def _counts(d: Any) -> dict[str, int]:
-    """A {place: count} mapping from run.json, ignoring anything else found there."""
-    if not isinstance(d, dict):
-        return {}
-    return {str(k): int(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool) and v}
-
-
-def _max_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: max(a.get(k, 0), b.get(k, 0)) for k in {**a, **b}}
-
-
-def fault_detail(by_rank: dict[int, dict[str, int]]) -> str:
-    """"rank 0: step_end 2, log 1; rank 1: records 1" (ranks without faults left out; '' when none)."""
-    return "; ".join(f"rank {r}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
-                     for r, c in sorted(by_rank.items()) if c)
-
-
-def _dropped_total(d: Any) -> int:
-    if isinstance(d, dict):
-        return sum(int(v) for v in d.values() if isinstance(v, int | float))
-    return 0
-
-
-def duckdb_type(t: pa.DataType) -> str:
-    """The DuckDB type a column of Arrow type `t` reads as (for the empty views and missing columns)."""
-    if pa.types.is_dictionary(t):
-        return duckdb_type(t.value_type)
-    if pa.types.is_map(t):
-        return f"MAP({duckdb_type(t.key_type)}, {duckdb_type(t.item_type)})"
-    if pa.types.is_list(t):
-        return f"{duckdb_type(t.value_type)}[]"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
-    simple = {
-        pa.bool_(): "BOOLEAN",
-        pa.int8(): "TINYINT",
-        pa.int16(): "SMALLINT",
-        pa.int32(): "INTEGER",
-        pa.int64(): "BIGINT",
-        pa.float32(): "FLOAT",
-        pa.float64(): "DOUBLE",
-        pa.string(): "VARCHAR",
-        pa.large_string(): "VARCHAR",
-    }
-    if t in simple:
-        return simple[t]
-    raise TypeError(f"no DuckDB type for Arrow type {t}")
 
 
 def _sql_str(s: str) -> str:
@@ -279,9 +188,7 @@ def create_views(con: duckdb.DuckDBPyConnection, log_dir: str | os.PathLike[str]
         "SELECT t.*, v.text, v.role FROM tokens t LEFT JOIN vocab v ON v.run_id = t.run_id AND v.token_id = t.token_id"
     )
     # Optional ground truth written by a task that knows its decision points (store/ground_truth.py).
-    snap.parts[ground_truth.TRUTH_VIEW] = ground_truth.truth_parts(snap.location)
-    con.execute(f"CREATE OR REPLACE VIEW {ground_truth.TRUTH_VIEW} AS "
-                f"{ground_truth.truth_view_sql(snap.parts[ground_truth.TRUTH_VIEW])}")
+    snap.parts[ground_truth.TRUTH_VIEW] = ground_truth.create_view(con, snap.folders)
     return snap
 
 

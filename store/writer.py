@@ -14,7 +14,7 @@ store still down after the retries of store/location.py), the records are droppe
 `Ledger` (store/ledger.py), logged once, and the counts go into run.json.
 Exceptions are caught at the thread boundary only.
 
-When parts are written (store/part_buffers.py has the policy): every table is buffered on the thread and written as
+When parts are written (store/part_file.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
 every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run keeps every part written so far and
 loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
@@ -29,8 +29,6 @@ Statistics rounding (`stat_mantissa_bits`): see store/arrow_columns.py.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import os
 import queue
@@ -44,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import part_file, run_folder
+from . import part_file, run_folder, run_meta
 from .arrow_columns import (
     DEFAULT_STAT_MANTISSA_BITS,
     check_mantissa_bits,
@@ -55,18 +53,11 @@ from .arrow_columns import (
 )
 from .ledger import Ledger
 from .location import UPLOAD_TRIES, Location, resolve, with_retries
-from .part_buffers import PartBuffers
-from .schema import SCHEMA_VERSION, TABLES
+from .schema import TABLES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_QUEUE_ROWS", "DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
-RANK_FIELDS = ("run_id", "rank", "status", "dropped", "faults", "updated_at", "last_step")  # rank-NNN.json
-
-
-def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
 
 class _Flush:
     __slots__ = ("event", "ok")
@@ -149,7 +140,7 @@ class RunWriter:
         self._closed = False
         self._seq = 0
         self._last_step: int | None = None
-        self._buffers = PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
+        self._buffers = part_file.PartBuffers(list(TABLES), part_rows=part_rows)  # thread side only
         self._meta: dict[str, Any] = {}  # thread side only
         self._upload_failed = False  # thread side: a part's upload failed after its retries in this `_write_all`
 
@@ -242,42 +233,17 @@ class RunWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("failed" if exc_type is not None else "finished")
 
-    # ---------------------------------------------------------------- run.json
-
-    def _meta_name(self) -> str:
-        return run_folder.RUN_JSON if self.rank == 0 else run_folder.rank_json(self.rank)
+    # ---------------------------------------------------------------- run.json (its fields: store/run_meta.py)
 
     def _init_meta(self, meta: dict[str, Any], resume_step: int | None) -> None:
-        from forkwatch import __version__
-
-        # a resumed (or restarted) run keeps its creation time and earlier fields
-        previous = run_folder.read_run_json(self.location, self.run_id, self._meta_name())
-        base = {
-            "run_id": self.run_id,
-            "name": meta.pop("name", None) or previous.get("name") or self.run_id,
-            "status": "running",
-            "created_at": previous.get("created_at", _utcnow()),
-            "schema_version": SCHEMA_VERSION,
-            "forkwatch_version": __version__,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            run_folder.LAYOUT_KEY: run_folder.LAYOUT_VERSION,
-        }
-        if resume_step is not None:
-            base["resumed_from_step"] = resume_step
-            base["last_step"] = resume_step
-        self._meta = {**previous, **base, **meta}
+        previous = run_meta.read_run_json(self.location, self.run_id, run_meta.file_name(self.rank))
+        self._meta = run_meta.start(previous, meta, run_id=self.run_id, rank=self.rank, world_size=self.world_size,
+                                    resume_step=resume_step)
         self._write_meta()
 
     def _write_meta(self) -> None:
-        meta = dict(self._meta)
-        meta["dropped"] = self.dropped
-        meta["faults"] = self.ledger.faults
-        meta["updated_at"] = _utcnow()
-        if self.rank != 0:
-            meta = {k: meta[k] for k in RANK_FIELDS if k in meta}
-        path = self.location.path(self.run_id, self._meta_name())
-        data = json.dumps(meta, indent=1, default=str).encode()
+        path = self.location.path(self.run_id, run_meta.file_name(self.rank))
+        data = run_meta.document(self._meta, rank=self.rank, dropped=self.dropped, faults=self.ledger.faults)
         try:  # overwritten whole: readers see the previous run.json or this one
             with_retries(lambda: self.location.put_whole(path, data), tries=self._tries)
         except Exception as e:
@@ -285,11 +251,7 @@ class RunWriter:
 
     def _stop(self, status: str) -> None:
         self._write_all()
-        fields: dict[str, Any] = {"status": status}
-        if self._last_step is not None:
-            prev = self._meta.get("last_step")
-            fields["last_step"] = max(self._last_step, prev) if isinstance(prev, int) else self._last_step
-        self._meta.update(fields)
+        self._meta.update(run_meta.closing(self._meta, status, self._last_step))
         self._write_meta()
 
     # ---------------------------------------------------------------- resume
@@ -312,7 +274,7 @@ class RunWriter:
         ranks). Nothing is deleted; a part mixing kept and superseded steps is split (kept rows rewritten)."""
         dest_root = self.location.path(self.run_id, run_folder.SUPERSEDED, self.attempt)
         moved = 0
-        previous = run_folder.read_run_json(self.location, self.run_id)
+        previous = run_meta.read_run_json(self.location, self.run_id)
         run_folder.check_layout(previous, self.location.display(self.run_dir))  # unknown layout: move nothing
         listing = run_folder.list_run(self.location, self.run_id)
 

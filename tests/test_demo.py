@@ -13,7 +13,7 @@ import pytest
 from forkwatch.demo import task
 from forkwatch.demo.pipeline import QUICK
 from forkwatch.demo.runs import demo_runs
-from forkwatch.store import connect, queries
+from forkwatch.store import connect, ground_truth, queries
 
 # The fixture trains the warm-up and every run (~2 min of CPU); on a shared machine that can pass the suite's
 # 300 s per-test timeout without anything being wrong.
@@ -128,7 +128,7 @@ def test_truth_table_marks_exactly_the_task_decision_points_of_recorded_completi
     ).fetchall()
     assert rows
     for step, cid, prompt, completion in rows:
-        marks = queries.truth_marks(con, "grpo", step, cid)
+        marks = ground_truth.truth_marks(con, "grpo", step, cid)
         n_tokens = con.execute(
             "SELECT count(*) FROM tokens WHERE run_id = 'grpo' AND step = ? AND completion_id = ?", [step, cid]
         ).fetchone()[0]

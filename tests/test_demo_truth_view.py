@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from forkwatch.store import connect, open_sandboxed, queries
-from forkwatch.store.ground_truth import TRUTH, TRUTH_DIR
+from forkwatch.store import connect, open_sandboxed
+from forkwatch.store.ground_truth import TRUTH, TRUTH_DIR, truth_marks
 from synthetic import write_run
 
 
@@ -29,14 +29,14 @@ def test_truth_view_is_empty_with_its_columns_when_no_run_is_annotated(tmp_path)
     con = connect(tmp_path)
     assert con.execute("SELECT count(*) FROM truth").fetchone()[0] == 0
     assert [r[0] for r in con.execute("DESCRIBE truth").fetchall()] == TRUTH.names
-    assert queries.truth_marks(con, "plain", 1, 0).empty
+    assert truth_marks(con, "plain", 1, 0).empty
 
 
 def test_truth_marks_return_one_completions_annotation_in_position_order(tmp_path):
     write_run(tmp_path, "demo", "healthy", n_steps=3, token_steps=1)
     _annotate(tmp_path, "demo", [(1, 7, 2, False, True), (1, 7, 0, True, True), (1, 7, 1, False, True),
                                  (1, 8, 0, True, False)])
-    marks = queries.truth_marks(connect(tmp_path), "demo", 1, 7)
+    marks = truth_marks(connect(tmp_path), "demo", 1, 7)
     assert marks["position"].tolist() == [0, 1, 2]
     assert marks["is_decision"].tolist() == [True, False, False]
 
