@@ -183,7 +183,7 @@ def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequ
     """Measure `positions` positions per step (default: the run's last recorded step) and write them. `rewards`:
     module:function specs; `sampling`: GRPOConfig-named settings overriding run.json's; `on_step(step, rollouts)` is
     called before each step's measurement, `on_rollouts(n)` after every n rollouts."""
-    from forkwatch.store import RunWriter, connect, run_folder
+    from forkwatch.store import RunWriter, connect, run_folder, run_meta
     from forkwatch.store.location import resolve
 
     settings = settings or ForkValueSettings()
@@ -206,7 +206,7 @@ def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequ
     if missing:
         raise ForkValueRunError(f"run {run!r} recorded no tokens at step(s) {missing}; recorded steps: "
                                 f"{recorded_steps[0]}..{recorded_steps[-1]} ({len(recorded_steps)} steps)")
-    meta = run_folder.read_run_json(loc, run)
+    meta = run_meta.read_run_json(loc, run)
     trainer_meta = meta.get("trainer") or {}
     model, tok = load_checkpoint(checkpoint, device)
     chosen: dict[str, Any] = {}
