@@ -117,6 +117,33 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=dashboard)
 
     s = sub.add_parser(
+        "forkvalue",
+        help="measure which forks changed the outcome, on a saved checkpoint (table fork_values)",
+        description="Fork value after training: at a stratified sample of a run's recorded positions, roll out the "
+        "sampled token and its alternatives with the checkpoint at the run's sampling settings, score the rollouts "
+        "with the given reward function(s), and write Q, V and the fork value per branch into the run's fork_values "
+        "table (docs/methods.md, 'Fork value').",
+    )
+    s.add_argument("run_dir", metavar="LOG_DIR/RUN", help="the run's folder (a log directory and the run's id)")
+    s.add_argument("--model", required=True, metavar="CHECKPOINT", help="a folder written by save_pretrained")
+    s.add_argument("--reward", required=True, action="append", metavar="MODULE:FUNCTION",
+                   help="a reward function as GRPOTrainer calls it (repeat for several; file.py:function works too)")
+    s.add_argument("--reward-weights", type=float, nargs="+", metavar="W", help="one weight per --reward (default 1)")
+    s.add_argument("--steps", type=int, nargs="+", metavar="STEP", help="recorded steps to measure (default: the last)")
+    s.add_argument("--positions", type=int, default=64, help="positions measured per step (default 64)")
+    s.add_argument("--branches", type=int, default=5,
+                   help="top-k candidate tokens per position (default 5; the sampled token is always measured too)")
+    s.add_argument("--rollouts", type=int, default=8, help="continuations per branch (default 8, at least 2)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sample of positions and of the rollouts")
+    s.add_argument("--min-value", type=float, default=0.05,
+                   help="fork value (reward units) above which a position counts as consequential (default 0.05)")
+    s.add_argument("--sampling", metavar="JSON",
+                   help="sampling settings overriding run.json's, GRPOConfig names, e.g. '{\"top_p\": 0.9}'")
+    s.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    s.set_defaults(handler=forkvalue)
+
+    s = sub.add_parser(
         "demo",
         help="train a tiny model offline with GRPO + forkwatch, then open the dashboard",
         description="Build a tiny model and tokenizer in code, teach it a small task with known decision points, "
@@ -400,6 +427,75 @@ def _jsonify_nested(df: Any) -> Any:
         if out[col].dtype == object and out[col].map(lambda v: isinstance(v, dict | list | np.ndarray)).any():
             out[col] = out[col].map(cell)
     return out
+
+
+def _split_run_dir(run_dir: str) -> tuple[str, str]:
+    """LOG_DIR/RUN -> (LOG_DIR, RUN), for a local path or an s3:// URL."""
+    head, _, run = run_dir.rstrip("/").rpartition("/")
+    return head or ".", run
+
+
+def forkvalue(args: argparse.Namespace) -> int:
+    """`forkwatch forkvalue LOG_DIR/RUN --model CHECKPOINT --reward module:function`: measure and write the run's
+    fork values (plugin/fork_value_offline.py), with a progress bar; 2 for input it cannot use, naming the fix."""
+    _quiet_logging()
+    log_dir, run = _split_run_dir(args.run_dir)
+    if (code := _check_dir(log_dir)) is not None:
+        return code
+    try:
+        overrides = json.loads(args.sampling) if args.sampling else None
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ValueError("give a JSON object")
+    except ValueError as e:
+        return _error(f"--sampling {args.sampling!r}: {e}", EXIT_USAGE)
+    import torch
+    from tqdm.auto import tqdm
+
+    from forkwatch.plugin.fork_value import ForkValueSettings
+    from forkwatch.plugin.fork_value_offline import ForkValueRunError, measure_run
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    bars: list[Any] = []  # drawn once the input has been checked and measuring starts
+
+    def on_step(step: int, planned: int) -> None:
+        if not bars:
+            bars.append(tqdm(unit="rollout", dynamic_ncols=True))
+        bars[0].set_description(f"fork value, step {step}")
+        bars[0].reset(total=planned)  # an upper bound: the "other" branch is measured only where needed
+
+    try:
+        settings = ForkValueSettings(branches=args.branches, rollouts=args.rollouts, min_value=args.min_value)
+        result = measure_run(log_dir, run, checkpoint=args.model, rewards=args.reward,
+                             reward_weights=args.reward_weights, steps=args.steps, positions=args.positions,
+                             settings=settings, seed=args.seed, sampling=overrides, device=args.device,
+                             on_rollouts=lambda n: bars[0].update(n), on_step=on_step)
+    except (ForkValueRunError, ValueError) as e:
+        return _error(str(e), EXIT_USAGE)
+    finally:
+        for bar in bars:
+            bar.close()
+    s = result.sampling
+    print(f"forkwatch forkvalue: run {result.run_id}, policy {result.source}, measurement {result.measurement_id}")
+    print("sampling: " + ", ".join(f"{k} {getattr(s, k)} ({result.sampling_from[k]})" for k in s.KNOWN))
+    bad, checked = result.reward_mismatches
+    if bad:
+        print(f"! the reward function(s) did not reproduce the recorded reward of {bad} of {checked} recorded "
+              "completions: the values measure this reward, not the run's", file=sys.stderr)
+    for r in result.steps:
+        strata = ", ".join(f"{k} {v}" for k, v in r.strata.items())
+        print(f"step {r.step}: {r.positions} of {r.population} positions ({strata}); {r.consequential} consequential "
+              f"(fork value > {args.min_value:g} at one-sided 95 %)")
+        for t in r.top:
+            print(f"  completion {t['completion_id']} position {t['position']} {t['context']!r}: fork value "
+                  f"{t['value']:.3f} ± {t['value_se']:.3f}, Q(sampled {t['token']!r}) − V {t['advantage']:+.3f}")
+    c = result.cost
+    print(f"cost: {c.rollouts} rollouts ({c.terminal_rollouts} ended at the branch token), {c.generate_calls} "
+          f"generate calls, {c.forward_calls} policy forwards; forward tokens: {c.forward_tokens} + prefill "
+          f"{c.prefill_tokens} + decode {c.decode_tokens}")
+    print(f"wrote {result.rows_written} rows to {args.run_dir}/fork_values "
+          f"(forkwatch sql {log_dir} \"SELECT * FROM fork_values\")")
+    return EXIT_OK
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -177,6 +177,43 @@ PROBES = pa.schema(
     ]
 )
 
+# Fork value (docs/methods.md, "Fork value"): one row per branch of a measured position, the position's own estimates
+# repeated on each of its rows. Written by `forkwatch forkvalue` (plugin/fork_value_offline.py) and, in a later
+# phase, during training; `measurement` names one call, so that a position measured twice keeps both.
+FORK_VALUES = pa.schema(
+    [
+        _RUN_ID,
+        _STEP,
+        pa.field("completion_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32()),  # the token sampled at the position
+        pa.field("branch", pa.dictionary(pa.int8(), pa.string())),  # sampled | alternative | other
+        pa.field("branch_token_id", pa.int32()),  # null for "other" (each rollout drew its own token from the rest)
+        pa.field("pi", _F32),  # π(a|s) at the run's sampling settings; for "other", the remaining mass
+        pa.field("q", _F32),  # mean reward of the branch's rollouts
+        pa.field("n", pa.int16()),  # rollouts
+        pa.field("se", _F32),
+        pa.field("q_lo", _F32),  # 95 % interval of Q
+        pa.field("q_hi", _F32),
+        # the position's estimates (the same on each of its rows)
+        pa.field("v", _F32),
+        pa.field("v_se", _F32),
+        pa.field("v_lo", _F32),  # 95 % interval of V
+        pa.field("v_hi", _F32),
+        pa.field("value", _F32),  # fork value, cross-fitted
+        pa.field("value_se", _F32),
+        pa.field("p_value", _F32),  # permutation test of "no branch changes the reward"
+        pa.field("consequential", pa.bool_()),  # value above min_value at one-sided 95 %
+        pa.field("spread", _F32),  # max Q − min Q
+        pa.field("sampled_advantage", _F32),  # Q(sampled) − V
+        pa.field("mass", _F32),  # Σ π over the measured branches
+        pa.field("stratum", pa.dictionary(pa.int16(), pa.string())),
+        pa.field("inclusion_prob", _F32),  # the position's chance of being in the sample (Horvitz-Thompson weight 1/p)
+        pa.field("source", pa.dictionary(pa.int16(), pa.string())),  # the policy measured: "training" or a checkpoint
+        pa.field("measurement", pa.dictionary(pa.int16(), pa.string())),  # "<UTC time>-<id>": one measuring call
+    ]
+)
+
 # `runs` is not written as Parquet: it is read from each LOG_DIR/<run_id>/run.json (written by rank 0) and the
 # per-rank rank-NNN.json files (store/run_meta.py). These are the columns the `runs` view exposes; the full run.json
 # is in `meta`.
@@ -216,6 +253,7 @@ TABLES: dict[str, pa.Schema] = {
     "forks": FORKS,
     "vocab": VOCAB,
     "probes": PROBES,
+    "fork_values": FORK_VALUES,
 }
 
 
