@@ -129,16 +129,16 @@ class ForkwatchCallback(TrainerCallback):
             summary["rank"] = self.capture.rank
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         # what the selection kept, outside the recording guard: it decides whether training goes on
-        kept = self.capture.selection_seam.take_step(step)
+        totals = self.capture.selection_seam.take_step(step)
         parts = [summary]
         if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
             from accelerate.utils import gather_object
 
-            parts = gather_object([{**summary, "kept": kept}])
-            kept_all = [p["kept"] for p in parts]
-            parts = [{k: v for k, v in p.items() if k != "kept"} for p in parts]
+            parts = gather_object([{**summary, "selection": totals}])
+            totals_all = [p["selection"] for p in parts]
+            parts = [{k: v for k, v in p.items() if k != "selection"} for p in parts]
         else:
-            kept_all = [kept]
+            totals_all = [totals]
         scalars: dict[str, float] = {}
         if acc is not None:
             with ledger.guard("step_row"):
@@ -150,7 +150,7 @@ class ForkwatchCallback(TrainerCallback):
                 scalars = self.handoff.add(step, acc, parts)
         if self.handoff.due():
             self._act_on(self._hand_off(), control)
-        self._check_selection(step, kept_all)  # may raise: after the hand-off, so this step's records are handed over
+        self._check_selection(step, totals_all)  # may raise: after the hand-off, so this step's records are handed over
         if scalars and state.is_world_process_zero:
             with ledger.guard("log"):
                 scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
@@ -158,35 +158,37 @@ class ForkwatchCallback(TrainerCallback):
                     scalars["select/empty_steps"] = float(len(self.empty_selection_steps))
                 log_scalars(self.trainer, scalars, LOG_PREFIX)
 
-    def _check_selection(self, step: int, kept_all: list[tuple[float, float] | None]) -> None:
-        """Every rank, with every rank's (tokens kept, their total weight) of `step`: a step whose selection kept no
-        token, or only tokens of zero weight, trains on nothing. Counted and warned about (rank 0); after
-        `max_empty_selection_steps` such steps in a row training stops with an error naming the cause, on every rank
-        at once (each saw the same gathered counts)."""
-        found = [k for k in kept_all if k is not None]
+    def _check_selection(self, step: int, totals: list[tuple[float, float, float] | None]) -> None:
+        """Every rank, with every rank's `selection_totals` of `step` (tokens kept, the gradient they carry, the
+        gradient the dense step would carry): a step whose selection kept no token, or kept only tokens that carry no
+        gradient while the dense step would have, trains on nothing. Counted and warned about (rank 0, with the
+        selector and the step); after `max_empty_selection_steps` such steps in a row training stops with an error
+        naming the cause, on every rank at once (each saw the same gathered totals)."""
+        found = [t for t in totals if t is not None]
         if not found:  # no selector ran at this step (none set, or no loss micro-batch was captured)
             return
-        kept, weight = sum(k[0] for k in found), sum(k[1] for k in found)
-        if kept > 0 and weight != 0:
+        kept, kept_grad, dense_grad = (sum(t[i] for t in found) for i in range(3))
+        if kept > 0 and (kept_grad > 0 or dense_grad == 0):  # (every advantage 0: dense GRPO trains on nothing too)
             self._empty_in_a_row = 0
             return
         self.empty_selection_steps.append(step)
         self._empty_in_a_row += 1
         name, limit = self.config.select, self.config.max_empty_selection_steps
-        what = "kept no token" if kept == 0 else f"kept {int(kept)} tokens whose gradient weights sum to 0"
+        what = ("kept no token" if kept == 0 else
+                f"kept {int(kept)} tokens, all of zero gradient weight (zero weight or zero advantage)")
         if self.capture.rank == 0:
-            logger.warning("forkwatch: select=%r %s at step %d: this step trains on nothing (%d such step(s) so far, "
-                           "%d in a row; training stops after %s in a row: max_empty_selection_steps)", name, what,
-                           step, len(self.empty_selection_steps), self._empty_in_a_row, limit or "never")
+            logger.warning("forkwatch: select=%r %s at step %d, which trains on nothing (%d such step(s) so far, %d in "
+                           "a row; training stops after %s in a row: max_empty_selection_steps)", name, what, step,
+                           len(self.empty_selection_steps), self._empty_in_a_row, limit or "never")
         if limit and self._empty_in_a_row >= limit:
             first = step - self._empty_in_a_row + 1
-            message = (f"forkwatch: select={name!r} {what} at {self._empty_in_a_row} steps in a row (steps {first}-{step}"
-                       f"): the policy gets no gradient from the selection, so training on is training on nothing. "
-                       "The selector's score was 0 (or below its cut-off) for every token: for ict against the "
-                       "reference, the policy has not moved from it (give it a dense warm-up, warmup_steps >= 1); "
-                       "otherwise check the selector's options (fraction, warmup_steps) or use another selector. "
-                       f"max_empty_selection_steps={limit} sets how many such steps are allowed in a row (0: never "
-                       "stop).")
+            message = (f"forkwatch: select={name!r} {what} at {self._empty_in_a_row} steps in a row (steps {first}-"
+                       f"{step}): the policy gets no gradient from the selection, so training on is training on "
+                       "nothing. The selector's score was 0 (or below its cut-off) for every token that carries "
+                       "gradient: for ict against the reference, the policy has not moved from it yet (give it a "
+                       "dense warm-up, warmup_steps >= 1); otherwise check the selector's options (fraction, "
+                       f"warmup_steps) or use another selector. max_empty_selection_steps={limit} sets how many such "
+                       "steps are allowed in a row (0: never stop).")
             if self.writer is not None and self.capture.rank == 0:
                 self.writer.update_meta(stopped_by_selection=message, empty_selection_steps=self.empty_selection_steps)
             raise RuntimeError(message)

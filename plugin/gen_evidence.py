@@ -253,8 +253,20 @@ def _fit(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ agreed over ranks
-# agreed states of a generation batch over the ranks (the minimum wins)
-_UNRECORDED, _FALLBACK, _EVIDENCE = 0, 1, 2
+# the paths a generation batch can take, ordered: the ranks agree on the minimum over them
+UNRECORDED, FALLBACK, EVIDENCE = 0, 1, 2
+
+
+def agreed_path(has_evidence: bool, recorded: bool, world: int, device: torch.device | str = "cpu") -> int:
+    """The path every rank takes for a generation batch: EVIDENCE (generation's own scores) only when every rank has
+    them, UNRECORDED when any rank could not even take the batch's facts, else FALLBACK (whose gathers of the sharded
+    head are collectives every rank must enter). One all_reduce(MIN) when world > 1: call it on every rank."""
+    state = EVIDENCE if has_evidence else FALLBACK if recorded else UNRECORDED
+    if world > 1:
+        t = torch.tensor([state], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        state = int(t.item())
+    return state
 
 
 class Evidence:
@@ -295,20 +307,15 @@ class Evidence:
         never depends on this (a selector that needs the evidence stops training with an error instead)."""
         local, self._local = (self._local if recorded else (None, "error")), None
         evidence, reason = local if local is not None else (None, "error")
-        state = _EVIDENCE if evidence is not None else _FALLBACK if recorded else _UNRECORDED
-        agreed = state
-        if self.world > 1:
-            t = torch.tensor([state], dtype=torch.int32, device=out["completion_ids"].device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            agreed = int(t.item())
-        if agreed == _UNRECORDED:
+        agreed = agreed_path(evidence is not None, recorded, self.world, out["completion_ids"].device)
+        if agreed == UNRECORDED:
             for key in [k for k in out if k.startswith(PREFIX)]:
                 del out[key]
             if recorded:  # the fault itself is counted on the rank that had it
                 self.faults.drop("completions", out["completion_ids"].size(0), "other_rank",
                                  "forkwatch: another rank could not record a generation batch; no rank records it")
             return False
-        if agreed == _FALLBACK and evidence is not None:
+        if agreed == FALLBACK and evidence is not None:
             evidence, reason = None, "other_rank"
         with self.faults.guard("generation_evidence"):
             self._use(out, evidence, reason)
