@@ -1,8 +1,9 @@
 """Which plugin files one watched step passes through, in order: a structural measure of the plugin (no timing).
 
 A tiny real GRPOTrainer (tests/conftest.py) trains 3 steps with forkwatch attached (the defaults, or `--select`);
-during the third step every Python call into a file of plugin/ is recorded (`sys.setprofile`). The sequence of files
-those calls enter, with consecutive repeats collapsed, is the reading path of one step:
+during the third step every Python call into a file of plugin/ is recorded (`sys.setprofile`; decorator wrappers such
+as `no_grad` are skipped). The sequence of files those calls enter, with consecutive repeats collapsed, is the path
+of one step (loops count once per pass: the decode steps, the columns copied out):
 
     files   distinct plugin files the step enters
     hops    moves from one plugin file to another (calls into another file; returns are not counted)
@@ -39,7 +40,8 @@ def trace_step(select: str | None) -> list[str]:
     calls: list[str] = []
 
     def profile(frame, event, arg):
-        if event == "call":
+        # a decorator's wrapper (token_math.no_grad) is not a place a reader goes: its callee is
+        if event == "call" and frame.f_code.co_name != "wrapper":
             f = frame.f_code.co_filename
             if f.startswith(PLUGIN) and (not calls or calls[-1] != f):
                 calls.append(f)

@@ -26,12 +26,14 @@ from forkwatch.plugin.step_data import (
     ForkBatch,
     StepAccumulator,
     TokenBatch,
-    to_numpy,
     token_rows,
 )
 from forkwatch.plugin.token_math import no_grad
 
-_np = to_numpy
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """The one device -> host copy of a record tensor (a free view on a CPU device)."""
+    return t.detach().to("cpu", non_blocking=False).numpy()
 
 
 @dataclass

@@ -29,11 +29,6 @@ from forkwatch.plugin import token_math
 from forkwatch.plugin.token_math import no_grad
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """The one device -> host copy of a tensor (a free view on a CPU device)."""
-    return t.detach().to("cpu", non_blocking=False).numpy()
-
-
 @dataclass
 class TokenBatch:
     """One loss micro-batch, (B, T) over its completion tokens unless said otherwise; after `stack`, each tensor has
@@ -189,7 +184,7 @@ class StepAccumulator:
     def collect(self) -> dict[str, Any]:
         """Picklable summary for the cross-rank gather: per-token values as numpy, counts as numbers. Everything
         crosses to the CPU in one copy (one device synchronisation)."""
-        flat = to_numpy(torch.cat([v for _, _, v in self.values]).double()) if self.values else np.zeros(0)
+        flat = torch.cat([v for _, _, v in self.values]).double().cpu().numpy() if self.values else np.zeros(0)
         found: dict[str, list[np.ndarray]] = {name: [] for name in (*self.SERIES, *self.COUNTS)}
         at = 0
         for names, sizes, _ in self.values:

@@ -100,17 +100,22 @@ def check(trainer) -> LossPath:
             raise ValueError(f"forkwatch reads Rényi-2 from the logits trl {version}'s loss pass computes; "
                              "use_liger_kernel=True computes the log-probs without them: set use_liger_kernel=False")
         return "logits"
-    problem = _fused_head_problem(trainer, utils, version)
+    problem = fused_head_problem(trainer.accelerator.device.type)
     if problem:
         raise ValueError(problem)
     return "fused"
 
 
-def _fused_head_problem(trainer, utils, version: Version) -> str | None:
-    """Why TRL's fused LM head cannot run on this trainer's device, or None. TRL 1.15 imports its kernel from
-    trl.kernels, which needs Triton (None without it) and has no torch fallback (TRL 1.16 has one)."""
+def fused_head_problem(device: str) -> str | None:
+    """Why the installed TRL's fused LM head cannot run on `device` ("cpu", "cuda", ...), or None (also None when
+    this TRL has no fused head). TRL 1.15 imports its kernel from trl.kernels, which needs Triton (the kernel is
+    None without it) and has no torch fallback; TRL 1.16's has one."""
+    import trl
+    from trl.trainer import utils
+
+    if not hasattr(utils, "add_fused_lm_head"):
+        return None
     kernel = getattr(utils, "_ChunkedLogProbFunction", "absent")
-    device = trainer.accelerator.device.type
     cause = None
     if kernel is None:
         cause = "its kernel module trl.kernels needs Triton, which is not importable here"
@@ -119,10 +124,10 @@ def _fused_head_problem(trainer, utils, version: Version) -> str | None:
         cause = f"its Triton kernel has no torch fallback and the trainer's device is {device}"
     if cause is None:
         return None
-    return (f"trl {version}'s fused LM head (trl.trainer.utils.add_fused_lm_head, which GRPOTrainer installs and "
-            f"calls in every loss pass) cannot run here: {cause}. GRPOTrainer itself would fail at its first loss "
-            "pass (AttributeError: 'NoneType' object has no attribute 'apply'), with or without forkwatch. Train on "
-            "a CUDA/XPU device with Triton installed, or install trl==1.14.2 or trl>=1.16,<1.17, whose loss pass runs "
+    return (f"trl {trl.__version__}'s fused LM head (trl.trainer.utils.add_fused_lm_head, which GRPOTrainer installs "
+            f"and calls in every loss pass) cannot run here: {cause}. GRPOTrainer itself would fail at its first loss "
+            "pass (AttributeError: 'NoneType' object has no attribute 'apply'), with or without forkwatch. Train on a "
+            "CUDA/XPU device with Triton installed, or install trl==1.14.2 or trl>=1.16,<1.17, whose loss pass runs "
             "on any device.")
 
 

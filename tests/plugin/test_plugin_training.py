@@ -118,6 +118,18 @@ def test_selection_seam_weights_the_loss_and_records_selected(make_trainer, tmp_
     assert not cb.capture.faults.faults
 
 
+def test_worker_interval_s_is_still_accepted_with_a_warning_naming_handoff_interval_s(make_trainer, tmp_path):
+    from forkwatch.plugin.config import ForkwatchConfig
+
+    with pytest.warns(FutureWarning, match="`worker_interval_s` is now `handoff_interval_s`"):
+        cb = forkwatch.attach(make_trainer(max_steps=1), log_dir=str(tmp_path / "runs"), worker_interval_s=0)
+    assert cb.config.handoff_interval_s == 0 and "worker_interval_s" not in cb.config.to_dict()
+    with pytest.warns(FutureWarning, match="pass handoff_interval_s instead"):
+        assert ForkwatchConfig(log_dir=str(tmp_path), worker_interval_s=2.5).handoff_interval_s == 2.5
+    with pytest.raises(ValueError, match="handoff_interval_s=-1"):
+        ForkwatchConfig(log_dir=str(tmp_path), handoff_interval_s=-1)
+
+
 def test_attach_refuses_an_out_of_range_option_naming_it(make_trainer):
     with pytest.raises(ValueError, match="fork_fraction=2.0"):
         forkwatch.attach(make_trainer(max_steps=1), fork_fraction=2.0)
