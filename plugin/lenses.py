@@ -76,7 +76,7 @@ def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temp
     The probes go through as few forwards as `BATCH_LOGITS` allows (`padded_batch`; one on a small model, where the
     per-forward dispatch, not the arithmetic, is the cost of a scoring; one per probe when a probe's logits alone
     reach the bound). A probe's logits are those of its own unpadded forward: each row sees exactly its own tokens
-    at its own positions (tests/test_plugin_probes.py checks them against one forward per probe)."""
+    at its own positions (tests/plugin/test_plugin_probes.py checks them against one forward per probe)."""
     cols: dict[str, list] = {c: [] for c in ("step", "probe_id", "position", "token_id", "logprob", "entropy",
                                              "renyi2", "top_ids", "top_probs")}
     if not probes:

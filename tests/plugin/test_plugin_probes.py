@@ -1,4 +1,4 @@
-"""plugin/probes.py on a tiny causal LM: teacher-forced scores line up with a direct full forward."""
+"""plugin/lenses.py's probes on a tiny causal LM: teacher-forced scores line up with a direct full forward."""
 
 from __future__ import annotations
 

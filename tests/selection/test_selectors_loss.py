@@ -1,4 +1,4 @@
-"""policy_loss.py against float64 references: TRL's surrogate, KL-Cov's and GPPO's deltas, TRL's normalisers,
+"""plugin/selection/policy_loss.py against float64 references: TRL's surrogate, KL-Cov's and GPPO's deltas, TRL's normalisers,
 and the attach-time refusals and warnings of `validate_selection`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ICT against the reference policy (plugin/reference_js.py) and the demo's oracle selector: the reference JS a real
+"""ICT against the reference policy (plugin/selection/reference.py) and the demo's oracle selector: the reference JS a real
 GRPOTrainer hands the selector equals a float64 recomputation from the initial and the current policy, for each way
 of holding the reference (frozen copy, TRL's ref_model, PEFT with adapters disabled); `against` is validated; the
 oracle keeps the ground truth's tokens at the budget, with the demo's label source."""
