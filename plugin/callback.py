@@ -1,8 +1,9 @@
 """`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab, probes, checkpoints) and the end of each step.
-Shaped like TRL's callbacks: it overrides only the events it needs, only rank 0 logs, every hook is guarded, and what
-it installed is removed at train end.
+Shaped like TRL's callbacks: it overrides only the events it needs, only rank 0 logs, every recording step is guarded
+(the one error it raises on purpose is a selection that keeps nothing, step after step), and what it installed is
+removed at train end.
 
-At the end of a step it takes the step's captures from the capture (plugin/capture.py), gathers every rank's summary,
+At the end of a step it takes the step's values from the capture (plugin/capture.py), gathers every rank's summary,
 gives both to the `HandOff` (plugin/handoff.py: the steps row, the scalars logged for the step, the hand-off to the
 writer) and acts on what comes back: the health flags (a warning in the log and, with on_alarm="stop", the end of
 training at this step) and a selection that kept no token (a warning naming the selector and the step; training

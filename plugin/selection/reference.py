@@ -54,7 +54,7 @@ class ReferencePolicy:
         from accelerate.utils import is_peft_model
 
         self.trainer = trainer
-        self.project = project  # the monitor's HeadProjector: the policy's (gathered) head, temperature-scaled
+        self.project = project  # the capture's HeadProjector: the policy's (gathered) head, temperature-scaled
         self.backbone = backbone
         self.rows = rows or trainer.args.per_device_train_batch_size
         self.chunk = chunk
