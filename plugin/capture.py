@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from forkwatch.plugin import token_math
 from forkwatch.plugin.gen_evidence import Evidence, HeadProjector
-from forkwatch.plugin.lenses import RankBudget
+from forkwatch.plugin.lenses import EffectiveRankBudget
 from forkwatch.plugin.selection.seam import SelectionSeam
 from forkwatch.plugin.step_data import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 from forkwatch.plugin.token_math import no_grad
@@ -85,7 +85,8 @@ class Capture:
                                  project=project, backbone=backbone, group_js=self.group_js_on, forks=self.forks_on)
         self.selection_seam = SelectionSeam(trainer, config, selector, rank=self.rank, world=self.world,
                                             faults=self.faults)
-        self.rank_budget = RankBudget(config.effective_rank_every, config.effective_rank_completions)
+        self.effective_rank_budget = EffectiveRankBudget(config.effective_rank_every,
+                                                         config.effective_rank_completions)
         self.steps: dict[int, StepAccumulator] = {}
         self.gen: GenBatch | None = None  # the current generation batch
         self.last_rewards: torch.Tensor | None = None  # `_calculate_rewards`' result, for `on_generation`
@@ -206,7 +207,7 @@ class Capture:
         """Whether the backbone's output is needed for this micro-batch (fallbacks or an effective-rank step)."""
         if self.backbone is None:
             return False
-        return self.forks_on or self.group_js_on or self.rank_budget.due(self.step_now())
+        return self.forks_on or self.group_js_on or self.effective_rank_budget.due(self.step_now())
 
     def select(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`get_high_entropy_mask` replacement: the selector's (B, T) weights for this micro-batch."""
@@ -262,9 +263,10 @@ class Capture:
             local, ok = rows_in_generation(inputs[ROW_ID], gen.key, gen.offset, gen.completion_id.numel())
             rows = local[ok]
             series.update(rewards=gen.reward[rows], lengths=gen.length[rows], truncated=gen.truncated[rows])
-            if hidden is not None and self.rank_budget.due(step):
+            if hidden is not None and self.effective_rank_budget.due(step):
                 with self.faults.guard("effective_rank"):
-                    series["effective_rank"] = self.rank_budget.measure(step, hidden, mask, ok & gen.sampled[local])
+                    series["effective_rank"] = self.effective_rank_budget.measure(step, hidden, mask,
+                                                                                  ok & gen.sampled[local])
         acc.add(**series)
         if gen is not None and (step - 1) % cfg.record_every_steps == 0:
             # forks without generation-time alternatives are projected through the head, gathered on every rank

@@ -140,7 +140,8 @@ class GenScorer:
             # the row ids' group rule, renumbered from 0 (no host sync)
             first = group_of(self.process_index * b, self.num_generations)
             last = group_of(self.process_index * b + b - 1, self.num_generations)
-            self.groups = group_of(self.process_index * b + torch.arange(b, device=z.device), self.num_generations) - first
+            rows = self.process_index * b + torch.arange(b, device=z.device)
+            self.groups = group_of(rows, self.num_generations) - first
             self.n_groups = last - first + 1
             self.finished = torch.zeros(b, dtype=torch.bool, device=z.device)
             if self.eos.device != z.device:
@@ -327,7 +328,8 @@ class Evidence:
             if self.group_js_on:
                 out[GROUP_JS] = evidence.group_js
             if self.forks_on:
-                out[ALT_IDS], out[ALT_PROBS], out[ALT_RANK] = evidence.alt_ids, evidence.alt_probs, evidence.sampled_rank
+                out[ALT_IDS], out[ALT_PROBS] = evidence.alt_ids, evidence.alt_probs
+                out[ALT_RANK] = evidence.sampled_rank
             return
         if self.forks_on:  # the loss pass projects its forks through the gathered head
             self.fork_fallbacks[reason] += 1

@@ -12,8 +12,9 @@ The callback drives one `HandOff` per `train()`:
 `run` is the hand-off itself, on the training thread: the waiting `steps` rows go to the writer as one batch and
 through the health rules; the recorded tokens, forks and completions are copied to the host (plugin/records.py
 `to_host`) and go to the writer as one deferred job, which builds the table columns and decodes the text on the
-writer's thread (`HostRecords.batches`). A hand-off has a fixed cost (a few stacked tensor ops, one queue item, one evaluation of
-the health rules) whatever the number of steps in it, so steps shorter than `interval_s` are handed over together.
+writer's thread (`HostRecords.batches`). A hand-off has a fixed cost (a few stacked tensor ops, one queue item, one
+evaluation of the health rules) whatever the number of steps in it, so steps shorter than `interval_s` are handed
+over together.
 
 This is the only place before the writer's queue where records wait, and the writer's queue budget (`queue_rows`)
 is the one row cap: a hand-off is also due when the token rows waiting here reach it.

@@ -13,7 +13,8 @@ sharded weights (ZeRO-3, FSDP2): every rank must score the same probes the same 
 guarantees by broadcasting them and scoring on all ranks.
 
 Effective rank (arXiv:2509.23808, `token_math.effective_rank`): every `effective_rank_every` steps, of up to
-`effective_rank_completions` recorded completions per rank, from the loss pass's own backbone output (`RankBudget`).
+`effective_rank_completions` recorded completions per rank, from the loss pass's own backbone output
+(`EffectiveRankBudget`).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def reshard(model: torch.nn.Module) -> None:
             m.reshard()
 
 
-class RankBudget:
+class EffectiveRankBudget:
     """At which steps the effective rank of hidden states is measured (`effective_rank_every`), and of how many
     recorded completions per rank and step (`effective_rank_completions`), over the step's micro-batches."""
 

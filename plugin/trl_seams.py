@@ -37,7 +37,7 @@ TESTED_RANGE = f"trl>={TESTED[0]},<{TESTED[1]}"
 
 # GRPOTrainer's private methods and attributes forkwatch wraps or reads (all present in every tested release)
 TRAINER_SEAMS = {
-    "_generate_and_score_completions": "wrapped: per-completion facts, row ids and per-position evidence into the batch",
+    "_generate_and_score_completions": "wrapped: per-completion facts, row ids, per-position evidence into the batch",
     "_calculate_rewards": "wrapped: the rewards of each reward function",
     "_generate_single_turn": "wrapped: arms the decode-step scorer while TRL generates for training",
     "_compute_loss": "wrapped: brackets each loss micro-batch",
@@ -211,7 +211,8 @@ def head_logit_scale(text_config) -> float:
     for name in ("output_multiplier", "lm_head_multiplier"):
         scale = getattr(text_config, name, None) if scale is None else scale
     if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        scale = text_config.logits_scaling if text_config.model_type == "hyperclovax" else 1 / text_config.logits_scaling
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
     return 1.0 if scale is None else float(scale)
 
 
