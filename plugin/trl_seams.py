@@ -52,6 +52,10 @@ TRAINER_SEAMS = {
     "epsilon_low": "TRL's clip range (Clip-Cov, KL-Cov, GPPO)",
     "epsilon_high": "TRL's clip range",
     "use_vllm": "a backend whose forwards the decode-step scorer never sees",
+    "use_transformers_continuous_batching": "another such backend",
+    "num_iterations": "whether the loss pass sees the weights that generated a batch (group_js fallback)",
+    "eos_token_ids": "the ids that end a completion (None: the tokenizer's EOS)",
+    "ref_model": "TRL's reference model when beta > 0: ICT's reference policy",
     "vllm_importance_sampling_correction": "TRL's per-token importance ratio in the loss",
     "max_completion_length": "dr_grpo's normaliser",
     "_step": "the micro-step within an optimizer step (row ids)",
@@ -221,6 +225,11 @@ def gathered_head(weight: torch.Tensor, bias: torch.Tensor | None):
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     return maybe_gather_lm_head_ctx(weight, bias)
+
+
+def reference_model(trainer) -> torch.nn.Module | None:
+    """TRL's own reference model (built and prepared for DeepSpeed / FSDP by TRL when beta > 0), or None."""
+    return trainer.ref_model
 
 
 def adapters_disabled(trainer):

@@ -195,13 +195,13 @@ class Outage(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         self.ended[step] = time.monotonic()
-        self.dropped_at[step] = self.trainer._forkwatch.monitor.faults.total_dropped()
+        self.dropped_at[step] = self.trainer._forkwatch.capture.faults.total_dropped()
         if step == self.down_at:
             self.trainer._forkwatch.writer.flush(30)  # the steps before the outage are on the server
             self.server.kill()
             self.down_t = time.monotonic()
         elif step == self.up_at:
-            ledger = self.trainer._forkwatch.monitor.faults
+            ledger = self.trainer._forkwatch.capture.faults
             deadline = time.monotonic() + 60
             while ledger.total_dropped() == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)

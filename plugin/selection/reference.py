@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from forkwatch.plugin.gen_evidence import extra_pass
 from forkwatch.plugin.token_math import js_from_logits
-from forkwatch.plugin.trl_seams import adapters_disabled
+from forkwatch.plugin.trl_seams import adapters_disabled, reference_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ReferencePolicy:
         self.chunk = chunk
         self.copy: torch.nn.Module | None = None
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if getattr(trainer, "ref_model", None) is not None:
+        if reference_model(trainer) is not None:
             self.kind = "ref_model"
         elif is_peft_model(model):
             self.kind = "peft_adapters_disabled"
@@ -81,7 +81,7 @@ class ReferencePolicy:
     def _reference(self) -> tuple[torch.nn.Module, AbstractContextManager]:
         tr = self.trainer
         if self.kind == "ref_model":
-            return tr.ref_model, nullcontext()
+            return reference_model(tr), nullcontext()
         if self.kind == "peft_adapters_disabled":
             return tr.model, adapters_disabled(tr)
         return self.copy, nullcontext()
