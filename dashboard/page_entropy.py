@@ -97,6 +97,10 @@ def effective_rank_section(log_dir: str, runs: pd.DataFrame, shown: list[str]) -
         why = ("it was turned off (effective_rank_every=0)" if every == 0 else
                f"none measured yet (every {every} steps)" if every else "the run was written without it")
         st.info(f"Run `{r}`: no effective rank to draw: {why}.")
+    for r in shown:  # which steps the lens budget let it run at, and which it skipped
+        note = cached("lens_schedule", log_dir, r).get("effective_rank")
+        if note:
+            st.caption(f"`{r}`: {note}")
 
 
 def group_js_note(series: dict[str, pd.DataFrame]) -> None:

@@ -203,6 +203,9 @@ def probes_section(log_dir: str, runs: pd.DataFrame, run: str) -> None:
         stat = st.radio("Colour by", ["entropy", "renyi2", "logprob"], horizontal=True, key="forks_probe_stat")
     tokens = cached("probe_tokens", log_dir, run, int(pid))
     st.plotly_chart(probe_heatmap_figure(tokens, stat), key="forks_probe_chart", width="stretch")
+    note = cached("lens_schedule", log_dir, run).get("probes")  # the steps scored and skipped (the lens budget)
+    if note:
+        st.caption(note)
     overlap = cached("probe_top_overlap", log_dir, run, TOP_FRACTION)
     if len(overlap) < 2:
         st.info("The overlap of top-entropy positions needs two scorings of the probes; one so far.")

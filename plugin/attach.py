@@ -17,6 +17,7 @@ from forkwatch.plugin.callback import ForkwatchCallback
 from forkwatch.plugin.capture import Capture
 from forkwatch.plugin.config import RENAMED, ForkwatchConfig
 from forkwatch.plugin.gen_evidence import HeadProjector
+from forkwatch.plugin.lens_budget import LensClock
 from forkwatch.store.location import resolve
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,15 @@ def attach(trainer, **options) -> ForkwatchCallback:
             raise ValueError(f"select={config.select!r} scores tokens by group_js: set group_js='auto' or True")
 
     target = trl_seams.target_model(trainer)
-    capture = Capture(trainer, config, selector=selector, project=HeadProjector(target, trainer.temperature),
-                      backbone=target.base_model)
+    clock = LensClock.from_config(config)  # when the periodic lenses run (the lens budget)
     probes = None
     if config.probe_every > 0:  # built here: probe texts that do not encode are refused at attach
         from forkwatch.plugin.lenses import ProbeRunner
 
-        probes = ProbeRunner(trainer, pairs=config.probes, every=config.probe_every, count=config.probe_count,
-                             top_k=config.fork_top_k)
+        probes = ProbeRunner(trainer, pairs=config.probes, count=config.probe_count, top_k=config.fork_top_k,
+                             clock=clock)
+    capture = Capture(trainer, config, selector=selector, project=HeadProjector(target, trainer.temperature),
+                      backbone=target.base_model, lens_clock=clock, probes=probes)
     callback = ForkwatchCallback(config, trainer=trainer, capture=capture, probes=probes, loss_path=loss_path,
                                  install=lambda: trl_seams.install(trainer, capture, loss_path))
     callback.install()

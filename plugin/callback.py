@@ -99,6 +99,7 @@ class ForkwatchCallback(TrainerCallback):
 
         tr, cfg = self.trainer, self.config
         acc = tr.accelerator
+        self.capture.lens_clock.start()  # training time, against which the lenses' time is budgeted, starts now
         run_id = cfg.run_name or self._resume_run_id
         if run_id is None:
             run_id = new_run_id()
@@ -140,6 +141,7 @@ class ForkwatchCallback(TrainerCallback):
             summary["dropped"] = ledger.total_dropped()
             summary["faults"] = ledger.faults
             summary["rank"] = self.capture.rank
+            summary["lens_clock"] = self.capture.lens_clock.local()  # the step's time and its lenses' own
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
         # what the selection kept, outside the recording guard: it decides whether training goes on
         totals = self.capture.selection_seam.take_step(step)
@@ -152,6 +154,11 @@ class ForkwatchCallback(TrainerCallback):
             parts = [{k: v for k, v in p.items() if k != "selection"} for p in parts]
         else:
             totals_all = [totals]
+        with ledger.guard("lenses"):  # every rank counts the same (gathered) times: the same lenses run next
+            clock = self.capture.lens_clock
+            clock.agree(p.get("lens_clock") for p in parts)
+            if clock.changed and state.is_world_process_zero and self.writer is not None:
+                self.writer.update_meta(lenses=clock.meta())  # what ran and what was skipped, as it happens
         scalars: dict[str, float] = {}
         if acc is not None:
             with ledger.guard("step_row"):
@@ -287,6 +294,7 @@ class ForkwatchCallback(TrainerCallback):
         faults = self.capture.faults.faults
         if faults:
             logger.warning("forkwatch: errors during this run (training was not affected): %s", faults)
+        writer.update_meta(lenses=self.capture.lens_clock.meta())  # the lenses' steps, costs and training time
         evidence = self.capture.evidence
         writer.update_meta(group_js_split_groups=evidence.split_groups,
                            group_js_fallbacks=dict(evidence.group_js_fallbacks),
@@ -299,11 +307,18 @@ class ForkwatchCallback(TrainerCallback):
         return getattr(target_model(self.trainer).config.get_text_config(), "vocab_size", None)
 
     def _write_vocab(self) -> None:
+        """The `vocab` table (token id -> text and role), decoded on the writer's thread: for a 49k vocabulary that
+        is about half a second of Python the training thread no longer waits for."""
         proc = self.trainer.processing_class
         tok = getattr(proc, "tokenizer", proc)
         n = len(tok)
-        texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-        self.writer.put("vocab", {"token_id": list(range(n)), "text": texts, "role": roles_of(texts)})
+
+        def produce():
+            # one id at a time: the tokenizers library's batch decoding would start a thread pool of its own
+            texts = [tok.decode([i], skip_special_tokens=False) for i in range(n)]
+            return [("vocab", {"token_id": list(range(n)), "text": texts, "role": roles_of(texts)})]
+
+        self.writer.submit(produce, rows={"vocab": n}, where="vocab")
 
     def _probe_step(self, step: int) -> None:
         """Every rank, at the end of a step: score the probes when due (taking the default probes first if needed)."""

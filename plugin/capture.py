@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from forkwatch.plugin import token_math
 from forkwatch.plugin.gen_evidence import Evidence, HeadProjector
-from forkwatch.plugin.lenses import EffectiveRankBudget
+from forkwatch.plugin.lens_budget import LensClock
+from forkwatch.plugin.lenses import EffectiveRankBudget, ProbeRunner
 from forkwatch.plugin.selection.seam import SelectionSeam
 from forkwatch.plugin.step_data import CompletionBatch, ForkBatch, GenBatch, StepAccumulator, TokenBatch
 from forkwatch.plugin.token_math import no_grad
@@ -67,7 +68,8 @@ class _LossPass:
 
 class Capture:
     def __init__(self, trainer, config, *, selector=None, project: HeadProjector | None = None,
-                 backbone: torch.nn.Module | None = None) -> None:
+                 backbone: torch.nn.Module | None = None, lens_clock: LensClock | None = None,
+                 probes: ProbeRunner | None = None) -> None:
         self.trainer = trainer
         self.config = config
         self.backbone = backbone
@@ -85,8 +87,10 @@ class Capture:
                                  project=project, backbone=backbone, group_js=self.group_js_on, forks=self.forks_on)
         self.selection_seam = SelectionSeam(trainer, config, selector, rank=self.rank, world=self.world,
                                             faults=self.faults)
-        self.effective_rank_budget = EffectiveRankBudget(config.effective_rank_every,
-                                                         config.effective_rank_completions)
+        # when the periodic lenses run (plugin/lens_budget.py); the probes' runner takes the first step's rows
+        self.lens_clock = lens_clock if lens_clock is not None else LensClock.from_config(config)
+        self.effective_rank_budget = EffectiveRankBudget(config.effective_rank_completions, self.lens_clock)
+        self.probes = probes
         self.steps: dict[int, StepAccumulator] = {}
         self.gen: GenBatch | None = None  # the current generation batch
         self.last_rewards: torch.Tensor | None = None  # `_calculate_rewards`' result, for `on_generation`
@@ -282,6 +286,11 @@ class Capture:
                         logprob=mb.completion("logprob", t).float(), entropy=entropy, renyi2=renyi2,
                         group_js=group_js, selected=selected, is_fork=is_fork, advantages=inputs["advantages"],
                         mask=valid, completion_id=inputs[ROW_ID], token_id=inputs["completion_ids"])
+                    if self.probes is not None and self.probes.collecting(step):  # the default probes' first scoring
+                        alts = (inputs[ALT_IDS][pick], inputs[ALT_PROBS][pick]) if ALT_IDS in inputs else (None, None)
+                        self.probes.offer(gen.key, local[pick], dict(
+                            logprob=tokens.logprob[pick], entropy=entropy[pick], renyi2=renyi2[pick],
+                            alt_ids=alts[0], alt_probs=alts[1]))
                     self._record(acc, tokens, inputs, gen=gen, gen_rows=local[pick], idx=pick, hidden=hidden,
                                  project=project)
         acc.seconds += time.perf_counter() - t0

@@ -86,6 +86,20 @@ class ForkwatchConfig:
     effective_rank_completions: int = field(
         default=4, metadata={"help": "Recorded completions per rank whose effective rank is measured on a due step."}
     )
+    lens_budget: float | None = field(
+        default=0.005,
+        metadata={"help": "Share of training time the periodic lenses (probes, effective rank) may take together. "
+                  "A lens runs only at multiples of its own `*_every` steps, and there only when the time the lenses "
+                  "took so far plus its last measured cost stays within this share of the training time so far, "
+                  "both measured on the run; the other such steps are skipped. run.json `lenses` and the dashboard "
+                  "list the steps each lens ran and was skipped at. None: every `*_every` steps, whatever they "
+                  "cost."},
+    )
+    lens_max_every: int | None = field(
+        default=100,
+        metadata={"help": "A lens the budget held back this many steps runs anyway at its next due step (listed as "
+                  "forced: its cost then exceeds the budget); None: the budget always wins."},
+    )
     probes: list[tuple[str, str]] | None = field(
         default=None,
         metadata={"help": "(prompt, completion) texts scored teacher-forced, without gradient, before training and "
@@ -219,6 +233,15 @@ class ForkwatchConfig:
         self._validate_lenses()
 
     def _validate_lenses(self) -> None:
+        if self.lens_budget is not None and not (isinstance(self.lens_budget, int | float)
+                                                 and not isinstance(self.lens_budget, bool)
+                                                 and 0 < self.lens_budget <= 1):
+            raise ValueError(f"lens_budget={self.lens_budget!r}: pass a share of training time in (0, 1], e.g. 0.005, "
+                             "or None for no budget")
+        if self.lens_max_every is not None and not (isinstance(self.lens_max_every, int)
+                                                    and not isinstance(self.lens_max_every, bool)
+                                                    and self.lens_max_every >= 1):
+            raise ValueError(f"lens_max_every={self.lens_max_every!r}: pass an integer >= 1, e.g. 100, or None")
         for name in ("effective_rank_every", "probe_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -1,28 +1,40 @@
 """The collapse lenses that need the model (docs/collapse-lenses.md): probes scored teacher-forced every few steps,
-and the cadence of the effective rank of hidden states. (The entropy spectrum needs no model: the steps row builds
-it, plugin/handoff.py.)
+and the effective rank of hidden states. (The entropy spectrum needs no model: the steps row builds it,
+plugin/handoff.py.) When each runs is the lens budget's decision (plugin/lens_budget.py): on its grid of
+`*_every` steps, within `lens_budget` of training time, measured on the run.
 
-Probes: fixed (prompt, completion) pairs scored teacher-forced, without gradient, every few steps. Each step samples
-new completions, so a recorded token is never scored twice; a probe's tokens are, at every `probe_every` steps,
-with the policy as it is then: their entropy, Rényi-2, log-prob and top-k, in the `probes` table (arXiv:2506.01939
-reports that 86 % of the high-entropy positions are shared before and after RLVR). Given explicitly
-(`attach(..., probes=[(prompt, completion), ...])`) or, by default, the first completions recorded. Probes share
-padded forwards (explicit position ids: a plain forward does not derive positions from a padded mask;
+Probes: fixed (prompt, completion) pairs scored teacher-forced, without gradient. Each step samples new completions,
+so a recorded token is never scored twice; a probe's tokens are, at each scoring, with the policy as it is then:
+their entropy, Rényi-2, log-prob and top-k, in the `probes` table (arXiv:2506.01939 reports that 86 % of the
+high-entropy positions are shared before and after RLVR). Given explicitly (`attach(..., probes=[(prompt,
+completion), ...])`, first scored before training, step 0) or, by default, the first completions recorded. Probes
+share padded forwards (explicit position ids: a plain forward does not derive positions from a padded mask;
 `BATCH_LOGITS` bounds the logits of one), through the causal LM itself, so the stack's own forward hooks gather
 sharded weights (ZeRO-3, FSDP2): every rank must score the same probes the same number of times, which the callback
 guarantees by broadcasting them and scoring on all ranks.
 
-Effective rank (arXiv:2509.23808, `token_math.effective_rank`): every `effective_rank_every` steps, of up to
+The default probes' first scoring costs no forward: they are completions of the run's first step, whose loss pass
+has just computed their log-prob, entropy and Rényi-2 with the initial policy, and whose generation kept the top-k
+at every position (plugin/gen_evidence.py) — the very numbers a teacher-forced scoring of the initial policy gives,
+up to float rounding (tests/plugin/test_collapse_lenses_training.py checks them against one). So they are stored as
+step 0, like given probes' first scoring. Where that cannot hold — generation kept no alternatives (forks off, vLLM,
+a fallback), the model has dropout (the loss pass runs in training mode), a resumed run — the probes are scored with
+a forward at the step that chose them, as before.
+
+Effective rank (arXiv:2509.23808, `token_math.effective_rank`): on its due steps, of up to
 `effective_rank_completions` recorded completions per rank, from the loss pass's own backbone output
 (`EffectiveRankBudget`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from forkwatch.plugin import token_math
+from forkwatch.plugin.lens_budget import LensClock
 from forkwatch.plugin.trl_seams import target_model
 
 
@@ -65,6 +77,7 @@ def probe_from_row(probe_id: int, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return Probe(probe_id, tuple(p), tuple(c)) if p and c else None
 
 
+PROBE_COLUMNS = ("step", "probe_id", "position", "token_id", "logprob", "entropy", "renyi2", "top_ids", "top_probs")
 BATCH_LOGITS = 2**25  # logits (probes x longest completion x vocabulary) one forward may produce: 128 MB of float32
 
 
@@ -78,8 +91,7 @@ def score_probes(model: torch.nn.Module, probes: list[Probe], step: int, *, temp
     per-forward dispatch, not the arithmetic, is the cost of a scoring; one per probe when a probe's logits alone
     reach the bound). A probe's logits are those of its own unpadded forward: each row sees exactly its own tokens
     at its own positions (tests/plugin/test_plugin_probes.py checks them against one forward per probe)."""
-    cols: dict[str, list] = {c: [] for c in ("step", "probe_id", "position", "token_id", "logprob", "entropy",
-                                             "renyi2", "top_ids", "top_probs")}
+    cols: dict[str, list] = {c: [] for c in PROBE_COLUMNS}
     if not probes:
         return cols
     vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 1
@@ -147,27 +159,59 @@ def padded_batch(probes: list[Probe], device: torch.device | str) -> tuple[torch
 class ProbeRunner:
     """When and what to score, for one trainer: the probes given at attach, or the first `count` completions this
     run records (rank 0's, broadcast so that every rank scores the same probes: the forwards are collectives under
-    ZeRO-3 and FSDP2). Due at the first step with probes and then every `every` steps."""
+    ZeRO-3 and FSDP2). The first scoring is always due (before training for given probes, at the first step for
+    default ones, from that step's loss pass where it can be: the module docstring); later ones when the lens budget
+    says (`clock`, plugin/lens_budget.py). Every scoring's wall time is counted against the budget."""
 
-    def __init__(self, trainer, *, pairs: list[tuple[str, str]] | None, every: int, count: int, top_k: int) -> None:
-        self.trainer, self.every, self.count, self.top_k = trainer, every, count, top_k
+    def __init__(self, trainer, *, pairs: list[tuple[str, str]] | None, count: int, top_k: int,
+                 clock: LensClock) -> None:
+        self.trainer, self.count, self.top_k, self.clock = trainer, count, top_k, clock
         proc = trainer.processing_class
         self.tokenizer = getattr(proc, "tokenizer", proc)
         self.probes: list[Probe] | None = encode_probes(pairs, self.tokenizer) if pairs else None
         self.scored = False  # scored at least once this run (the first scoring is always due)
         self._model: torch.nn.Module | None = None  # the causal LM, resolved once (unwrapping costs milliseconds)
+        # the default probes' first scoring from the first step's loss pass (rank 0): the rows it offered, by
+        # generation row, with their values; then the columns built from them
+        self._offered: dict[int, dict[str, torch.Tensor | None]] = {}
+        self._offered_key: int | None = None
+        self._baseline: dict[str, list] | None = None  # rank 0's columns of the first scoring, as step 0
+        self._baseline_ready = False  # every rank: the first scoring needs no forward
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and (not self.scored or step % self.every == 0)
+        if self.clock.every["probes"] <= 0:
+            return False
+        return not self.scored or self.clock.due("probes", step)
+
+    def collecting(self, step: int) -> bool:
+        """Whether the loss pass at `step` should `offer` its recorded rows: default probes not chosen yet, a fresh
+        run's first step (its policy is the initial one), rank 0 (the probes are rank 0's), fewer than `count`
+        offered so far."""
+        return (self.probes is None and step == 1 and self.trainer.accelerator.process_index == 0
+                and len(self._offered) < self.count)
+
+    def offer(self, gen_key: int, gen_rows: torch.Tensor, values: dict[str, torch.Tensor | None]) -> None:
+        """Rows `gen_rows` (n,) of the generation batch `gen_key`, recorded by the first step's loss pass, with
+        their values: `logprob`, `entropy`, `renyi2` (n, T) from the loss pass, `alt_ids`, `alt_probs` (n, T, k) the
+        top-k generation kept at each position (None when it kept none)."""
+        if self._offered_key != gen_key:
+            self._offered, self._offered_key = {}, gen_key
+        for j, row in enumerate(gen_rows.tolist()):
+            self._offered[row] = {k: None if v is None else v[j] for k, v in values.items()}
 
     def take_defaults(self, gen) -> bool:
         """Make the first `count` recorded completions of `gen` (a GenBatch, or None on a rank without one) the
-        probes, unless probes exist already. Called on every rank at the same step. -> whether there are probes."""
+        probes, unless probes exist already; their first scoring comes from the loss pass when it offered their
+        values (`offer`) and the model computes in training mode what it computes in eval mode (no dropout).
+        Called on every rank at the same step. -> whether there are probes."""
         if self.probes is not None:
             return True
         found: list[Probe] = []
+        baseline = None
         if gen is not None and self.trainer.accelerator.process_index == 0:
-            rows = gen.sampled.nonzero().squeeze(1).tolist()
+            offered = self._offered if self._offered_key == gen.key else {}
+            rows = sorted(offered) if offered else gen.sampled.nonzero().squeeze(1).tolist()
+            values = []
             for row in rows:
                 if len(found) == self.count:
                     break
@@ -175,29 +219,81 @@ class ProbeRunner:
                                        gen.completion_ids[row], int(gen.length[row]))
                 if probe is not None:
                     found.append(probe)
+                    values.append(offered.get(row))
+            if found and all(v is not None and v["alt_ids"] is not None for v in values) and _dropout_free(
+                    self._target()):
+                baseline = _baseline_columns(found, values)
+        self._offered, self._offered_key = {}, None
+        ready = baseline is not None
         if self.trainer.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            found = broadcast_object_list([found], from_process=0)[0]
+            found, ready = broadcast_object_list([(found, ready)], from_process=0)[0]
         self.probes = found or None
+        self._baseline, self._baseline_ready = baseline, ready and self.probes is not None
         return self.probes is not None
 
     def score(self, step: int) -> dict[str, list]:
-        """Score every probe with the policy as it is now (all ranks) -> the `probes` columns."""
+        """Score every probe with the policy as it is now (all ranks) -> the `probes` columns; the default probes'
+        first scoring, when the loss pass provided it, is the initial policy's (step 0) and needs no forward."""
+        first = not self.scored
         self.scored = True
-        tr = self.trainer
-        if self._model is None:  # accelerate's unwrap_model re-reads package metadata on every call
-            self._model = target_model(tr)
-        model = self._model
-        try:
-            return score_probes(model, self.probes or [], step, temperature=tr.temperature, k=self.top_k,
-                                device=tr.accelerator.device)
-        finally:
-            reshard(model)
+        if first and self._baseline_ready:
+            at, source = 0, "loss pass"
+            columns = self._baseline or {c: [] for c in PROBE_COLUMNS}  # ranks > 0 write nothing
+            self._baseline, self._baseline_ready = None, False
+        else:
+            at, source = step, "forward"
+            t0 = time.perf_counter()
+            tr = self.trainer
+            model = self._target()
+            try:
+                columns = score_probes(model, self.probes or [], step, temperature=tr.temperature, k=self.top_k,
+                                       device=tr.accelerator.device)
+            finally:
+                reshard(model)
+            # only a forward's time is the scorings' cost (the budget spaces the next ones by it); the loss pass's
+            # columns were built already, for nothing
+            self.clock.spend("probes", time.perf_counter() - t0)
+        if first:
+            self.clock.ran_first("probes", at, source)
+        return columns
 
     def meta(self) -> list[dict]:
         """run.json's `probes`: each probe's id, token counts and text."""
         return [p.to_meta(self.tokenizer) for p in self.probes or []]
+
+    def _target(self) -> torch.nn.Module:
+        if self._model is None:  # accelerate's unwrap_model re-reads package metadata on every call
+            self._model = target_model(self.trainer)
+        return self._model
+
+
+def _baseline_columns(probes: list[Probe], values: list[dict[str, Any]]) -> dict[str, list]:
+    """The `probes` columns of the default probes' first scoring, at step 0, from the loss pass's values and
+    generation's top-k (`ProbeRunner.offer`), cut at each probe's length."""
+    cols: dict[str, list] = {c: [] for c in PROBE_COLUMNS}
+    for probe, v in zip(probes, values, strict=True):
+        t = len(probe.completion_ids)
+        cols["step"] += [0] * t
+        cols["probe_id"] += [probe.probe_id] * t
+        cols["position"] += list(range(t))
+        cols["token_id"] += list(probe.completion_ids)
+        for name, key in (("logprob", "logprob"), ("entropy", "entropy"), ("renyi2", "renyi2"),
+                          ("top_probs", "alt_probs")):
+            cols[name] += v[key][:t].float().cpu().tolist()
+        cols["top_ids"] += v["alt_ids"][:t].long().cpu().tolist()
+    return cols
+
+
+def _dropout_free(model: torch.nn.Module) -> bool:
+    """Whether the model computes in training mode (the loss pass) what it computes in eval mode (a scoring): no
+    dropout module with p > 0 (PEFT's lora_dropout included), no dropout rate in its config."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return False
+    config = model.config.get_text_config()
+    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop")
+    return not any(isinstance(getattr(config, r, None), int | float) and getattr(config, r) > 0 for r in rates)
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -213,26 +309,29 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 class EffectiveRankBudget:
-    """At which steps the effective rank of hidden states is measured (`effective_rank_every`), and of how many
-    recorded completions per rank and step (`effective_rank_completions`), over the step's micro-batches."""
+    """At which steps the effective rank of hidden states is measured (the lens budget's decision, on the grid of
+    `effective_rank_every` steps), and of how many recorded completions per rank and step
+    (`effective_rank_completions`), over the step's micro-batches. Its wall time is counted against the budget."""
 
-    def __init__(self, every: int, completions: int) -> None:
-        self.every, self.completions = every, completions
+    def __init__(self, completions: int, clock: LensClock) -> None:
+        self.completions, self.clock = completions, clock
         self._left: dict[int, int] = {}  # step -> completions whose effective rank this rank may still measure
 
     def due(self, step: int) -> bool:
         """Whether the effective rank is measured at `step` (the backbone is hooked for it)."""
-        return self.every > 0 and step % self.every == 0 and self._left.get(step, 1) > 0
+        return self.clock.due("effective_rank", step) and self._left.get(step, 1) > 0
 
     def measure(self, step: int, hidden: torch.Tensor, mask: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
         """Effective rank of up to the step's remaining budget of the `recorded` (B,) rows, from the loss pass's
         backbone output `hidden` (B, P + T, H) (full activations under every sharded stack: only parameters are
         sharded); `mask` (B, T) marks each completion's tokens, the last T positions. -> (n,) float32."""
+        t0 = time.perf_counter()
         left = self._left.setdefault(step, self.completions)
         rows = recorded.nonzero().squeeze(1)[:left].tolist()
         self._left[step] = left - len(rows)
         for old in [s for s in self._left if s < step]:
             del self._left[old]
         t = mask.size(1)
-        values = token_math.effective_ranks(hidden[rows, -t:], mask[rows]) if rows else []
+        values = token_math.effective_ranks(hidden[rows, -t:], mask[rows]) if rows else []  # floats: synchronised
+        self.clock.spend("effective_rank", time.perf_counter() - t0)
         return torch.tensor(values, dtype=torch.float32, device=mask.device)

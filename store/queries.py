@@ -15,11 +15,12 @@ import pandas as pd
 
 from .check import judge_run
 from .health import HealthReport, LawFit, fit_entropy_law
-from .run_meta import rules_of_run
+from .run_meta import lens_notes, rules_of_run
 
 __all__ = [
     "completion_tokens", "completion_view", "completions_at_step", "effective_rank_series", "entropy_spectrum",
-    "find_prompts", "fork_alternatives", "fork_roles_by_step", "fork_tokens_by_step", "law_fit", "probe_list",
+    "find_prompts", "fork_alternatives", "fork_roles_by_step", "fork_tokens_by_step", "law_fit", "lens_schedule",
+    "probe_list",
     "probe_tokens", "probe_top_overlap", "prompt_history", "run_curves", "run_health", "run_overview",
     "step_series", "token_steps", "top_fork_tokens",
 ]  # fmt: skip
@@ -289,6 +290,14 @@ def effective_rank_series(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.Dat
         """,
         [run_id],
     ).df()
+
+
+def lens_schedule(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, str]:
+    """{lens: one sentence} for the run's periodic lenses (`probes`, `effective_rank`): the steps each ran and was
+    skipped at under the lens budget, its cost and the lenses' share of training time (run.json `lenses`, read by
+    store/run_meta.py `lens_notes`). {} for a run that does not record it."""
+    row = con.execute("SELECT meta FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    return lens_notes(row[0]) if row else {}
 
 
 def fork_roles_by_step(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:

@@ -15,13 +15,14 @@ them whole, at start, on `update_meta` and at close, with the documents built he
     torch_version, group_js, trainer
     faults_by_rank, stopped_by_alarm, probes,     the plugin while the run goes on and at its end
     group_js_split_groups, group_js_fallbacks,    (`RunWriter.update_meta`)
-    fork_fallbacks
+    fork_fallbacks, lenses
 
 A rank > 0 writes only `RANK_FIELDS`, into its own rank-NNN.json. Any other field a caller passes is kept as given.
 
 Readers: `read_run_json` (the file, on disk or S3), `runs_row` (a run's row of the `runs` view, whose `meta` column
 carries the whole run.json as text), and, from that text, `parse_meta`, `config_of`, `vocab_size_from_meta`,
-`fork_fraction_of`, `rules_of_run` (the health rules the run was trained under) and `alert_counts`.
+`fork_fraction_of`, `rules_of_run` (the health rules the run was trained under), `alert_counts` and `lens_notes`
+(which steps each periodic lens ran and was skipped at, under the lens budget, in words).
 """
 
 from __future__ import annotations
@@ -266,3 +267,92 @@ def given_rules(rules: HealthRules) -> RunRules:
     changed = rules.changed()
     what = ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "the defaults"
     return RunRules(rules, "given", f"re-judged with the rules given to --rules ({what}), not the run's own")
+
+
+# ---------------------------------------------------------------------------------------------------- the lenses
+
+LENS_WORDS = {"probes": ("Probes", "scored", "a scoring"), "effective_rank": ("Effective rank", "measured",
+                                                                               "a measurement")}
+
+
+def lens_notes(meta: Mapping[str, Any] | str | None) -> dict[str, str]:
+    """One sentence per periodic lens of the run (`probes`, `effective_rank`) from run.json's `lenses` (written by
+    plugin/lens_budget.py): the steps it ran at, those it was skipped at to keep the lenses within the lens budget,
+    those it was forced at, what it cost, and the share of training time all lenses took. {} for a run written
+    before forkwatch recorded it, or with both lenses off."""
+    lenses = parse_meta(meta).get("lenses")
+    if not isinstance(lenses, Mapping):
+        return {}
+    budget = lenses.get("budget")
+    train_s, share = lenses.get("train_seconds"), lenses.get("share")
+    total = (f"all lenses took {_pct(share)} of {_seconds(train_s)} of training so far"
+             if _number(share) and _number(train_s) else None)
+    out = {}
+    for name, (title, done, one) in LENS_WORDS.items():
+        lens = lenses.get(name)
+        if not isinstance(lens, Mapping):
+            continue
+        every = lens.get("every")
+        ran, skipped, forced = (_ints(lens.get(k)) for k in ("ran", "skipped", "forced"))
+        first = lens.get("first") if isinstance(lens.get("first"), Mapping) else {}
+        parts = [f"{title} {done} at " + (_steps_text(ran, every) if ran else "no step yet")]
+        if first.get("source") == "loss pass":
+            parts[0] += f" (step {first.get('step')}: the initial policy's, from the first step's own loss pass)"
+        if budget is None:
+            parts.append(f"{_every(every)}, with no lens budget (lens_budget=None)")
+        else:
+            cadence = f"due {_every(every)} within a budget of {_pct(budget)} of training time"
+            if skipped:
+                cadence += f"; skipped at {_steps_text(skipped, every)} ({len(skipped)} of {len(skipped) + len(ran)})"
+            else:
+                cadence += "; none skipped"
+            parts.append(cadence)
+        if forced:
+            parts.append(f"forced at {_steps_text(forced, every)} (held back {lenses.get('max_every')} steps: "
+                         "lens_max_every), over the budget there")
+        cost = lens.get("cost_s")
+        if _number(cost):
+            parts.append(f"{one} took {_seconds(cost)}")
+        if total:
+            parts.append(total)
+        out[name] = "; ".join(parts) + "."
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _ints(v: Any) -> list[int]:
+    return [int(x) for x in v if _number(x)] if isinstance(v, list) else []
+
+
+def _every(every: Any) -> str:
+    return "every step" if every == 1 else f"every {every} steps"
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.2g} %" if share < 0.01 else f"{100 * share:.1f} %"
+
+
+def _seconds(s: float) -> str:
+    return f"{1000 * s:.1f} ms" if s < 1 else f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
+
+
+def _steps_text(steps: list[int], every: Any, most: int = 12) -> str:
+    """"10, 20–60, 80" (a run of three or more steps `every` apart as a range), at most `most` items."""
+    step = every if isinstance(every, int) and every > 0 else 1
+    items: list[str] = []
+    i = 0
+    while i < len(steps):
+        j = i
+        while j + 1 < len(steps) and steps[j + 1] - steps[j] == step:
+            j += 1
+        if j - i >= 2:
+            items.append(f"{steps[i]}–{steps[j]}")
+        else:
+            items += [str(x) for x in steps[i : j + 1]]
+        i = j + 1
+    if len(items) > most:
+        items = [*items[: most - 1], "…", items[-1]]
+    return ", ".join(items)

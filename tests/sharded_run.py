@@ -35,7 +35,8 @@ CONFIGS = {
     # the same with two micro-batches per generation batch: group_js from the extra pass
     "ict_extra_pass": (dict(steps_per_generation=2), dict(select="ict", warmup_steps=0, fraction=0.25)),
     # the collapse lenses due every step: effective rank from the loss pass's states, probes through the sharded model
-    "lenses": (dict(), dict(effective_rank_every=1, probes=[("2+3=", "5"), ("1+1=", "2.")], probe_every=1)),
+    "lenses": (dict(), dict(effective_rank_every=1, probes=[("2+3=", "5"), ("1+1=", "2.")], probe_every=1,
+                            lens_budget=None)),
 }
 
 

@@ -38,8 +38,9 @@ def test_spectrum_counts_every_response_token_of_each_step(make_trainer, tmp_pat
 
 def test_effective_rank_is_measured_every_k_steps_from_the_loss_pass_states(make_trainer, tmp_path):
     trainer = make_trainer(max_steps=4)
+    # no lens budget: the cadence itself (the budget's own tests: tests/plugin/test_lens_budget*.py)
     forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), effective_rank_every=2, effective_rank_completions=8,
-                     record_completions_per_step=None)
+                     record_completions_per_step=None, lens_budget=None)
     # observe the loss passes' backbone output and masks from outside forkwatch (a second, independent hook)
     seen: dict[int, list[float]] = {}
     state: dict[str, torch.Tensor] = {}
@@ -91,7 +92,7 @@ def test_given_probes_are_scored_before_training_and_every_k_steps(make_trainer,
     trainer = make_trainer(max_steps=4, model=tiny_model(len(tok), seed=5))
     initial = tiny_model(len(tok), seed=5).eval()
     pairs = [("2+3=", "5"), ("1+1=", "2.")]
-    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probes=pairs, probe_every=2)
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probes=pairs, probe_every=2, lens_budget=None)
     trainer.train()
     con = connect(str(tmp_path / "runs"))
     run = _run_id(con)
@@ -118,21 +119,74 @@ def test_given_probes_are_scored_before_training_and_every_k_steps(make_trainer,
 
 def test_default_probes_are_the_first_recorded_completions(make_trainer, tmp_path):
     trainer = make_trainer(max_steps=2)
-    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probe_every=2, probe_count=3)
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probe_every=2, probe_count=3, lens_budget=None)
     trainer.train()
     con = connect(str(tmp_path / "runs"))
     run = _run_id(con)
     probes = queries.probe_list(con, run)
     assert probes["probe_id"].tolist() == [0, 1, 2]
-    assert probes["first_step"].tolist() == [1, 1, 1] and probes["last_step"].tolist() == [2, 2, 2]
+    # first scored as the initial policy (step 0, from the first step's own loss pass), then at step 2
+    assert probes["first_step"].tolist() == [0, 0, 0] and probes["last_step"].tolist() == [2, 2, 2]
     # each probe is one of the completions recorded at step 1: the same token ids, EOS included
     recorded = {tuple(ids) for (ids,) in con.execute(
         "SELECT list(token_id ORDER BY position) FROM tokens WHERE step = 1 GROUP BY completion_id").fetchall()}
     for probe_id in range(3):
-        ids = tuple(queries.probe_tokens(con, run, probe_id).query("step == 1")["token_id"])
+        ids = tuple(queries.probe_tokens(con, run, probe_id).query("step == 0")["token_id"])
         assert ids in recorded
     meta = json.loads(con.execute("SELECT meta FROM runs").fetchone()[0])
     assert [p["probe_id"] for p in meta["probes"]] == [0, 1, 2]
+    assert meta["lenses"]["probes"]["first"] == {"step": 0, "source": "loss pass"}
+
+
+def test_default_probes_first_scoring_from_the_loss_pass_is_the_initial_policys_teacher_forced_scoring(
+        make_trainer, tmp_path):
+    # the loss pass's log-prob, entropy and Rényi-2 and generation's top-k of the first step's completions are what a
+    # teacher-forced forward of the initial policy gives (here against a twin of the model, at temperature 0.7)
+    tok = char_tokenizer()
+    trainer = make_trainer(max_steps=1, model=tiny_model(len(tok), seed=5), temperature=0.7)
+    initial = tiny_model(len(tok), seed=5).eval()
+    callback = forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probe_count=4, fork_top_k=4)
+    trainer.train()
+    con = connect(str(tmp_path / "runs"))
+    run = _run_id(con)
+    probes = callback.probes.probes
+    assert len(probes) == 4
+    for probe in probes:
+        got = queries.probe_tokens(con, run, probe.probe_id)
+        assert got["step"].tolist() == [0] * len(probe.completion_ids)  # no forward at step 1: step 0 only
+        ids = torch.tensor([probe.prompt_ids + probe.completion_ids])
+        t = len(probe.completion_ids)
+        with torch.no_grad():
+            logits = initial(input_ids=ids).logits[0, -t - 1 : -1]
+        want = probe_scores(logits, ids[0, -t:], temperature=0.7, k=4)
+        for name in ("logprob", "entropy", "renyi2"):
+            np.testing.assert_allclose(got[name], getattr(want, name).numpy(), rtol=1e-4, atol=1e-5)
+    top = con.execute("SELECT probe_id, position, top_ids, top_probs FROM probes WHERE step = 0 "
+                      "ORDER BY probe_id, position").fetchall()
+    for probe in probes:
+        ids = torch.tensor([probe.prompt_ids + probe.completion_ids])
+        t = len(probe.completion_ids)
+        with torch.no_grad():
+            want = probe_scores(initial(input_ids=ids).logits[0, -t - 1 : -1], ids[0, -t:], temperature=0.7, k=4)
+        rows = [r for r in top if r[0] == probe.probe_id]
+        assert [list(r[2]) for r in rows] == want.top_ids.tolist()
+        np.testing.assert_allclose([list(r[3]) for r in rows], want.top_probs.numpy(), rtol=1e-4, atol=1e-5)
+    meta = json.loads(con.execute("SELECT meta FROM runs").fetchone()[0])
+    assert meta["lenses"]["probes"]["first"] == {"step": 0, "source": "loss pass"}
+
+
+def test_default_probes_are_scored_with_a_forward_when_generation_kept_no_alternatives(make_trainer, tmp_path):
+    # without forks, generation keeps no top-k: the first scoring is a forward at the step that chose the probes
+    trainer = make_trainer(max_steps=2)
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probe_every=2, probe_count=2, record_forks=False,
+                     lens_budget=None)
+    trainer.train()
+    con = connect(str(tmp_path / "runs"))
+    probes = queries.probe_list(con, _run_id(con))
+    assert probes["first_step"].tolist() == [1, 1] and probes["last_step"].tolist() == [2, 2]
+    meta = json.loads(con.execute("SELECT meta FROM runs").fetchone()[0])
+    assert meta["lenses"]["probes"]["first"] == {"step": 1, "source": "forward"}
+    assert meta["lenses"]["probes"]["ran"] == [1, 2]
 
 
 @pytest.mark.parametrize(("option", "match"), [
