@@ -49,6 +49,8 @@ def one(out: Path, seed: int, threads: int, steps: int | None) -> dict:
         "check_exit": check.returncode,
         "recall": result.forks.recall if result.forks else None,
         "precision": result.forks.precision if result.forks else None,
+        # what the demo prints, kept for docs/experiments.md (the verdicts, the forks, the detector metrics)
+        "printed": [*result.verdict_lines, *(result.forks.lines() if result.forks else []), *result.detector_lines],
     }  # fmt: skip
 
 
