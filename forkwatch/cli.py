@@ -311,6 +311,7 @@ def demo(args: argparse.Namespace) -> int:
             server = output = answered = None
             if not args.no_dashboard:
                 # Streamlit's own lines would interleave with the progress bars: they go to a file, shown if it fails
+                (out / "status.json").unlink(missing_ok=True)  # an earlier demo's, killed before it said it stopped
                 output = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
                 watcher = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
                 server = launch.start(out / "logs", host=args.host, port=args.port, status_file=out / "status.json",
