@@ -40,7 +40,7 @@ class DemoSettings:
 DEFAULT = DemoSettings(WarmupSettings(), GRPOSettings())
 # --quick (the end-to-end test): the first QUICK_STEPS steps of the healthy runs (same warm-up, seed and learning
 # rate schedule), long enough for a verdict; the alarmed runs keep their caps and stop at their alarms as in the
-# default demo, since a collapse driven by the reward takes ~60-70 steps.
+# default demo, since a collapse driven by the reward takes ~100-120 steps (docs/experiments.md).
 QUICK_STEPS = 20
 QUICK = DemoSettings(DEFAULT.warmup, replace(DEFAULT.grpo, steps=QUICK_STEPS))
 

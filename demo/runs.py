@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 class GRPOSettings:
     steps: int = 50  # every run but the collapse
     # Preference-driven collapse is gradual: at the stable rate every decision point has lost its entropy after
-    # 90-120 steps (docs/experiments.md); this cap leaves a margin, and the run stops at its alarm (on_alarm).
+    # 90-120 steps (its alarm fired at steps 98-123 in docs/experiments.md); this cap leaves a margin, and the run
+    # stops at its alarm (on_alarm).
     collapse_steps: int = 200
-    # The explosion run's cap, also kept by --quick: its alarm fires at step ~15 and the stop comes a few steps later.
+    # The explosion run's cap, also kept by --quick: its alarm fires at step ~23 and the run stops there.
     explosion_steps: int = 50
     # forkwatch ends a run when a collapse or explosion alarm fires, as a user watching for them would set it: the
     # alarmed runs stop within a step or two of their alarm instead of training on for nothing.
