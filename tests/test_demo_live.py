@@ -75,7 +75,7 @@ def test_demo_serves_first_shows_runs_growing_and_ctrl_c_stops_it_cleanly(tmp_pa
         log.seek(0)
         said = log.read()
         assert re.search(r"dashboard answered at http://127\.0\.0\.1:\d+, \d+\.\d s after the command started", said)
-        assert said.index("dashboard answered") < said.index("GRPO runs")
+        assert said.index("dashboard answered") < said.index("GRPO runs:")  # the runs' progress bar
         assert _serving(port)
         # the first run grew on disk in several parts while it trained, and the status file said so
         assert len(seen) >= 3, seen
