@@ -94,10 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "demo",
-        help="train a tiny model offline with GRPO + forkwatch, then open the dashboard",
-        description="Build a tiny model and tokenizer in code, teach it a small task with known decision points, "
-        "train it with GRPO + forkwatch in several runs (one designed to collapse, one to explode, healthy ones, "
-        "ICT, high-entropy, random), check them, then serve the dashboard. Runs on the CPU, no network.",
+        help="serve the dashboard and train a tiny model offline with GRPO + forkwatch while it shows the runs",
+        description="Serve the dashboard, build a tiny model and tokenizer in code, teach it a small task with known "
+        "decision points, train it with GRPO + forkwatch in several runs (one designed to collapse, one to explode, "
+        "healthy ones, ICT, high-entropy, random) that appear on the dashboard as they train, check them, and serve "
+        "on until Ctrl-C. Runs on the CPU, no network.",
     )
     s.add_argument("--out", default="demo_runs", help="output folder (log dir and cached warm-up model)")
     s.add_argument("--cache", default=None, metavar="DIR",
