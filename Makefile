@@ -46,8 +46,11 @@ test: $(STAMP) lint browser smollm2
 test-trl:
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" .ci/trl-matrix
 
+# The dashboard answers first and the runs grow on it as they train. Options through DEMO_ARGS, e.g.
+# `make demo DEMO_ARGS="--out /tmp/demo --no-dashboard"` (`forkwatch demo --help` lists them).
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/forkwatch demo
+	$(BIN)/forkwatch demo $(DEMO_ARGS)
 
 demo-smollm2: $(STAMP)
 	$(BIN)/forkwatch demo --model smollm2 --threads 2
