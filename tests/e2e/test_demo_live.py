@@ -22,7 +22,7 @@ from forkwatch.store import connect
 from synthetic import write_run
 
 pytestmark = pytest.mark.timeout(900)  # the first demo test of a test run trains the shared warm-up (demo_cache)
-APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 
 
 def _free_port() -> int:
