@@ -12,7 +12,7 @@ One measurement rolls out 32 continuations per branch; its rewards are cut into 
 and 16 rollouts, each estimated exactly as `measure` does (plugin/fork_value_stats.py). Checked for each m: Q is
 unbiased and V within its SE of the exact value on average; the fork value's bias is within its standard error; and
 the stated 95 % intervals of Q, V and the fork value cover the exact values at least at their nominal rate.
-`pytest tests/test_fork_value_exact.py -s` prints the measured bias and coverage (docs/methods.md quotes them).
+`pytest tests/demo/test_fork_value_exact.py -s` prints the measured bias and coverage (docs/methods.md quotes them).
 """
 
 from __future__ import annotations
