@@ -17,15 +17,23 @@ ENTRY_POINTS = (  # (module, class, methods)
      ("on_generation", "begin_micro_batch", "on_loss_values", "on_backbone_forward", "end_micro_batch")),
     ("forkwatch.plugin.callback", "ForkwatchCallback", ("on_train_begin", "on_step_end", "on_train_end")),
 )
+# the periodic collapse lenses' own work, inside the entry points above (the effective rank in the loss pass's hooks,
+# the probes in on_train_begin / on_step_end): timed apart so that the per-token recording's time is the entry
+# points' less these; never added to the entry points' sum
+LENS_POINTS = (
+    ("forkwatch.plugin.lenses", "ProbeRunner", ("score",)),
+    ("forkwatch.plugin.lenses", "EffectiveRankBudget", ("measure",)),
+)
 
 
 @contextlib.contextmanager
-def hook_times() -> Iterator[dict[str, float]]:
-    """Inside the block every entry point is timed; yields {method: thread CPU seconds so far}. The classes' own
-    methods are put back afterwards. A method that moved fails here, naming itself, rather than timing nothing."""
+def hook_times(points=ENTRY_POINTS) -> Iterator[dict[str, float]]:
+    """Inside the block every entry point of `points` is timed; yields {method: thread CPU seconds so far}. The
+    classes' own methods are put back afterwards. A method that moved fails here, naming itself, rather than timing
+    nothing."""
     spent: dict[str, float] = {}
     originals = []
-    for module, cls_name, names in ENTRY_POINTS:
+    for module, cls_name, names in points:
         cls = getattr(importlib.import_module(module), cls_name)
         for name in names:
             fn = cls.__dict__.get(name)

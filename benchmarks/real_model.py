@@ -1,8 +1,10 @@
 """What forkwatch costs on a real pretrained model: SmolLM2-135M-Instruct (134.5 M parameters, vocabulary 49,152) on
 the real-model demo's chat-formatted yes/no task, on the CPU.
 
-    .venv/bin/python benchmarks/real_model.py                         # the full benchmark: ~15 min on 2 idle cores
-    .venv/bin/python benchmarks/real_model.py --rounds 1 --steps 1    # a check that it runs
+    .venv/bin/python benchmarks/real_model.py                         # 5 rounds x 5 variants x 10 steps
+    .venv/bin/python benchmarks/real_model.py --steps 50 --rounds 3 --variants plain,attach,trl_log_completions
+                                                                      # issue #28's targets (BENCHMARKS.md)
+    .venv/bin/python benchmarks/real_model.py --rounds 1 --steps 2    # a check that it runs
 
 Shape: one prompt x 4 completions of <= 16 tokens per step (prompt ~45 tokens with the chat template), learning rate
 1e-5, float32, torch's default thread count (`--threads N` pins it). The model is fetched and converted by
@@ -18,8 +20,11 @@ Method, as benchmarks/overhead.py:
   variant's ratio to plain is taken within the round (a pair), and the table gives its median and min-max over
   rounds. The process's CPU time (all threads) over `train()` is reported beside the wall time: load from other
   processes does not inflate it.
-- Then, for forkwatch with each selection (none, "ict", "high_entropy"): forkwatch's own CPU time per step on the
-  training thread, by hook (`time.thread_time` around each of its entry points), over one more run.
+- Then, for forkwatch with each selection (none, "ict", "high_entropy") among the variants: forkwatch's own CPU time
+  per step on the training thread, by hook (`time.thread_time` around each of its entry points), over one more run;
+  within it the lenses' own (probe scorings, effective rank) and the per-token recording's (the generation and loss
+  pass hooks less the effective rank), and run.json's `lenses` (the steps each lens ran and was skipped at under the
+  lens budget).
 
 Variants: `plain` TRL; `attach` (forkwatch's defaults); `trl_log_completions` (TRL's own `log_completions=True`,
 a table of each logged step's completions, written on the training thread); `attach_ict` (select="ict");
@@ -84,9 +89,20 @@ def timed_train(trainer) -> tuple[float, float]:
         return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> tuple[float, dict[str, float], float]:
-    """(forkwatch CPU s/step, by hook, training thread CPU s/step) for one attached run of variant `name`."""
-    from hook_timer import hook_times
+# the entry points of the per-token recording (generation, the decode-step scorer, the loss pass): their time less
+# the effective rank's is what a recorded token costs
+RECORDING_HOOKS = ("on_generation", "on_forward", "begin_micro_batch", "on_loss_values", "on_backbone_forward",
+                   "end_micro_batch")
+
+
+def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> dict:
+    """forkwatch's training-thread CPU seconds per step for one attached run of variant `name`: in all (`total`), by
+    entry point (`by_hook`), the lenses' own (`lenses`: probe scorings, effective rank), the per-token recording
+    (`recording`: its entry points less the effective rank), the step's own (`step`, median), and run.json's
+    `lenses` (the steps each lens ran and was skipped at, their wall time against training time)."""
+    import json
+
+    from hook_timer import ENTRY_POINTS, LENS_POINTS, hook_times
     from transformers import TrainerCallback
 
     step_cpu: list[float] = []
@@ -98,13 +114,19 @@ def own_time(model, tok, name: str, steps: int, length: int, tmp: Path) -> tuple
         def on_step_end(self, *a, **k):
             step_cpu.append(time.thread_time() - self.c0)
 
-    with hook_times() as spent:
+    with hook_times(ENTRY_POINTS + LENS_POINTS) as spent:
         trainer = make_trainer(model, tok, name, steps, length, tmp)
         trainer.add_callback(StepCpu())
         timed_train(trainer)
         del trainer
-    by_hook = {k: v / steps for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
-    return sum(by_hook.values()), by_hook, statistics.median(step_cpu)
+    lens_names = {m for _, _, methods in LENS_POINTS for m in methods}
+    per_step = {k: v / steps for k, v in spent.items()}
+    by_hook = {k: v for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]) if k not in lens_names}
+    run_json = next((tmp / "runs").glob("*/run.json"))
+    return {"total": sum(by_hook.values()), "by_hook": by_hook, "step": statistics.median(step_cpu),
+            "lenses": {k: per_step.get(k, 0.0) for k in sorted(lens_names)},
+            "recording": sum(by_hook.get(k, 0.0) for k in RECORDING_HOOKS) - per_step.get("measure", 0.0),
+            "run_json_lenses": json.loads(run_json.read_text()).get("lenses")}
 
 
 def main() -> None:
@@ -159,10 +181,31 @@ def main() -> None:
         rs, cs = ratio[n], cpu_ratio[n]
         print(f"| {n} | {statistics.median(wall[n]):.1f} | {statistics.median(rs):.3f} ({min(rs):.3f}-{max(rs):.3f}) "
               f"| {statistics.median(cs):.3f} ({min(cs):.3f}-{max(cs):.3f}) |")
-    for n, (total, by_hook, step_cpu) in own.items():
-        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in by_hook.items())
+    if "attach" in ratio:  # the targets (issue #28): attach <= 1.02x plain and not above TRL's log_completions
+        got = statistics.median(ratio["attach"])
+        verdict = [f"attach {got:.3f}x plain (target <= 1.02x: {'met' if got <= 1.02 else 'NOT met'})"]
+        if "trl_log_completions" in ratio:
+            trl_x = statistics.median(ratio["trl_log_completions"])
+            verdict.append(f"log_completions {trl_x:.3f}x (attach {'not above' if got <= trl_x else 'ABOVE'} it)")
+        print("targets: " + "; ".join(verdict))
+    for n, own_n in own.items():
+        total, step_cpu = own_n["total"], own_n["step"]
+        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in own_n["by_hook"].items())
         print(f"{n}: forkwatch {total * 1e3:.1f} ms cpu per step of a {step_cpu:.2f} s step (training thread, "
               f"{total / step_cpu:.2%}); ms/step by hook: {parts}")
+        rec = own_n["recording"]
+        print(f"{n}: per-token recording {rec * 1e3:.1f} ms cpu per step = {rec / step_cpu:.2%} of a step "
+              f"(target <= 0.5 %: {'met' if rec / step_cpu <= 0.005 else 'NOT met'}); lenses' own ms/step: "
+              + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in own_n["lenses"].items()))
+        lenses = own_n["run_json_lenses"] or {}
+        for lens in ("probes", "effective_rank"):
+            if isinstance(lenses.get(lens), dict):
+                got = lenses[lens]
+                print(f"{n}: run.json lenses.{lens}: ran at {got['ran']}, skipped at {got['skipped']}, forced at "
+                      f"{got['forced']}, cost {got['cost_s']} s")
+        if lenses:
+            print(f"{n}: run.json lenses: {lenses.get('seconds')} s of {lenses.get('train_seconds')} s of training "
+                  f"(share {lenses.get('share')}, budget {lenses.get('budget')})")
 
 
 if __name__ == "__main__":

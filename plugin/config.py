@@ -80,20 +80,21 @@ class ForkwatchConfig:
     # --- collapse lenses (docs/collapse-lenses.md); the entropy spectrum is always recorded ---
     effective_rank_every: int = field(
         default=10,
-        metadata={"help": "Every this many steps, the effective rank of recorded completions' final-layer hidden "
-                  "states (arXiv:2509.23808), from the loss pass's own backbone output; 0 turns it off."},
+        metadata={"help": "At most every this many steps (and within `lens_budget`), the effective rank of recorded "
+                  "completions' final-layer hidden states (arXiv:2509.23808), from the loss pass's own backbone "
+                  "output; 0 turns it off."},
     )
     effective_rank_completions: int = field(
         default=4, metadata={"help": "Recorded completions per rank whose effective rank is measured on a due step."}
     )
     lens_budget: float | None = field(
         default=0.005,
-        metadata={"help": "Share of training time the periodic lenses (probes, effective rank) may take together. "
-                  "A lens runs only at multiples of its own `*_every` steps, and there only when the time the lenses "
-                  "took so far plus its last measured cost stays within this share of the training time so far, "
-                  "both measured on the run; the other such steps are skipped. run.json `lenses` and the dashboard "
-                  "list the steps each lens ran and was skipped at. None: every `*_every` steps, whatever they "
-                  "cost."},
+        metadata={"help": "Share of training time the periodic lenses (probes, effective rank) may take, split "
+                  "equally between those that are on. A lens runs only at multiples of its own `*_every` steps, and "
+                  "there only when the time it took so far plus its last measured cost stays within its share of the "
+                  "training time so far, both measured on the run; its other such steps are skipped. run.json "
+                  "`lenses` and the dashboard list the steps each lens ran and was skipped at. None: every `*_every` "
+                  "steps, whatever they cost."},
     )
     lens_max_every: int | None = field(
         default=100,
@@ -103,10 +104,12 @@ class ForkwatchConfig:
     probes: list[tuple[str, str]] | None = field(
         default=None,
         metadata={"help": "(prompt, completion) texts scored teacher-forced, without gradient, before training and "
-                  "every `probe_every` steps (table `probes`); None: the first `probe_count` recorded completions."},
+                  "then at most every `probe_every` steps, within `lens_budget` (table `probes`); None: the first "
+                  "`probe_count` recorded completions."},
     )
     probe_every: int = field(
-        default=10, metadata={"help": "Steps between two scorings of the probes; 0 turns probes off."}
+        default=10, metadata={"help": "Fewest steps between two scorings of the probes (more where `lens_budget` "
+                              "holds them back); 0 turns probes off."}
     )
     probe_count: int = field(default=4, metadata={"help": "How many recorded completions become probes by default."})
 

@@ -6,18 +6,24 @@ fifth of a step, on a tiny model a fiftieth, on a 7B model on a GPU far less. So
 training time small everywhere. Here each lens runs only on its own grid (the steps that are multiples of its
 `*_every`: the user's cadence is the most often it runs) and, at such a step, only when
 
-    time every lens took so far + this lens's last measured cost  <=  lens_budget x training time so far
+    time this lens took so far + its last measured cost  <=  its share of lens_budget x training time so far
 
-(`lens_due`); otherwise the step is skipped, and said to be. The lenses share the budget and take turns at it:
-at a step where both are due, the one that last ran earlier has its cost counted first (`LensClock.due`). A lens the budget holds back for `lens_max_every` steps
-runs anyway (forced; said too). Costs and step times are measured on this run, wall time around each lens's own work
-(each synchronises with the device before it returns: it copies its results to the host). Under several ranks every
+(`lens_due`); otherwise the step is skipped, and said to be. The budget is split equally between the lenses that are
+on (`LensClock.share`): each decides from its own time alone, so a cheap lens (the effective rank, a few Gram
+matrices) keeps its cadence however much a dear one (the probes' forwards) costs, neither can starve the other, and
+the order in which they are asked within a step (the effective rank in the loss pass, the probes at the step end)
+changes nothing. A lens's first run on its grid, its cost not yet measured, counts as free: that one run, and a
+forced one, can take the lenses above the budget for a while (run.json says their share). A lens the budget holds
+back for `lens_max_every` steps runs anyway (forced; said too). Costs and step times are measured on this run, wall
+time around each lens's own work (each synchronises with the device before it returns: it copies its results to the
+host). Under several ranks every
 rank decides from the same numbers: each rank's measurements of a step travel in the step-end gather the callback
 makes anyway, and the slowest rank's count (`LensClock.agree`), so the probes' forwards (collectives under ZeRO-3 and
 FSDP2) run on every rank at the same steps.
 
 The probes' first scoring is the reference later ones are compared with: it always runs (`LensClock.ran_first`), and
-is counted like any other. run.json's `lenses` (`LensClock.meta`) lists for each lens the steps it ran, was skipped
+is counted like any other when it is a forward (the default probes' one, from the first step's loss pass, costs
+none). run.json's `lenses` (`LensClock.meta`) lists for each lens the steps it ran, was skipped
 and was forced at, its cost, and the time all of them took against the training time.
 """
 
@@ -59,6 +65,9 @@ class LensClock:
     def __init__(self, *, budget: float | None, max_every: int | None, every: Mapping[str, int]) -> None:
         self.budget, self.max_every = budget, max_every
         self.every = {name: int(every.get(name, 0)) for name in LENSES}
+        on = sum(e > 0 for e in self.every.values())
+        # each lens's share of the budget: split equally between the lenses that are on
+        self.share = None if budget is None else budget / max(on, 1)
         self.start()
 
     @classmethod
@@ -86,21 +95,9 @@ class LensClock:
         decided = self._decided.get(name)
         if decided is not None and decided[0] == step:
             return decided[1]
-        # the other lenses that already run at this step will spend their cost too, and one still to be asked at
-        # this step that has waited longer keeps its cost reserved: the lenses take turns at the budget instead of
-        # the one asked first (the effective rank, in the loss pass) taking every opening and starving the other
-        coming = 0.0
-        for other in LENSES:
-            if other == name:
-                continue
-            at, runs = self._decided.get(other, (None, False))
-            if at == step:
-                coming += (self.cost[other] or 0.0) if runs else 0.0
-            elif self.every[other] > 0 and step % self.every[other] == 0 and self._waited_longer(other, name):
-                coming += self.cost[other] or 0.0
-        decision = lens_due(step, every=self.every[name], last=self.last[name], budget=self.budget,
-                            max_every=self.max_every, spent_s=sum(self.spent.values()) + coming,
-                            cost_s=self.cost[name], train_s=self.train_s)
+        decision = lens_due(step, every=self.every[name], last=self.last[name], budget=self.share,
+                            max_every=self.max_every, spent_s=self.spent[name], cost_s=self.cost[name],
+                            train_s=self.train_s)
         runs = decision in ("run", "forced")
         self._decided[name] = (step, runs)
         if decision is not None:
@@ -111,15 +108,6 @@ class LensClock:
         if runs:
             self.last[name] = step
         return runs
-
-    def _waited_longer(self, a: str, b: str) -> bool:
-        """Whether lens `a` goes before lens `b` at a step both are due at: it last ran earlier (never: earliest),
-        ties in `LENSES` order."""
-        def key(n: str) -> tuple[int, int]:
-            last = self.last[n]
-            return (-1 if last is None else last, LENSES.index(n))
-
-        return key(a) < key(b)
 
     def ran_first(self, name: str, step: int, source: str) -> None:
         """A run outside the grid that always happens (the probes' first scoring, the reference of later ones)."""
@@ -164,7 +152,7 @@ class LensClock:
         cadence, the steps it ran / was skipped / was forced at, its seconds and last cost. Clears `changed`."""
         self.changed = False
         spent = sum(self.spent.values())
-        out: dict[str, Any] = {"budget": self.budget, "max_every": self.max_every,
+        out: dict[str, Any] = {"budget": self.budget, "share_each": self.share, "max_every": self.max_every,
                                "train_seconds": round(self.train_s, 3), "seconds": round(spent, 4),
                                "share": round(spent / self.train_s, 6) if self.train_s > 0 else None}
         for name in LENSES:

@@ -301,7 +301,10 @@ def lens_notes(meta: Mapping[str, Any] | str | None) -> dict[str, str]:
         if budget is None:
             parts.append(f"{_every(every)}, with no lens budget (lens_budget=None)")
         else:
-            cadence = f"due {_every(every)} within a budget of {_pct(budget)} of training time"
+            each = lenses.get("share_each")
+            within = (f"its share ({_pct(each)}) of a lens budget of {_pct(budget)}" if _number(each) and each != budget
+                      else f"a lens budget of {_pct(budget)}")
+            cadence = f"due {_every(every)} within {within} of training time"
             if skipped:
                 cadence += f"; skipped at {_steps_text(skipped, every)} ({len(skipped)} of {len(skipped) + len(ran)})"
             else:

@@ -159,11 +159,13 @@ def write_run(
     lenses: bool = True,
     group_js: bool = True,
     health_rules: dict | None = None,
+    extra_meta: dict | None = None,
 ) -> None:
     """Write a whole run through the real RunWriter. `token_steps`: how many steps get per-token records (all by
     default). `status=None` leaves the run open (as if still being written). `lenses=False` writes no entropy spectrum,
 effective rank, roles or probes (a run of a forkwatch without them); `group_js=False` no group JS. `health_rules`:
-    the rules the run was "trained under", in run.json as the plugin writes them (config.health_rules)."""
+    the rules the run was "trained under", in run.json as the plugin writes them (config.health_rules). `extra_meta`:
+    more run.json fields, as the plugin writes them."""
     from forkwatch.store import RunWriter
 
     rng = np.random.default_rng(seed)
@@ -172,6 +174,7 @@ effective rank, roles or probes (a run of a forkwatch without them); `group_js=F
     meta = {"select": method, "model": "tiny", "vocab_size": len(VOCAB)}
     if health_rules is not None:
         meta["config"] = {"health_rules": health_rules}
+    meta |= extra_meta or {}
     w = RunWriter(log_dir, run_id, meta=meta)
     w.put("vocab", {"step": 0, "token_id": np.arange(len(VOCAB), dtype=np.int32), "text": VOCAB,
                     **({"role": roles_of(VOCAB)} if lenses else {})})

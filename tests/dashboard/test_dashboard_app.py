@@ -183,6 +183,33 @@ def test_forks_page_says_why_without_probes(monkeypatch, log_dir):
     assert "`without_lenses` has no probe scores" in texts(at.info)
 
 
+def test_entropy_and_forks_pages_say_which_steps_the_lens_budget_skipped(monkeypatch, tmp_path):
+    from forkwatch.plugin.lens_budget import LensClock
+
+    # run.json's `lenses` as the plugin writes it: a lens budget that held the probes back at most steps
+    clock = LensClock(budget=0.005, max_every=None, every={"probes": 5, "effective_rank": 5})
+    clock.ran_first("probes", 0, "forward")
+    for step in range(1, 41):
+        spent = {n: cost for n, cost in (("effective_rank", 0.001), ("probes", 0.5)) if clock.due(n, step)}
+        clock.agree([{"step_s": 2.0, "lenses": spent}])
+    lenses = clock.meta()
+    assert lenses["probes"]["skipped"] and not lenses["effective_rank"]["skipped"]
+    write_run(tmp_path, "budgeted", "collapse", n_steps=40, token_steps=2, extra_meta={"lenses": lenses})
+    entropy = texts(app(monkeypatch, tmp_path, "page_entropy.py", run="budgeted").caption)
+    assert "`budgeted`: Effective rank measured at 5–40; due every 5 steps within its share (0.25 %) of a lens " \
+           "budget of 0.5 % of training time; none skipped" in entropy
+    forks = texts(app(monkeypatch, tmp_path, "page_forks.py", run="budgeted", step="2").caption)
+    assert lenses["probes"]["ran"] == [0, 5] and lenses["probes"]["skipped"] == list(range(10, 41, 5))
+    assert "Probes scored at 0, 5; due every 5 steps within its share (0.25 %) of a lens budget of 0.5 % of " \
+           "training time; skipped at 10–40 (7 of 9); a scoring took 500.0 ms" in forks
+
+
+def test_pages_draw_no_lens_caption_for_a_run_written_without_it(monkeypatch, log_dir):
+    captions = texts(app(monkeypatch, log_dir, "page_entropy.py", run="collapse").caption)
+    captions += texts(app(monkeypatch, log_dir, "page_forks.py", run="collapse", step="2").caption)
+    assert "lens budget" not in captions and "skipped at" not in captions
+
+
 def test_runs_page_draws_curves_and_a_picture_per_run(monkeypatch, log_dir):
     at = app(monkeypatch, log_dir)
     table = at.dataframe[0].value

@@ -183,7 +183,10 @@ def test_demo_runs_carry_the_collapse_lenses_and_the_dashboard_draws_them(demo_o
     assert {r for r, _ in ranks} == set(RUNS) and all(s % 10 == 0 for _, s in ranks)
     assert not queries.fork_roles_by_step(con, "grpo").empty
     probes = queries.probe_list(con, "grpo")
-    assert len(probes) == 4 and (probes["first_step"] == 1).all() and (probes["n_steps"] >= 2).all()
+    # first scored from the first step's loss pass (the initial policy's, step 0), then every 10 steps (no lens budget)
+    assert len(probes) == 4 and (probes["first_step"] == 0).all() and (probes["n_steps"] >= 2).all()
+    lenses = json.loads((demo_out[0] / "logs" / "grpo" / "run.json").read_text())["lenses"]
+    assert lenses["budget"] is None and lenses["probes"]["skipped"] == lenses["effective_rank"]["skipped"] == []
 
     monkeypatch.setenv(LOG_DIR_ENV, str(demo_out[0] / "logs"))
     for page, headings in (("page_entropy", ("Entropy spectrum", "Effective rank of hidden states")),

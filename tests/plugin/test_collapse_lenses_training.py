@@ -189,6 +189,28 @@ def test_default_probes_are_scored_with_a_forward_when_generation_kept_no_altern
     assert meta["lenses"]["probes"]["ran"] == [1, 2]
 
 
+def test_under_a_small_lens_budget_the_lenses_are_skipped_and_run_json_and_the_notes_say_where(make_trainer, tmp_path):
+    # a budget of a millionth of training time: the probes' first scoring (given probes, before training) and the
+    # first scoring and measurement on the grid (their costs not yet measured) run; every later due step is skipped
+    trainer = make_trainer(max_steps=5)
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probes=[("2+3=", "5"), ("1+1=", "2.")], probe_every=1,
+                     effective_rank_every=1, lens_budget=1e-6, lens_max_every=None)
+    trainer.train()
+    con = connect(str(tmp_path / "runs"))
+    run = _run_id(con)
+    lenses = json.loads(con.execute("SELECT meta FROM runs").fetchone()[0])["lenses"]
+    assert lenses["budget"] == 1e-6 and lenses["train_seconds"] > 0
+    assert lenses["probes"]["ran"] == [0, 1] and lenses["probes"]["skipped"] == [2, 3, 4, 5]
+    assert lenses["effective_rank"]["ran"] == [1] and lenses["effective_rank"]["skipped"] == [2, 3, 4, 5]
+    assert lenses["probes"]["cost_s"] > 0 and lenses["effective_rank"]["cost_s"] > 0
+    # what was skipped is absent from the tables, not written as empty
+    assert sorted(s for (s,) in con.execute("SELECT DISTINCT step FROM probes").fetchall()) == [0, 1]
+    rank = con.execute("SELECT step FROM steps WHERE effective_rank_mean IS NOT NULL ORDER BY step").fetchall()
+    assert [s for (s,) in rank] == [1]
+    notes = queries.lens_schedule(con, run)
+    assert "skipped at 2–5 (4 of 6)" in notes["probes"] and "skipped at 2–5 (4 of 5)" in notes["effective_rank"]
+
+
 @pytest.mark.parametrize(("option", "match"), [
     (dict(effective_rank_every=-1), "effective_rank_every"),
     (dict(effective_rank_completions=0), "effective_rank_completions"),

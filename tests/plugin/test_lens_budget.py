@@ -77,15 +77,21 @@ def test_a_cheap_lens_keeps_the_users_cadence():
     assert clock.meta()["effective_rank"]["skipped"] == []
 
 
-def test_the_lenses_share_one_budget():
-    # both unmeasured at step 5: both run; then 0.4 s are spent and the next 0.2 s fits at train time 60 s, on the
-    # grid at 65, where the probes (first in order at a tie) take it and the effective rank, counting their cost,
-    # waits; the next opening (0.8 s fits at 80 s, on the grid at 85) is the effective rank's: it waited longer
+def test_a_cheap_lens_keeps_its_cadence_beside_a_dear_one():
+    # the budget is split between the lenses that are on (0.5 % each here): the effective rank at 2 ms runs at every
+    # grid step; the probes at 0.2 s run at 5 (unmeasured), then once 0.4 s fits in 0.5 % of the training time (80 s),
+    # on the grid at 85
     clock = LensClock(budget=0.01, max_every=None, every={"probes": 5, "effective_rank": 5})
-    _run(clock, 100, 1.0, {"probes": 0.2, "effective_rank": 0.2})
+    assert clock.share == 0.005
+    _run(clock, 100, 1.0, {"probes": 0.2, "effective_rank": 0.002})
     meta = clock.meta()
-    assert meta["probes"]["ran"] == [5, 65] and meta["effective_rank"]["ran"] == [5, 85]
-    assert meta["seconds"] == pytest.approx(0.8) and meta["seconds"] <= 0.01 * meta["train_seconds"]
+    assert meta["probes"]["ran"] == [5, 85] and meta["effective_rank"]["ran"] == list(range(5, 101, 5))
+    assert meta["share_each"] == 0.005 and meta["seconds"] == pytest.approx(0.44)
+
+
+def test_a_lens_alone_has_the_whole_budget():
+    assert LensClock(budget=0.01, max_every=None, every={"probes": 0, "effective_rank": 5}).share == 0.01
+    assert LensClock(budget=None, max_every=None, every={"probes": 5, "effective_rank": 5}).share is None
 
 
 def test_every_rank_counts_the_slowest_ranks_times_and_decides_alike():
@@ -127,10 +133,10 @@ def test_meta_says_what_ran_was_skipped_and_forced_and_lens_notes_says_it_in_wor
     assert meta["probes"]["first"] == {"step": 0, "source": "loss pass"}
     notes = lens_notes({"lenses": meta})
     assert notes["probes"].startswith("Probes scored at 0, 10, 40 (step 0: the initial policy's, from the first "
-                                      "step's own loss pass); due every 10 steps within a budget of 0.5 % of training "
-                                      "time; skipped at 20, 30, 50, 60 (4 of 7); forced at 40 (held back 30 steps")
+                                      "step's own loss pass); due every 10 steps within its share (0.25 %) of a lens "
+                                      "budget of 0.5 % of training time; skipped at 20, 30, 50, 60 (4 of 7); forced at 40 (held back 30 steps")
     assert "a scoring took 2.00 s" in notes["probes"]
-    assert notes["effective_rank"].startswith("Effective rank measured at 10, 40; ")  # forced with the probes
+    assert notes["effective_rank"].startswith("Effective rank measured at 10–60; ")  # its own share: every time
     assert f"all lenses took {100 * meta['share']:.1f} % of 60.00 s of training so far" in notes["effective_rank"]
 
 
@@ -149,8 +155,8 @@ def test_lens_notes_are_empty_for_a_run_without_them(meta):
 
 
 def test_the_lens_asked_first_does_not_starve_the_other():
-    # in training the effective rank is asked in the loss pass, before the probes at the step end: with a shared
-    # pool it would take every opening; taking turns, both run about equally often, and neither is forced
+    # in training the effective rank is asked in the loss pass, before the probes at the step end: with one pool for
+    # both it would take every opening; with a share each, both run equally often, and neither is forced
     clock = LensClock(budget=0.01, max_every=100, every={"probes": 5, "effective_rank": 5})
     for step in range(1, 401):
         lenses = {}
