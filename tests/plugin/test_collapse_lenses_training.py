@@ -86,6 +86,30 @@ def test_vocab_carries_each_token_role_and_fork_roles_cover_every_fork(make_trai
     assert roles.groupby("step")["share"].sum().to_numpy() == pytest.approx(1.0)
 
 
+def test_the_vocabulary_is_decoded_on_the_writer_thread_not_the_training_thread(make_trainer, tmp_path):
+    import threading
+
+    trainer = make_trainer(max_steps=1)
+    proc = trainer.processing_class
+    tok = getattr(proc, "tokenizer", proc)
+    on_training_thread: list[int] = []
+    elsewhere: list[int] = []
+    decode = tok.decode
+
+    def watched(*a, **k):  # the tokenizer's own decode, with the thread it ran on noted
+        ids = a[0] if a else k["token_ids"]
+        (on_training_thread if threading.current_thread() is threading.main_thread() else elsewhere).append(len(ids))
+        return decode(*a, **k)
+
+    tok.decode = watched
+    forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), probe_every=0)
+    trainer.train()
+    con = connect(str(tmp_path / "runs"))
+    texts = [t for (t,) in con.execute("SELECT text FROM vocab ORDER BY token_id").fetchall()]
+    assert texts == [decode([i], skip_special_tokens=False) for i in range(len(tok))]
+    assert elsewhere.count(1) >= len(tok) and on_training_thread.count(1) < len(tok)
+
+
 def test_given_probes_are_scored_before_training_and_every_k_steps(make_trainer, tmp_path):
     tok = char_tokenizer()
     # a twin of the trained model (a deep copy would share TRL's patched forward, bound to the original)
