@@ -165,13 +165,17 @@ def _flat(ids: Any) -> list[int]:
 
 
 def _strata(rows: Any, has_truth: bool) -> np.ndarray:
-    """Stratum of each recorded position: on a run with a ground truth its role (and whether it was a fork), else
-    fork / other."""
+    """Stratum of each recorded position of one step: on a run with a ground truth its role (and whether it was a
+    fork), else fork / other; where the step's selector dropped tokens (`selected` = 0), also kept / dropped, so that
+    the kept tokens of a sparse selector are measured in proportion to the question asked of them."""
     fork = rows["is_fork"].fillna(False).to_numpy(bool)
+    out = np.where(fork, "fork", "other").astype(object)
     if has_truth:
-        role = rows["role"].fillna("unknown").astype(str).to_numpy()
-        return np.where(fork, np.char.add(role.astype(str), "/fork"), np.char.add(role.astype(str), "/other"))
-    return np.where(fork, "fork", "other")
+        out = rows["role"].fillna("unknown").astype(str).to_numpy(object) + "/" + out
+    selected = rows["selected"].fillna(1.0).to_numpy(np.float64)
+    if (selected == 0).any():
+        out = out + np.where(selected > 0, "/kept", "/dropped")
+    return out.astype(str)
 
 
 def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequence[str],
@@ -230,7 +234,8 @@ def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequ
     batches = []
     for step in steps:
         rows = con.execute(
-            "SELECT t.completion_id, t.position, t.token_id, t.is_fork, c.prompt, c.completion, c.reward, "
+            "SELECT t.completion_id, t.position, t.token_id, t.is_fork, t.selected, c.prompt, c.completion, "
+            "c.reward, "
             + ("x.role " if has_truth else "NULL AS role ")
             + "FROM tokens t JOIN completions c USING (run_id, step, completion_id) "
             + ("LEFT JOIN truth x USING (run_id, step, completion_id, position) " if has_truth else "")

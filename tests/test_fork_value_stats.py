@@ -19,13 +19,7 @@ from forkwatch.plugin.fork_value_stats import (
     weights,
 )
 from forkwatch.store.detector_metrics import auroc, average_precision
-from forkwatch.store.fork_values import (
-    lexical_score,
-    population_mean,
-    weighted_auroc,
-    weighted_average_precision,
-    weighted_spearman,
-)
+from forkwatch.store.fork_values import lexical_score, population_mean, weighted_spearman
 
 
 def test_branch_estimates_are_the_mean_with_agresti_coull_interval_on_the_reward_range():
@@ -136,8 +130,8 @@ def test_horvitz_thompson_estimates_match_the_population_on_average():
         idx, p = stratified_sample(strata, 120, rng)
         s, y, h = score[idx], label[idx], strata[idx]
         est["mean"].append(population_mean(y, p))
-        est["auroc"].append(weighted_auroc(s, y, p, h))
-        est["ap"].append(weighted_average_precision(s, y, p))
+        est["auroc"].append(auroc(s, y, inclusion=p, strata=h))
+        est["ap"].append(average_precision(s, y, inclusion=p))
         est["spearman"].append(weighted_spearman(s, value[idx], p))
         est["naive_mean"].append(y.mean())
         est["naive_ap"].append(average_precision(s, y))
@@ -155,8 +149,8 @@ def test_weighted_metrics_of_a_census_are_the_plain_metrics():
     rng = np.random.default_rng(6)
     strata, label, score, value = _population(rng, 300)
     ones = np.ones(len(score))
-    assert weighted_auroc(score, label, ones, strata) == pytest.approx(auroc(score, label))
-    assert weighted_average_precision(score, label, ones) == pytest.approx(average_precision(score, label))
+    assert auroc(score, label, inclusion=ones, strata=strata) == pytest.approx(auroc(score, label))
+    assert average_precision(score, label, inclusion=ones) == pytest.approx(average_precision(score, label))
     rank = np.argsort(np.argsort(score))
     assert weighted_spearman(score, rank * 2.0 + 1, ones) == pytest.approx(1.0)
     assert population_mean(label, ones) == pytest.approx(label.mean())
