@@ -26,6 +26,9 @@ import pandas as pd
 
 from .detector_metrics import auroc, average_precision, position_score
 
+# the named queries (the dashboard reaches them by name, dashboard/cache.py; `forkwatch forks` calls top_fork_values)
+__all__ = ["fork_value_detectors", "fork_value_marks", "fork_value_scatter", "fork_value_steps", "top_fork_values"]
+
 # One row per measured position (its latest measurement when it was measured twice), its sampled branch's Q and the
 # best and worst branch beside the position's own estimates.
 POSITIONS_SQL = """
@@ -74,6 +77,81 @@ def scored_positions(con: duckdb.DuckDBPyConnection, run_id: str, step: int | No
     """`fork_value_positions` with the run's recorded scores at each position (entropy, renyi2, group_js), the
     selector's gradient weight there (`selected`) and the text of the preceding token."""
     return con.execute(SCORED_SQL, {"run": run_id, "step": step}).df()
+
+
+def fork_value_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The steps of `run_id` with measured positions: step, positions, consequential (how many), sources (the
+    policies that measured them: a checkpoint path, or "training")."""
+    return con.execute(
+        f"WITH p AS ({POSITIONS_SQL}) SELECT step, count(*) AS positions, "
+        "count(*) FILTER (WHERE consequential) AS consequential, string_agg(DISTINCT source, ', ') AS sources "
+        "FROM p GROUP BY step ORDER BY step", {"run": run_id, "step": None}).df()
+
+
+def fork_value_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """The measured positions of one completion: position, value, value_se, consequential, the sampled token's Q,
+    the best branch's token text and Q, V, and the recorded entropy (the Forks page marks them in the token view)."""
+    return con.execute(
+        f"""WITH p AS ({POSITIONS_SQL})
+        SELECT p.position, p.value, p.value_se, p.consequential, p.q_sampled, p.best_q, p.v,
+               CASE WHEN p.best_token_id IS NULL THEN '(any other token)' ELSE v.text END AS best_text,
+               t.entropy
+        FROM p
+        JOIN tokens t USING (run_id, step, completion_id, position)
+        LEFT JOIN (SELECT DISTINCT ON (token_id) token_id, text FROM vocab WHERE run_id = $run) v
+               ON v.token_id = p.best_token_id
+        WHERE p.completion_id = $completion
+        ORDER BY p.position""", {"run": run_id, "step": step, "completion": completion_id}).df()
+
+
+def fork_value_scatter(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """Every measured position of `run_id` with its entropy and value (the scatter of entropy against fork value):
+    step, completion_id, position, entropy, value, value_se, consequential, inclusion_prob."""
+    cols = ["step", "completion_id", "position", "entropy", "value", "value_se", "consequential", "inclusion_prob"]
+    return scored_positions(con, run_id)[cols]
+
+
+def fork_value_detectors(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """`detector_vs_value` over every step of `run_id` with measured positions."""
+    return detector_vs_value(scored_positions(con, run_id))
+
+
+def top_fork_values(con: duckdb.DuckDBPyConnection, run_id: str, *, limit: int = 10, step: int | None = None,
+                    before: int = 24, after: int = 8) -> pd.DataFrame:
+    """The `limit` measured positions of `run_id` (at `step`, or any) with the highest fork value, each with its
+    text context: the text of the `before` tokens before it (`prefix`), of the token (`token`) and of the `after`
+    tokens after it (`suffix`), the sampled token's Q, the best branch's text and Q, V, the value with its SE,
+    consequential, and the recorded entropy."""
+    top = con.execute(
+        f"""WITH p AS ({POSITIONS_SQL})
+        SELECT p.step, p.completion_id, p.position, p.value, p.value_se, p.consequential, p.q_sampled, p.best_q,
+               p.v, p.best_token_id, t.entropy
+        FROM p JOIN tokens t USING (run_id, step, completion_id, position)
+        ORDER BY p.value DESC, p.step, p.completion_id, p.position LIMIT $limit""",
+        {"run": run_id, "step": step, "limit": limit}).df()
+    if top.empty:
+        return top.assign(prefix=[], token=[], suffix=[], best_text=[])
+    context = con.execute(
+        """SELECT w.step, w.completion_id, w.position AS at, t.position, t.text
+        FROM (SELECT unnest($steps) AS step, unnest($completions) AS completion_id, unnest($positions) AS position) w
+        JOIN token_text t ON t.run_id = $run AND t.step = w.step AND t.completion_id = w.completion_id
+                         AND t.position BETWEEN w.position - $before AND w.position + $after
+        ORDER BY t.position""",
+        {"run": run_id, "steps": top["step"].tolist(), "completions": top["completion_id"].tolist(),
+         "positions": top["position"].tolist(), "before": before, "after": after}).df()
+    texts = dict(con.execute("SELECT DISTINCT ON (token_id) token_id, text FROM vocab WHERE run_id = ?",
+                             [run_id]).fetchall())
+    parts: dict[str, list[str]] = {"prefix": [], "token": [], "suffix": [], "best_text": []}
+    for r in top.itertuples(index=False):
+        c = context[(context["step"] == r.step) & (context["completion_id"] == r.completion_id)
+                    & (context["at"] == r.position)]
+        text = c["text"].fillna("")
+        parts["prefix"].append("".join(text[c["position"] < r.position]))
+        parts["token"].append("".join(text[c["position"] == r.position]))
+        parts["suffix"].append("".join(text[c["position"] > r.position]))
+        parts["best_text"].append("(any other token)" if pd.isna(r.best_token_id)
+                                  else texts.get(int(r.best_token_id), f"#{int(r.best_token_id)}"))
+    return top.assign(**parts)
 
 
 # --- estimates for all positions from the stratified sample ---
