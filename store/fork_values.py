@@ -177,7 +177,7 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, inclusion: np.ndarray) -> fl
     w = 1.0 / np.asarray(inclusion, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y, w = x[keep], y[keep], w[keep]
-    if x.size < 2:
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # a constant: rounding would make its spread non-zero
         return math.nan
     rx, ry = _population_ranks(x, w), _population_ranks(y, w)
     mx, my = np.average(rx, weights=w), np.average(ry, weights=w)

@@ -153,6 +153,7 @@ def test_weighted_metrics_of_a_census_are_the_plain_metrics():
     assert average_precision(score, label, inclusion=ones) == pytest.approx(average_precision(score, label))
     rank = np.argsort(np.argsort(score))
     assert weighted_spearman(score, rank * 2.0 + 1, ones) == pytest.approx(1.0)
+    assert math.isnan(weighted_spearman(np.zeros_like(score), score, 1 / (1 + rank)))  # a constant has no ranks
     assert population_mean(label, ones) == pytest.approx(label.mean())
 
 
