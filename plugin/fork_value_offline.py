@@ -36,7 +36,7 @@ from forkwatch.plugin.fork_value import (
     Sampling,
     measure,
 )
-from forkwatch.plugin.fork_value_stats import stratified_sample
+from forkwatch.plugin.fork_value_stats import strata_of, stratified_sample
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +165,11 @@ def _flat(ids: Any) -> list[int]:
 
 
 def _strata(rows: Any, has_truth: bool) -> np.ndarray:
-    """Stratum of each recorded position of one step: on a run with a ground truth its role (and whether it was a
-    fork), else fork / other; where the step's selector dropped tokens (`selected` = 0), also kept / dropped, so that
-    the kept tokens of a sparse selector are measured in proportion to the question asked of them."""
-    fork = rows["is_fork"].fillna(False).to_numpy(bool)
-    out = np.where(fork, "fork", "other").astype(object)
-    if has_truth:
-        out = rows["role"].fillna("unknown").astype(str).to_numpy(object) + "/" + out
-    selected = rows["selected"].fillna(1.0).to_numpy(np.float64)
-    if (selected == 0).any():
-        out = out + np.where(selected > 0, "/kept", "/dropped")
-    return out.astype(str)
+    """Stratum of each recorded position of one step (`strata_of`): its role on a run with a ground truth, fork or
+    not, kept or dropped by the selector."""
+    role = rows["role"].fillna("unknown").astype(str).to_numpy(object) if has_truth else None
+    return strata_of(rows["is_fork"].fillna(False).to_numpy(bool), rows["selected"].to_numpy(np.float64, na_value=1.0),
+                     role)
 
 
 def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequence[str],

@@ -15,6 +15,7 @@ from forkwatch.plugin.fork_value_stats import (
     estimate_position,
     fork_value,
     permutation_p,
+    strata_of,
     stratified_sample,
     weights,
 )
@@ -162,3 +163,12 @@ def test_lexical_rule_flags_position_zero_and_tokens_after_a_separator():
 
     got = lexical_score(np.array([0, 1, 2, 3, 4]), pd.Series([None, "g", ",", "x", " ."]))
     assert got.tolist() == [True, False, True, False, True]
+
+
+def test_strata_split_forks_roles_and_what_a_selector_kept():
+    fork = np.array([True, False, True, False])
+    assert strata_of(fork).tolist() == ["fork", "other", "fork", "other"]
+    assert strata_of(fork, np.ones(4)).tolist() == ["fork", "other", "fork", "other"]  # nothing dropped: no split
+    got = strata_of(fork, np.array([2.0, 0.0, 0.0, np.nan]), np.array(["decision", "forced", "decision", "forced"]))
+    assert got.tolist() == ["decision/fork/kept", "forced/other/dropped", "decision/fork/dropped",
+                            "forced/other/kept"]  # an unknown weight (NaN) counts as kept
