@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.forkwatch-installed
 TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 
-.PHONY: test demo demo-smollm2 smollm2 lint setup browser clean
+.PHONY: test test-trl demo demo-smollm2 smollm2 lint setup browser clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ smollm2: $(STAMP)
 
 test: $(STAMP) lint browser smollm2
 	$(BIN)/python -m pytest
+
+# The plugin's training tests on each TRL release forkwatch admits and on transformers 4.x, each in its own venv built
+# from the package index into ~/.cache/forkwatch/trl-matrix (reused), forkwatch installed as a user installs it, which
+# must keep the user's TRL (.ci/trl-matrix says how). Apart from `make test`, which stays within 15 minutes.
+test-trl:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" .ci/trl-matrix
 
 demo: $(STAMP)
 	$(BIN)/forkwatch demo

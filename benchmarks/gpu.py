@@ -70,18 +70,18 @@ VARIANTS: dict[str, dict | None] = {  # name: forkwatch options, or None for pla
     "ict": dict(select="ict", warmup_steps=0),
     "high_entropy": dict(select="high_entropy"),
 }
-# forkwatch's entry points on the training thread (plugin/hooks.py calls them; none calls another), timed per step:
-# (module, class, method)
+# forkwatch's entry points on the training thread (plugin/trl_seams.py calls them; none calls another), timed per
+# step: (module, class, method)
 HOOKS = [
-    ("forkwatch.plugin.gen_scores", "GenScorer", "on_forward"),  # each decode step's forward
-    ("forkwatch.plugin.monitor", "Monitor", "on_generation"),  # (GenScorer.take runs inside it)
-    ("forkwatch.plugin.monitor", "Monitor", "share_evidence"),
-    ("forkwatch.plugin.monitor", "Monitor", "begin_micro_batch"),
-    ("forkwatch.plugin.monitor", "Monitor", "on_model_forward"),
-    ("forkwatch.plugin.monitor", "Monitor", "on_backbone_forward"),
-    ("forkwatch.plugin.monitor", "Monitor", "select"),  # the selectors, in place of TRL's entropy mask
-    ("forkwatch.plugin.monitor", "Monitor", "selection_loss"),
-    ("forkwatch.plugin.monitor", "Monitor", "end_micro_batch"),
+    ("forkwatch.plugin.gen_evidence", "GenScorer", "on_forward"),  # each decode step's forward
+    ("forkwatch.plugin.capture", "Capture", "on_generation"),  # (GenScorer.take runs inside it)
+    ("forkwatch.plugin.capture", "Capture", "share_evidence"),
+    ("forkwatch.plugin.capture", "Capture", "begin_micro_batch"),
+    ("forkwatch.plugin.capture", "Capture", "on_loss_values"),
+    ("forkwatch.plugin.capture", "Capture", "on_backbone_forward"),
+    ("forkwatch.plugin.capture", "Capture", "select"),  # the selectors, in place of TRL's entropy mask
+    ("forkwatch.plugin.capture", "Capture", "selection_loss"),
+    ("forkwatch.plugin.capture", "Capture", "end_micro_batch"),
     ("forkwatch.plugin.callback", "ForkwatchCallback", "on_step_end"),
 ]
 STEP_TABLES = ("tokens", "forks", "completions", "steps")  # written every step; vocab is written once per run

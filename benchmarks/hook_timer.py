@@ -12,9 +12,9 @@ import time
 from collections.abc import Iterator
 
 ENTRY_POINTS = (  # (module, class, methods)
-    ("forkwatch.plugin.gen_scores", "GenScorer", ("on_forward",)),  # each decode step (its `take` runs in on_generation)
-    ("forkwatch.plugin.monitor", "Monitor",
-     ("on_generation", "begin_micro_batch", "on_model_forward", "on_backbone_forward", "end_micro_batch")),
+    ("forkwatch.plugin.gen_evidence", "GenScorer", ("on_forward",)),  # each decode step (its `take` runs in on_generation)
+    ("forkwatch.plugin.capture", "Capture",
+     ("on_generation", "begin_micro_batch", "on_loss_values", "on_backbone_forward", "end_micro_batch")),
     ("forkwatch.plugin.callback", "ForkwatchCallback", ("on_train_begin", "on_step_end", "on_train_end")),
 )
 

@@ -46,8 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from forkwatch.demo.tiny import tiny_model
-    from forkwatch.plugin.hidden_rank import effective_rank
-    from forkwatch.plugin.probes import Probe, score_probes
+    from forkwatch.plugin.lenses import Probe, score_probes
+    from forkwatch.plugin.token_math import effective_rank
     from forkwatch.store.roles import role_of
     from forkwatch.store.spectrum import spectrum_counts
 

@@ -116,10 +116,10 @@ def run_variant(config: str, model, name: str, steps: int, tmp: Path) -> tuple[f
 
 def _module_hooks() -> list[tuple[type, str]]:
     """The methods forkwatch's forward hooks call (inside TRL's forwards)."""
-    from forkwatch.plugin.gen_scores import GenScorer
-    from forkwatch.plugin.monitor import Monitor
+    from forkwatch.plugin.capture import Capture
+    from forkwatch.plugin.gen_evidence import GenScorer
 
-    return [(GenScorer, "on_forward"), (Monitor, "on_model_forward"), (Monitor, "on_backbone_forward")]
+    return [(GenScorer, "on_forward"), (Capture, "on_loss_values"), (Capture, "on_backbone_forward")]
 
 
 def hook_times(opts) -> None:

@@ -127,7 +127,7 @@ def run(config: str, device: str, model, variant: str, steps: int, tmp: Path) ->
 def hook_cost(opts) -> None:
     """Per decode step: the generation-time fork evidence (top-k probabilities, the sampled token's rank) on (B, V) logits,
     against one decode forward of the model (the work it rides on), medians of interleaved repeats."""
-    from forkwatch.plugin import metrics
+    from forkwatch.plugin import token_math as metrics
 
     c = CONFIGS[opts.config]
     model = make_model(opts.config, opts.device).eval()
@@ -140,7 +140,7 @@ def hook_cost(opts) -> None:
         hook, fwd = [], []
         for _ in range(opts.rounds * 5):
             t0 = time.thread_time()
-            metrics.topk_probs(z, 5, 0.7)  # what the generation hook does per decode step (gen_scores.py)
+            metrics.topk_probs(z, 5, 0.7)  # what the generation hook does per decode step (gen_evidence.py)
             metrics.rank_of(z, tok)
             hook.append(time.thread_time() - t0)
             t0 = time.thread_time()

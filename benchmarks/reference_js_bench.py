@@ -55,7 +55,7 @@ def main() -> None:
         forkwatch.attach(trainer, log_dir=f"{tmp}/logs", run_name="bench", select="ict",
                          select_options={"against": "reference"})
         model = trainer.model.to(a.device)
-        ref = trainer._forkwatch.monitor.reference
+        ref = trainer._forkwatch.capture.reference
         vocab = model.config.vocab_size
         gen = torch.Generator().manual_seed(0)
         ids = lambda n: torch.randint(4, vocab, (a.batch, n), generator=gen).to(a.device)  # noqa: E731

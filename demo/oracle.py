@@ -1,4 +1,4 @@
-"""The demo's ground truth as the `oracle` selector's label source (plugin/selectors.py `oracle`):
+"""The demo's ground truth as the `oracle` selector's label source (plugin/selection/methods.py `oracle`):
 
     attach(trainer, select="oracle", select_options={"labels": task_labels(tokenizer)})
 

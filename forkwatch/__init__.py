@@ -18,15 +18,19 @@ _PUBLIC = {
     "attach": "forkwatch.plugin.attach",
     "ForkwatchCallback": "forkwatch.plugin.callback",
     "ForkwatchConfig": "forkwatch.plugin.config",
-    "register_selector": "forkwatch.plugin.registry",
+    # your own selector: @register_selector("name") on fn(inp: SelectionInput, *, option=default) -> Selection
+    "register_selector": "forkwatch.plugin.selection.registry",
+    "SelectionInput": "forkwatch.plugin.selection.registry",
+    "Selection": "forkwatch.plugin.selection.registry",
 }
-__all__ = ["__version__", "attach", "ForkwatchCallback", "ForkwatchConfig", "register_selector"]
+__all__ = ["__version__", "attach", "ForkwatchCallback", "ForkwatchConfig", "register_selector", "SelectionInput",
+           "Selection"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from forkwatch.plugin.attach import attach
     from forkwatch.plugin.callback import ForkwatchCallback
     from forkwatch.plugin.config import ForkwatchConfig
-    from forkwatch.plugin.registry import register_selector
+    from forkwatch.plugin.selection.registry import Selection, SelectionInput, register_selector
 
 
 def __getattr__(name: str):

@@ -1,30 +1,33 @@
-"""`forkwatch.attach(trainer, **options)`: one line on an unmodified `trl.GRPOTrainer`."""
+"""`forkwatch.attach(trainer, **options)`: one line on an unmodified `trl.GRPOTrainer`.
+
+Everything is checked here, before training: the options (config.py), the log directory (reachable and writable),
+the installed TRL (plugin/trl_seams.py: every internal forkwatch uses, and whether TRL's own loss pass can run on
+this machine), the selector with the trainer's settings (plugin/selection/). Then the capture is built, the seams
+are installed and the callback goes first in the trainer's list.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
-import warnings
 
+from forkwatch.plugin import trl_seams
 from forkwatch.plugin.callback import ForkwatchCallback
-from forkwatch.plugin.config import ForkwatchConfig
+from forkwatch.plugin.capture import Capture
+from forkwatch.plugin.config import RENAMED, ForkwatchConfig
+from forkwatch.plugin.gen_evidence import HeadProjector
 from forkwatch.store.location import resolve
-from packaging.version import Version
 
 logger = logging.getLogger(__name__)
-TESTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [low, high): the seams were verified on this range
-_SEAMS = ("_generate_and_score_completions", "_calculate_rewards", "_compute_loss", "get_high_entropy_mask",
-          "accelerator", "temperature", "top_entropy_quantile")
 
 
 def attach(trainer, **options) -> ForkwatchCallback:
     """Install forkwatch on `trainer` (before `trainer.train()`); options are `ForkwatchConfig` fields."""
-    import trl
     from trl import GRPOTrainer
 
     valid = {f.name for f in dataclasses.fields(ForkwatchConfig)}
-    unknown = sorted(set(options) - valid)
+    unknown = sorted(set(options) - valid - set(RENAMED))
     if unknown:
         raise ValueError(f"unknown forkwatch option(s) {unknown}; valid options: {sorted(valid)}")
     config = ForkwatchConfig(**options)  # every option checked here (ValueError naming the fix), none at train start
@@ -32,50 +35,34 @@ def attach(trainer, **options) -> ForkwatchCallback:
 
     if not isinstance(trainer, GRPOTrainer):
         raise ValueError(f"forkwatch.attach needs a trl.GRPOTrainer, got {type(trainer).__name__}")
-    version = Version(trl.__version__)
-    if not TESTED_TRL[0] <= version < TESTED_TRL[1]:
-        warnings.warn(
-            f"forkwatch was tested with trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}; trl {version} may have moved the "
-            "seams forkwatch hooks into. Pin trl to the tested range if records look wrong.",
-            stacklevel=2,
-        )
-    missing = [s for s in _SEAMS if not hasattr(trainer, s)]
-    if missing:
-        raise ValueError(f"trl {version} GRPOTrainer lacks {missing}: install trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}")
+    loss_path = trl_seams.check(trainer)  # every TRL internal forkwatch uses; how the loss pass is read
     if getattr(trainer, "_forkwatch", None) is not None:
         raise ValueError("forkwatch is already attached to this trainer: call attach() once per trainer")
-    if getattr(trainer.args, "use_liger_kernel", False) and getattr(trainer.args, "use_liger_loss", False):
-        raise ValueError("forkwatch needs TRL's fused LM head; set use_liger_loss=False")
 
     selector = None
     if config.select is not None:
-        from forkwatch.plugin.policy_loss import validate_selection
-        from forkwatch.plugin.registry import get_selector
+        from forkwatch.plugin.selection.policy_loss import validate_selection
+        from forkwatch.plugin.selection.registry import get_selector
 
         selector = get_selector(config.select, **config.selector_options())
         validate_selection(selector, trainer.args)
         if selector.needs_group_js and config.group_js is False:
             raise ValueError(f"select={config.select!r} scores tokens by group_js: set group_js='auto' or True")
 
-    from forkwatch.plugin.head import HeadProjector
-    from forkwatch.plugin.hooks import install, target_model
-    from forkwatch.plugin.monitor import Monitor
-
-    target = target_model(trainer)
-    monitor = Monitor(
-        trainer, config, selector=selector, project=HeadProjector(target, trainer.temperature),
-        backbone=target.base_model,
-    )
+    target = trl_seams.target_model(trainer)
+    capture = Capture(trainer, config, selector=selector, project=HeadProjector(target, trainer.temperature),
+                      backbone=target.base_model)
     probes = None
     if config.probe_every > 0:  # built here: probe texts that do not encode are refused at attach
-        from forkwatch.plugin.probes import ProbeRunner
+        from forkwatch.plugin.lenses import ProbeRunner
 
         probes = ProbeRunner(trainer, pairs=config.probes, every=config.probe_every, count=config.probe_count,
                              top_k=config.fork_top_k)
-    callback = ForkwatchCallback(config, trainer=trainer, monitor=monitor, probes=probes,
-                                 install=lambda: install(trainer, monitor))
+    callback = ForkwatchCallback(config, trainer=trainer, capture=capture, probes=probes, loss_path=loss_path,
+                                 install=lambda: trl_seams.install(trainer, capture, loss_path))
     callback.install()
-    # First in the list: our on_log must add forkwatch/... to `logs` before report_to integrations see them.
+    # First in the list: at each step end forkwatch acts (the step's `forkwatch/*` scalars into TRL's metric buffer,
+    # an alarm's stop) before the user's own callbacks see the step.
     trainer.callback_handler.callbacks.insert(0, callback)
 
     original_train = trainer.train
@@ -100,5 +87,6 @@ def attach(trainer, **options) -> ForkwatchCallback:
 
     trainer.train = train
     trainer._forkwatch = callback
-    logger.info("forkwatch attached (select=%s, group_js=%s)", config.select, monitor.group_js_on)
+    logger.info("forkwatch attached (select=%s, group_js=%s, loss pass read from %s)", config.select,
+                capture.group_js_on, "TRL's fused LM head" if loss_path == "fused" else "TRL's logits")
     return callback

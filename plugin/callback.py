@@ -1,13 +1,15 @@
 """`ForkwatchCallback`: the run's lifecycle (writer, run.json, vocab, probes, checkpoints) and the end of each step.
-Shaped like TRL's callbacks: it overrides only the events it needs, only rank 0 logs, every hook is guarded, and what
-it installed is removed at train end.
+Shaped like TRL's callbacks: it overrides only the events it needs, only rank 0 logs, every recording step is guarded
+(the one error it raises on purpose is a selection that keeps nothing, step after step), and what it installed is
+removed at train end.
 
-At the end of a step it takes the step's captures from the monitor, gathers every rank's summary on rank 0, gives
-both to the `HandOff` (plugin/handoff.py: the steps row, the scalars logged for the step, the hand-off to the writer)
-and acts on the health flags the hand-off returns: a warning in the log, an alert (alert_webhook, sent from the
-writer's thread) and, with on_alarm="stop", the end of training at this step. TRL's own logged scalars (loss,
-grad_norm, kl, clip ratios) reach the hand-off in `on_log`. Checkpoints, the end of training and `close` (a crash,
-Ctrl-C) hand off what is waiting.
+At the end of a step it takes the step's values from the capture (plugin/capture.py), gathers every rank's summary,
+gives both to the `HandOff` (plugin/handoff.py: the steps row, the scalars logged for the step, the hand-off to the
+writer) and acts on what comes back: the health flags (a warning in the log, an alert (alert_webhook, sent from the
+writer's thread) and, with on_alarm="stop", the end of training at this step) and a selection that kept no token (a
+warning naming the selector and the step; training stops with an error after `max_empty_selection_steps` such steps
+in a row). TRL's own logged scalars (loss, grad_norm, kl, clip ratios) reach the hand-off in `on_log`. Checkpoints,
+the end of training and `close` (a crash, Ctrl-C) hand off what is waiting.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from forkwatch.plugin.capture import Capture
 from forkwatch.plugin.config import ForkwatchConfig
 from forkwatch.plugin.handoff import HandOff, is_alarm
-from forkwatch.plugin.probes import ProbeRunner
+from forkwatch.plugin.lenses import ProbeRunner
+from forkwatch.plugin.trl_seams import log_scalars, target_model
 from forkwatch.store.roles import roles_of
 from transformers import TrainerCallback
 
@@ -50,11 +54,12 @@ def new_run_id() -> str:
 
 
 class ForkwatchCallback(TrainerCallback):
-    def __init__(self, config: ForkwatchConfig, *, trainer, monitor, install: Callable[[], Callable[[], None]],
-                 probes: ProbeRunner | None = None) -> None:
+    def __init__(self, config: ForkwatchConfig, *, trainer, capture: Capture, install: Callable[[], Callable[[], None]],
+                 probes: ProbeRunner | None = None, loss_path: str = "fused") -> None:
         self.config = config
         self.trainer = trainer
-        self.monitor = monitor
+        self.capture = capture
+        self.loss_path = loss_path  # how the loss pass's values are read on this TRL (plugin/trl_seams.py `check`)
         self.probes = probes  # None: probes are off
         self._install = install  # installs the seams; returns their uninstall
         # runtime state
@@ -67,6 +72,8 @@ class ForkwatchCallback(TrainerCallback):
         self._stopped_by_alarm = False
         self._faults_written = 0  # the ledger's total when run.json was last written
         self._rank_faults: dict[int, dict[str, int]] = {}  # rank 0: every rank's fault counts, as last gathered
+        self.empty_selection_steps: list[int] = []  # steps whose selection kept no token (every rank together)
+        self._empty_in_a_row = 0
 
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> None:
@@ -81,7 +88,7 @@ class ForkwatchCallback(TrainerCallback):
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             self.resume_step = int(json.load(f)["global_step"])
-        self.monitor.selection.load_rng(checkpoint)
+        self.capture.selection_seam.load_rng(checkpoint)
         path = os.path.join(checkpoint, CHECKPOINT_FILE)
         if os.path.isfile(path):
             with open(path) as f:
@@ -103,18 +110,18 @@ class ForkwatchCallback(TrainerCallback):
         self.writer = RunWriter(
             cfg.log_dir, run_id, rank=acc.process_index, world_size=acc.num_processes, meta=self._meta(),
             resume_step=self.resume_step, max_queue_rows=cfg.queue_rows, stat_mantissa_bits=cfg.stat_mantissa_bits,
-            ledger=self.monitor.faults, alert_webhook=cfg.alert_webhook, dashboard_url=cfg.dashboard_url,
+            ledger=self.capture.faults, alert_webhook=cfg.alert_webhook, dashboard_url=cfg.dashboard_url,
         )
         if state.is_world_process_zero and self.resume_step is None:
-            with self.monitor.faults.guard("vocab"):
+            with self.capture.faults.guard("vocab"):
                 self._write_vocab()
         if self.probes is not None and self.probes.probes is not None and self.resume_step is None:
-            with self.monitor.faults.guard("probes"):
+            with self.capture.faults.guard("probes"):
                 self._score_probes(0)  # the policy before training: what the later scorings are compared with
         proc = tr.processing_class
         self.handoff = HandOff(
-            self.writer, ledger=self.monitor.faults, rank=acc.process_index, tokenizer=getattr(proc, "tokenizer", proc),
-            interval_s=cfg.worker_interval_s, max_rows=cfg.queue_rows, select_method=cfg.select,
+            self.writer, ledger=self.capture.faults, rank=acc.process_index, tokenizer=getattr(proc, "tokenizer", proc),
+            interval_s=cfg.handoff_interval_s, max_rows=cfg.queue_rows, select_method=cfg.select,
             health_rules=cfg.health_rules, vocab_size=self._vocab_size(), stop_on_alarm=cfg.on_alarm == "stop",
         )
 
@@ -122,23 +129,29 @@ class ForkwatchCallback(TrainerCallback):
         step = state.global_step
         summary: dict[str, Any] = {}
         t0 = time.perf_counter()
-        ledger = self.monitor.faults
+        ledger = self.capture.faults
         acc = None
         with ledger.guard("step_end"):
-            acc = self.monitor.take_step(step)
+            acc = self.capture.take_step(step)
             summary = acc.collect()
             if self.probes is not None:
                 with ledger.guard("probes"):
                     self._probe_step(step)
             summary["dropped"] = ledger.total_dropped()
             summary["faults"] = ledger.faults
-            summary["rank"] = self.monitor.rank
+            summary["rank"] = self.capture.rank
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
+        # what the selection kept, outside the recording guard: it decides whether training goes on
+        totals = self.capture.selection_seam.take_step(step)
         parts = [summary]
         if self.trainer.accelerator.num_processes > 1:  # always called on every rank, even after a local fault
             from accelerate.utils import gather_object
 
-            parts = gather_object([summary])
+            parts = gather_object([{**summary, "selection": totals}])
+            totals_all = [p["selection"] for p in parts]
+            parts = [{k: v for k, v in p.items() if k != "selection"} for p in parts]
+        else:
+            totals_all = [totals]
         scalars: dict[str, float] = {}
         if acc is not None:
             with ledger.guard("step_row"):
@@ -150,19 +163,55 @@ class ForkwatchCallback(TrainerCallback):
                 scalars = self.handoff.add(step, acc, parts, log_due=_trainer_logs_at(args, state))
         if self.handoff.due():
             self._act_on(self._hand_off(), control)
+        self._check_selection(step, totals_all)  # may raise: after the hand-off, so this step's records are handed over
         if scalars and state.is_world_process_zero:
             with ledger.guard("log"):
                 scalars["faults"] = float(sum(sum(c.values()) for c in self._rank_faults.values()))
-                metrics = self.trainer._metrics["train"]
-                for k, v in scalars.items():
-                    metrics[LOG_PREFIX + k].append(v)
+                if self.config.select is not None:
+                    scalars["select/empty_steps"] = float(len(self.empty_selection_steps))
+                log_scalars(self.trainer, scalars, LOG_PREFIX)
+
+    def _check_selection(self, step: int, totals: list[tuple[float, float, float] | None]) -> None:
+        """Every rank, with every rank's `selection_totals` of `step` (tokens kept, the gradient they carry, the
+        gradient the dense step would carry): a step whose selection kept no token, or kept only tokens that carry no
+        gradient while the dense step would have, trains on nothing. Counted and warned about (rank 0, with the
+        selector and the step); after `max_empty_selection_steps` such steps in a row training stops with an error
+        naming the cause, on every rank at once (each saw the same gathered totals)."""
+        found = [t for t in totals if t is not None]
+        if not found:  # no selector ran at this step (none set, or no loss micro-batch was captured)
+            return
+        kept, kept_grad, dense_grad = (sum(t[i] for t in found) for i in range(3))
+        if kept > 0 and (kept_grad > 0 or dense_grad == 0):  # (every advantage 0: dense GRPO trains on nothing too)
+            self._empty_in_a_row = 0
+            return
+        self.empty_selection_steps.append(step)
+        self._empty_in_a_row += 1
+        name, limit = self.config.select, self.config.max_empty_selection_steps
+        what = ("kept no token" if kept == 0 else
+                f"kept {int(kept)} tokens, all of zero gradient weight (zero weight or zero advantage)")
+        if self.capture.rank == 0:
+            logger.warning("forkwatch: select=%r %s at step %d, which trains on nothing (%d such step(s) so far, %d in "
+                           "a row; training stops after %s in a row: max_empty_selection_steps)", name, what, step,
+                           len(self.empty_selection_steps), self._empty_in_a_row, limit or "never")
+        if limit and self._empty_in_a_row >= limit:
+            first = step - self._empty_in_a_row + 1
+            message = (f"forkwatch: select={name!r} {what} at {self._empty_in_a_row} steps in a row (steps {first}-"
+                       f"{step}): the policy gets no gradient from the selection, so training on is training on "
+                       "nothing. The selector's score was 0 (or below its cut-off) for every token that carries "
+                       "gradient: for ict against the reference, the policy has not moved from it yet (give it a "
+                       "dense warm-up, warmup_steps >= 1); otherwise check the selector's options (fraction, "
+                       f"warmup_steps) or use another selector. max_empty_selection_steps={limit} sets how many such "
+                       "steps are allowed in a row (0: never stop).")
+            if self.writer is not None and self.capture.rank == 0:
+                self.writer.update_meta(stopped_by_selection=message, empty_selection_steps=self.empty_selection_steps)
+            raise RuntimeError(message)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """TRL's own scalars of the step (loss, grad_norm, kl, clip ratios) join its steps row and the health rules
         (a non-finite loss or gradient norm is an alarm at this step)."""
         if self.handoff is None or not logs:
             return
-        with self.monitor.faults.guard("trainer_log"):
+        with self.capture.faults.guard("trainer_log"):
             self.handoff.trainer_log(state.global_step, logs)
         if self.handoff.due():
             self._act_on(self._hand_off(), control)
@@ -170,15 +219,15 @@ class ForkwatchCallback(TrainerCallback):
     def _hand_off(self, *, health: bool = True, final: bool = False) -> list[Any]:
         """Run the hand-off (plugin/handoff.py), then bring run.json's fault counts up to date; -> health flags."""
         flags = self.handoff.run(health=health, final=final)
-        with self.monitor.faults.guard("meta"):
+        with self.capture.faults.guard("meta"):
             self._write_faults()
         return flags
 
     def _act_on(self, flags: list[Any], control) -> None:
         """Warn about each new health flag (rank 0); with on_alarm="stop", an alarm ends training at this step (on
         every rank: each evaluated the same rows)."""
-        rank0 = self.monitor.rank == 0
-        with self.monitor.faults.guard("alarms"):
+        rank0 = self.capture.rank == 0
+        with self.capture.faults.guard("alarms"):
             for flag in flags:
                 if rank0:
                     logger.warning("forkwatch %s %s", flag.severity, flag.describe())
@@ -191,14 +240,14 @@ class ForkwatchCallback(TrainerCallback):
 
     def _write_faults(self) -> None:
         """run.json / rank-NNN.json follow the fault counts while the run goes on (rewritten only when they grow)."""
-        total = self.monitor.faults.total_faults()
+        total = self.capture.faults.total_faults()
         by_rank = {r: c for r, c in self._rank_faults.items() if c}
         known = sum(sum(c.values()) for c in by_rank.values())
         if total == self._faults_written and known <= self._faults_written:
             return
         self._faults_written = max(total, known)
         fields: dict[str, Any] = {}
-        if self.monitor.rank == 0 and by_rank:
+        if self.capture.rank == 0 and by_rank:
             fields["faults_by_rank"] = {str(r): c for r, c in sorted(by_rank.items())}
         self.writer.update_meta(**fields)
 
@@ -206,14 +255,14 @@ class ForkwatchCallback(TrainerCallback):
         if self.writer is None:
             return
         self._act_on(self._hand_off(), control)
-        with self.monitor.faults.guard("save"):
+        with self.capture.faults.guard("save"):
             self.writer.flush(timeout=60)  # the records of steps up to this checkpoint are on disk first
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if state.is_world_process_zero and os.path.isdir(ckpt):
                 with open(os.path.join(ckpt, CHECKPOINT_FILE), "w") as f:
                     json.dump({"run_id": self.run_id, "step": state.global_step}, f)
             if os.path.isdir(ckpt):
-                self.monitor.selection.save_rng(ckpt)  # every rank: a resume draws the same selections
+                self.capture.selection_seam.save_rng(ckpt)  # every rank: a resume draws the same selections
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.writer is not None:
@@ -225,28 +274,28 @@ class ForkwatchCallback(TrainerCallback):
         twice."""
         if self.uninstall is not None:
             uninstall, self.uninstall = self.uninstall, None
-            with self.monitor.faults.guard("uninstall"):
+            with self.capture.faults.guard("uninstall"):
                 uninstall()
         if self.writer is None:
             return
         if self.handoff:  # a crash or Ctrl-C: what is waiting is written all the same
             self._hand_off(health=False, final=True)
         else:
-            with self.monitor.faults.guard("meta"):
+            with self.capture.faults.guard("meta"):
                 self._write_faults()
         writer, self.writer = self.writer, None
-        faults = self.monitor.faults.faults
+        faults = self.capture.faults.faults
         if faults:
             logger.warning("forkwatch: errors during this run (training was not affected): %s", faults)
-        writer.update_meta(group_js_split_groups=self.monitor.split_groups,
-                           group_js_fallbacks=dict(self.monitor.group_js_fallbacks),
-                           fork_fallbacks=dict(self.monitor.fork_fallbacks))
+        evidence = self.capture.evidence
+        writer.update_meta(group_js_split_groups=evidence.split_groups,
+                           group_js_fallbacks=dict(evidence.group_js_fallbacks),
+                           fork_fallbacks=dict(evidence.fork_fallbacks),
+                           **({"empty_selection_steps": self.empty_selection_steps} if self.config.select else {}))
         writer.close(status)
 
     # ------------------------------------------------------------------ helpers
     def _vocab_size(self) -> int | None:
-        from forkwatch.plugin.hooks import target_model
-
         return getattr(target_model(self.trainer).config.get_text_config(), "vocab_size", None)
 
     def _write_vocab(self) -> None:
@@ -261,7 +310,7 @@ class ForkwatchCallback(TrainerCallback):
         runner = self.probes
         if not runner.due(step):
             return
-        if runner.probes is None and not runner.take_defaults(self.monitor.gen):
+        if runner.probes is None and not runner.take_defaults(self.capture.gen):
             return
         self._score_probes(step)
 
@@ -270,7 +319,7 @@ class ForkwatchCallback(TrainerCallback):
         probes' texts into run.json the first time."""
         first = not self.probes.scored
         columns = self.probes.score(step)
-        if self.monitor.rank == 0:
+        if self.capture.rank == 0:
             self.writer.put("probes", columns)
             if first:
                 self.writer.update_meta(probes=self.probes.meta())
@@ -279,7 +328,6 @@ class ForkwatchCallback(TrainerCallback):
         import torch
         import transformers
         import trl
-        from forkwatch.plugin.hooks import target_model
 
         model = target_model(self.trainer)
         args = self.trainer.args
@@ -292,7 +340,8 @@ class ForkwatchCallback(TrainerCallback):
             "trl_version": trl.__version__,
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
-            "group_js": self.monitor.group_js_on,
+            "group_js": self.capture.group_js_on,
+            "loss_pass": self.loss_path,
             "trainer": {k: getattr(args, k, None) for k in (
                 "loss_type", "beta", "num_generations", "num_iterations", "gradient_accumulation_steps",
                 "steps_per_generation", "per_device_train_batch_size", "temperature", "max_completion_length",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any, Literal
 
 from forkwatch.store import alerts
@@ -42,6 +43,15 @@ class ForkwatchConfig:
     )
     select_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Further keyword options passed to the selector."}
+    )
+    max_empty_selection_steps: int = field(
+        default=5,
+        metadata={
+            "help": "A step whose selection keeps no token (or only tokens of zero gradient weight) trains on "
+            "nothing: each is counted (run.json `empty_selection_steps`, the `forkwatch/select/empty_steps` scalar) "
+            "and warned about with the selector and the step; this many such steps in a row stop training with an "
+            "error naming the cause. 0 never stops."
+        },
     )
 
     # --- what is computed ---
@@ -100,14 +110,14 @@ class ForkwatchConfig:
     record_tokens: bool = field(default=True, metadata={"help": "Write per-token rows (and forks) of recorded completions."})
     record_forks: bool = field(default=True, metadata={"help": "Write top-k alternatives at fork positions."})
     seed: int = field(default=0, metadata={"help": "Seed of forkwatch's own generator (sampling, random selectors)."})
-    worker_interval_s: float = field(
+    handoff_interval_s: float = field(
         default=1.0,
         metadata={
             "help": "Steps shorter than this are handed to forkwatch's writer together, at most once per this many "
             "seconds (copying the recorded rows out, text decoding, the live health rules: fixed costs that would "
             "dominate small steps); longer steps are handed over at their end. Warnings come at the hand-off; with "
             "on_alarm='stop' the rules also run at every step end, so training stops at the alarm's own step. "
-            "0 hands over every step."
+            "0 hands over every step. (Formerly `worker_interval_s`, still accepted with a FutureWarning.)"
         },
     )
     queue_rows: int = field(
@@ -136,7 +146,6 @@ class ForkwatchConfig:
                   "where an alarm fired (the rules then run at every step end)."},
     )
 
-
     # --- alerts (store/alerts.py) ---
     alert_webhook: str | None = field(
         default_factory=alerts.from_environment,
@@ -151,7 +160,14 @@ class ForkwatchConfig:
                   "the run's page there. Default: $FORKWATCH_DASHBOARD_URL when set."},
     )
 
-    def __post_init__(self) -> None:
+    # the old name of `handoff_interval_s` (an option named after a worker thread that no longer exists)
+    worker_interval_s: InitVar[float | None] = None
+
+    def __post_init__(self, worker_interval_s: float | None) -> None:
+        if worker_interval_s is not None:
+            warnings.warn("forkwatch: `worker_interval_s` is now `handoff_interval_s` (the hand-off to the writer); "
+                          "the old name will be removed: pass handoff_interval_s instead", FutureWarning, stacklevel=3)
+            self.handoff_interval_s = worker_interval_s
         self.health_rules = _health_rules(self.health_rules)
         self.validate()
 
@@ -176,8 +192,12 @@ class ForkwatchConfig:
             raise ValueError(f"fork_fraction={self.fork_fraction!r}: pass a number in [0, 1], e.g. 0.2")
         if self.fork_top_k < 1:
             raise ValueError(f"fork_top_k={self.fork_top_k!r}: pass an integer >= 1, e.g. 5")
-        if not (isinstance(self.worker_interval_s, (int, float)) and self.worker_interval_s >= 0):
-            raise ValueError(f"worker_interval_s={self.worker_interval_s!r}: pass seconds >= 0, e.g. 0.5 (0: every step)")
+        if not (isinstance(self.handoff_interval_s, (int, float)) and self.handoff_interval_s >= 0):
+            raise ValueError(f"handoff_interval_s={self.handoff_interval_s!r}: pass seconds >= 0, e.g. 0.5 "
+                             "(0: every step)")
+        if not (isinstance(self.max_empty_selection_steps, int) and self.max_empty_selection_steps >= 0):
+            raise ValueError(f"max_empty_selection_steps={self.max_empty_selection_steps!r}: pass an integer >= 0, "
+                             "e.g. 5 (0: never stop)")
         if self.record_every_steps < 1:
             raise ValueError(f"record_every_steps={self.record_every_steps!r}: pass an integer >= 1")
         if self.record_completions_per_step is not None and self.record_completions_per_step < 0:
@@ -227,6 +247,10 @@ class ForkwatchConfig:
     def to_dict(self) -> dict[str, Any]:
         """The options as run.json records them (the webhook's path, a chat channel's secret, left out)."""
         return asdict(self) | {"alert_webhook": alerts.redact(self.alert_webhook)}
+
+
+# accepted by `attach` besides the fields: old option name -> its new name
+RENAMED = {"worker_interval_s": "handoff_interval_s"}
 
 
 def _health_rules(value: Any) -> Any:

@@ -160,7 +160,7 @@ VOCAB = pa.schema(
     ]
 )
 
-# The same (prompt, completion) tokens scored teacher-forced every `probe_every` steps (plugin/probes.py); the
+# The same (prompt, completion) tokens scored teacher-forced every `probe_every` steps (plugin/lenses.py); the
 # probes' texts are in run.json under `probes`.
 PROBES = pa.schema(
     [

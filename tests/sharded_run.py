@@ -85,8 +85,9 @@ def main(out: Path, backend: str, names: list[str]) -> None:
         trainer.train()
         rank = trainer.accelerator.process_index
         result = dict(curve=[(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h],
-                      faults=dict(cb.monitor.faults.faults), group_js_fallbacks=dict(cb.monitor.group_js_fallbacks),
-                      fork_fallbacks=dict(cb.monitor.fork_fallbacks), head_sharded=head_is_sharded(trainer))
+                      faults=dict(cb.capture.faults.faults),
+                      group_js_fallbacks=dict(cb.capture.evidence.group_js_fallbacks),
+                      fork_fallbacks=dict(cb.capture.evidence.fork_fallbacks), head_sharded=head_is_sharded(trainer))
         (out / f"{backend}-{name}-rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -29,9 +29,9 @@ def dry_run(gpu_bench, out: Path, *extra: str) -> dict:
 
 
 def test_dry_run_measures_every_variant_and_writes_json_and_table(gpu_bench, tmp_path):
-    from forkwatch.plugin.monitor import Monitor
+    from forkwatch.plugin.capture import Capture
 
-    before = Monitor.on_generation
+    before = Capture.on_generation
     result = dry_run(gpu_bench, tmp_path, "--rounds", "1", "--steps", "1")
     rows = result["variants"]
     assert list(rows) == ["plain", "attach", "ict", "high_entropy"]
@@ -45,18 +45,18 @@ def test_dry_run_measures_every_variant_and_writes_json_and_table(gpu_bench, tmp
     for name in ("attach", "ict", "high_entropy"):
         row = rows[name]
         assert row["store_bytes_per_step"] > 0 and row["vocab_bytes_per_run"] > 0, name
-        assert row["hook_ms_per_step"]["Monitor.on_generation"] > 0, name
+        assert row["hook_ms_per_step"]["Capture.on_generation"] > 0, name
         assert row["hook_ms_per_step"]["ForkwatchCallback.on_step_end"] > 0, name
         assert row["forkwatch_ms_per_step"] >= max(row["hook_ms_per_step"].values()), name
     # the selectors run in place of TRL's entropy mask; monitoring alone never calls it
-    assert rows["ict"]["hook_ms_per_step"]["Monitor.select"] > 0
-    assert rows["high_entropy"]["hook_ms_per_step"]["Monitor.select"] > 0
-    assert rows["attach"]["hook_ms_per_step"]["Monitor.select"] == 0
+    assert rows["ict"]["hook_ms_per_step"]["Capture.select"] > 0
+    assert rows["high_entropy"]["hook_ms_per_step"]["Capture.select"] > 0
+    assert rows["attach"]["hook_ms_per_step"]["Capture.select"] == 0
     table = (tmp_path / "gpu.md").read_text()
     for name in rows:
         assert f"| {name} | 1 | " in table
-    assert "| Monitor.on_generation | " in table
-    assert Monitor.on_generation is before  # the hook clock put forkwatch's methods back
+    assert "| Capture.on_generation | " in table
+    assert Capture.on_generation is before  # the hook clock put forkwatch's methods back
 
 
 def test_spent_budget_still_writes_what_was_measured(gpu_bench, tmp_path):

@@ -68,7 +68,7 @@ def _calls(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("folder", LIBRARY)
 def test_only_the_cli_writes_to_the_terminal(folder):
-    files = sorted((ROOT / folder).glob("*.py"))
+    files = sorted((ROOT / folder).rglob("*.py"))
     assert files
     for f in files:
         bad = [c for c in _calls(f) if c == "print" or c.startswith(("sys.stdout", "sys.stderr"))]
@@ -78,7 +78,7 @@ def test_only_the_cli_writes_to_the_terminal(folder):
 def test_one_background_thread_and_one_queue_from_the_plugin_to_the_disk():
     threads, queues = [], []
     for folder in ("store", "plugin"):
-        for f in sorted((ROOT / folder).glob("*.py")):
+        for f in sorted((ROOT / folder).rglob("*.py")):
             calls = _calls(f)
             threads += [f"{folder}/{f.name}" for c in calls if c in ("threading.Thread", "Thread")]
             queues += [f"{folder}/{f.name}" for c in calls if c.startswith("queue.")]
@@ -111,28 +111,28 @@ def _writes(path: Path) -> list[str]:
 
 
 def test_the_plugin_writes_no_file_on_the_training_thread_except_the_checkpoints_own():
-    files = sorted((ROOT / "plugin").glob("*.py"))
+    files = sorted((ROOT / "plugin").rglob("*.py"))
     assert len(files) > 10
     seen = {}
     for f in files:
         writes = _writes(f)
-        key = f"plugin/{f.name}"
+        key = f.relative_to(ROOT).as_posix()
         if writes:
             seen[key] = writes
     # open(..., "w") + json.dump of forkwatch.json; torch.save of the selector generator
-    assert {k: len(v) for k, v in seen.items()} == {"plugin/callback.py": 2, "plugin/select_seam.py": 1}, seen
-    assert seen["plugin/callback.py"] == ["open(mode='w')", "json.dump"] and seen["plugin/select_seam.py"] == [
+    assert {k: len(v) for k, v in seen.items()} == {"plugin/callback.py": 2, "plugin/selection/seam.py": 1}, seen
+    assert seen["plugin/callback.py"] == ["open(mode='w')", "json.dump"] and seen["plugin/selection/seam.py"] == [
         "torch.save"]
 
 
 def test_the_plugin_draws_no_progress_bar():
-    for f in sorted((ROOT / "plugin").glob("*.py")):
+    for f in sorted((ROOT / "plugin").rglob("*.py")):
         bad = {m for m in _imports(f) if m.split(".")[0] in PROGRESS}
         bad |= {c for c in _calls(f) if c.split(".")[0] in PROGRESS or c.endswith("tqdm")}
         assert not bad, f"plugin/{f.name} draws progress: {sorted(bad)}"
 
 
 def test_the_torch_layer_of_the_plugin_does_not_import_arrow():
-    for f in sorted((ROOT / "plugin").glob("*.py")):
+    for f in sorted((ROOT / "plugin").rglob("*.py")):
         bad = {m for m in _imports(f) if m.split(".")[0] in ("pyarrow", "duckdb")}
         assert not bad, f"plugin/{f.name} imports {sorted(bad)}: Arrow types are the store's business"

@@ -133,7 +133,7 @@ def test_the_converted_model_is_smollm2(smol):
 
 def test_per_token_entropy_renyi2_and_logprob_equal_float64_recomputation(smol, run):
     log_dir, trainer, cb = run
-    assert not cb.monitor.faults.faults
+    assert not cb.capture.faults.faults
     model, tok = smol
     model64 = copy.deepcopy(model).double()
     con = connect(str(log_dir))
@@ -249,7 +249,7 @@ def test_fork_alternatives_are_real_token_texts_with_probabilities_summing_to_at
 ])
 def test_variant_records_every_step_with_no_fault(smol, tmp_path, variant):
     trainer, cb = train(smol, tmp_path, fw=EXACT, **variant)
-    assert not cb.monitor.faults.faults
+    assert not cb.capture.faults.faults
     con = connect(str(tmp_path / "runs"))
     steps = rows(con, "SELECT step, n_tokens, entropy_mean FROM steps ORDER BY step")
     assert [s["step"] for s in steps] == [1, 2] and all(s["n_tokens"] > 0 for s in steps)

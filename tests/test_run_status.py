@@ -14,11 +14,11 @@ import forkwatch
 FAST_RULES = {"min_steps": 2, "sustain_steps": 2, "early_steps": 1}
 
 
-def _run(make_trainer, tmp_path, on_alarm: str, worker_interval_s: float = 0.0):
-    """worker_interval_s=0: every step is handed to the worker at its end, so an alarm acts at the next step."""
+def _run(make_trainer, tmp_path, on_alarm: str, handoff_interval_s: float = 0.0):
+    """handoff_interval_s=0: every step is handed over at its end, so an alarm acts at the next step."""
     trainer = make_trainer(max_steps=8)
     forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", health_rules=FAST_RULES,
-                     on_alarm=on_alarm, worker_interval_s=worker_interval_s)
+                     on_alarm=on_alarm, handoff_interval_s=handoff_interval_s)
     trainer.train()
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     return trainer, meta
@@ -64,7 +64,7 @@ def test_steps_batched_into_one_hand_off_are_all_written_and_their_alarm_still_w
     from forkwatch.store import connect
 
     with caplog.at_level(logging.WARNING, logger="forkwatch"):
-        trainer, meta = _run(make_trainer, tmp_path, "log", worker_interval_s=3600.0)  # one hand-off, at the end
+        trainer, meta = _run(make_trainer, tmp_path, "log", handoff_interval_s=3600.0)  # one hand-off, at the end
     con = connect(str(tmp_path / "runs"))
     assert con.sql("SELECT list(step ORDER BY step) FROM steps").fetchall()[0][0] == list(range(1, 9))
     assert con.sql("SELECT list(DISTINCT step ORDER BY step) FROM tokens").fetchall()[0][0] == list(range(1, 9))
@@ -114,8 +114,8 @@ def test_on_alarm_stop_ends_training_at_the_step_of_the_alarm_without_a_hand_off
 
     from forkwatch.store import connect
 
-    # worker_interval_s far longer than the run: no hand-off is due by time, yet the alarm stops its own step
-    trainer, meta = _run(make_trainer, tmp_path, "stop", worker_interval_s=3600.0)
+    # handoff_interval_s far longer than the run: no hand-off is due by time, yet the alarm stops its own step
+    trainer, meta = _run(make_trainer, tmp_path, "stop", handoff_interval_s=3600.0)
     fired = int(re.search(r"at step (\d+)", meta["stopped_by_alarm"]).group(1))
     assert "explosion" in meta["stopped_by_alarm"] and meta["status"] == "stopped"
     assert trainer.state.global_step == fired < 8

@@ -27,7 +27,7 @@ def _train(make_trainer, tmp_path, *, on_alarm="log", max_steps=4, **options):
                                                               "num_iterations", "save_strategy", "save_steps")}
     trainer = make_trainer(max_steps=max_steps, **grpo)
     forkwatch.attach(trainer, log_dir=str(tmp_path / "runs"), run_name="r", health_rules=FAST_RULES,
-                     on_alarm=on_alarm, worker_interval_s=0.0, **options)
+                     on_alarm=on_alarm, handoff_interval_s=0.0, **options)
     trainer.train()
     meta = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     return trainer, meta

@@ -52,7 +52,7 @@ class SavedStep(TrainerCallback):
 trainer = conftest.make_trainer.__wrapped__(Path({tmp!r}))(
     max_steps=1000, save_strategy="steps", save_steps=1, save_total_limit=1, output_dir={out!r})
 trainer.add_callback(SavedStep())
-forkwatch.attach(trainer, log_dir={log_dir!r}, run_name="killed", worker_interval_s=0)
+forkwatch.attach(trainer, log_dir={log_dir!r}, run_name="killed", handoff_interval_s=0)
 trainer.train()
 """
 
@@ -203,9 +203,9 @@ class Outage(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         self.ended[step] = time.monotonic()
-        self.dropped_at[step] = self.trainer._forkwatch.monitor.faults.total_dropped()
+        self.dropped_at[step] = self.trainer._forkwatch.capture.faults.total_dropped()
         if step == self.up_at:
-            ledger = self.trainer._forkwatch.monitor.faults
+            ledger = self.trainer._forkwatch.capture.faults
             deadline = time.monotonic() + 60
             while ledger.total_dropped() == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -221,7 +221,7 @@ def test_the_server_down_for_some_steps_costs_counted_records_and_never_training
     trainer = make_trainer(max_steps=steps_total)
     outage = Outage(trainer, s3, down_at=2, up_at=5)
     trainer.add_callback(outage)  # after forkwatch's callback: the writer exists at its on_train_begin
-    forkwatch.attach(trainer, log_dir=log_dir, run_name="flaky", worker_interval_s=0)
+    forkwatch.attach(trainer, log_dir=log_dir, run_name="flaky", handoff_interval_s=0)
     result = trainer.train()  # returns: the store's outage raised nothing into training
 
     assert result.global_step == steps_total
