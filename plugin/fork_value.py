@@ -60,8 +60,24 @@ class Sampling:
     KNOWN = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length")
 
     @classmethod
+    def settings_of(cls, trainer: Any) -> dict[str, Any]:
+        """The KNOWN settings GRPOTrainer generates with, GRPOConfig-named: its `generation_config` (GRPOConfig's
+        fields with `generation_kwargs` applied over them, as TRL builds it) where it has one, else its attributes.
+        run.json records them under "trainer" (the offline path reads them back)."""
+        gen = getattr(trainer, "generation_config", None)
+        out = {}
+        for name in cls.KNOWN:
+            value = getattr(trainer, name, None)
+            if gen is not None and name != "max_completion_length":
+                value = getattr(gen, name, value)
+            elif gen is not None and getattr(gen, "max_new_tokens", None) is not None:
+                value = gen.max_new_tokens  # generation_kwargs' max_new_tokens wins over max_completion_length
+            out[name] = value
+        return out
+
+    @classmethod
     def from_trainer(cls, trainer: Any) -> Sampling:
-        """The settings GRPOTrainer generates with (`trainer.temperature`, ... and its `eos_token_ids`)."""
+        """The settings GRPOTrainer generates with (`settings_of`, and its `eos_token_ids`)."""
         args = trainer.args
         extra = set(args.generation_kwargs or {}) - {"max_new_tokens", *cls.KNOWN}
         if extra or getattr(trainer, "use_vllm", False):
@@ -69,10 +85,12 @@ class Sampling:
             raise ValueError(f"fork value: {what} is not supported: the rollouts must sample from the same "
                              "distribution as training; remove it or measure without fork value")
         tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # a processor holds one
-        return cls(max_completion_length=int(trainer.max_completion_length), eos_token_ids=tuple(trainer.eos_token_ids),
+        s = cls.settings_of(trainer)
+        return cls(max_completion_length=int(s["max_completion_length"]), eos_token_ids=tuple(trainer.eos_token_ids),
                    pad_token_id=int(tok.pad_token_id), bos_token_id=tok.bos_token_id,
-                   temperature=float(trainer.temperature), top_p=float(trainer.top_p), top_k=trainer.top_k,
-                   min_p=trainer.min_p, repetition_penalty=float(trainer.repetition_penalty))
+                   temperature=float(s["temperature"]), top_p=float(1.0 if s["top_p"] is None else s["top_p"]),
+                   top_k=s["top_k"], min_p=s["min_p"],
+                   repetition_penalty=float(1.0 if s["repetition_penalty"] is None else s["repetition_penalty"]))
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], *, model: Any, tokenizer: Any) -> Sampling:

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from forkwatch.plugin.fork_value import ForkValueSettings, Position, RewardFunctions, Sampling, measure
 from forkwatch.plugin.fork_value_stats import strata_of, stratified_sample
+from forkwatch.plugin.step_data import StepAccumulator
+from forkwatch.plugin.trl_seams import custom_rollouts, policy_for_generation, weights_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -64,31 +66,19 @@ def check(trainer: Any, config: Any) -> tuple[Sampling, RewardFunctions]:
     if not config.record_tokens:
         raise ValueError(f"fork_value_every={config.fork_value_every} measures the recorded positions: set "
                          f"record_tokens=True, {off}")
-    if getattr(trainer, "rollout_func", None) is not None:
-        raise ValueError("fork_value_every: completions made by a rollout_func cannot be rolled out again with "
-                         f"`generate`; measure after training with `forkwatch forkvalue` instead, {off}")
-    if getattr(trainer, "tools", None):
-        raise ValueError("fork_value_every: completions of a tool-calling loop cannot be rolled out again with "
-                         f"`generate` (the tools' replies are part of them); {off}")
+    if (custom := custom_rollouts(trainer)) is not None:
+        raise ValueError(f"fork_value_every: completions made by {custom} cannot be rolled out again with `generate` "
+                         f"(the rollouts must continue them as training made them); {off}")
     try:
         sampling = Sampling.from_trainer(trainer)  # refuses vLLM and generation_kwargs it cannot reproduce
     except ValueError as e:
         raise ValueError(f"fork_value_every: {e}") from None
     rewards = RewardFunctions.from_trainer(trainer)
-    if sharded(trainer) and any(isinstance(f, torch.nn.Module) for f in rewards.funcs):
+    if weights_sharded(trainer) and any(isinstance(f, torch.nn.Module) for f in rewards.funcs):
         raise ValueError("fork_value_every: a reward model under ZeRO-3 / FSDP is a collective every rank would have "
                          "to call in step; use reward functions, measure after training with `forkwatch "
                          f"forkvalue`, {off}")
     return sampling, rewards
-
-
-def sharded(trainer: Any) -> bool:
-    """Whether the policy's weights are sharded across ranks (DeepSpeed ZeRO-3, FSDP): every forward a collective."""
-    from trl.distributed import DistributedBackend
-
-    acc = trainer.accelerator
-    return acc.num_processes > 1 and (DistributedBackend(acc).is_zero3 or bool(getattr(trainer, "is_fsdp_enabled",
-                                                                                          False)))
 
 
 def lockstep_of(device: Any):
@@ -101,6 +91,35 @@ def lockstep_of(device: Any):
         return int(t.item())
 
     return most
+
+
+def recorded_completions(acc: StepAccumulator) -> list[Recorded]:
+    """This rank's recorded completions of one step, from the step's carriers (plugin/step_data.py): each recorded
+    micro-batch appended its `CompletionBatch` and its `TokenBatch` together (plugin/capture.py `_record`), and its
+    forks' alternatives as a `ForkBatch`."""
+    alternatives: dict[tuple[int, int], tuple[int, ...]] = {}
+    for f in acc.forks:
+        for cid, pos, alts in zip(f.completion_id.tolist(), f.position.tolist(), f.alt_token_ids.tolist(),
+                                  strict=True):
+            alternatives[cid, pos] = tuple(alts)
+    out = []
+    for c, t in zip(acc.completions, acc.tokens, strict=False):  # tokens: only with record_tokens (checked at attach)
+        gen = c.gen
+        if gen.inputs is None:
+            continue
+        for g, i in zip(c.gen_rows.tolist(), c.idx.tolist(), strict=True):
+            cid = int(t.completion_id[i])
+            n = int(gen.length[g])
+            positions = t.take[i, :n].nonzero().squeeze(1)
+            row = gen.inputs[g]
+            out.append(Recorded(
+                completion_id=cid, prompt_ids=tuple(gen.prompt_ids[g][gen.prompt_mask[g].bool()].tolist()),
+                completion_ids=tuple(gen.completion_ids[g, :n].tolist()), prompt=row["prompt"],
+                columns={k: v for k, v in row.items() if k not in ("prompt", "completion", "completion_ids")},
+                positions=positions.cpu().numpy(), is_fork=t.is_fork[i, positions].cpu().numpy(),
+                selected=None if t.selected is None else t.selected[i, positions].float().cpu().numpy(),
+                alternatives={p: a for (c_, p), a in alternatives.items() if c_ == cid}))
+    return out
 
 
 def sample_positions(recorded: list[Recorded], budget: int, *, rng: np.random.Generator, step: int,
@@ -128,7 +147,7 @@ def sample_positions(recorded: list[Recorded], budget: int, *, rng: np.random.Ge
 
 
 class OnlineForkValue:
-    """The measurement of due steps on one rank; the callback calls `measure_step` at every step end."""
+    """The measurement of due steps on one rank; the callback calls `measure_step` at every due step's end."""
 
     def __init__(self, trainer: Any, config: Any, *, rank: int, world: int) -> None:
         self.trainer, self.rank, self.world = trainer, rank, world
@@ -138,7 +157,7 @@ class OnlineForkValue:
         self.settings = ForkValueSettings(branches=config.fork_value_branches, rollouts=config.fork_value_rollouts,
                                           min_value=config.fork_value_min_value)
         self.sampling, self.rewards = check(trainer, config)
-        self.sharded = sharded(trainer)
+        self.sharded = weights_sharded(trainer)
         proc = trainer.processing_class
         self.tokenizer = getattr(proc, "tokenizer", proc)
         self.measured = 0  # positions measured so far by this rank
@@ -171,20 +190,6 @@ class OnlineForkValue:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         return {**m.columns, "source": np.full(n, SOURCE, dtype=object),
                 "measurement": np.full(n, f"{stamp}Z-train{step}", dtype=object)}
-
-
-def policy_for_generation(trainer: Any) -> Any:
-    """The policy as TRL unwraps it to generate (`trl.models.unwrap_model_for_generation`: DDP unwrapped, ZeRO-3's
-    weights gathered when `ds3_gather_for_generation`, gradient checkpointing off meanwhile and back on with the
-    run's own kwargs where the release takes them)."""
-    import inspect
-
-    from trl.models import unwrap_model_for_generation
-
-    kwargs = {"gather_deepspeed3_params": trainer.args.ds3_gather_for_generation}
-    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:  # TRL 1.16
-        kwargs["gradient_checkpointing_kwargs"] = trainer.args.gradient_checkpointing_kwargs
-    return unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **kwargs)
 
 
 def _reshard(model: torch.nn.Module) -> None:

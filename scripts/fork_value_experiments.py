@@ -112,7 +112,7 @@ def reference_js_at(out: Path, name: str, step: int, *, policy_dir: Path, refere
     softmax(z / T), T the run's sampling temperature. -> completion_id, position, reference_js."""
     import torch
     from forkwatch.plugin.fork_value_offline import rebuild_prompt
-    from forkwatch.plugin.reference_js import js_from_logits
+    from forkwatch.plugin.token_math import js_from_logits
     from forkwatch.store import connect, run_meta
     from forkwatch.store.fork_values import fork_value_positions
     from forkwatch.store.location import resolve
