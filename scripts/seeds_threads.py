@@ -4,11 +4,14 @@ for seeds × torch thread counts and prints one Markdown table row per combinati
     python scripts/seeds_threads.py --out seeds_threads                 # seeds 0-4 x threads 1, 2
     python scripts/seeds_threads.py --out seeds_threads --seeds 0 --threads 1 2
     python scripts/seeds_threads.py --table A/rows.json B/rows.json      # one table from several sweeps' rows
+    python scripts/seeds_threads.py --table A/rows.json --times          # with each demo's wall and CPU seconds
 
 Each combination runs in its own process (torch's thread count is set once per process, before any work) and writes
 under OUT/t<threads>/s<seed>/; the warm-up model is trained once per thread count (OUT/t<threads>/warmup/), since
 its floats, too, depend on how the kernels split their sums. Exit status 1 when any run's verdict differs from the
-one it was designed to get, or when `forkwatch check` did not exit 1 on a demo's logs.
+one it was designed to get, or when `forkwatch check` did not exit 1 on a demo's logs. The table leaves out each
+demo's wall and CPU seconds unless `--times` asks for them: a sweep is a correctness check, and its times mean
+something only on a quiet machine.
 """
 
 from __future__ import annotations
@@ -49,14 +52,16 @@ def one(out: Path, seed: int, threads: int, steps: int | None) -> dict:
         "check_exit": check.returncode,
         "recall": result.forks.recall if result.forks else None,
         "precision": result.forks.precision if result.forks else None,
+        # what the demo prints, kept for docs/experiments.md (the verdicts, the forks, the detector metrics)
+        "printed": [*result.verdict_lines, *(result.forks.lines() if result.forks else []), *result.detector_lines],
     }  # fmt: skip
 
 
-def table(rows: list[dict]) -> tuple[list[str], bool]:
+def table(rows: list[dict], *, times: bool = False) -> tuple[list[str], bool]:
     """Markdown lines, and whether every designed verdict held and every check exited 1."""
     names = list(rows[0]["expected"])
     head = ["seed", "threads", *[f"{n} ({rows[0]['expected'][n]})" for n in names], "check exit", "fork recall / precision",
-            "wall / CPU s"]
+            *(["wall / CPU s"] if times else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ok = True
     for r in rows:
@@ -67,8 +72,9 @@ def table(rows: list[dict]) -> tuple[list[str], bool]:
             mark = "" if got == r["expected"][n] else " **≠**"
             cells.append(f"{got}{f' @{step}' if step is not None else ''}{mark}")
         ok &= r["check_exit"] == 1
-        cells += [str(r["check_exit"]), f"{r['recall']:.3f} / {r['precision']:.3f}",
-                  f"{r['seconds']:.0f} / {r['cpu_seconds']:.0f}"]
+        cells += [str(r["check_exit"]), f"{r['recall']:.3f} / {r['precision']:.3f}"]
+        if times:
+            cells.append(f"{r['seconds']:.0f} / {r['cpu_seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines, ok
 
@@ -80,12 +86,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default: the demo's)")
     p.add_argument("--table", type=Path, nargs="+", metavar="ROWS_JSON", help="print the table of earlier sweeps")
+    p.add_argument("--times", action="store_true", help="add each demo's wall and CPU seconds to the table")
     p.add_argument("--one", nargs=2, type=int, metavar=("SEED", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.table:
         rows = sorted((r for f in args.table for r in json.loads(f.read_text())), key=lambda r: (r["threads"], r["seed"]))
-        lines, ok = table(rows)
+        lines, ok = table(rows, times=args.times)
         print("\n".join(lines))
         print("every designed verdict held" if ok else "SOME VERDICT DIFFERED FROM ITS DESIGN")
         return 0 if ok else 1
@@ -106,7 +113,7 @@ def main() -> int:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             logger.info("seed %d, %d thread(s): %s", seed, threads, rows[-1]["verdicts"])
             (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
-    lines, ok = table(rows)
+    lines, ok = table(rows, times=args.times)
     print("\n".join(lines))
     print("every designed verdict held" if ok else "SOME VERDICT DIFFERED FROM ITS DESIGN")
     return 0 if ok else 1

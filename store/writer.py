@@ -17,7 +17,8 @@ Exceptions are caught at the thread boundary only.
 When parts are written (store/part_file.py has the policy): every table is buffered on the thread and written as
 one part covering many steps when `part_rows` rows of it are buffered (a batch that big gets a part of its own),
 every `flush_interval_s` seconds, on `flush()` and on `close()`. A killed run keeps every part written so far and
-loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s), and never more than
+loses what was buffered: at most the last `flush_interval_s` seconds of records (default 30 s, or the environment's
+`FLUSH_INTERVAL_ENV`, which `forkwatch demo` sets to a few seconds so that its runs grow on screen), and never more than
 `part_rows` rows of a table. `flush()` writes everything buffered: call it at checkpoints and at the end, not every
 step (that would make one part per step again, ~3 ms of writer time each).
 The log directory is a local folder or an S3 prefix (store/location.py). A part is encoded in memory and written
@@ -60,7 +61,22 @@ from .schema import TABLES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_QUEUE_ROWS", "DEFAULT_STAT_MANTISSA_BITS", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
+__all__ = ["DEFAULT_QUEUE_ROWS", "DEFAULT_STAT_MANTISSA_BITS", "FLUSH_INTERVAL_ENV", "RunWriter", "round_mantissa", "stat_relative_tolerance"]
+
+
+def _default_flush_interval() -> float:
+    """30 s, or `FLUSH_INTERVAL_ENV` when set; refuses a value that is not a positive number, naming the variable."""
+    text = os.environ.get(FLUSH_INTERVAL_ENV)
+    if text is None:
+        return 30.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{FLUSH_INTERVAL_ENV}={text!r}: set it to a positive number of seconds, or unset it (30 s)")
+    return value
+
 
 class _Flush:
     __slots__ = ("event", "ok")
@@ -92,6 +108,7 @@ class _Meta:
 
 
 DEFAULT_QUEUE_ROWS = 4_000_000
+FLUSH_INTERVAL_ENV = "FORKWATCH_FLUSH_INTERVAL_S"  # the default of `flush_interval_s` when set (seconds, > 0)
 Batches = Iterable[tuple[str, Mapping[str, Any]]]  # what a producer returns: (table, columns) pairs
 
 
@@ -120,7 +137,7 @@ class RunWriter:
         resume_step: int | None = None,
         max_queue_rows: int = DEFAULT_QUEUE_ROWS,
         part_rows: int = 1_000_000,
-        flush_interval_s: float = 30.0,
+        flush_interval_s: float | None = None,
         stat_mantissa_bits: int | None = DEFAULT_STAT_MANTISSA_BITS,
         row_group_rows: int = 131_072,
         ledger: Ledger | None = None,
@@ -137,7 +154,7 @@ class RunWriter:
         self.world_size = world_size
         self.max_queue_rows = max_queue_rows
         self.part_rows = part_rows
-        self.flush_interval_s = flush_interval_s
+        self.flush_interval_s = flush_interval_s if flush_interval_s is not None else _default_flush_interval()
         self.stat_mantissa_bits = None if stat_mantissa_bits == 23 else stat_mantissa_bits
         self.row_group_rows = row_group_rows
         self.attempt = uuid.uuid4().hex[:8]

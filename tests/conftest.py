@@ -124,3 +124,16 @@ def make_trainer(tmp_path) -> Callable[..., object]:
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A folder holding the demo's warm-up model at its default settings, trained once per test run and shared by
+    every demo test: pass it as `forkwatch demo --cache DIR` or `run_demo(cache_dir=DIR)`. The model's folder in
+    it is keyed by the settings (`WarmupSettings.key`), so a test that changes them trains its own beside it."""
+    from forkwatch.demo.pipeline import DEFAULT
+    from forkwatch.demo.warmup import cached_warmup
+
+    root = tmp_path_factory.mktemp("demo_cache")
+    cached_warmup(root, DEFAULT.warmup, progress=False)
+    return root

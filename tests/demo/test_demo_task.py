@@ -169,3 +169,25 @@ def test_second_warmup_call_reuses_the_saved_model(tmp_path):
     saved = (path / "model.safetensors").stat().st_mtime_ns
     assert cached_warmup(tmp_path, settings, progress=False) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == saved
+
+
+def test_warmup_rate_ramps_then_decays_to_zero_on_a_cosine_or_stays_constant():
+    from forkwatch.demo.warmup import _rate
+
+    cos = WarmupSettings(steps=100, ramp_steps=10, schedule="cosine")
+    assert [_rate(cos, s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert _rate(cos, 10) == pytest.approx(1.0) and _rate(cos, 55) == pytest.approx(0.5)
+    assert _rate(cos, 99) < 0.001 and _rate(cos, 99) >= 0.0
+    rates = [_rate(cos, s) for s in range(10, 100)]
+    assert rates == sorted(rates, reverse=True)  # never rises after the ramp
+    flat = WarmupSettings(steps=100, ramp_steps=10, schedule="constant")
+    assert _rate(flat, 4) == pytest.approx(0.5) and _rate(flat, 99) == 1.0
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        WarmupSettings(schedule="linear")
+
+
+def test_warmup_reports_every_step_with_its_loss(tmp_path):
+    seen = []
+    cached_warmup(tmp_path, WarmupSettings(hidden=32, layers=1, steps=3, batch_size=4), progress=False,
+                  on_step=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == [1, 2, 3] and all(loss > 0 for _, loss in seen)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from forkwatch.store import connect
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "attach_to_trl.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "attach_to_trl.py"
 
 
 @pytest.fixture(scope="module")

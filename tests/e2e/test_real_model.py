@@ -272,7 +272,7 @@ def app(monkeypatch, run):
 
     def page(module: str | None, **params: str) -> AppTest:
         if module is None:
-            app_py = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+            app_py = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
             at = AppTest.from_file(str(app_py), default_timeout=120)
         else:
             at = AppTest.from_string(f"from forkwatch.dashboard import {module}\n{module}.render()\n",

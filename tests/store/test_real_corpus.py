@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REAL = Path(__file__).resolve().parents[1] / "corpus" / "real"
+REAL = Path(__file__).resolve().parents[2] / "corpus" / "real"
 COLUMNS = [
     "id", "file", "framework", "repository", "path", "commit", "model", "task", "algorithm",
     "steps", "logging_every", "label", "quote", "quote_source", "notes",

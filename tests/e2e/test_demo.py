@@ -1,6 +1,7 @@
-"""`forkwatch demo --quick --no-dashboard` end to end: real warm-up, real GRPO runs with forkwatch attached, what they
-wrote (run folders, steps, forks with alternatives, the ground-truth table), the designed health verdicts, the fork
-recall it prints, and the dashboard's Forks page marking the ground truth."""
+"""`forkwatch demo --quick --no-dashboard` end to end: real warm-up (the test run's one, `demo_cache` in conftest.py),
+real GRPO runs with forkwatch attached, what they wrote (run folders, steps, forks with alternatives, the ground-truth
+table), the designed health verdicts, the fork recall it prints, and the dashboard's Forks page marking the ground
+truth."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import subprocess
 import sys
 
 import pytest
-from forkwatch.demo import task
+from forkwatch.demo import task, warmup
 from forkwatch.demo.pipeline import QUICK
 from forkwatch.demo.runs import demo_runs
 from forkwatch.store import connect, ground_truth, queries
 
-# The fixture trains the warm-up and every run (~2 min of CPU); on a shared machine that can pass the suite's
-# 300 s per-test timeout without anything being wrong.
+# The fixture trains every run (~1 min of CPU), and the first demo test of a test run the warm-up too: on a shared
+# machine that can pass the suite's 300 s per-test timeout without anything being wrong.
 pytestmark = pytest.mark.timeout(900)
 
 SPECS = demo_runs(QUICK.grpo)
@@ -24,21 +25,22 @@ RUNS = [s.name for s in SPECS]
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
+def demo_out(tmp_path_factory, demo_cache):
     out = tmp_path_factory.mktemp("demo")
     # The bound is a generous timeout rather than a timed assertion: CI machines are shared (measured timings live
     # in docs/experiments.md).
     # The demo's default of one torch thread (the verdicts at 2 threads are checked by scripts/seeds_threads.py).
     proc = subprocess.run(
-        [sys.executable, "-m", "forkwatch.cli", "demo", "--quick", "--no-dashboard", "--out", str(out)],
+        [sys.executable, "-m", "forkwatch.cli", "demo", "--quick", "--no-dashboard", "--out", str(out),
+         "--cache", str(demo_cache)],
         capture_output=True, text=True, timeout=840,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc.stdout
+    return out, proc.stdout, demo_cache, proc.stderr
 
 
 def test_run_folders_say_finished_or_stopped_by_the_alarm_and_the_warmup_is_cached(demo_out):
-    out, _ = demo_out
+    out, stdout, cache, _ = demo_out
     for s in SPECS:
         meta = json.loads((out / "logs" / s.name / "run.json").read_text())
         if s.expect == "healthy":
@@ -46,7 +48,9 @@ def test_run_folders_say_finished_or_stopped_by_the_alarm_and_the_warmup_is_cach
         else:  # on_alarm="stop" ends the run at a hand-off after the alarm, long before its cap
             assert meta["status"] == "stopped", s.name
             assert meta["stopped_by_alarm"].startswith(s.expect), s.name
-    assert list((out / "warmup").glob("*/warmup.json"))
+    # the demo reused the test run's warm-up from --cache instead of training one into --out
+    assert f"warm-up model: cached in {warmup.folder(cache, QUICK.warmup)}" in stdout
+    assert (warmup.folder(cache, QUICK.warmup) / "warmup.json").is_file() and not (out / "warmup").exists()
 
 
 def test_healthy_runs_train_every_step_and_alarmed_runs_stop_after_their_alarm(demo_out):
@@ -90,7 +94,7 @@ def test_check_gives_every_run_its_designed_verdict_and_fails_the_gate(demo_out)
 
 
 def test_demo_prints_verdicts_causes_fork_recall_and_how_to_open_the_dashboard(demo_out):
-    out, stdout = demo_out
+    out, stdout, _, _ = demo_out
     assert "COLLAPSE" in stdout and "EXPLOSION" in stdout and "HEALTHY" in stdout
     for s in SPECS:
         assert s.note in stdout
@@ -98,6 +102,14 @@ def test_demo_prints_verdicts_causes_fork_recall_and_how_to_open_the_dashboard(d
     assert m is not None, stdout
     assert float(m.group(1)) >= 0.9
     assert f"forkwatch dashboard {out / 'logs'}" in stdout
+
+
+def test_demo_terminal_holds_no_library_deprecation_noise(demo_out):
+    stderr = demo_out[3]
+    # forkwatch's own alarm lines and the progress bars are there; transformers' and DeepSpeed's chatter is not
+    assert "forkwatch alarm" in stderr and "GRPO runs" in stderr
+    for noise in ("FutureWarning", "DeprecationWarning", "warnings.warn", "Setting accelerator to CPU", "Loading weights"):
+        assert noise not in stderr, noise
 
 
 def test_demo_prints_the_detector_metrics_with_their_baselines(demo_out):

@@ -12,7 +12,7 @@ One measurement rolls out 32 continuations per branch; its rewards are cut into 
 and 16 rollouts, each estimated exactly as `measure` does (plugin/fork_value_stats.py). Checked for each m: Q is
 unbiased and V within its SE of the exact value on average; the fork value's bias is within its standard error; and
 the stated 95 % intervals of Q, V and the fork value cover the exact values at least at their nominal rate.
-`pytest tests/test_fork_value_exact.py -s` prints the measured bias and coverage (docs/methods.md quotes them).
+`pytest tests/demo/test_fork_value_exact.py -s` prints the measured bias and coverage (docs/methods.md quotes them).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from forkwatch.demo import task
 from forkwatch.demo.exact_q import exact_q
 from forkwatch.demo.tiny import char_tokenizer, tiny_model
+from forkwatch.demo.warmup import _batch as supervised_batch
 from forkwatch.plugin.fork_value import ForkValueSettings, Position, RewardFunctions, Sampling, measure
 from forkwatch.plugin.fork_value_stats import Z95, estimate_position, fork_value, weights
 
@@ -45,23 +46,14 @@ def _warm_up(steps: int = 150, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(steps):
-            rows, labels = [], []
+            pairs = []
             for _ in range(32):
                 p = rng.choice(problems)
                 names = [rng.choice(task.NAMES[k]) for k in rng.sample(p.keys, len(p.keys))]
                 names = [habit if w == name and i and names[i - 1] == before and rng.random() < rate else w
                          for i, w in enumerate(names)]
-                prompt_ids = tok(p.prompt)["input_ids"]
-                completion_ids = tok(task.SEP.join(names))["input_ids"] + [tok.eos_token_id]
-                rows.append(prompt_ids + completion_ids)
-                labels.append([-100] * len(prompt_ids) + completion_ids)
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tok.pad_token_id)
-            lab = torch.full((len(rows), width), -100)
-            att = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, (r, y) in enumerate(zip(rows, labels, strict=True)):
-                ids[i, : len(r)], lab[i, : len(y)], att[i, : len(r)] = torch.tensor(r), torch.tensor(y), 1
-            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+                pairs.append((p.prompt, task.SEP.join(names)))
+            loss = model(**supervised_batch(pairs, tok)).loss  # the demo's own batching (prompt masked, EOS added)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
