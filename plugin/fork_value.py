@@ -336,6 +336,9 @@ def _plan(model: Any, positions: Sequence[Position], sampling: Sampling, setting
             raise ValueError("a position's prompt has no tokens: the first completion token needs a context")
         by_completion.setdefault((p.prompt_ids, p.completion_ids), []).append(i)
     plans: list[_Branches | None] = [None] * len(positions)
+    # agreed before any forward: under FSDP2 each forward is itself a collective, so a rank asking after its own
+    # forwards would wait in the all-reduce while another still waits in a forward's all-gather
+    calls = len(by_completion) if lockstep is None else lockstep(len(by_completion))
     for (prompt_ids, completion_ids), members in by_completion.items():
         last = max(positions[i].position for i in members)
         ids = torch.tensor([*prompt_ids, *completion_ids[:last]], device=device)
@@ -349,9 +352,8 @@ def _plan(model: Any, positions: Sequence[Position], sampling: Sampling, setting
             scores = processors(ids[None, : len(prompt_ids) + p.position], logits[row: row + 1].float())
             probs = torch.softmax(scores[0], dim=-1)  # (V,)
             plans[i] = _branches(probs, p, settings)
-    if lockstep is not None:
-        for _ in range(lockstep(len(by_completion)) - len(by_completion)):
-            _idle_forward(model, sampling, device)
+    for _ in range(calls - len(by_completion)):
+        _idle_forward(model, sampling, device)
     return plans  # type: ignore[return-value]
 
 

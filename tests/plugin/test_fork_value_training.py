@@ -19,7 +19,10 @@ TRAINER_KEYS = ("loss", "grad_norm", "reward", "entropy", "completions/mean_leng
 
 def _train(make_trainer, log_dir, name: str, **options):
     trainer = make_trainer(max_steps=3, model_seed=0)
-    forkwatch.attach(trainer, log_dir=str(log_dir), run_name=name, select="random", warmup_steps=1, **options)
+    # handoff_interval_s=0: the health rules' scalars every step (by default a hand-off waits for a second's steps,
+    # and a slower step with fork value on would move them to another step's log)
+    forkwatch.attach(trainer, log_dir=str(log_dir), run_name=name, select="random", warmup_steps=1,
+                     handoff_interval_s=0, **options)
     trainer.train()
     logs = [{k: v for k, v in entry.items() if k in TRAINER_KEYS or k.startswith("forkwatch/")
              and not k.endswith("seconds")} for entry in trainer.state.log_history if "loss" in entry]
@@ -58,6 +61,14 @@ def test_what_fork_value_cannot_reproduce_is_refused_at_attach(make_trainer, tmp
     with pytest.raises(ValueError, match="fork_value") as e:
         forkwatch.attach(trainer, log_dir=str(tmp_path), fork_value_every=1, **options)
     assert message in str(e.value)
+
+
+def test_completions_of_a_rollout_func_are_refused_at_attach(make_trainer, tmp_path):
+    trainer = make_trainer()
+    trainer.rollout_func = lambda prompts, trainer: None  # completions `generate` did not make
+    with pytest.raises(ValueError, match="made by a rollout_func cannot be rolled out again") as e:
+        forkwatch.attach(trainer, log_dir=str(tmp_path), fork_value_every=1)
+    assert "fork_value_every=0" in str(e.value)
 
 
 def test_a_failure_while_measuring_is_counted_and_training_goes_on(make_trainer, tmp_path):
