@@ -334,7 +334,7 @@ def report(args: argparse.Namespace) -> None:
                                               "seed": d["seed"], "role": role, "measured": len(g),
                                               "consequential": population_mean(g["consequential"].to_numpy(float), p),
                                               "value": population_mean(g["value"].to_numpy(float), p)})
-                if when == "after":
+                if when == "after" and d["variant"] in SELECTORS:  # grpo_alphabetical trains on another reward
                     selector_rows.append({"group": group, "variant": d["variant"], "seed": d["seed"],
                                           **selector_vs_value(scored)})
         con.close()
