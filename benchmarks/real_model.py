@@ -28,7 +28,11 @@ Method, as benchmarks/overhead.py:
 
 Variants: `plain` TRL; `attach` (forkwatch's defaults); `trl_log_completions` (TRL's own `log_completions=True`,
 a table of each logged step's completions, written on the training thread); `attach_ict` (select="ict");
-`attach_high_entropy` (select="high_entropy").
+`attach_high_entropy` (select="high_entropy"); `attach_fork_value_10` and `attach_fork_value_1` (forkwatch's
+defaults with fork value during training every 10 steps / every step at its default budget: what it costs is their
+ratio to `attach`, `fork_value_every`'s default stays 0 unless that is <= 1.01 at every 10 steps).
+
+    .venv/bin/python benchmarks/real_model.py --variants attach,attach_fork_value_10,attach_fork_value_1
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ VARIANTS: dict[str, tuple[dict | None, dict]] = {  # name: (forkwatch options or
     "trl_log_completions": (None, dict(log_completions=True)),
     "attach_ict": (dict(select="ict", warmup_steps=0), {}),  # selecting from step 1, as the timed steps are few
     "attach_high_entropy": (dict(select="high_entropy"), {}),  # no warm-up option: it selects from step 1
+    # fork value during training at its default budget (16 positions x 4 branches x 4 rollouts a measurement): every
+    # 10 steps (one measurement in a default 10-step run) and every step (the worst case)
+    "attach_fork_value_10": (dict(fork_value_every=10), {}),
+    "attach_fork_value_1": (dict(fork_value_every=1), {}),
 }
 
 

@@ -1,11 +1,11 @@
 """The pages' only way to the store: one cached connection per log directory, ONE bounded cache over the store's
 named queries (`cached`), and the SQL page's sandbox.
 
-A page asks for a query by its name in store/queries.py (or, for the demo's ground truth, store/ground_truth.py),
-with every input as an argument, the log directory included: `cached("step_series", log_dir, run_id)`. So a cached
-result never answers for another directory, run, step or option, and no page builds SQL. The connection's views are
-a snapshot of the parts on disk: it is rebuilt every `TTL_S` seconds (and on "Reload"), so a run still being written
-shows its new steps without a restart.
+A page asks for a query by its name in store/queries.py (or store/ground_truth.py for the demo's ground truth,
+store/fork_values.py for fork value), with every input as an argument, the log directory included:
+`cached("step_series", log_dir, run_id)`. So a cached result never answers for another directory, run, step or
+option, and no page builds SQL. The connection's views are a snapshot of the parts on disk: it is rebuilt every
+`TTL_S` seconds (and on "Reload"), so a run still being written shows its new steps without a restart.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 import duckdb
 import pandas as pd
 import streamlit as st
-from forkwatch.store import connect, ground_truth, queries
+from forkwatch.store import connect, fork_values, ground_truth, queries
 from forkwatch.store.location import LOG_DIR_ENV
 from forkwatch.store.sandbox import SandboxedConnection, SandboxError, open_sandboxed
 
 TTL_S = 15  # seconds a snapshot (and a query result) is reused: new steps of a live run appear within this
 # Where named queries live: each module's __all__ lists them.
-_QUERY_MODULES = (queries, ground_truth)
+_QUERY_MODULES = (queries, ground_truth, fork_values)
 
 
 def log_dir() -> str | None:

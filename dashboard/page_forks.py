@@ -2,8 +2,10 @@
 marked, exact values and top-k alternatives on hover; the token texts that fork most often and how that changes
 over steps; the same prompt followed across steps; where the run's task wrote a ground truth (the demo's), its
 decision points beside the forks and how well each score ranks them; the roles of forking tokens per step; the
-probes' tokens across steps and the overlap of their top-entropy positions with the first scoring. Each section says
-in words why it has nothing to draw instead of drawing empty axes."""
+probes' tokens across steps and the overlap of their top-entropy positions with the first scoring; where fork value was
+measured (table fork_values), each measured position's value next to its entropy, the scatter of the two, and every
+score judged against that truth. Each section says in words why it has nothing to draw instead of drawing empty
+axes."""
 
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ def _token_view(log_dir: str, run: str, step: int, completion: pd.Series) -> Non
     st.html(legend_html(stat, tokens))
     st.html(token_html(tokens, stat))
     _truth_view(log_dir, run, step, int(completion["completion_id"]), tokens)
+    _value_view(log_dir, run, step, int(completion["completion_id"]), tokens)
 
 
 _TRUTH_STYLE = {  # (is_decision, is_fork) -> background: agreement green, a missed decision red, an extra fork grey
@@ -106,6 +109,40 @@ def _truth_view(log_dir: str, run: str, step: int, completion_id: int, tokens: p
                 "marked as forks by forkwatch. Green: decision point and fork; red: a decision point forkwatch "
                 "missed; grey: a fork where only one token was correct.")
     st.html('<div class="fw-truth-view" style="font-family:monospace;line-height:1.8">' + "".join(spans) + "</div>")
+
+
+def _value_view(log_dir: str, run: str, step: int, completion_id: int, tokens: pd.DataFrame) -> None:
+    """Where fork value was measured in this completion, the completion again with each measured position shaded
+    by its value (outlined when consequential), and its numbers beside its entropy."""
+    marks = cached("fork_value_marks", log_dir, run, step, completion_id)
+    if marks.empty:
+        return
+    by_position = marks.set_index("position")
+    top = max(float(marks["value"].max()), 1e-9)
+    spans = []
+    for row in tokens.itertuples(index=False):
+        text = html.escape(str(row.text) if isinstance(row.text, str) else f"#{row.token_id}") or "∅"
+        if row.position not in by_position.index:
+            spans.append(f'<span style="color:#888">{text}</span>')
+            continue
+        m = by_position.loc[row.position]
+        alpha = min(1.0, max(0.0, float(m["value"])) / top)
+        border = "outline:2px solid #d62728;" if m["consequential"] else ""
+        spans.append(
+            f'<span class="fw-value" style="background:rgba(214,39,40,{0.15 + 0.6 * alpha:.2f});{border}" '
+            f'title="position {row.position} · fork value {m["value"]:.3f} ± {m["value_se"]:.3f} · entropy '
+            f'{m["entropy"]:.3f} · Q(sampled) {m["q_sampled"]:.3f} · best: {html.escape(str(m["best_text"]))!r} '
+            f'Q {m["best_q"]:.3f}">{text}</span>')
+    n_cons = int(marks["consequential"].sum())
+    st.markdown(f"**Fork value:** {len(marks)} position(s) of this completion measured, {n_cons} consequential "
+                "(outlined: the value is above its floor at one-sided 95 % confidence); the darker, the higher the "
+                "value. Grey tokens were not measured.")
+    st.html('<div class="fw-value-view" style="font-family:monospace;line-height:1.8">' + "".join(spans) + "</div>")
+    texts = tokens.set_index("position")["text"]
+    table = marks.assign(token=[texts.get(p, "") for p in marks["position"]])[
+        ["position", "token", "entropy", "value", "value_se", "consequential", "q_sampled", "best_text", "best_q"]]
+    st.dataframe(table.rename(columns={"value_se": "value SE", "q_sampled": "Q(sampled)", "best_text": "best branch",
+                                       "best_q": "Q(best)"}), hide_index=True, key=f"forks_value_table_{step}")
 
 
 def _fork_tokens(log_dir: str, run: str, steps: list[int]) -> None:
@@ -146,6 +183,7 @@ def render() -> None:
         st.plotly_chart(prompt_history_figure(history), key="forks_prompt_chart", width="stretch")
     _fork_tokens(log_dir, run, steps)
     detector_section(log_dir, run)  # only where the run's task wrote a ground truth (the demo's)
+    fork_value_section(log_dir, run)
     fork_roles_section(log_dir, run)
     probes_section(log_dir, runs, run)
 
@@ -164,6 +202,37 @@ def detector_section(log_dir: str, run: str) -> None:
                "at each position, fitted on the same step: the best a position-only rule can do), `random`, `all`. "
                "Precision is measured among the run's `fork_fraction` of tokens, the share forkwatch marks as forks.")
     st.plotly_chart(detector_figure(m, target), key="forks_detector_chart", width="stretch")
+
+
+def fork_value_section(log_dir: str, run: str) -> None:
+    """Where fork value was measured: entropy against fork value per step, and every score judged against it."""
+    st.subheader("Fork value: which forks changed the outcome")
+    steps = cached("fork_value_steps", log_dir, run)
+    if steps.empty:
+        st.info(f"Run `{run}` has no fork value measured: measure it during training (`fork_value_every`) or after "
+                f"it (`forkwatch forkvalue LOG_DIR/{run} --model CHECKPOINT --reward module:function`).")
+        return
+    points = cached("fork_value_scatter", log_dir, run)
+    options = steps["step"].tolist()
+    step = options[-1] if len(options) == 1 else st.select_slider("Measured step", options=options,
+                                                                   value=options[-1], key=f"forks_value_step_{run}")
+    row = steps.set_index("step").loc[step]
+    st.caption(f"step {step}: {int(row['positions'])} positions measured (a stratified sample of the step's "
+               f"recorded tokens), {int(row['consequential'])} consequential; measured with {row['sources']}. "
+               "Fork value = Σ π |Q − V| over the branches, in reward units; bars are ± 1 SE.")
+    st.plotly_chart(value_scatter_figure(points[points["step"] == step]), key="forks_value_scatter",
+                    width="stretch")
+    table = cached("fork_value_detectors", log_dir, run)
+    table = table[table["step"] == step]
+    if table.empty:
+        st.info("No score can be judged at this step (no recorded scores at the measured positions).")
+        return
+    st.caption("Each score against this truth, for every recorded token of the step (the sample weighted by its "
+               "inclusion probabilities): AUROC and average precision for \"consequential\", Spearman's ρ with "
+               "the value. `position`: the share of consequential positions at each position, fitted on the same "
+               "sample (an upper bound for position-only rules); `lexical`: position 0 or right after a separator.")
+    st.dataframe(table[["predictor", "auroc", "average_precision", "spearman", "consequential_share", "positions"]],
+                 hide_index=True, key="forks_value_detectors")
 
 
 def fork_roles_section(log_dir: str, run: str) -> None:
@@ -313,6 +382,22 @@ def probe_overlap_figure(overlap: pd.DataFrame, fraction: float) -> go.Figure:
         height=280, yaxis={"tickformat": ".0%", "range": [0, 1.05]}, xaxis_title="step",
         yaxis_title=f"top {fraction:.0%} shared with first", margin={"t": 10, "b": 40, "l": 60, "r": 10},
     )  # fmt: skip
+    return fig
+
+
+def value_scatter_figure(points: pd.DataFrame) -> go.Figure:
+    """Entropy (x) against fork value (y) at each measured position, consequential ones in red, ± 1 SE bars."""
+    fig = go.Figure()
+    for consequential, g in points.groupby("consequential", sort=True):
+        fig.add_trace(go.Scatter(
+            x=g["entropy"], y=g["value"], mode="markers", name="consequential" if consequential else "not",
+            error_y={"type": "data", "array": g["value_se"], "thickness": 0.6, "width": 0},
+            marker={"color": "#d62728" if consequential else "#1f77b4", "size": 6},
+            customdata=g[["completion_id", "position"]].to_numpy(),
+            hovertemplate="completion %{customdata[0]} · position %{customdata[1]}<br>entropy %{x:.3f}<br>"
+                          "fork value %{y:.3f}<extra></extra>"))
+    fig.update_layout(height=340, xaxis_title="entropy (nats)", yaxis_title="fork value (reward units)",
+                      margin={"t": 10, "b": 40, "l": 60, "r": 10})
     return fig
 
 

@@ -5,6 +5,10 @@ Before training, at temperature 1 with 8 samples per prompt, about a fifth of it
 of 8 hold both right and wrong answers (harder tasks tried, such as single-digit addition or repeating a word, gave
 reward 0 nearly everywhere), so GRPO's advantages are not all zero. Its verdict comes from the same health rules as
 every run (`forkwatch check`). The designed toy demo (demo/pipeline.py) stays the default.
+
+A second task, "opening" (scripts/fork_value_real.py measures fork value on both), asks for one sentence before the
+answer and rewards the first "yes" / "no" word wherever it comes: the reply's opening is free text that the reward
+does not read, so the real model has uncertain tokens there that change nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -36,15 +41,23 @@ class RealSettings:
     temperature: float = 1.0
     seed: int = 0
     n_prompts: int = 400
+    task: str = "yes_no"  # a key of TASKS
 
 
-def make_prompts(n: int, *, seed: int) -> list[dict]:
+# task -> the instruction after the question
+INSTRUCTIONS = {"yes_no": "Answer yes or no.", "opening": "Explain in one sentence, then answer yes or no."}
+_QUESTION = re.compile(r"Is (\d+) greater than (\d+)\?")
+
+
+def make_prompts(n: int, *, seed: int, task: str = "yes_no") -> list[dict]:
     """`n` rows {"prompt": chat messages, "answer": "yes" | "no"}: two different numbers from 1 to 19."""
+    if task not in INSTRUCTIONS:
+        raise ValueError(f"task={task!r}: choose one of {', '.join(INSTRUCTIONS)}")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         a, b = rng.sample(range(1, 20), 2)
-        rows.append({"prompt": [{"role": "user", "content": f"Is {a} greater than {b}? Answer yes or no."}],
+        rows.append({"prompt": [{"role": "user", "content": f"Is {a} greater than {b}? {INSTRUCTIONS[task]}"}],
                      "answer": "yes" if a > b else "no"})
     return rows
 
@@ -54,9 +67,41 @@ def _text(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def yes_no_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+def _answers(answer: list[str] | None, prompts: list | None, n: int) -> list[str]:
+    """The dataset's `answer` column when TRL passes it; else read from the question in each prompt (a recorded run
+    keeps the prompt's text but not its extra columns: `forkwatch forkvalue` calls the reward this way)."""
+    if answer is not None:
+        return list(answer)
+    if prompts is None or len(prompts) != n:
+        raise ValueError("pass answer= (the dataset column) or prompts= holding the questions")
+    out = []
+    for p in prompts:
+        found = _QUESTION.search(p if isinstance(p, str) else " ".join(m["content"] for m in p))
+        if found is None:
+            raise ValueError(f"no 'Is A greater than B?' question in the prompt {str(p)[:80]!r}")
+        out.append("yes" if int(found[1]) > int(found[2]) else "no")
+    return out
+
+
+def yes_no_reward(completions: list, answer: list[str] | None = None, prompts: list | None = None,
+                  **kwargs) -> list[float]:
     """1 when the reply starts with the right "yes" / "no" (any case, leading spaces ignored), else 0."""
-    return [float(_text(c).strip().lower().startswith(a)) for c, a in zip(completions, answer, strict=True)]
+    return [float(_text(c).strip().lower().startswith(a))
+            for c, a in zip(completions, _answers(answer, prompts, len(completions)), strict=True)]
+
+
+def first_answer_reward(completions: list, answer: list[str] | None = None, prompts: list | None = None,
+                        **kwargs) -> list[float]:
+    """The "opening" task's reward: 1 when the first whole word "yes" or "no" of the reply (any case, anywhere) is
+    the right one, else 0 (also when neither word appears)."""
+    out = []
+    for c, a in zip(completions, _answers(answer, prompts, len(completions)), strict=True):
+        found = re.search(r"\b(yes|no)\b", _text(c).lower())
+        out.append(float(found is not None and found[1] == a))
+    return out
+
+
+TASKS = {"yes_no": yes_no_reward, "opening": first_answer_reward}  # task -> its reward function
 
 
 def make_trainer(model, tok, *, settings: RealSettings, output_dir: str | Path, callbacks: list | None = None,
@@ -82,11 +127,11 @@ def make_trainer(model, tok, *, settings: RealSettings, output_dir: str | Path, 
         disable_tqdm=True,
     )
     options.update(grpo)
-    rows = make_prompts(settings.n_prompts, seed=10_000 + settings.seed)
+    rows = make_prompts(settings.n_prompts, seed=10_000 + settings.seed, task=settings.task)
     return GRPOTrainer(
         model=model,
         args=GRPOConfig(**options),
-        reward_funcs=yes_no_reward,
+        reward_funcs=TASKS[settings.task],
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
         callbacks=callbacks,

@@ -149,6 +149,18 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=forkvalue)
 
     s = sub.add_parser(
+        "forks",
+        help="list a run's measured forks by fork value, with their text",
+        description="The positions of a run whose fork value was measured (during training with fork_value_every, or "
+        "after it with `forkwatch forkvalue`), highest value first: the value with its SE, whether it is "
+        "consequential, the entropy there, the sampled token's Q against the best branch's, and the text around it.",
+    )
+    s.add_argument("run_dir", metavar="LOG_DIR/RUN", help="the run's folder (a log directory and the run's id)")
+    s.add_argument("--step", type=int, default=None, help="only this step (default: every measured step)")
+    s.add_argument("--top", type=int, default=10, help="how many positions to list (default 10)")
+    s.set_defaults(handler=forks)
+
+    s = sub.add_parser(
         "demo",
         help="serve the dashboard and train a tiny model offline with GRPO + forkwatch while it shows the runs",
         description="Serve the dashboard, build a tiny model and tokenizer in code, teach it a small task with known "
@@ -504,6 +516,52 @@ def forkvalue(args: argparse.Namespace) -> int:
           f"{c.prefill_tokens} + decode {c.decode_tokens}")
     print(f"wrote {result.rows_written} rows to {args.run_dir}/fork_values "
           f"(forkwatch sql {log_dir} \"SELECT * FROM fork_values\")")
+    return EXIT_OK
+
+
+def _shown(text: str) -> str:
+    """Token text on one terminal line: newlines and tabs as visible marks."""
+    return text.replace("\n", "⏎").replace("\t", "⇥")
+
+
+def forks(args: argparse.Namespace) -> int:
+    """`forkwatch forks LOG_DIR/RUN`: the top-valued measured forks with their text context (store/fork_values.py
+    `top_fork_values`); 2 for a run that is not there or a step without measurements."""
+    _quiet_logging()
+    log_dir, run = _split_run_dir(args.run_dir)
+    if (code := _check_dir(log_dir)) is not None:
+        return code
+    if args.top < 1:
+        return _error(f"--top {args.top}: pass a positive number of positions", EXIT_USAGE)
+    from forkwatch.store import connect, run_folder
+    from forkwatch.store.fork_values import fork_value_steps, top_fork_values
+    from forkwatch.store.location import resolve
+
+    if run not in run_folder.run_dirs(resolve(log_dir)):
+        return _error(f"no run {run!r} in {log_dir} (a run is a folder with a run.json; forkwatch runs {log_dir} "
+                      "lists them)", EXIT_USAGE)
+    con = connect(log_dir)
+    try:
+        steps = fork_value_steps(con, run)
+        if steps.empty:
+            return _error(f"run {run!r} has no fork value measured: train with fork_value_every=N, or run forkwatch "
+                          f"forkvalue {args.run_dir} --model CHECKPOINT --reward module:function", EXIT_USAGE)
+        if args.step is not None and args.step not in set(steps["step"]):
+            return _error(f"run {run!r} has no fork value at step {args.step}; measured steps: "
+                          f"{', '.join(map(str, steps['step']))}", EXIT_USAGE)
+        top = top_fork_values(con, run, limit=args.top, step=args.step)
+    finally:
+        con.close()
+    print(f"forkwatch forks: run {run}, fork value measured at {len(steps)} step(s): " + "; ".join(
+        f"step {r.step} {r.positions} positions, {r.consequential} consequential" for r in steps.itertuples()))
+    where = f"step {args.step}" if args.step is not None else "every measured step"
+    print(f"top {len(top)} by fork value ({where}; * consequential: above its floor at one-sided 95 %):")
+    for i, r in enumerate(top.itertuples(index=False), start=1):
+        mark = "*" if r.consequential else " "
+        print(f"{i:3d}. step {r.step} completion {r.completion_id} position {r.position}: fork value "
+              f"{r.value:.3f} ± {r.value_se:.3f} {mark} entropy {r.entropy:.3f}; Q(sampled {_shown(r.token)!r}) "
+              f"{r.q_sampled:.3f}, best {_shown(r.best_text)!r} {r.best_q:.3f}")
+        print(f"     …{_shown(r.prefix)}[{_shown(r.token)}]{_shown(r.suffix)}…")
     return EXIT_OK
 
 

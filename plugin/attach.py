@@ -2,8 +2,9 @@
 
 Everything is checked here, before training: the options (config.py), the log directory (reachable and writable),
 the installed TRL (plugin/trl_seams.py: every internal forkwatch uses, and whether TRL's own loss pass can run on
-this machine), the selector with the trainer's settings (plugin/selection/). Then the capture is built, the seams
-are installed and the callback goes first in the trainer's list.
+this machine), the selector with the trainer's settings (plugin/selection/), fork value during training with what
+the trainer generates and rewards with (plugin/fork_value_online.py). Then the capture is built, the seams are
+installed and the callback goes first in the trainer's list.
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ def attach(trainer, **options) -> ForkwatchCallback:
                              clock=clock)
     capture = Capture(trainer, config, selector=selector, project=HeadProjector(target, trainer.temperature),
                       backbone=target.base_model, lens_clock=clock, probes=probes)
+    fork_value = None
+    if config.fork_value_every > 0:  # built here: what it cannot reproduce (vLLM, tools, ...) is refused at attach
+        from forkwatch.plugin.fork_value_online import OnlineForkValue
+
+        acc = trainer.accelerator
+        fork_value = OnlineForkValue(trainer, config, rank=acc.process_index, world=acc.num_processes)
     callback = ForkwatchCallback(config, trainer=trainer, capture=capture, probes=probes, loss_path=loss_path,
-                                 install=lambda: trl_seams.install(trainer, capture, loss_path))
+                                 fork_value=fork_value, install=lambda: trl_seams.install(trainer, capture, loss_path))
     callback.install()
     # First in the list: at each step end forkwatch acts (the step's `forkwatch/*` scalars into TRL's metric buffer,
     # an alarm's stop) before the user's own callbacks see the step.

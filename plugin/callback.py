@@ -25,6 +25,8 @@ from typing import Any
 
 from forkwatch.plugin.capture import Capture
 from forkwatch.plugin.config import ForkwatchConfig
+from forkwatch.plugin.fork_value import Sampling
+from forkwatch.plugin.fork_value_online import OnlineForkValue, recorded_completions
 from forkwatch.plugin.handoff import HandOff, is_alarm
 from forkwatch.plugin.lenses import ProbeRunner
 from forkwatch.plugin.trl_seams import log_scalars, target_model
@@ -55,10 +57,12 @@ def new_run_id() -> str:
 
 class ForkwatchCallback(TrainerCallback):
     def __init__(self, config: ForkwatchConfig, *, trainer, capture: Capture, install: Callable[[], Callable[[], None]],
-                 probes: ProbeRunner | None = None, loss_path: str = "fused") -> None:
+                 probes: ProbeRunner | None = None, loss_path: str = "fused",
+                 fork_value: OnlineForkValue | None = None) -> None:
         self.config = config
         self.trainer = trainer
         self.capture = capture
+        self.fork_value = fork_value  # None: fork value is not measured during training
         self.loss_path = loss_path  # how the loss pass's values are read on this TRL (plugin/trl_seams.py `check`)
         self.probes = probes  # None: probes are off
         self._install = install  # installs the seams; returns their uninstall
@@ -143,6 +147,15 @@ class ForkwatchCallback(TrainerCallback):
             summary["rank"] = self.capture.rank
             summary["lens_clock"] = self.capture.lens_clock.local()  # the step's time and its lenses' own
             summary["seconds"] += time.perf_counter() - t0  # forkwatch_seconds covers this hook too
+        if self.fork_value is not None and self.fork_value.due(step):
+            # outside the step's guard: under sharded weights every rank must take part, whatever failed before
+            t1 = time.perf_counter()
+            with ledger.guard("fork_value"):
+                columns = self.fork_value.measure_step(step, recorded_completions(acc) if acc is not None else [])
+                if columns is not None:
+                    self.writer.put("fork_values", columns)
+            if summary:
+                summary["seconds"] += time.perf_counter() - t1
         # what the selection kept, outside the recording guard: it decides whether training goes on
         totals = self.capture.selection_seam.take_step(step)
         parts = [summary]
@@ -299,7 +312,10 @@ class ForkwatchCallback(TrainerCallback):
         writer.update_meta(group_js_split_groups=evidence.split_groups,
                            group_js_fallbacks=dict(evidence.group_js_fallbacks),
                            fork_fallbacks=dict(evidence.fork_fallbacks),
-                           **({"empty_selection_steps": self.empty_selection_steps} if self.config.select else {}))
+                           **({"empty_selection_steps": self.empty_selection_steps} if self.config.select else {}),
+                           **({"fork_value": {"positions": self.fork_value.measured,
+                                              "consequential": self.fork_value.consequential}}
+                              if self.fork_value is not None else {}))
         writer.close(status)
 
     # ------------------------------------------------------------------ helpers
@@ -357,9 +373,11 @@ class ForkwatchCallback(TrainerCallback):
             "torch_version": torch.__version__,
             "group_js": self.capture.group_js_on,
             "loss_pass": self.loss_path,
-            "trainer": {k: getattr(args, k, None) for k in (
+            # the sampling settings as generation used them (generation_kwargs applied): `forkwatch forkvalue`
+            # rolls out with them after training
+            "trainer": {**{k: getattr(args, k, None) for k in (
                 "loss_type", "beta", "num_generations", "num_iterations", "gradient_accumulation_steps",
-                "steps_per_generation", "per_device_train_batch_size", "temperature", "max_completion_length",
-                "learning_rate", "seed")},
+                "steps_per_generation", "per_device_train_batch_size", "learning_rate", "seed")},
+                **Sampling.settings_of(self.trainer)},
         }
 

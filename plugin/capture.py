@@ -125,7 +125,7 @@ class Capture:
 
     # ------------------------------------------------------------------ generation batch
     @no_grad
-    def on_generation(self, out: dict[str, Any]) -> None:
+    def on_generation(self, out: dict[str, Any], inputs: list[dict[str, Any]] | None = None) -> None:
         """The generation batch's row ids (into TRL's batch dict) and per-completion facts, kept on the device as
         (b,) tensors: no per-row Python and no text decoding here (the sampled rows are decoded on the writer's
         thread when their step is handed over)."""
@@ -153,6 +153,7 @@ class Capture:
             advantage=out["advantages"].float(), length=length, truncated=~has_eos, sampled=self._sample(b, device),
             recorded=torch.zeros(b, dtype=torch.bool, device=device), prompt_ids=out["prompt_ids"],
             prompt_mask=out["prompt_mask"], completion_ids=ids,
+            inputs=list(inputs) if inputs is not None and self.config.fork_value_every else None,
         )
         acc.seconds += time.perf_counter() - t0
 

@@ -113,6 +113,30 @@ class ForkwatchConfig:
     )
     probe_count: int = field(default=4, metadata={"help": "How many recorded completions become probes by default."})
 
+    # --- fork value during training (docs/methods.md, "Fork value"; plugin/fork_value_online.py) ---
+    fork_value_every: int = field(
+        default=0,
+        metadata={"help": "Every this many steps, at the step's end, measure the fork value of a stratified sample of "
+                  "the step's recorded positions (table `fork_values`): the sampled token and its alternatives rolled "
+                  "out with the trainer's own model, sampling settings and reward functions. Training is unchanged "
+                  "(tested bit for bit). 0 (default) turns it off: its cost is to be measured (BENCHMARKS.md, 'Fork value "
+                  "during training'); `forkwatch forkvalue` measures after training instead."},
+    )
+    fork_value_positions: int = field(
+        default=16, metadata={"help": "The budget of one measurement, 1 of 3: positions measured, over all ranks."}
+    )
+    fork_value_branches: int = field(
+        default=4, metadata={"help": "The budget, 2 of 3: top-k candidate tokens per position (the sampled token is "
+                             "always one; 'any other token' is added where the rest of the probability is large)."}
+    )
+    fork_value_rollouts: int = field(
+        default=4, metadata={"help": "The budget, 3 of 3: continuations per branch (at least 2)."}
+    )
+    fork_value_min_value: float = field(
+        default=0.05, metadata={"help": "A position is consequential when its fork value is above this (reward "
+                                "units) at one-sided 95 % confidence."}
+    )
+
     # --- how much is recorded (step aggregates always cover every token) ---
     record_every_steps: int = field(
         default=1, metadata={"help": "Record completions and tokens at steps 1, 1+k, 1+2k, ..."}
@@ -234,6 +258,17 @@ class ForkwatchConfig:
         if self.dashboard_url is not None:
             alerts.check_url(self.dashboard_url, "dashboard_url")
         self._validate_lenses()
+        self._validate_fork_value()
+
+    def _validate_fork_value(self) -> None:
+        if not isinstance(self.fork_value_every, int) or self.fork_value_every < 0:
+            raise ValueError(f"fork_value_every={self.fork_value_every!r}: pass an integer >= 0 (0 turns it off)")
+        for name, low in (("fork_value_positions", 1), ("fork_value_branches", 1), ("fork_value_rollouts", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}: pass an integer >= {low}")
+        if not self.fork_value_min_value >= 0:
+            raise ValueError(f"fork_value_min_value={self.fork_value_min_value!r}: pass a reward difference >= 0")
 
     def _validate_lenses(self) -> None:
         if self.lens_budget is not None and not (isinstance(self.lens_budget, int | float)

@@ -13,8 +13,14 @@ whose branch token ends the completion need none), one call of each reward funct
 
 Guarantees: no gradient (`torch.no_grad`); the model's train/eval mode is restored; everything random (the
 rollouts' sampling, the "other" branch's tokens, the estimates' resampling) is drawn from forkwatch's own seeded
-generators inside `torch.random.fork_rng`, so the caller's RNG state (CPU, and every CUDA device in use) is the same
-after the call as before it, and the same seed gives the same measurement. Nothing here imports the rest of plugin/.
+generators inside `torch.random.fork_rng`, so the caller's RNG state (CPU, and every CUDA device in use; Python's and
+numpy's global generators too, which a reward function may draw from) is the same after the call as before it, and
+the same seed gives the same measurement. Nothing here imports the rest of plugin/.
+
+Sharded weights (FSDP2, DeepSpeed ZeRO-3): every forward of the model is a collective, so every rank must make the
+same calls. `measure(..., lockstep=f)` then asks `f(n)` for the largest n over the ranks before each kind of call
+(π's forwards, the rollouts' `generate` calls) and makes up the difference with one-token calls, and `generate` runs
+with `synced_gpus=True` (transformers keeps every rank stepping until all are done, as TRL's own generation does).
 """
 
 from __future__ import annotations
@@ -54,8 +60,24 @@ class Sampling:
     KNOWN = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_completion_length")
 
     @classmethod
+    def settings_of(cls, trainer: Any) -> dict[str, Any]:
+        """The KNOWN settings GRPOTrainer generates with, GRPOConfig-named: its `generation_config` (GRPOConfig's
+        fields with `generation_kwargs` applied over them, as TRL builds it) where it has one, else its attributes.
+        run.json records them under "trainer" (the offline path reads them back)."""
+        gen = getattr(trainer, "generation_config", None)
+        out = {}
+        for name in cls.KNOWN:
+            value = getattr(trainer, name, None)
+            if gen is not None and name != "max_completion_length":
+                value = getattr(gen, name, value)
+            elif gen is not None and getattr(gen, "max_new_tokens", None) is not None:
+                value = gen.max_new_tokens  # generation_kwargs' max_new_tokens wins over max_completion_length
+            out[name] = value
+        return out
+
+    @classmethod
     def from_trainer(cls, trainer: Any) -> Sampling:
-        """The settings GRPOTrainer generates with (`trainer.temperature`, ... and its `eos_token_ids`)."""
+        """The settings GRPOTrainer generates with (`settings_of`, and its `eos_token_ids`)."""
         args = trainer.args
         extra = set(args.generation_kwargs or {}) - {"max_new_tokens", *cls.KNOWN}
         if extra or getattr(trainer, "use_vllm", False):
@@ -63,10 +85,12 @@ class Sampling:
             raise ValueError(f"fork value: {what} is not supported: the rollouts must sample from the same "
                              "distribution as training; remove it or measure without fork value")
         tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # a processor holds one
-        return cls(max_completion_length=int(trainer.max_completion_length), eos_token_ids=tuple(trainer.eos_token_ids),
+        s = cls.settings_of(trainer)
+        return cls(max_completion_length=int(s["max_completion_length"]), eos_token_ids=tuple(trainer.eos_token_ids),
                    pad_token_id=int(tok.pad_token_id), bos_token_id=tok.bos_token_id,
-                   temperature=float(trainer.temperature), top_p=float(trainer.top_p), top_k=trainer.top_k,
-                   min_p=trainer.min_p, repetition_penalty=float(trainer.repetition_penalty))
+                   temperature=float(s["temperature"]), top_p=float(1.0 if s["top_p"] is None else s["top_p"]),
+                   top_k=s["top_k"], min_p=s["min_p"],
+                   repetition_penalty=float(1.0 if s["repetition_penalty"] is None else s["repetition_penalty"]))
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], *, model: Any, tokenizer: Any) -> Sampling:
@@ -263,13 +287,29 @@ class Measurement:
 @contextlib.contextmanager
 def own_rng(seed: int) -> Iterator[None]:
     """Run the body on a generator seeded with `seed`, then put back the caller's RNG states: the CPU's and, when
-    CUDA is in use, every device's (all are forked because seeding touches all)."""
+    CUDA is in use, every device's (all are forked because seeding touches all), and Python's and numpy's global
+    generators (the body's reward functions may draw from them)."""
+    import random
+
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed_all(seed)  # CUDA already initialised: seeds now, not lazily after the fork
-        yield
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed_all(seed)  # CUDA already initialised: seeds now, not lazily after the fork
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+Lockstep = Callable[[int], int]  # n calls on this rank -> the most any rank makes (sharded weights: module docstring)
+
+
+def _idle_forward(model: Any, sampling: Sampling, device: Any) -> None:
+    """A one-token forward that keeps this rank in step with the others' collectives (its output is unused)."""
+    model(input_ids=torch.full((1, 1), sampling.pad_token_id, device=device), logits_to_keep=1)
 
 
 @dataclass
@@ -283,7 +323,7 @@ class _Branches:
 
 @torch.no_grad()
 def _plan(model: Any, positions: Sequence[Position], sampling: Sampling, settings: ForkValueSettings,
-          cost: Cost) -> list[_Branches]:
+          cost: Cost, lockstep: Lockstep | None = None) -> list[_Branches]:
     """π at every position, from one forward per completion (logits kept at the measured positions only), with the
     sampling settings' processors; then each position's branches."""
     device = next(model.parameters()).device
@@ -296,6 +336,9 @@ def _plan(model: Any, positions: Sequence[Position], sampling: Sampling, setting
             raise ValueError("a position's prompt has no tokens: the first completion token needs a context")
         by_completion.setdefault((p.prompt_ids, p.completion_ids), []).append(i)
     plans: list[_Branches | None] = [None] * len(positions)
+    # agreed before any forward: under FSDP2 each forward is itself a collective, so a rank asking after its own
+    # forwards would wait in the all-reduce while another still waits in a forward's all-gather
+    calls = len(by_completion) if lockstep is None else lockstep(len(by_completion))
     for (prompt_ids, completion_ids), members in by_completion.items():
         last = max(positions[i].position for i in members)
         ids = torch.tensor([*prompt_ids, *completion_ids[:last]], device=device)
@@ -309,6 +352,8 @@ def _plan(model: Any, positions: Sequence[Position], sampling: Sampling, setting
             scores = processors(ids[None, : len(prompt_ids) + p.position], logits[row: row + 1].float())
             probs = torch.softmax(scores[0], dim=-1)  # (V,)
             plans[i] = _branches(probs, p, settings)
+    for _ in range(calls - len(by_completion)):
+        _idle_forward(model, sampling, device)
     return plans  # type: ignore[return-value]
 
 
@@ -334,7 +379,8 @@ def _branches(probs: torch.Tensor, p: Position, settings: ForkValueSettings) -> 
 
 
 def _rollouts(model: Any, starts: list[list[int]], budgets: list[int], sampling: Sampling, settings: ForkValueSettings,
-              cost: Cost, on_rollouts: Callable[[int], None] | None) -> list[list[int]]:
+              cost: Cost, on_rollouts: Callable[[int], None] | None, lockstep: Lockstep | None = None
+              ) -> list[list[int]]:
     """Continue each `starts` row (prompt + completion so far + branch token) by at most its budget of tokens, cut
     after the first stop token, in batched `generate` calls of rows of similar length. -> the new tokens per row."""
     device = next(model.parameters()).device
@@ -345,8 +391,16 @@ def _rollouts(model: Any, starts: list[list[int]], budgets: list[int], sampling:
     if on_rollouts is not None and len(starts) > len(todo):
         on_rollouts(len(starts) - len(todo))
     todo.sort(key=lambda i: (budgets[i], len(starts[i])), reverse=True)  # rows of one call finish together
-    for c in range(0, len(todo), settings.batch_rows):
-        chunk = todo[c: c + settings.batch_rows]
+    chunks = [todo[c: c + settings.batch_rows] for c in range(0, len(todo), settings.batch_rows)]
+    synced = {} if lockstep is None else {"synced_gpus": True}
+    if lockstep is not None:  # one-token calls make up the other ranks' extra generate calls
+        chunks += [None] * (lockstep(len(chunks)) - len(chunks))
+    for chunk in chunks:
+        if chunk is None:
+            ids = torch.full((1, 1), sampling.pad_token_id, device=device)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           generation_config=sampling.generation_config(1), **synced)
+            continue
         width = max(len(starts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), sampling.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -355,7 +409,7 @@ def _rollouts(model: Any, starts: list[list[int]], budgets: list[int], sampling:
             mask[r, width - len(starts[i]):] = 1
         new = max(budgets[i] for i in chunk)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=sampling.generation_config(new))[:, width:].cpu()
+                             generation_config=sampling.generation_config(new), **synced)[:, width:].cpu()
         cost.generate_calls += 1
         cost.prefill_tokens += ids.numel()
         cost.decode_tokens += len(chunk) * max(gen.size(1) - 1, 0)
@@ -387,18 +441,19 @@ def _completion_texts(tokenizer: Any, positions: Sequence[Position], owners: lis
 
 def measure(model: Any, tokenizer: Any, positions: Sequence[Position], *, sampling: Sampling,
             rewards: RewardFunctions, settings: ForkValueSettings, seed: int, state: Any = None,
-            on_rollouts: Callable[[int], None] | None = None) -> Measurement:
+            on_rollouts: Callable[[int], None] | None = None, lockstep: Lockstep | None = None) -> Measurement:
     """Measure the fork value of every position (module docstring): one row per branch in `columns`. `seed` makes the
     measurement reproducible; `state` is what reward functions get as `trainer_state`; `on_rollouts(n)` is told of every
-    n rollouts done (the CLI draws the bar)."""
+    n rollouts done (the CLI draws the bar); `lockstep`: under sharded weights, keeps this rank's model calls in step
+    with the other ranks' (module docstring; every rank calls `measure`, with or without positions)."""
     cost = Cost()
-    if not positions:
+    if not positions and lockstep is None:
         return Measurement(_columns([], [], [], []), [], [], [], cost, (0.0, 0.0))
     was_training = model.training
     model.eval()
     try:
         with own_rng(seed), torch.no_grad():
-            plans = _plan(model, positions, sampling, settings, cost)
+            plans = _plan(model, positions, sampling, settings, cost, lockstep)
             owners, branch_of, starts, budgets, firsts = [], [], [], [], []
             for i, (p, plan) in enumerate(zip(positions, plans, strict=True)):
                 prefix = [*p.prompt_ids, *p.completion_ids[: p.position]]
@@ -413,15 +468,18 @@ def measure(model: Any, tokenizer: Any, positions: Sequence[Position], *, sampli
                         starts.append([*prefix, t])
                         budgets.append(0 if t in sampling.eos_token_ids else left)
             cost.rollouts = len(starts)
-            tails = _rollouts(model, starts, budgets, sampling, settings, cost, on_rollouts)
+            tails = _rollouts(model, starts, budgets, sampling, settings, cost, on_rollouts, lockstep)
     finally:
         model.train(was_training)
+    if not positions:  # a rank without positions that only kept in step with the others
+        return Measurement(_columns([], [], [], []), [], [], [], cost, (0.0, 0.0))
     completion_ids = [[*positions[o].completion_ids[: positions[o].position], f, *tail]
                       for o, f, tail in zip(owners, firsts, tails, strict=True)]
     texts = _completion_texts(tokenizer, positions, owners, completion_ids)
     column_names = sorted({k for p in positions for k in p.columns})
     columns = {k: [positions[o].columns.get(k) for o in owners] for k in column_names}
-    total = rewards.score([positions[o].prompt for o in owners], texts, completion_ids, columns, state)
+    with own_rng(seed + 1):  # a reward function's own draws leave the caller's generators alone too
+        total = rewards.score([positions[o].prompt for o in owners], texts, completion_ids, columns, state)
     cost.reward_calls += 1
     lo, hi = settings.reward_range or (float(np.nanmin(total)), float(np.nanmax(total)))
     rng = np.random.default_rng([seed, 0x5EED])  # the estimates' resampling: numpy's own generator

@@ -36,7 +36,7 @@ from forkwatch.plugin.fork_value import (
     Sampling,
     measure,
 )
-from forkwatch.plugin.fork_value_stats import stratified_sample
+from forkwatch.plugin.fork_value_stats import strata_of, stratified_sample
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +165,11 @@ def _flat(ids: Any) -> list[int]:
 
 
 def _strata(rows: Any, has_truth: bool) -> np.ndarray:
-    """Stratum of each recorded position: on a run with a ground truth its role (and whether it was a fork), else
-    fork / other."""
-    fork = rows["is_fork"].fillna(False).to_numpy(bool)
-    if has_truth:
-        role = rows["role"].fillna("unknown").astype(str).to_numpy()
-        return np.where(fork, np.char.add(role.astype(str), "/fork"), np.char.add(role.astype(str), "/other"))
-    return np.where(fork, "fork", "other")
+    """Stratum of each recorded position of one step (`strata_of`): its role on a run with a ground truth, fork or
+    not, kept or dropped by the selector."""
+    role = rows["role"].fillna("unknown").astype(str).to_numpy(object) if has_truth else None
+    return strata_of(rows["is_fork"].fillna(False).to_numpy(bool), rows["selected"].to_numpy(np.float64, na_value=1.0),
+                     role)
 
 
 def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequence[str],
@@ -230,7 +228,8 @@ def measure_run(log_dir: str, run: str, *, checkpoint: str | Path, rewards: Sequ
     batches = []
     for step in steps:
         rows = con.execute(
-            "SELECT t.completion_id, t.position, t.token_id, t.is_fork, c.prompt, c.completion, c.reward, "
+            "SELECT t.completion_id, t.position, t.token_id, t.is_fork, t.selected, c.prompt, c.completion, "
+            "c.reward, "
             + ("x.role " if has_truth else "NULL AS role ")
             + "FROM tokens t JOIN completions c USING (run_id, step, completion_id) "
             + ("LEFT JOIN truth x USING (run_id, step, completion_id, position) " if has_truth else "")

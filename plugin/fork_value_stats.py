@@ -187,6 +187,21 @@ def estimate_position(pi: np.ndarray, rewards: np.ndarray, *, sampled: int, rewa
     )
 
 
+def strata_of(is_fork: np.ndarray, selected: np.ndarray | None = None, role: np.ndarray | None = None) -> np.ndarray:
+    """The stratum of each recorded position of one step (N,): "fork" / "other", preceded by its ground-truth role
+    where there is one ("decision/fork"), and followed by "kept" / "dropped" when the step's selector dropped tokens
+    (`selected` = 0 somewhere), so that a sparse selector's kept tokens are measured in proportion to the question
+    asked of them."""
+    out = np.where(np.asarray(is_fork, dtype=bool), "fork", "other").astype(object)
+    if role is not None:
+        out = np.asarray(role, dtype=object) + "/" + out
+    if selected is not None:
+        sel = np.nan_to_num(np.asarray(selected, dtype=np.float64), nan=1.0)
+        if (sel == 0).any():
+            out = out + np.where(sel > 0, "/kept", "/dropped")
+    return out.astype(str)
+
+
 def stratified_sample(strata: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A stratified sample of `n` of the units labelled `strata` (N,): an equal share per stratum (a stratum smaller
     than its share is taken whole and the rest shared among the others), drawn uniformly without replacement within

@@ -134,6 +134,9 @@ class GenBatch:
     prompt_ids: torch.Tensor  # (b, P)
     prompt_mask: torch.Tensor  # (b, P)
     completion_ids: torch.Tensor  # (b, T)
+    # the dataset rows TRL generated them from (prompt and extra columns, as its reward functions get them); kept
+    # only when fork value is measured during training (plugin/fork_value_online.py)
+    inputs: list[dict[str, Any]] | None = None
 
 
 @dataclass

@@ -261,6 +261,37 @@ def loss_constants(trainer, inputs: dict[str, Any]) -> dict[str, Any]:
                 importance_ratio=ratio)
 
 
+# ------------------------------------------------------------------------------------------------ fork value
+def policy_for_generation(trainer):
+    """The policy as TRL unwraps it to generate (`trl.models.unwrap_model_for_generation`, a context: DDP unwrapped,
+    ZeRO-3's weights gathered when `ds3_gather_for_generation`, gradient checkpointing off meanwhile and back on
+    with the run's own kwargs where the release takes them, 1.16)."""
+    import inspect
+
+    from trl.models import unwrap_model_for_generation
+
+    kwargs = {"gather_deepspeed3_params": trainer.args.ds3_gather_for_generation}
+    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:
+        kwargs["gradient_checkpointing_kwargs"] = trainer.args.gradient_checkpointing_kwargs
+    return unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, **kwargs)
+
+
+def weights_sharded(trainer) -> bool:
+    """Whether the policy's weights are sharded across ranks (DeepSpeed ZeRO-3, FSDP): every forward a collective."""
+    from trl.distributed import DistributedBackend
+
+    acc = trainer.accelerator
+    return acc.num_processes > 1 and (DistributedBackend(acc).is_zero3 or bool(getattr(trainer, "is_fsdp_enabled",
+                                                                                          False)))
+
+
+def custom_rollouts(trainer) -> str | None:
+    """What makes completions that `generate` cannot make again: "a rollout_func", "tools", or None."""
+    if getattr(trainer, "rollout_func", None) is not None:
+        return "a rollout_func"
+    return "tools" if getattr(trainer, "tools", None) else None
+
+
 def log_scalars(trainer, scalars: dict[str, float], prefix: str) -> None:
     """Add `scalars` to TRL's metric buffer for this step: TRL averages it over the logging window and logs it with
     its own `entropy`, so every `report_to` integration shows them."""
@@ -331,7 +362,7 @@ def install(trainer, capture, path: LossPath) -> Callable[[], None]:
             if trainer.model.training:
                 recorded = False
                 with guard("generation"):
-                    capture.on_generation(out)
+                    capture.on_generation(out, inputs)
                     recorded = True
                 capture.share_evidence(out, recorded)  # every rank, outside the guard: a collective
             return out

@@ -1,13 +1,26 @@
 """How well a per-token score finds the tokens that matter, against any boolean target: AUROC, average precision,
 and precision among the tokens it flags against the best any score could reach there, with three baselines, per
 step. numpy and pandas only (no sklearn, no torch): each metric is a few lines, tested against hand-computed cases
-(tests/store/test_detector_metrics.py). The demo's ground truth (store/ground_truth.py) is one target; any other
-per-token target (a measured fork value above its error, say) is judged by the same functions.
+(tests/store/test_detector_metrics.py). A generic scorer: it knows no target. The demo's ground truth
+(store/ground_truth.py) is one target, a measured fork value significantly above 0 (store/fork_values.py) another.
 
 A score predicts a boolean target per token (e.g. "this token is a consequential decision"); higher means "more
 likely a target". Ties are handled as the standard definitions say: AUROC counts a tied positive/negative pair as
-one half (the Mann-Whitney statistic with average ranks), and average precision steps through distinct score values
-(all tied tokens enter the flagged set together), as scikit-learn's `average_precision_score` does.
+one half (the Mann-Whitney statistic), and average precision steps through distinct score values (all tied tokens
+enter the flagged set together), as scikit-learn's `average_precision_score` does.
+
+AUROC and average precision take an optional design: the inclusion probability of each token in a stratified sample
+(and its stratum), when the tokens scored are a sample of a step's tokens (fork value measures a sample). Each token
+then stands for 1/p tokens (Horvitz–Thompson):
+
+- AUROC is a sum over (positive, negative) pairs: each sampled pair is weighted by 1/p_ij, its chance of being in
+  the sample together (p_i·p_j across strata, n_h(n_h − 1)/(N_h(N_h − 1)) within one), so that numerator and
+  denominator are each unbiased for their population sums; their ratio is consistent, with a bias of order 1/n;
+- average precision uses the weights 1/p in place of counts (precision at each positive's score, each token counting
+  itself once): a ratio estimator, consistent, with a bias of order 1/n.
+
+Without a design (every token scored: p = 1, one stratum) both are the plain metrics above; one implementation
+serves both.
 """
 
 from __future__ import annotations
@@ -33,43 +46,83 @@ def _clean(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return s[keep], y[keep]
 
 
-def _average_ranks(s: np.ndarray) -> np.ndarray:
-    """1-based ranks of `s` ascending, tied values sharing the mean of their ranks."""
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    for a, b in zip(starts, ends, strict=True):
-        ranks[order[a:b]] = (a + 1 + b) / 2.0  # mean of ranks a+1 .. b
-    return ranks
+def _pair_sum(score: np.ndarray, label: np.ndarray, w: np.ndarray) -> float:
+    """Σ over (positive i, negative j) of w_i w_j (1[s_i > s_j] + ½ 1[s_i = s_j])."""
+    values, inverse = np.unique(score, return_inverse=True)
+    neg = np.bincount(inverse, weights=w * ~label, minlength=values.size)
+    pos = np.bincount(inverse, weights=w * label, minlength=values.size)
+    below = np.cumsum(neg) - neg  # negative weight strictly below each value
+    return float((pos * (below + 0.5 * neg)).sum())
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative) + ½ P(tie); NaN without both classes."""
-    s, y = _clean(scores, labels)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+def _stratum_correction(strata: np.ndarray, inclusion: np.ndarray) -> dict[object, float]:
+    """Per stratum, (1/p_ij) / (w_i w_j) − 1 for two units of it: n(N − 1) / (N(n − 1)) − 1 (0 when n < 2)."""
+    out = {}
+    for h in np.unique(strata):
+        sel = strata == h
+        n = int(sel.sum())
+        big_n = n / float(inclusion[sel][0])
+        out[h] = n * (big_n - 1) / (big_n * (n - 1)) - 1.0 if n >= 2 and big_n > 1 else 0.0
+    return out
+
+
+def _design(n: int, inclusion: np.ndarray | None, strata: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(inclusion probabilities, strata) of `n` tokens: every token scored (1, one stratum) unless given."""
+    p = np.ones(n) if inclusion is None else np.asarray(inclusion, dtype=np.float64)
+    h = np.zeros(n, dtype=np.int64) if strata is None else np.asarray(strata)
+    if p.shape != (n,) or h.shape != (n,):
+        raise ValueError(f"inclusion {p.shape} and strata {h.shape} must have one value per token ({n})")
+    return p, h
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray, *, inclusion: np.ndarray | None = None,
+          strata: np.ndarray | None = None) -> float:
+    """P(score of a random positive > score of a random negative) + ½ P(tie), over the population a stratified
+    sample stands for when `inclusion` (and `strata`) are given (module docstring); NaN without both classes."""
+    s = np.asarray(scores, dtype=np.float64)
+    p, h = _design(s.size, inclusion, strata)
+    keep = np.isfinite(s)  # a token without a score (e.g. group_js not computed) is left out
+    s, p, h = s[keep], p[keep], h[keep]
+    y = _labels(labels, keep)
+    if not y.any() or y.all():
         return math.nan
-    r = _average_ranks(s)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    w = 1.0 / p
+    num = _pair_sum(s, y, w)
+    den = (w * y).sum() * (w * ~y).sum()
+    for stratum, c in _stratum_correction(h, p).items():
+        if c == 0.0:
+            continue
+        sel = h == stratum
+        num += c * _pair_sum(s[sel], y[sel], w[sel])
+        den += c * (w[sel] * y[sel]).sum() * (w[sel] * ~y[sel]).sum()
+    return float(num / den) if den > 0 else math.nan
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Σ_k (R_k − R_{k−1})·P_k over the distinct score values, highest first (P_k, R_k: precision and recall of
-    flagging every token scoring ≥ the k-th value); NaN without positives. A constant score gives the base rate."""
-    s, y = _clean(scores, labels)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+def average_precision(scores: np.ndarray, labels: np.ndarray, *, inclusion: np.ndarray | None = None) -> float:
+    """The mean over the positives of the precision among the tokens scoring at least as high (ties enter together);
+    NaN without positives. A constant score gives the base rate. With `inclusion`, over the population a sample
+    stands for: each sampled positive weighted 1/p; a sampled token stands for 1/p tokens but is itself one of them,
+    so in its own precision it counts once and the others by their weights (the weighted plug-in would let a heavily
+    weighted positive vouch for its own precision 1/p times)."""
+    s = np.asarray(scores, dtype=np.float64)
+    p, _ = _design(s.size, inclusion, None)
+    keep = np.isfinite(s)
+    s, w = s[keep], 1.0 / p[keep]
+    y = _labels(labels, keep)
+    if not y.any():
         return math.nan
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[s[1:] != s[:-1], True]  # the last token of each run of tied scores
-    tp = np.cumsum(y)[last]
-    flagged = (np.flatnonzero(last) + 1).astype(np.float64)
-    recall = tp / n_pos
-    precision = tp / flagged
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    values, inverse = np.unique(-s, return_inverse=True)  # ascending in -s: highest score first
+    at_least_w = np.cumsum(np.bincount(inverse, weights=w, minlength=values.size))[inverse]
+    at_least_tp = np.cumsum(np.bincount(inverse, weights=w * y, minlength=values.size))[inverse]
+    precision = (at_least_tp - w + 1.0) / (at_least_w - w + 1.0)
+    return float((w * precision)[y].sum() / w[y].sum())
+
+
+def _labels(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    y = np.asarray(labels, dtype=bool)
+    if y.shape != keep.shape:
+        raise ValueError(f"scores {keep.shape} and labels {y.shape} must have the same shape")
+    return y[keep]
 
 
 def precision_at(scores: np.ndarray, labels: np.ndarray, rate: float = FLAG_RATE) -> tuple[float, float]:
@@ -83,15 +136,18 @@ def precision_at(scores: np.ndarray, labels: np.ndarray, rate: float = FLAG_RATE
     return float(y[top].mean()), min(1.0, float(y.sum()) / k)
 
 
-def position_score(positions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def position_score(positions: np.ndarray, labels: np.ndarray, *, inclusion: np.ndarray | None = None
+                   ) -> np.ndarray:
     """The position-only baseline: each token scored by the share of targets among the tokens at its position, on
-    the same tokens. The best any rule that sees only the position could do (it is fitted on the very tokens it is
-    judged on, so it is an upper bound for such rules, not a fair competitor)."""
+    the same tokens (weighted 1/p when they are a sample: `inclusion`); `labels` may also be a number per token (the
+    mean at each position). The best any rule that sees only the position could do (it is fitted on the very tokens
+    it is judged on, so it is an upper bound for such rules, not a fair competitor)."""
     pos = np.asarray(positions, dtype=np.int64)
     y = np.asarray(labels, dtype=np.float64)
-    n = np.bincount(pos)
-    hits = np.bincount(pos, weights=y, minlength=n.size)
-    return (hits / np.maximum(n, 1))[pos]
+    w = np.ones(pos.size) if inclusion is None else 1.0 / np.asarray(inclusion, dtype=np.float64)
+    n = np.bincount(pos, weights=w)
+    hits = np.bincount(pos, weights=w * y, minlength=n.size)
+    return (hits / np.where(n > 0, n, 1.0))[pos]
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,19 @@
-"""Fork value as a truth for per-token scores: the named queries over the `fork_values` table, and the metrics that
-turn a stratified sample of measured positions into estimates for every position of a step.
+"""Fork value as a truth for per-token scores and selectors: the named queries over the `fork_values` table, and
+the metrics that turn a stratified sample of measured positions into estimates for every position of a step.
 
 The measured positions are a stratified sample (plugin/fork_value_stats.py, `stratified_sample`): within stratum h
-(forks, other positions, or on the demo each ground-truth role), n_h of its N_h positions drawn uniformly, so each
-has inclusion probability p = n_h / N_h, stored with it. Weighting each position by 1/p (Horvitz–Thompson):
+(forks, other positions, kept and dropped tokens of a selector, on the demo each ground-truth role), n_h of its N_h
+positions drawn uniformly, so each has inclusion probability p = n_h / N_h, stored with it. Weighting each position
+by 1/p (Horvitz–Thompson):
 
-- a **mean** Σ y/p / Σ 1/p is unbiased for the mean over all N positions (Σ 1/p = N exactly in this design);
-- **AUROC** is a sum over (positive, negative) pairs: each sampled pair is weighted by 1/p_ij, its chance of being in
-  the sample together (p_i·p_j across strata, n_h(n_h − 1)/(N_h(N_h − 1)) within one), so that numerator and
-  denominator are each unbiased for their population sums; their ratio is consistent, with a bias of order 1/n;
-- **average precision** and **Spearman's ρ** use the weights 1/p in place of counts (precision at each positive's
-  score, each position counting itself once; population ranks): ratio estimators, consistent, with a bias of order
-  1/n.
+- a **mean** Σ y/p / Σ 1/p is unbiased for the mean over all N positions (Σ 1/p = N exactly in this design), and a
+  **share of a total** (the fork value a selector's kept tokens hold) is a ratio of two such sums;
+- **AUROC** and **average precision** are store/detector_metrics.py's, given the design (each sampled pair weighted by
+  its chance of being sampled together; precision with weights in place of counts): consistent, with a bias of order
+  1/n;
+- **Spearman's ρ** uses the weights 1/p in place of counts (population ranks): a ratio estimator, consistent.
 
-With every position measured (p = 1) each is the plain metric (store/detector_metrics.py).
-Pure numpy and DuckDB: no torch.
+With every position measured (p = 1) each is the plain metric. Pure numpy and DuckDB: no torch.
 """
 
 from __future__ import annotations
@@ -24,6 +23,11 @@ import math
 import duckdb
 import numpy as np
 import pandas as pd
+
+from .detector_metrics import auroc, average_precision, position_score
+
+# the named queries (the dashboard reaches them by name, dashboard/cache.py; `forkwatch forks` calls top_fork_values)
+__all__ = ["fork_value_detectors", "fork_value_marks", "fork_value_scatter", "fork_value_steps", "top_fork_values"]
 
 # One row per measured position (its latest measurement when it was measured twice), its sampled branch's Q and the
 # best and worst branch beside the position's own estimates.
@@ -51,7 +55,7 @@ ORDER BY step, completion_id, position
 # the lexical rule).
 SCORED_SQL = f"""
 WITH p AS ({POSITIONS_SQL})
-SELECT p.*, t.entropy, t.renyi2, t.group_js, prev.text AS previous_text
+SELECT p.*, t.entropy, t.renyi2, t.group_js, t.selected, prev.text AS previous_text
 FROM p
 JOIN tokens t USING (run_id, step, completion_id, position)
 LEFT JOIN tokens tp ON tp.run_id = p.run_id AND tp.step = p.step AND tp.completion_id = p.completion_id
@@ -70,9 +74,84 @@ def fork_value_positions(con: duckdb.DuckDBPyConnection, run_id: str, step: int 
 
 
 def scored_positions(con: duckdb.DuckDBPyConnection, run_id: str, step: int | None = None) -> pd.DataFrame:
-    """`fork_value_positions` with the run's recorded scores at each position (entropy, renyi2, group_js) and the
-    text of the preceding token."""
+    """`fork_value_positions` with the run's recorded scores at each position (entropy, renyi2, group_js), the
+    selector's gradient weight there (`selected`) and the text of the preceding token."""
     return con.execute(SCORED_SQL, {"run": run_id, "step": step}).df()
+
+
+def fork_value_steps(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The steps of `run_id` with measured positions: step, positions, consequential (how many), sources (the
+    policies that measured them: a checkpoint path, or "training")."""
+    return con.execute(
+        f"WITH p AS ({POSITIONS_SQL}) SELECT step, count(*) AS positions, "
+        "count(*) FILTER (WHERE consequential) AS consequential, string_agg(DISTINCT source, ', ') AS sources "
+        "FROM p GROUP BY step ORDER BY step", {"run": run_id, "step": None}).df()
+
+
+def fork_value_marks(con: duckdb.DuckDBPyConnection, run_id: str, step: int, completion_id: int) -> pd.DataFrame:
+    """The measured positions of one completion: position, value, value_se, consequential, the sampled token's Q,
+    the best branch's token text and Q, V, and the recorded entropy (the Forks page marks them in the token view)."""
+    return con.execute(
+        f"""WITH p AS ({POSITIONS_SQL})
+        SELECT p.position, p.value, p.value_se, p.consequential, p.q_sampled, p.best_q, p.v,
+               CASE WHEN p.best_token_id IS NULL THEN '(any other token)' ELSE v.text END AS best_text,
+               t.entropy
+        FROM p
+        JOIN tokens t USING (run_id, step, completion_id, position)
+        LEFT JOIN (SELECT DISTINCT ON (token_id) token_id, text FROM vocab WHERE run_id = $run) v
+               ON v.token_id = p.best_token_id
+        WHERE p.completion_id = $completion
+        ORDER BY p.position""", {"run": run_id, "step": step, "completion": completion_id}).df()
+
+
+def fork_value_scatter(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """Every measured position of `run_id` with its entropy and value (the scatter of entropy against fork value):
+    step, completion_id, position, entropy, value, value_se, consequential, inclusion_prob."""
+    cols = ["step", "completion_id", "position", "entropy", "value", "value_se", "consequential", "inclusion_prob"]
+    return scored_positions(con, run_id)[cols]
+
+
+def fork_value_detectors(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """`detector_vs_value` over every step of `run_id` with measured positions."""
+    return detector_vs_value(scored_positions(con, run_id))
+
+
+def top_fork_values(con: duckdb.DuckDBPyConnection, run_id: str, *, limit: int = 10, step: int | None = None,
+                    before: int = 24, after: int = 8) -> pd.DataFrame:
+    """The `limit` measured positions of `run_id` (at `step`, or any) with the highest fork value, each with its
+    text context: the text of the `before` tokens before it (`prefix`), of the token (`token`) and of the `after`
+    tokens after it (`suffix`), the sampled token's Q, the best branch's text and Q, V, the value with its SE,
+    consequential, and the recorded entropy."""
+    top = con.execute(
+        f"""WITH p AS ({POSITIONS_SQL})
+        SELECT p.step, p.completion_id, p.position, p.value, p.value_se, p.consequential, p.q_sampled, p.best_q,
+               p.v, p.best_token_id, t.entropy
+        FROM p JOIN tokens t USING (run_id, step, completion_id, position)
+        ORDER BY p.value DESC, p.step, p.completion_id, p.position LIMIT $limit""",
+        {"run": run_id, "step": step, "limit": limit}).df()
+    if top.empty:
+        return top.assign(prefix=[], token=[], suffix=[], best_text=[])
+    context = con.execute(
+        """SELECT w.step, w.completion_id, w.position AS at, t.position, t.text
+        FROM (SELECT unnest($steps) AS step, unnest($completions) AS completion_id, unnest($positions) AS position) w
+        JOIN token_text t ON t.run_id = $run AND t.step = w.step AND t.completion_id = w.completion_id
+                         AND t.position BETWEEN w.position - $before AND w.position + $after
+        ORDER BY t.position""",
+        {"run": run_id, "steps": top["step"].tolist(), "completions": top["completion_id"].tolist(),
+         "positions": top["position"].tolist(), "before": before, "after": after}).df()
+    texts = dict(con.execute("SELECT DISTINCT ON (token_id) token_id, text FROM vocab WHERE run_id = ?",
+                             [run_id]).fetchall())
+    parts: dict[str, list[str]] = {"prefix": [], "token": [], "suffix": [], "best_text": []}
+    for r in top.itertuples(index=False):
+        c = context[(context["step"] == r.step) & (context["completion_id"] == r.completion_id)
+                    & (context["at"] == r.position)]
+        text = c["text"].fillna("")
+        parts["prefix"].append("".join(text[c["position"] < r.position]))
+        parts["token"].append("".join(text[c["position"] == r.position]))
+        parts["suffix"].append("".join(text[c["position"] > r.position]))
+        parts["best_text"].append("(any other token)" if pd.isna(r.best_token_id)
+                                  else texts.get(int(r.best_token_id), f"#{int(r.best_token_id)}"))
+    return top.assign(**parts)
 
 
 # --- estimates for all positions from the stratified sample ---
@@ -82,67 +161,6 @@ def population_mean(y: np.ndarray, inclusion: np.ndarray) -> float:
     """Horvitz–Thompson mean of `y` over the population the sample was drawn from (NaN without units)."""
     y, w = np.asarray(y, dtype=np.float64), 1.0 / np.asarray(inclusion, dtype=np.float64)
     return float((w * y).sum() / w.sum()) if y.size else math.nan
-
-
-def _pair_sum(score: np.ndarray, label: np.ndarray, w: np.ndarray) -> float:
-    """Σ over (positive i, negative j) of w_i w_j (1[s_i > s_j] + ½ 1[s_i = s_j])."""
-    values, inverse = np.unique(score, return_inverse=True)
-    neg = np.bincount(inverse, weights=w * ~label, minlength=values.size)
-    pos = np.bincount(inverse, weights=w * label, minlength=values.size)
-    below = np.cumsum(neg) - neg  # negative weight strictly below each value
-    return float((pos * (below + 0.5 * neg)).sum())
-
-
-def _stratum_correction(strata: np.ndarray, inclusion: np.ndarray) -> dict[object, float]:
-    """Per stratum, (1/p_ij) / (w_i w_j) − 1 for two units of it: n(N − 1) / (N(n − 1)) − 1 (0 when n < 2)."""
-    out = {}
-    for h in np.unique(strata):
-        sel = strata == h
-        n = int(sel.sum())
-        big_n = n / float(np.asarray(inclusion)[sel][0])
-        out[h] = n * (big_n - 1) / (big_n * (n - 1)) - 1.0 if n >= 2 and big_n > 1 else 0.0
-    return out
-
-
-def weighted_auroc(score: np.ndarray, label: np.ndarray, inclusion: np.ndarray, strata: np.ndarray) -> float:
-    """AUROC over the population, from a stratified sample (module docstring); NaN without both classes or scores."""
-    s = np.asarray(score, dtype=np.float64)
-    y = np.asarray(label, dtype=bool)
-    p = np.asarray(inclusion, dtype=np.float64)
-    st = np.asarray(strata)
-    keep = np.isfinite(s)
-    s, y, p, st = s[keep], y[keep], p[keep], st[keep]
-    if not y.any() or y.all():
-        return math.nan
-    w = 1.0 / p
-    num = _pair_sum(s, y, w)
-    den = (w * y).sum() * (w * ~y).sum()
-    for h, c in _stratum_correction(st, p).items():
-        if c == 0.0:
-            continue
-        sel = st == h
-        num += c * _pair_sum(s[sel], y[sel], w[sel])
-        den += c * (w[sel] * y[sel]).sum() * (w[sel] * ~y[sel]).sum()
-    return float(num / den) if den > 0 else math.nan
-
-
-def weighted_average_precision(score: np.ndarray, label: np.ndarray, inclusion: np.ndarray) -> float:
-    """Average precision over the population: the mean over its positives of the precision among the positions
-    scoring at least as high, each sampled positive weighted 1/p. A sampled position stands for 1/p positions but is
-    itself one of them: in its own precision it counts once, the others by their weights (the weighted plug-in
-    would let a heavily weighted positive vouch for its own precision 1/p times). NaN without positives."""
-    s = np.asarray(score, dtype=np.float64)
-    y = np.asarray(label, dtype=bool)
-    w = 1.0 / np.asarray(inclusion, dtype=np.float64)
-    keep = np.isfinite(s)
-    s, y, w = s[keep], y[keep], w[keep]
-    if not y.any():
-        return math.nan
-    values, inverse = np.unique(-s, return_inverse=True)  # ascending in -s: highest score first
-    at_least_w = np.cumsum(np.bincount(inverse, weights=w, minlength=values.size))[inverse]
-    at_least_tp = np.cumsum(np.bincount(inverse, weights=w * y, minlength=values.size))[inverse]
-    precision = (at_least_tp - w + 1.0) / (at_least_w - w + 1.0)
-    return float((w * precision)[y].sum() / w[y].sum())
 
 
 def _population_ranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -159,7 +177,7 @@ def weighted_spearman(x: np.ndarray, y: np.ndarray, inclusion: np.ndarray) -> fl
     w = 1.0 / np.asarray(inclusion, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y, w = x[keep], y[keep], w[keep]
-    if x.size < 2:
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # a constant: rounding would make its spread non-zero
         return math.nan
     rx, ry = _population_ranks(x, w), _population_ranks(y, w)
     mx, my = np.average(rx, weights=w), np.average(ry, weights=w)
@@ -179,23 +197,47 @@ def lexical_score(position: np.ndarray, previous_text: pd.Series) -> np.ndarray:
 
 def detector_vs_value(scored: pd.DataFrame, scores: tuple[str, ...] = ("entropy", "renyi2", "group_js")
                       ) -> pd.DataFrame:
-    """Per step of `scored_positions`, each score and the lexical rule against fork value: the share of positions
-    that are consequential (estimated for all positions), AUROC and AP for "consequential", Spearman's ρ with the
-    value, and the number of positions measured. Long format, one row per (step, predictor)."""
+    """Per step of `scored_positions`, each score, the position-only rule (fitted on the same positions:
+    store/detector_metrics.py `position_score`) and the lexical rule against fork value: the share of positions that
+    are consequential (estimated for all positions), AUROC and AP for "consequential", Spearman's ρ with the value,
+    and the number of positions measured. A score absent from `scored`, or never finite at a step, is left out.
+    Long format, one row per (step, predictor)."""
     rows = []
     for step, g in scored.groupby("step", sort=True):
         p = g["inclusion_prob"].to_numpy(np.float64)
         strata = g["stratum"].astype(str).to_numpy()
         y = g["consequential"].to_numpy(bool)
-        predictors = {s: g[s].to_numpy(np.float64, na_value=np.nan) for s in scores}
-        predictors["lexical"] = lexical_score(g["position"].to_numpy(), g["previous_text"]).astype(np.float64)
-        for name, s in predictors.items():
+        value = g["value"].to_numpy(np.float64)
+        position = g["position"].to_numpy()
+        predictors = {s: (g[s].to_numpy(np.float64, na_value=np.nan),) * 2 for s in scores if s in g}
+        # the position rule ranks by the share of consequential positions for the target, by the mean value for ρ
+        predictors["position"] = (position_score(position, y, inclusion=p),
+                                  position_score(position, value, inclusion=p))
+        predictors["lexical"] = (lexical_score(position, g["previous_text"]).astype(np.float64),) * 2
+        for name, (s, s_rho) in predictors.items():
             if not np.isfinite(s).any():
                 continue
             rows.append({"step": int(step), "predictor": name, "positions": len(g),
                          "consequential_share": population_mean(y, p),
-                         "auroc": weighted_auroc(s, y, p, strata),
-                         "average_precision": weighted_average_precision(s, y, p),
-                         "spearman": weighted_spearman(s, g["value"].to_numpy(np.float64), p)})
+                         "auroc": auroc(s, y, inclusion=p, strata=strata),
+                         "average_precision": average_precision(s, y, inclusion=p),
+                         "spearman": weighted_spearman(s_rho, value, p)})
     return pd.DataFrame(rows, columns=["step", "predictor", "positions", "consequential_share", "auroc",
                                        "average_precision", "spearman"])
+
+
+def selector_vs_value(scored: pd.DataFrame) -> dict[str, float]:
+    """What a selector kept (`selected` > 0) against fork value, over every position the sample stands for: the
+    share of tokens kept, the share of the kept tokens that are consequential (beside the share of all tokens), and
+    the share of the total fork value the kept tokens hold (Σ_kept value/p / Σ value/p). NaN where undefined."""
+    p = scored["inclusion_prob"].to_numpy(np.float64)
+    w = 1.0 / p
+    kept = scored["selected"].fillna(1.0).to_numpy(np.float64) > 0
+    y = scored["consequential"].to_numpy(np.float64)
+    value = scored["value"].to_numpy(np.float64)
+    total = float((w * value).sum())
+    return {"positions": int(len(scored)), "kept_measured": int(kept.sum()),
+            "kept_share": population_mean(kept.astype(np.float64), p),
+            "consequential_share": population_mean(y, p),
+            "kept_consequential": population_mean(y[kept], p[kept]),
+            "value_kept": float((w * value)[kept].sum()) / total if total > 0 else math.nan}

@@ -37,6 +37,10 @@ CONFIGS = {
     # the collapse lenses due every step: effective rank from the loss pass's states, probes through the sharded model
     "lenses": (dict(), dict(effective_rank_every=1, probes=[("2+3=", "5"), ("1+1=", "2.")], probe_every=1,
                             lens_budget=None)),
+    # "monitor" with fork value measured at every step end: every forward a collective under ZeRO-3 / FSDP2, each
+    # rank with its own positions (lockstep); training must equal "monitor" bit for bit
+    "fork_value": (dict(), dict(group_js=True, fork_value_every=1, fork_value_positions=8, fork_value_branches=2,
+                                fork_value_rollouts=2)),
 }
 
 
@@ -88,7 +92,8 @@ def main(out: Path, backend: str, names: list[str]) -> None:
         result = dict(curve=[(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h],
                       faults=dict(cb.capture.faults.faults),
                       group_js_fallbacks=dict(cb.capture.evidence.group_js_fallbacks),
-                      fork_fallbacks=dict(cb.capture.evidence.fork_fallbacks), head_sharded=head_is_sharded(trainer))
+                      fork_fallbacks=dict(cb.capture.evidence.fork_fallbacks), head_sharded=head_is_sharded(trainer),
+                      fork_value=None if cb.fork_value is None else cb.fork_value.measured)
         (out / f"{backend}-{name}-rank{rank}.json").write_text(json.dumps(result))
 
 

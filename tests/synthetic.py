@@ -266,3 +266,27 @@ def write_flushed_steps(log_dir: Path, n_steps: int = 3, rows: int = 100, run_id
         w.flush()
     w.close()
     return sorted((log_dir / run_id / "tokens").glob("part-*.parquet"))
+
+
+def write_fork_values(log_dir: str | Path, run_id: str, *, step: int, completion_id: int,
+                      values: dict[int, float], rank: int = 900) -> None:
+    """Measured positions of one recorded completion, as `forkwatch forkvalue` writes them (its own writer rank):
+    `values` maps a position to its fork value; each position gets a sampled branch (Q 0.5) and one alternative
+    (token 1, Q 0.5 + 2·value), SE 0.02, consequential when the value is above 0.1, inclusion probability 0.5."""
+    from forkwatch.store import RunWriter
+
+    rows: dict[str, list] = {}
+    for position, value in values.items():
+        for branch, token, q in (("sampled", 0, 0.5), ("alternative", 1, 0.5 + 2 * value)):
+            row = {"step": step, "completion_id": completion_id, "position": position, "token_id": 0,
+                   "branch": branch, "branch_token_id": token, "pi": 0.5, "q": q, "n": 8, "se": 0.1, "q_lo": q - 0.2,
+                   "q_hi": q + 0.2, "v": 0.5 + value, "v_se": 0.07, "v_lo": 0.4, "v_hi": 0.6, "value": value,
+                   "value_se": 0.02, "p_value": 0.01, "consequential": value > 0.1, "spread": 2 * value,
+                   "sampled_advantage": -value, "mass": 1.0, "stratum": "fork", "inclusion_prob": 0.5,
+                   "source": "ckpt", "measurement": "m1"}
+            for k, v in row.items():
+                rows.setdefault(k, []).append(v)
+    w = RunWriter(log_dir, run_id, rank=rank, world_size=1)
+    w.put("fork_values", {k: np.asarray(v, dtype=object) if k in ("branch", "stratum", "source", "measurement")
+                          else (v if k == "branch_token_id" else np.asarray(v)) for k, v in rows.items()})
+    w.close()

@@ -308,14 +308,19 @@ def oracle(
     return Selection(_weights(keep, inp.mask, inp.loss_type, normalize, over="completion"), None, {"warmup": 0.0})
 
 
-def _check_high_entropy(*, fraction: float, normalize: str) -> None:
+HIGH_ENTROPY_SCOPES = ("batch", "completion")
+
+
+def _check_high_entropy(*, fraction: float, normalize: str, scope: str) -> None:
     _check_fraction(fraction)
     _check_choice("normalize", normalize, NORMALIZATIONS)
+    _check_choice("scope", scope, HIGH_ENTROPY_SCOPES)
 
 
 @register_selector("high_entropy", check_options=_check_high_entropy)
 @torch.no_grad()
-def high_entropy(inp: SelectionInput, *, fraction: float = 0.20, normalize: str = "kept") -> Selection:
+def high_entropy(inp: SelectionInput, *, fraction: float = 0.20, normalize: str = "kept",
+                 scope: str = "batch") -> Selection:
     """High-entropy "forking" tokens, 20-Entropy (Wang et al., arXiv:2506.01939), ρ = `fraction` = 0.2.
 
     τ = quantile_{1-ρ}(H over all response tokens of the micro-batch, over ranks when `inp.gather` is set), keep
@@ -324,8 +329,16 @@ def high_entropy(inp: SelectionInput, *, fraction: float = 0.20, normalize: str 
     mean over ALL kept tokens of the batch, whatever TRL's loss type (`renormalise_kept(over="batch")`), so a
     completion whose only kept token is one fork does not give that token n_i times the weight.
     `normalize="all"` keeps TRL's full-token normaliser and is then exactly TRL's `top_entropy_quantile=ρ`.
+    `scope="completion"` (forkwatch's, not the authors'): `ict`'s rule with entropy as the score, no warm-up: the top
+    `fraction` of each completion (the ceil(fraction·n_i)-th largest entropy, ties kept, entropy above 0), averaged
+    over the kept tokens of each completion (Sparse-GRPO): entropy at ICT's own budget, e.g. fraction=0.1.
     """
     mask = inp.mask
+    if scope == "completion":
+        keep, cutoff = percentile_keep_per_row(inp.entropy.detach(), mask, fraction, min_score=0.0)
+        threshold = cutoff.nanmean() if cutoff.numel() else torch.tensor(NAN, dtype=torch.float64)
+        return Selection(_weights(keep, mask, inp.loss_type, normalize, over="completion"), None,
+                         {"threshold": threshold})
     values = response_values(inp.entropy, mask, inp)
     if values.numel() == 0:
         return Selection(torch.zeros_like(mask), None, {"threshold": NAN})

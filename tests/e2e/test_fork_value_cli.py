@@ -45,7 +45,7 @@ def test_forkvalue_writes_the_fork_values_table_into_the_run(run, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "step 1: 6 of" in out and "step 2: 6 of" in out and "wrote" in out
-    assert "temperature 1.0 (run.json)" in out and "top_p 1.0 (default)" in out
+    assert "temperature 1.0 (run.json)" in out and "top_p 1.0 (run.json)" in out and "min_p None (default)" in out
     con = connect(log_dir)
     positions = fork_value_positions(con, "r")
     assert sorted(positions.groupby("step").size().to_dict().items()) == [(1, 6), (2, 6)]

@@ -54,6 +54,59 @@ def test_measure_leaves_the_callers_rng_as_it_was(model, tok):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_a_reward_that_draws_from_python_or_numpy_leaves_their_global_generators_alone(model, tok):
+    import random
+
+    def noisy(completions, **_):  # a reward function that uses the global generators
+        return [random.random() + np.random.rand() for _ in completions]
+
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    measure(model, tok, _positions(tok), sampling=_sampling(model, tok), rewards=RewardFunctions.of([noisy]),
+            settings=ForkValueSettings(branches=2, rollouts=2, bootstrap=10, permutations=10), seed=0)
+    assert (random.random(), np.random.rand()) == expected
+
+
+def test_lockstep_makes_up_the_other_ranks_calls_with_idle_ones(model, tok):
+    # a rank with fewer calls than the busiest rank (sharded weights: each forward is a collective) makes as many
+    calls = {"forward": 0, "generate": 0}
+    asked = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls["forward"] += 1
+            return self.inner(*args, **kwargs)
+
+        def generate(self, *args, **kwargs):
+            # every rank steps until all are done (one process here: no group to sync with; tests/sharded_run.py
+            # runs it on two)
+            assert kwargs.pop("synced_gpus") is True
+            calls["generate"] += 1
+            return self.inner.generate(*args, **kwargs)
+
+    def lockstep(n: int) -> int:
+        asked.append(n)
+        return n + 2  # another rank makes two more calls of each kind
+
+    m = measure(Counting(model), tok, _positions(tok, 2), sampling=_sampling(model, tok),
+                rewards=RewardFunctions.of([_digits]), seed=0, lockstep=lockstep,
+                settings=ForkValueSettings(branches=2, rollouts=2, bootstrap=10, permutations=10))
+    assert asked == [1, 1]  # one completion -> one forward of its own; its rollouts fit one generate call
+    assert calls["generate"] == 3 and len(m.estimates) == 2
+    # a rank without positions still makes the calls, and measures nothing
+    calls.update(forward=0, generate=0)
+    empty = measure(Counting(model), tok, [], sampling=_sampling(model, tok), rewards=RewardFunctions.of([_digits]),
+                    seed=0, lockstep=lambda n: 3, settings=ForkValueSettings(branches=2, rollouts=2))
+    assert calls["forward"] == 3 and calls["generate"] == 3 and not empty.estimates
+
+
 def test_same_seed_same_measurement_other_seed_other_rollouts(model, tok):
     kw = dict(sampling=_sampling(model, tok), rewards=RewardFunctions.of([_digits]),
               settings=ForkValueSettings(branches=3, rollouts=6, bootstrap=10, permutations=10))

@@ -15,17 +15,12 @@ from forkwatch.plugin.fork_value_stats import (
     estimate_position,
     fork_value,
     permutation_p,
+    strata_of,
     stratified_sample,
     weights,
 )
 from forkwatch.store.detector_metrics import auroc, average_precision
-from forkwatch.store.fork_values import (
-    lexical_score,
-    population_mean,
-    weighted_auroc,
-    weighted_average_precision,
-    weighted_spearman,
-)
+from forkwatch.store.fork_values import lexical_score, population_mean, weighted_spearman
 
 
 def test_branch_estimates_are_the_mean_with_agresti_coull_interval_on_the_reward_range():
@@ -136,8 +131,8 @@ def test_horvitz_thompson_estimates_match_the_population_on_average():
         idx, p = stratified_sample(strata, 120, rng)
         s, y, h = score[idx], label[idx], strata[idx]
         est["mean"].append(population_mean(y, p))
-        est["auroc"].append(weighted_auroc(s, y, p, h))
-        est["ap"].append(weighted_average_precision(s, y, p))
+        est["auroc"].append(auroc(s, y, inclusion=p, strata=h))
+        est["ap"].append(average_precision(s, y, inclusion=p))
         est["spearman"].append(weighted_spearman(s, value[idx], p))
         est["naive_mean"].append(y.mean())
         est["naive_ap"].append(average_precision(s, y))
@@ -155,10 +150,11 @@ def test_weighted_metrics_of_a_census_are_the_plain_metrics():
     rng = np.random.default_rng(6)
     strata, label, score, value = _population(rng, 300)
     ones = np.ones(len(score))
-    assert weighted_auroc(score, label, ones, strata) == pytest.approx(auroc(score, label))
-    assert weighted_average_precision(score, label, ones) == pytest.approx(average_precision(score, label))
+    assert auroc(score, label, inclusion=ones, strata=strata) == pytest.approx(auroc(score, label))
+    assert average_precision(score, label, inclusion=ones) == pytest.approx(average_precision(score, label))
     rank = np.argsort(np.argsort(score))
     assert weighted_spearman(score, rank * 2.0 + 1, ones) == pytest.approx(1.0)
+    assert math.isnan(weighted_spearman(np.zeros_like(score), score, 1 / (1 + rank)))  # a constant has no ranks
     assert population_mean(label, ones) == pytest.approx(label.mean())
 
 
@@ -167,3 +163,12 @@ def test_lexical_rule_flags_position_zero_and_tokens_after_a_separator():
 
     got = lexical_score(np.array([0, 1, 2, 3, 4]), pd.Series([None, "g", ",", "x", " ."]))
     assert got.tolist() == [True, False, True, False, True]
+
+
+def test_strata_split_forks_roles_and_what_a_selector_kept():
+    fork = np.array([True, False, True, False])
+    assert strata_of(fork).tolist() == ["fork", "other", "fork", "other"]
+    assert strata_of(fork, np.ones(4)).tolist() == ["fork", "other", "fork", "other"]  # nothing dropped: no split
+    got = strata_of(fork, np.array([2.0, 0.0, 0.0, np.nan]), np.array(["decision", "forced", "decision", "forced"]))
+    assert got.tolist() == ["decision/fork/kept", "forced/other/dropped", "decision/fork/dropped",
+                            "forced/other/kept"]  # an unknown weight (NaN) counts as kept

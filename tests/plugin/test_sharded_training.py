@@ -1,9 +1,10 @@
 """Sharded training on CPU processes (torchrun, 2 ranks, gloo): DeepSpeed ZeRO-3 with the head really partitioned,
 FSDP2 with accelerate 1.15's wrap (a unit per decoder layer) and with an older accelerate's
 `fully_shard(root, reshard_after_forward=True)`, each against the same runs under DDP. Each backend is launched once
-(module fixture) and trains five configurations in turn (sharded_run.py): monitor-only, `ict` (warm-up 0), `kl_cov`
-with steps_per_generation=2, and `ict` on completions generate never saw (the fallbacks: the gathered head, group_js
-from the loss pass's states or, with steps_per_generation=2, from the extra pass)."""
+(module fixture) and trains its configurations in turn (sharded_run.py): monitor-only, `ict` (warm-up 0), `kl_cov`
+with steps_per_generation=2, `ict` on completions generate never saw (the fallbacks: the gathered head, group_js
+from the loss pass's states or, with steps_per_generation=2, from the extra pass), the collapse lenses, ICT against
+the reference, and monitor-only with fork value measured at every step end (training bit-identical to monitor-only)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from forkwatch.store import connect
+from forkwatch.store.fork_values import fork_value_positions
 
 BACKENDS = ("ddp", "zero3", "fsdp2", "fsdp2_root")
 SHARDED = BACKENDS[1:]
-CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass", "lenses", "ict_reference")
+CONFIGS = ("monitor", "ict", "kl_cov", "ict_fallback", "ict_extra_pass", "lenses", "ict_reference", "fork_value")
 # generation batches served by the fallbacks (group_js, forks) in each configuration's 2 steps
 FALLBACKS = {"ict_fallback": ({"no_logits": 2}, {"no_logits": 2}), "ict_extra_pass": ({"no_logits": 1}, {"no_logits": 1})}
 PORTS = dict(zip(BACKENDS, (29621, 29623, 29625, 29627), strict=True))
@@ -36,7 +38,7 @@ def runs(tmp_path_factory) -> Path:
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
              str(PORTS[backend]), str(script), str(out), backend, ",".join(CONFIGS)],
-            capture_output=True, text=True, timeout=280, env=env,
+            capture_output=True, text=True, timeout=400, env=env,
         )
         assert proc.returncode == 0, f"{backend}:\n{proc.stderr[-4000:]}"
     return out
@@ -57,7 +59,7 @@ FORKS = ("SELECT step, completion_id, position, sampled_rank, alt_token_ids, alt
          "ORDER BY step, completion_id, position")
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("backend", SHARDED)
 def test_sharded_runs_have_no_fault_on_any_rank_and_a_really_sharded_head(runs, backend):
     for config in CONFIGS:
@@ -131,6 +133,23 @@ def test_ict_against_the_reference_keeps_the_same_tokens_as_ddp(runs, backend):
     assert 0 < kept_ref[ref["step"].to_numpy() == ref["step"].max()].mean() < 0.6
     assert (kept_ref != kept_got).mean() < 0.05
     assert not _result(runs, backend, "ict_reference")["faults"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fork_value_during_training_leaves_training_bit_identical(runs, backend):
+    """Fork value at every step end (every forward a collective under ZeRO-3 / FSDP2, each rank measuring its own
+    positions in lockstep): losses and grad norms exactly those of the same run without it, on every rank; each rank
+    measured its budget (8 positions over 2 ranks: 4 a step) at both steps, the same positions as under DDP."""
+    for rank in (0, 1):
+        on, off = _result(runs, backend, "fork_value", rank), _result(runs, backend, "monitor", rank)
+        assert on["curve"] == off["curve"] and len(on["curve"]) == 2
+        assert on["faults"] == {} and on["fork_value"] == 2 * 4
+    got = fork_value_positions(connect(str(runs / "runs")), f"{backend}-fork_value")
+    assert sorted(set(got["step"])) == [1, 2] and len(got) == 2 * 8
+    assert set(got["stratum"].str[:3]) == {"r0/", "r1/"} and got["inclusion_prob"].between(0, 1, "right").all()
+    ref = fork_value_positions(connect(str(runs / "runs")), "ddp-fork_value")
+    keys = ["step", "completion_id", "position", "stratum"]
+    assert (ref[keys].to_numpy() == got[keys].to_numpy()).all()
 
 
 PROBES = ("SELECT step, probe_id, position, token_id, logprob, entropy, renyi2, top_ids FROM probes WHERE run_id = ? "

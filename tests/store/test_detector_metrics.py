@@ -42,6 +42,45 @@ def test_average_precision_of_a_constant_score_is_the_base_rate_and_ties_enter_t
     assert math.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
 
 
+def _pairs_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The unweighted AUROC as the old implementation defined it, counted pair by pair: wins + ½ ties."""
+    pos, neg = scores[labels], scores[~labels]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
+def _steps_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The unweighted AP as the old implementation defined it: Σ over distinct values, highest first, of
+    (recall gained) x (precision of flagging every token scoring at least that value)."""
+    total, recall = 0.0, 0.0
+    for v in np.unique(scores)[::-1]:
+        flagged = scores >= v
+        r = (flagged & labels).sum() / labels.sum()
+        total += (r - recall) * (flagged & labels).sum() / flagged.sum()
+        recall = r
+    return total
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_implementation_gives_the_old_unweighted_values_with_ties_as_half(seed):
+    # the design-weighted metrics (equal weights, one stratum) are the plain ones: scores on a coarse grid make ties
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.normal(size=200) + labels, 1)
+    assert auroc(scores, labels) == pytest.approx(_pairs_auroc(scores, labels))
+    assert average_precision(scores, labels) == pytest.approx(_steps_average_precision(scores, labels))
+    ones, one_stratum = np.ones(200), np.zeros(200)
+    assert auroc(scores, labels, inclusion=ones, strata=one_stratum) == pytest.approx(_pairs_auroc(scores, labels))
+    assert average_precision(scores, labels, inclusion=ones) == pytest.approx(_steps_average_precision(scores, labels))
+
+
+def test_a_sampled_token_stands_for_the_tokens_it_was_drawn_from():
+    # a census of 4 tokens, and a sample of it: the negative 0.1 drawn with p = 1/3 stands for three negatives at 0.1
+    census = auroc(np.array([0.5, 0.1, 0.1, 0.1, 0.9]), np.array([1, 0, 0, 0, 0]))
+    sample = auroc(np.array([0.5, 0.1, 0.9]), np.array([1, 0, 0]), inclusion=np.array([1.0, 1 / 3, 1.0]),
+                   strata=np.array(["a", "b", "a"]))
+    assert sample == pytest.approx(census) == pytest.approx(0.75)
+
+
 def test_precision_among_the_flagged_tokens_and_its_ceiling():
     scores, labels = np.array([5.0, 4.0, 3.0, 2.0, 1.0]), np.array([1, 0, 1, 0, 0])
     assert precision_at(scores, labels, 0.4) == (pytest.approx(0.5), pytest.approx(1.0))  # top 2: one hit
