@@ -79,9 +79,11 @@ def test_completion_ranks_take_the_completion_positions_of_chosen_rows():
     last[2, :prompt] = 1e3  # the prompt's states must not count
     mask = torch.ones(4, comp)
     mask[2, 6:] = 0
+    from forkwatch.plugin.lens_budget import LensClock
     from forkwatch.plugin.lenses import EffectiveRankBudget
 
-    budget = EffectiveRankBudget(every=1, completions=2)
+    clock = LensClock(budget=None, max_every=None, every={"effective_rank": 1})  # no budget: every step of its grid
+    budget = EffectiveRankBudget(completions=2, clock=clock)
     got = budget.measure(1, last, mask, torch.tensor([True, False, True, False])).tolist()
     assert got[1] == pytest.approx(_numpy_er(last[2, prompt : prompt + 6].numpy()), rel=1e-4)
     assert got[0] == pytest.approx(_numpy_er(last[0, prompt:].numpy()), rel=1e-4)
