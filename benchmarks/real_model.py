@@ -3,7 +3,7 @@ the real-model demo's chat-formatted yes/no task, on the CPU.
 
     .venv/bin/python benchmarks/real_model.py                         # 5 rounds x 5 variants x 10 steps
     .venv/bin/python benchmarks/real_model.py --steps 50 --rounds 3 --variants plain,attach,trl_log_completions
-                                                                      # issue #28's targets (BENCHMARKS.md)
+                                                                      # the real-model targets (BENCHMARKS.md)
     .venv/bin/python benchmarks/real_model.py --rounds 1 --steps 2    # a check that it runs
 
 Shape: one prompt x 4 completions of <= 16 tokens per step (prompt ~45 tokens with the chat template), learning rate
@@ -189,7 +189,7 @@ def main() -> None:
         rs, cs = ratio[n], cpu_ratio[n]
         print(f"| {n} | {statistics.median(wall[n]):.1f} | {statistics.median(rs):.3f} ({min(rs):.3f}-{max(rs):.3f}) "
               f"| {statistics.median(cs):.3f} ({min(cs):.3f}-{max(cs):.3f}) |")
-    if "attach" in ratio:  # the targets (issue #28): attach <= 1.02x plain and not above TRL's log_completions
+    if "attach" in ratio:  # the targets: attach <= 1.02x plain and not above TRL's log_completions
         got = statistics.median(ratio["attach"])
         verdict = [f"attach {got:.3f}x plain (target <= 1.02x: {'met' if got <= 1.02 else 'NOT met'})"]
         if "trl_log_completions" in ratio:
